@@ -1,0 +1,5 @@
+import sys
+
+from automodel.cli.main import main
+
+sys.exit(main())

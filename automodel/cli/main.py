@@ -1,0 +1,159 @@
+"""`automodel` command line. Imports nothing heavy until a command runs, so `--help` answers at once.
+
+    automodel finetune llm -c CONFIG.yaml [--section.key value ...]
+    automodel CONFIG.yaml [--section.key value ...]        (the YAML's `recipe:` key names the recipe)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from automodel.config.sections import SECTIONS
+from automodel.errors import UserError
+
+RECIPES = {"llm_finetune": "fine-tune a causal LM with LoRA (peft section) or full SFT"}
+COMMANDS = {("finetune", "llm"): "llm_finetune"}
+
+USAGE = """automodel: fine-tune Hugging Face causal language models from one YAML file.
+
+usage:
+  automodel finetune llm -c CONFIG.yaml [--section.key VALUE ...]
+  automodel CONFIG.yaml [--section.key VALUE ...]      (the YAML's `recipe:` key names the recipe)
+
+options:
+  -c, --config PATH     the recipe YAML
+  --section.key VALUE   override any config key (also --section.key=VALUE); values parse as YAML
+  --log-level LEVEL     DEBUG, INFO (default), WARNING or ERROR
+  --debug               show tracebacks for errors in your input
+  -h, --help            this help; `automodel finetune llm --help` lists the config sections
+
+example:
+  automodel finetune llm -c examples/llm_finetune/stories260K_squad_peft.yaml --step_scheduler.max_steps 10
+"""
+
+
+def _sections_help() -> str:
+    width = max(map(len, SECTIONS))
+    rows = "\n".join(f"  {name:<{width}}  {text}" for name, text in SECTIONS.items())
+    return f"""usage: automodel finetune llm -c CONFIG.yaml [--section.key VALUE ...]
+
+Fine-tune a causal LM: LoRA when the config has a `peft` section, full SFT otherwise.
+Any key can be overridden: --step_scheduler.max_steps 10, --model.pretrained_model_name_or_path PATH.
+
+config sections:
+{rows}
+
+see examples/llm_finetune/ for complete configs.
+"""
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="automodel", add_help=False, allow_abbrev=False)
+    parser.add_argument("-c", "--config")
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser.parse_known_args(argv)
+
+
+def _split_command(rest: list[str]) -> tuple[tuple[str, ...], list[str]]:
+    """Leading words that are not options or YAML files form the command."""
+    words = []
+    while rest and not rest[0].startswith("-") and not rest[0].endswith((".yaml", ".yml")):
+        words.append(rest.pop(0))
+    return tuple(words), rest
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a record comes (tqdm's redirection and pytest swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=[_StdoutHandler()], force=True)
+    # Third-party libraries speak only when something is wrong.
+    for noisy in ("transformers", "datasets", "torch.distributed", "httpx", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Warnings that say nothing to a user of this tool: prompts longer than the model's context are
+    # truncated by the dataset builder afterwards, and the deprecations are between our dependencies.
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_finetune(config_path: str, overrides: list[str], command_recipe: str | None) -> int:
+    from automodel.config import load_config
+
+    cfg = load_config(config_path, overrides)
+    recipe = cfg.get("recipe", command_recipe)
+    if recipe is None:
+        raise UserError(f"{config_path}: no 'recipe:' key; add `recipe: llm_finetune` or run "
+                        "`automodel finetune llm -c CONFIG`")
+    if recipe not in RECIPES:
+        from automodel.config import did_you_mean
+
+        raise UserError(f"recipe: unknown recipe '{recipe}'{did_you_mean(recipe, RECIPES)}; known: {', '.join(RECIPES)}")
+    if command_recipe is not None and recipe != command_recipe:
+        raise UserError(f"recipe: the config says '{recipe}' but the command runs '{command_recipe}'")
+    from transformers.utils import logging as hf_logging
+
+    from automodel.training.recipe import FinetuneRecipe
+
+    hf_logging.disable_progress_bar()
+    FinetuneRecipe(cfg).run()
+    return 0
+
+
+def dispatch(argv: list[str]) -> int:
+    args, rest = _parse(argv)
+    command, rest = _split_command(rest)
+    if not command and not args.config and rest and rest[0].endswith((".yaml", ".yml")):
+        args.config = rest.pop(0)  # short form: automodel CONFIG.yaml
+    if args.help:
+        print(_sections_help() if command else USAGE, end="")
+        return 0
+    if command and command not in COMMANDS:
+        from automodel.config import did_you_mean
+
+        known = [" ".join(c) for c in COMMANDS]
+        raise UserError(f"unknown command '{' '.join(command)}'{did_you_mean(' '.join(command), known)}; "
+                        f"known: {', '.join(known)} (see automodel --help)")
+    if not args.config:
+        if not command and not rest:
+            print(USAGE, end="")
+            return 2
+        raise UserError("no config given: use -c CONFIG.yaml (see automodel --help)")
+    if not Path(args.config).is_file():
+        raise UserError(f"config file not found: {args.config}")
+    setup_logging(args.log_level)
+    return run_finetune(args.config, rest, COMMANDS.get(command))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        return dispatch(argv)
+    except UserError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

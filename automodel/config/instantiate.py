@@ -1,0 +1,177 @@
+"""Build objects from config mappings.
+
+Two kinds of section:
+- a mapping with `_target_: dotted.path` is built by calling that callable with the other keys
+  (nested `_target_` mappings first), plus whatever the recipe injects (a tokenizer, the parameters);
+- a section without `_target_` is read into the recipe's own config dataclass for it, with every key
+  and type checked, so a typo or a wrong type is caught before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import types
+import typing
+from typing import Any, Literal, TypeVar, Union
+
+from automodel.config.loader import did_you_mean
+from automodel.errors import UserError
+
+T = TypeVar("T")
+
+
+def resolve_target(dotted: str, key: str) -> Any:
+    """Import `pkg.module.attr[.attr...]`: the longest importable module prefix, then attributes."""
+    if not isinstance(dotted, str) or not dotted:
+        raise UserError(f"{key}._target_: expected a dotted path such as torch.optim.AdamW, got {dotted!r}")
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            obj = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            # Only 'this prefix is not a module' means try a shorter one; a module that fails on its own
+            # missing dependency is a real error to report.
+            if err.name and not module_name.startswith(err.name) and err.name != module_name:
+                raise UserError(f"{key}._target_: importing {module_name} failed: {err}") from None
+            continue
+        for attr in parts[split:]:
+            if not hasattr(obj, attr):
+                raise UserError(f"{key}._target_: '{dotted}' not found: {obj.__name__} has no attribute '{attr}'"
+                                f"{did_you_mean(attr, [a for a in dir(obj) if not a.startswith('_')])}")
+            obj = getattr(obj, attr)
+        if not callable(obj):
+            raise UserError(f"{key}._target_: '{dotted}' is not callable")
+        return obj
+    raise UserError(f"{key}._target_: cannot import '{dotted}': no module named '{parts[0]}'")
+
+
+def _accepted_keywords(fn) -> tuple[set[str], bool]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature: let the call itself check
+        return set(), True
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}, takes_any
+
+
+def build(node: Any, key: str, **injected: Any) -> Any:
+    """Build `node` if it is a `_target_` mapping (recursively); return plain values as they are.
+
+    `injected` are keyword arguments the recipe supplies (e.g. `tokenizer=`, `params=`); the config's
+    own keys win over nothing: a key given both ways is an error, so a config never silently loses.
+    """
+    if isinstance(node, list):
+        return [build(v, f"{key}[{i}]") for i, v in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    if "_target_" not in node:
+        return {k: build(v, f"{key}.{k}") for k, v in node.items()}
+    target = resolve_target(node["_target_"], key)
+    if dataclasses.is_dataclass(target):
+        return parse_section(target, {k: v for k, v in node.items() if k != "_target_"}, key)
+    kwargs = {k: build(v, f"{key}.{k}") for k, v in node.items() if k != "_target_"}
+    clash = sorted(kwargs.keys() & injected.keys())
+    if clash:
+        raise UserError(f"{key}.{clash[0]}: set by the recipe, remove it from the config")
+    kwargs.update(injected)
+    accepted, takes_any = _accepted_keywords(target)
+    if not takes_any:
+        for name in kwargs:
+            if name not in accepted:
+                raise UserError(f"{key}.{name}: {node['_target_']} takes no argument '{name}'"
+                                f"{did_you_mean(name, accepted)}; it accepts: {', '.join(sorted(accepted))}")
+    try:
+        return target(**kwargs)
+    except UserError:
+        raise
+    except (TypeError, ValueError) as err:
+        # Wrong types or values in the user's keys surface here (e.g. --optimizer.lr abc).
+        raise UserError(f"{key}: building {node['_target_']} failed: {err}") from err
+
+
+# ---- typed dataclass sections -------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    if tp is Any:
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in args:
+            try:
+                return _coerce(value, arg, key)
+            except UserError as err:
+                errors.append(err)
+        raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise UserError(f"{key}: expected one of {', '.join(repr(a) for a in args)}, got {value!r}"
+                        f"{did_you_mean(str(value), args)}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def parse_section(cls: type[T], node: dict[str, Any] | None, key: str) -> T:
+    """Read a mapping into the dataclass `cls`, naming the key of any unknown field or wrong type."""
+    node = {} if node is None else node
+    if not isinstance(node, dict):
+        raise UserError(f"{key}: expected a mapping of settings, got {node!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    values = {}
+    for name, value in node.items():
+        if name == "_target_":
+            continue
+        if name not in fields:
+            raise UserError(f"{key}.{name}: unknown setting{did_you_mean(name, fields)}; "
+                            f"known: {', '.join(fields)}")
+        values[name] = _coerce(value, hints[name], f"{key}.{name}")
+    missing = [n for n, f in fields.items() if n not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"{key}: missing required setting(s): {', '.join(missing)}")
+    try:
+        return cls(**values)
+    except ValueError as err:  # __post_init__ checks of cross-field rules
+        raise UserError(f"{key}: {err}") from None

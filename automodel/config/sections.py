@@ -1,0 +1,37 @@
+"""The top-level sections a recipe config may have: the contract NeMo AutoModel users know."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from automodel.config.loader import did_you_mean
+from automodel.errors import UserError
+
+SECTIONS: dict[str, str] = {
+    "recipe": "which recipe runs this file (llm_finetune)",
+    "seed": "random seed for weights of new layers, data order and dropout",
+    "model": "the model: pretrained_model_name_or_path, dtype, attn_implementation, trust_remote_code",
+    "tokenizer": "optional tokenizer override: pretrained_model_name_or_path (default: the model's)",
+    "peft": "LoRA settings: target_modules, exclude_modules, dim, alpha, dropout (absent: full SFT)",
+    "dataset": "training data: _target_ builder and its arguments",
+    "validation_dataset": "validation data: _target_ builder and its arguments",
+    "dataloader": "training DataLoader options (num_workers, ...)",
+    "validation_dataloader": "validation DataLoader options",
+    "loss_fn": "loss: _target_ (default masked cross-entropy over label tokens)",
+    "optimizer": "optimizer: _target_ (e.g. torch.optim.AdamW) and its arguments",
+    "lr_scheduler": "learning-rate schedule: warmup_steps, decay (cosine/linear/constant), min_lr",
+    "step_scheduler": "global_batch_size, local_batch_size, max_steps, num_epochs, val/ckpt/log every N steps",
+    "clip_grad_norm": "max_norm for gradient clipping (null: off)",
+    "checkpoint": "checkpoint_dir and what to save",
+    "distributed": "strategy (fsdp2, ddp, none) and parallel sizes",
+    "dist_env": "backend and timeout_minutes for torch.distributed",
+    "logging": "log level and metrics backends",
+}
+
+
+def check_sections(cfg: dict[str, Any]) -> None:
+    """Unknown top-level sections are typos until proven otherwise."""
+    for name in cfg:
+        if name not in SECTIONS:
+            raise UserError(f"unknown config section '{name}'{did_you_mean(name, SECTIONS)}; "
+                            f"known sections: {', '.join(SECTIONS)}")

@@ -1,0 +1,264 @@
+"""SQuAD as a supervised fine-tuning dataset: prompt = context + question, target = the first answer.
+
+Sources: a hub id (`rajpurkar/squad`), a local `.json` in the original nested SQuAD layout, a local
+`.json`/`.jsonl` in the flattened hub layout (one row per question), or a folder holding one file per split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from automodel.data.dataset import (
+    IGNORE_INDEX,
+    SFTDataset,
+    looks_like_local_path,
+    read_json_file,
+    resolve_data_file,
+)
+from automodel.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPT_TEMPLATE = "Context: {context} Question: {question} Answer: "
+REQUIRED_FIELDS = ("context", "question", "answers")
+# Longest word that truncation backs up over to avoid cutting it in half.
+MAX_WORD_CHARS = 30
+
+
+def make_squad_dataset(
+    tokenizer,
+    dataset_name: str = "rajpurkar/squad",
+    split: str = "train",
+    seq_length: int | None = None,
+    limit_dataset_samples: int | None = None,
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+    unanswerable_target: str = "unanswerable",
+    answer_only_loss: bool = True,
+) -> SFTDataset:
+    """Tokenized SQuAD: `input_ids = prompt + answer + eos`, labels aligned with input_ids (not shifted).
+
+    `dataset_name` is a hub id, a local file (`split` is then unused) or a folder whose one file named
+    after `split` is read. With `answer_only_loss` the prompt positions are labelled -100. Examples longer
+    than `seq_length` lose the end of their context; those that do not fit even with an empty context are
+    dropped. `dataset.examples[i]` describes item i: `id, title, context, question, answers` (all answer
+    texts), `target`, `prompt` (the exact string tokenized, so generation can reuse it) and `truncated`;
+    `context` is the possibly shortened one that is in the prompt.
+    """
+    check_positive("seq_length", seq_length)
+    check_positive("limit_dataset_samples", limit_dataset_samples)
+    check_template(prompt_template)
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise UserError("the tokenizer has no eos token; SQuAD targets end with eos so generation knows where to stop")
+
+    examples = load_examples(dataset_name, split, limit_dataset_samples)
+    for example in examples:
+        example["target"] = example["answers"][0] if example["answers"] else unanswerable_target
+        example["prompt"] = render(prompt_template, example["context"], example["question"])
+        example["truncated"] = False
+
+    prompt_ids = batch_token_ids(tokenizer, [ex["prompt"] for ex in examples], add_special_tokens=True)
+    answer_ids = [ids + [eos_id] for ids in batch_token_ids(tokenizer, [ex["target"] for ex in examples], False)]
+    keep = [True] * len(examples)
+    if seq_length is not None:
+        keep = fit_to_length(tokenizer, prompt_template, examples, prompt_ids, answer_ids, seq_length)
+
+    items, kept_examples = [], []
+    for example, prompt, answer, kept in zip(examples, prompt_ids, answer_ids, keep):
+        if kept:
+            prompt_labels = [IGNORE_INDEX] * len(prompt) if answer_only_loss else list(prompt)
+            items.append({"input_ids": prompt + answer, "labels": prompt_labels + answer})
+            kept_examples.append(example)
+    num_dropped = len(examples) - len(items)
+    num_truncated = sum(ex["truncated"] for ex in kept_examples)
+    logger.info(
+        "SQuAD %s (%s): %d examples, %d truncated and %d dropped to fit seq_length=%s",
+        dataset_name, split, len(items), num_truncated, num_dropped, seq_length,
+    )
+    return SFTDataset(items, kept_examples, num_dropped=num_dropped, num_truncated=num_truncated)
+
+
+def check_positive(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise UserError(f"{name} must be a positive integer or null, got {value!r}")
+
+
+def check_template(template: str) -> None:
+    try:
+        render(template, "", "")
+    except (KeyError, IndexError, ValueError) as error:
+        raise UserError(
+            f"prompt_template {template!r} cannot be filled ({error!r}); it may only use {{context}} and {{question}}"
+        ) from error
+
+
+def render(template: str, context: str, question: str) -> str:
+    return template.format(context=context, question=question)
+
+
+def batch_token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    # Only the ids: converting attention masks to Python lists costs about as much again as the encoding.
+    encoded = tokenizer(
+        texts, add_special_tokens=add_special_tokens, return_attention_mask=False, return_token_type_ids=False
+    )
+    return encoded["input_ids"]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_examples(dataset_name: str, split: str, limit: int | None) -> list[dict[str, Any]]:
+    """The first `limit` questions of the source as `{id, title, context, question, answers}` dicts."""
+    if looks_like_local_path(dataset_name):
+        path = resolve_data_file(dataset_name, split)
+        rows = read_local_rows(path)
+        source = str(path)
+    else:
+        rows = read_hub_rows(dataset_name, split, limit)
+        source = f"{dataset_name} (split {split})"
+    if limit is not None:
+        rows = rows[:limit]
+    return [normalize_row(row, index, source) for index, row in enumerate(rows)]
+
+
+def read_local_rows(path: Path) -> list[dict[str, Any]]:
+    data = read_json_file(path)
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        # The original SQuAD layout wraps articles in {"data": [...]}; some exports wrap flat rows the same way.
+        articles = data["data"]
+        if articles and isinstance(articles[0], dict) and "paragraphs" in articles[0]:
+            return flatten_nested(articles, path)
+        data = articles
+    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+        raise UserError(
+            f"{path} is neither SQuAD's nested layout ({{'data': [{{'paragraphs': ...}}]}}) nor a list of question rows"
+        )
+    return data
+
+
+def flatten_nested(articles: list[Any], path: Path) -> list[dict[str, Any]]:
+    """One row per question, in file order, from SQuAD's article -> paragraph -> question nesting."""
+    rows = []
+    for article_index, article in enumerate(articles):
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            raise UserError(f"{path}: article {article_index} has no 'paragraphs' list")
+        for paragraph_index, paragraph in enumerate(paragraphs):
+            questions = paragraph.get("qas") if isinstance(paragraph, dict) else None
+            if not isinstance(questions, list):
+                raise UserError(f"{path}: article {article_index} paragraph {paragraph_index} has no 'qas' list")
+            for question in questions:
+                row = {"title": article.get("title", "")}
+                if "context" in paragraph:  # a missing context is reported per question by normalize_row
+                    row["context"] = paragraph["context"]
+                row.update(question if isinstance(question, dict) else {})
+                rows.append(row)
+    return rows
+
+
+def read_hub_rows(dataset_name: str, split: str, limit: int | None) -> list[dict[str, Any]]:
+    import datasets
+    from datasets.exceptions import DatasetNotFoundError
+
+    try:
+        dataset = datasets.load_dataset(dataset_name, split=split)
+    except (ConnectionError, DatasetNotFoundError) as error:
+        raise UserError(
+            f"cannot load dataset '{dataset_name}' (split {split}) from the Hugging Face hub: the machine looks "
+            f"offline or the id is wrong ({type(error).__name__}); point dataset_name at a local .json/.jsonl file "
+            "or folder instead"
+        ) from error
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    return dataset.to_list()
+
+
+def normalize_row(row: dict[str, Any], index: int, source: str) -> dict[str, Any]:
+    where = f"{source}: row {index}" + (f" (id {row['id']})" if "id" in row else "")
+    for field in REQUIRED_FIELDS:
+        if field not in row:
+            raise UserError(f"{where} has no '{field}' field")
+    for field in ("context", "question"):
+        if not isinstance(row[field], str):
+            raise UserError(f"{where}: '{field}' must be a string, got {type(row[field]).__name__}")
+    answers = answer_texts(row["answers"], where)
+    if row.get("is_impossible", False):
+        answers = []  # SQuAD v2 keeps "plausible" spans for impossible questions; none of them is the answer
+    return {
+        "id": str(row.get("id", index)),
+        "title": row.get("title", ""),
+        "context": row["context"],
+        "question": row["question"],
+        "answers": answers,
+    }
+
+
+def answer_texts(answers: Any, where: str) -> list[str]:
+    """Answer strings from either layout: `[{"text", "answer_start"}]` or `{"text": [...], "answer_start": [...]}`."""
+    if isinstance(answers, dict) and isinstance(answers.get("text"), list):
+        texts = answers["text"]
+    elif isinstance(answers, list) and all(isinstance(answer, dict) and "text" in answer for answer in answers):
+        texts = [answer["text"] for answer in answers]
+    else:
+        raise UserError(f"{where}: 'answers' must be a list of {{'text', 'answer_start'}} or {{'text': [...]}}")
+    if not all(isinstance(text, str) for text in texts):
+        raise UserError(f"{where}: every answer text must be a string")
+    return texts
+
+
+# ---------------------------------------------------------------- truncation
+
+
+def fit_to_length(tokenizer, template, examples, prompt_ids, answer_ids, seq_length) -> list[bool]:
+    """Shorten the context of over-long examples in place; returns which examples fit `seq_length`.
+
+    Only the context is cut (at a word boundary, so the prompt stays plain text that generation will
+    see too): the question and the answer are what the example is about.
+    """
+    too_long = [i for i in range(len(examples)) if len(prompt_ids[i]) + len(answer_ids[i]) > seq_length]
+    keep = [True] * len(examples)
+    budgets = {i: seq_length - len(answer_ids[i]) for i in too_long}
+    empty_prompts = [render(template, "", examples[i]["question"]) for i in too_long]
+    empty_lengths = dict(zip(too_long, map(len, batch_token_ids(tokenizer, empty_prompts, add_special_tokens=True))))
+    pending = []
+    for i in too_long:
+        if empty_lengths[i] > budgets[i]:
+            keep[i] = False
+        else:
+            pending.append(i)
+    contexts = {i: examples[i]["context"] for i in pending}
+    lengths = {i: len(prompt_ids[i]) for i in pending}
+    # Token counts do not map exactly onto characters, so cut by an estimate and re-measure. Every round
+    # shortens each pending context and an empty context is known to fit, so the loop ends.
+    while pending:
+        for i in pending:
+            contexts[i] = cut_context(contexts[i], lengths[i] - budgets[i], lengths[i] - empty_lengths[i])
+        prompts = [render(template, contexts[i], examples[i]["question"]) for i in pending]
+        still_long = []
+        for i, prompt, ids in zip(pending, prompts, batch_token_ids(tokenizer, prompts, add_special_tokens=True)):
+            lengths[i] = len(ids)
+            if lengths[i] > budgets[i]:
+                still_long.append(i)
+            else:
+                examples[i].update(context=contexts[i], prompt=prompt, truncated=True)
+                prompt_ids[i] = ids
+        pending = still_long
+    return keep
+
+
+def cut_context(context: str, excess_tokens: int, context_tokens: int) -> str:
+    """`context` without roughly its last `excess_tokens` tokens, ending at a word boundary; always shorter."""
+    chars_per_token = len(context) / max(context_tokens, 1)
+    end = len(context) - max(1, math.ceil(excess_tokens * chars_per_token))
+    if end <= 0:
+        return ""
+    if not context[end].isspace():
+        # Back to the start of the word being split, unless the text has no spaces nearby (e.g. Chinese).
+        space = context.rfind(" ", max(0, end - MAX_WORD_CHARS), end)
+        end = space + 1 if space >= 0 else end
+    return context[:end].rstrip()

@@ -1,0 +1,101 @@
+"""Load a Hugging Face causal LM and its tokenizer from a hub id or a local folder.
+
+Everything goes through transformers' Auto classes, so any architecture transformers knows natively
+loads the same way; remote code runs only when the config says `trust_remote_code: true`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from automodel.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype, key: str = "model.dtype") -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"{key}: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are 'name' or 'org/name'; anything with more slashes, a leading ./ ~ / or a file suffix is a path.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
+
+
+def check_source(name: str, key: str, required_file: str | None = None) -> str:
+    """Fail early on a local folder that is not there, instead of transformers' repo-id complaint."""
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{key}: expected a hub id (org/name) or a local folder, got {name!r}")
+    path = Path(name).expanduser()
+    if path.exists():
+        if required_file and not (path / required_file).is_file():
+            raise UserError(f"{key}: {path} has no {required_file}: expected a Hugging Face model folder")
+        return str(path)
+    if _looks_like_path(name):
+        raise UserError(f"{key}: folder not found: {name}")
+    return name
+
+
+def _hub_error(name: str, key: str, err: Exception) -> UserError:
+    return UserError(
+        f"{key}: could not load '{name}' from the Hugging Face Hub ({str(err).splitlines()[0]}); "
+        "this machine may be offline or the id may be wrong (gated models also need `hf auth login`): "
+        "point it at a local folder that holds config.json and the weights instead")
+
+
+def load_causal_lm(pretrained_model_name_or_path: str, dtype: str = "float32", attn_implementation: str = "sdpa",
+                   trust_remote_code: bool = False, revision: str | None = None, **config_overrides):
+    """`AutoModelForCausalLM.from_pretrained` with the recipe's defaults and one-line errors.
+
+    `config_overrides` are applied to the model config (e.g. `use_cache: false`, `output_router_logits: true`).
+    """
+    from transformers import AutoModelForCausalLM
+
+    key = "model.pretrained_model_name_or_path"
+    source = check_source(pretrained_model_name_or_path, key, required_file="config.json")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=parse_dtype(dtype), attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code, revision=revision, **config_overrides)
+    except OSError as err:
+        if Path(source).exists():
+            raise UserError(f"{key}: cannot load {source}: {str(err).splitlines()[0]}") from err
+        raise _hub_error(source, key, err) from err
+    except ValueError as err:  # unknown architecture / model_type, or one that needs remote code
+        raise UserError(f"{key}: {source}: {str(err).splitlines()[0]}") from err
+    return model
+
+
+def load_tokenizer(pretrained_model_name_or_path: str, trust_remote_code: bool = False, revision: str | None = None,
+                   key: str = "tokenizer.pretrained_model_name_or_path", **kwargs):
+    """Load a tokenizer and make sure it can pad: unk if it has one, else eos (one info line says which)."""
+    from transformers import AutoTokenizer
+
+    source = check_source(pretrained_model_name_or_path, key)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision,
+                                                  **kwargs)
+    except OSError as err:
+        if Path(source).exists():
+            raise UserError(f"{key}: cannot load a tokenizer from {source}: {str(err).splitlines()[0]}") from err
+        raise _hub_error(source, key, err) from err
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{key}: the tokenizer of {source} has no EOS token; the model could not learn to stop")
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so which token pads does not change results.
+        fallback = "unk_token" if tokenizer.unk_token is not None else "eos_token"
+        tokenizer.pad_token = getattr(tokenizer, fallback)
+        logger.info("tokenizer has no pad token: padding with %s %r (id %d)", fallback.replace("_token", ""),
+                    tokenizer.pad_token, tokenizer.pad_token_id)
+    return tokenizer
