@@ -7,3 +7,8 @@ keeps its traceback.
 
 class UserError(Exception):
     """Input from the user that cannot be used; the message names the key, file or row and what was expected."""
+
+
+class TrainingStopped(Exception):
+    """The run stopped on purpose (e.g. a non-finite loss with `on_nonfinite: stop`); the CLI exits 1 with the
+    message, which says at which step and what to do."""

@@ -1,5 +1,17 @@
-"""Atomic checkpoint folders in Hugging Face layout."""
+"""Atomic checkpoint folders: an HF-loadable `model/` plus the state needed to resume exactly."""
 
-from automodel.checkpoint.save import CheckpointConfig, latest_step_dir, save_hf_model, save_step, write_config
+from automodel.checkpoint.resume import check_compatible, find_restore_dir
+from automodel.checkpoint.save import (
+    CheckpointConfig,
+    latest_step_dir,
+    prune,
+    save_hf_model,
+    save_step,
+    step_dirs,
+    write_config,
+)
+from automodel.checkpoint.state import TrainState, load_training_state, save_training_state
 
-__all__ = ["CheckpointConfig", "latest_step_dir", "save_hf_model", "save_step", "write_config"]
+__all__ = ["CheckpointConfig", "TrainState", "check_compatible", "find_restore_dir", "latest_step_dir",
+           "load_training_state", "prune", "save_hf_model", "save_step", "save_training_state", "step_dirs",
+           "write_config"]

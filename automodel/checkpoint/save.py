@@ -8,23 +8,43 @@ temporary name, fsynced, then renamed; `LATEST` names the newest complete one an
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
+from automodel.errors import UserError
+
 LATEST = "LATEST"
+# Test hook: SIGKILL this process while step N is being saved (after writing, before publishing), so tests can
+# prove a run killed mid-save loses nothing. Unset in normal use.
+KILL_IN_SAVE_ENV = "AUTOMODEL_TEST_KILL_IN_SAVE"
 
 
 @dataclass
 class CheckpointConfig:
-    """The `checkpoint` section."""
+    """The `checkpoint` section.
+
+    `restore_from`: LATEST (resume from the newest complete checkpoint if there is one), a step folder, or null.
+    `save_consolidated`: when to write the HF-loadable `model/` folder next to the training state.
+    """
 
     checkpoint_dir: str = "checkpoints"
     enabled: bool = True
+    restore_from: str | None = "LATEST"
+    keep_last_n: int | None = None
+    save_consolidated: Literal["final", "every", "never"] = "final"
+
+    def __post_init__(self):
+        if self.keep_last_n is not None and self.keep_last_n < 1:
+            raise ValueError(f"keep_last_n must be >= 1 or null, got {self.keep_last_n}")
 
 
 def step_dir_name(step: int) -> str:
@@ -69,15 +89,52 @@ def save_step(checkpoint_dir: str | os.PathLike, step: int, write: Callable[[Pat
     try:
         write(tmp)
         _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)  # an older run's folder for the same step; LATEST still names it below
+        if os.environ.get(KILL_IN_SAVE_ENV) == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if final.exists():  # a stale folder of the same step from an earlier run: move it aside, then drop it
+            stale = root / f".{final.name}.stale"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            shutil.rmtree(stale)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except BaseException:
+        write_atomically(root / LATEST, final.name + "\n")
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(err):
+            previous = latest_step_dir(root)
+            raise UserError(f"checkpoint: no space left on the device while saving {final}; the partial folder "
+                            f"was removed, the previous checkpoint {previous or '(none)'} is intact") from err
         raise
-    write_atomically(root / LATEST, final.name + "\n")
     return final
+
+
+def _is_disk_full(err: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain, including inside torch.distributed.checkpoint's per-rank failures."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        failures = getattr(err, "failures", None)  # dcp's CheckpointException: {rank: (exception, traceback)}
+        if isinstance(failures, dict) and any(_is_disk_full(pair[0]) for pair in failures.values()):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def step_dirs(checkpoint_dir: str | os.PathLike) -> list[Path]:
+    """Complete step folders, oldest first."""
+    found = [p for p in Path(checkpoint_dir).glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def prune(checkpoint_dir: str | os.PathLike, keep_last_n: int) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond `keep_last_n`; never the one LATEST names."""
+    latest = latest_step_dir(checkpoint_dir)
+    old = step_dirs(checkpoint_dir)[:-keep_last_n]
+    removed = [p for p in old if latest is None or p.resolve() != latest.resolve()]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
 
 
 def latest_step_dir(checkpoint_dir: str | os.PathLike) -> Path | None:

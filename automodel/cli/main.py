@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from automodel.config.sections import SECTIONS
-from automodel.errors import UserError
+from automodel.errors import TrainingStopped, UserError
 
 RECIPES = {"llm_finetune": "fine-tune a causal LM with LoRA (peft section) or full SFT"}
 COMMANDS = {("finetune", "llm"): "llm_finetune"}
@@ -24,6 +24,7 @@ USAGE = """automodel: fine-tune Hugging Face causal language models from one YAM
 usage:
   automodel finetune llm -c CONFIG.yaml [--section.key VALUE ...]
   automodel CONFIG.yaml [--section.key VALUE ...]      (the YAML's `recipe:` key names the recipe)
+  automodel export STEP_DIR [--output DIR]             (HF model folder from any checkpoint step)
 
 options:
   -c, --config PATH     the recipe YAML
@@ -115,7 +116,16 @@ def run_finetune(config_path: str, overrides: list[str], command_recipe: str | N
     return 0
 
 
+# Commands with their own argument parsers: name -> module whose main(argv) runs it.
+TOOLS = {"export": "automodel.cli.export"}
+
+
 def dispatch(argv: list[str]) -> int:
+    if argv and argv[0] in TOOLS:
+        import importlib
+
+        setup_logging("DEBUG" if "--debug" in argv else "INFO")
+        return importlib.import_module(TOOLS[argv[0]]).main([a for a in argv[1:] if a != "--debug"])
     args, rest = _parse(argv)
     command, rest = _split_command(rest)
     if not command and not args.config and rest and rest[0].endswith((".yaml", ".yml")):
@@ -150,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

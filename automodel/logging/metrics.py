@@ -37,12 +37,22 @@ def format_train_line(record: dict, max_steps: int) -> str:
 class MetricsLogger:
     """Appends JSON records to `<checkpoint_dir>/metrics.jsonl` (when enabled) and prints console lines."""
 
-    def __init__(self, path: Path | None, echo=logger.info):
+    def __init__(self, path: Path | None, echo=logger.info, resume_step: int = 0):
         self.path = path
         self.echo = echo
         self.start = time.perf_counter()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            self._keep_until(resume_step)
+
+    def _keep_until(self, step: int) -> None:
+        """A fresh run starts an empty file; a resumed one drops what the interrupted run logged after its
+        checkpoint, so every step appears once."""
+        kept = []
+        if step > 0 and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start

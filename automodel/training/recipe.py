@@ -15,18 +15,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from automodel.checkpoint import CheckpointConfig, save_hf_model, save_step, write_config
+from automodel.checkpoint import (
+    CheckpointConfig,
+    TrainState,
+    check_compatible,
+    find_restore_dir,
+    load_training_state,
+    prune,
+    save_hf_model,
+    save_step,
+    save_training_state,
+    write_config,
+)
 from automodel.config import build, check_sections, parse_section
 from automodel.data.collate import PadCollator
-from automodel.errors import UserError
+from automodel.errors import TrainingStopped, UserError
 from automodel.logging import LoggingConfig, MetricsLogger
 from automodel.models import load_tokenizer
 from automodel.peft import LoraSettings, count_parameters
 from automodel.training.loss import count_label_tokens
 from automodel.training.lr_scheduler import LRSchedulerConfig
+from automodel.training.preemption import PreemptionHandler
 from automodel.training.step_scheduler import StepSchedulerConfig
 
 logger = logging.getLogger("automodel")
@@ -54,6 +67,7 @@ class RunResult:
     val_losses: dict[int, float] = field(default_factory=dict)
     final_dir: Path | None = None
     steps: int = 0
+    preempted: bool = False
 
 
 class FinetuneRecipe:
@@ -102,14 +116,32 @@ class FinetuneRecipe:
         self.lr_scheduler = self.lr_cfg.build(self.optimizer, self.max_steps)
         self.loss_fn = build(with_default_target(self.cfg, "loss_fn"), "loss_fn")
         self.out_dir = Path(self.ckpt_cfg.checkpoint_dir)
+        self.state = self._restore()
+        self.start_step = self.state.step
         write_config(self.cfg, self.out_dir / "config.yaml")
-        self.metrics = MetricsLogger(self.out_dir / self.log_cfg.metrics_file)
+        self.metrics = MetricsLogger(self.out_dir / self.log_cfg.metrics_file, resume_step=self.state.step)
         total, trainable = count_parameters(self.model)
         logger.info("model: %s parameters, %s trainable (%.2f%%), %s", f"{total:,}", f"{trainable:,}",
                     100 * trainable / total, "LoRA" if self.peft_cfg else "full SFT")
         logger.info("data: %d training examples, %d validation; %d micro-batches of %d per step "
                     "(global batch %d); %d steps: %s", len(self.train_set), len(self.val_set or []),
                     self.grad_acc, self.steps.local_batch_size, self.steps.global_batch_size, self.max_steps, why)
+
+    def _restore(self) -> TrainState:
+        """Continue from `checkpoint.restore_from` (default: the newest complete checkpoint, if any)."""
+        step_dir = find_restore_dir(self.ckpt_cfg.checkpoint_dir, self.ckpt_cfg.restore_from) \
+            if self.ckpt_cfg.enabled else None
+        self.restored_from = step_dir
+        if step_dir is None:
+            return TrainState()
+        check_compatible(step_dir, self.cfg)
+        state = load_training_state(step_dir, self.model, self.optimizer, self.lr_scheduler)
+        if state.step >= self.max_steps:
+            logger.info("checkpoint %s is at step %d, max_steps is %d: nothing left to train", step_dir,
+                        state.step, self.max_steps)
+        else:
+            logger.info("resuming from %s: step %d, epoch %d", step_dir, state.step, state.epoch)
+        return state
 
     def _build_tokenizer(self):
         # The tokenizer comes from the model unless `tokenizer:` or `dataset.tokenizer` names another.
@@ -152,7 +184,7 @@ class FinetuneRecipe:
     def _build_loader(self, dataset, section: str, train: bool):
         node = with_default_target(self.cfg, section)
         shuffle = bool(node.pop("shuffle", train))
-        sampler = torch.utils.data.DistributedSampler(
+        sampler = StatefulDistributedSampler(
             dataset, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle,
             seed=int(self.cfg.get("seed", 42)), drop_last=train)
         return build(node, section, dataset=dataset, batch_size=self.steps.local_batch_size, sampler=sampler,
@@ -165,36 +197,63 @@ class FinetuneRecipe:
         return self.train()
 
     def train(self) -> RunResult:
-        result = RunResult()
-        bar = tqdm(total=self.max_steps, desc="training", unit="step", dynamic_ncols=True,
+        state, result = self.state, RunResult(final_dir=self.restored_from, steps=self.state.step)
+        bar = tqdm(total=self.max_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
                    disable=None if self.log_cfg.progress_bar else True)
-        step, epoch = 0, 0
-        with logging_redirect_tqdm():
-            while step < self.max_steps:
-                self.train_loader.sampler.set_epoch(epoch)
-                batches = iter(self.train_loader)
-                for _ in range(self.steps_per_epoch):
-                    if step >= self.max_steps:
-                        break
-                    step += 1
+        with logging_redirect_tqdm(), PreemptionHandler() as preemption:
+            while state.step < self.max_steps and not result.preempted:
+                batches = self._epoch_batches()
+                epoch_done = False
+                while not epoch_done and state.step < self.max_steps:
                     record = self.train_step([next(batches) for _ in range(self.grad_acc)])
+                    record["epoch"] = state.epoch
+                    epoch_done = self._advance()
                     result.train_losses.append(record["loss"])
                     bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", epoch=epoch)
-                    self._after_step(step, epoch, record, result)
-                epoch += 1
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", epoch=record["epoch"])
+                    self._after_step(record, result)
+                    if preemption.requested:
+                        self._stop_for_preemption(result)
+                        break
         bar.close()
-        result.steps = step
-        logger.info("done: %d steps in %s; final model in %s", step, f"{self.metrics.elapsed():.1f}s",
-                    result.final_dir / "model" if result.final_dir else "(checkpointing disabled)")
+        result.steps = state.step
+        if not result.preempted:
+            logger.info("done: %d steps in %s; final model in %s", state.step, f"{self.metrics.elapsed():.1f}s",
+                        result.final_dir / "model" if result.final_dir else "(checkpointing disabled)")
         return result
 
-    def _after_step(self, step: int, epoch: int, record: dict, result: RunResult) -> None:
-        due = StepSchedulerConfig.due
+    def _epoch_batches(self):
+        """An iterator over this epoch's micro-batches, starting after the ones finished steps already used."""
+        sampler = self.train_loader.sampler
+        sampler.set_epoch(self.state.epoch)
+        used = self.state.step_in_epoch * self.grad_acc * self.steps.local_batch_size
+        sampler.load_state_dict({"yielded": used})
+        return iter(self.train_loader)
+
+    def _advance(self) -> bool:
+        """Count a finished step; True when it ended the epoch (the state then points at the next one)."""
+        state = self.state
+        state.step += 1
+        state.step_in_epoch += 1
+        if state.step_in_epoch == self.steps_per_epoch:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            return True
+        return False
+
+    def _stop_for_preemption(self, result: RunResult) -> None:
+        step = self.state.step
+        if self.ckpt_cfg.enabled and (result.final_dir is None or result.final_dir.name != f"step_{step}"):
+            result.final_dir = self.save(step)
+        result.preempted = True
+        where = f"{result.final_dir}" if result.final_dir else "nowhere (checkpointing is disabled)"
+        logger.info("preempted at step %d: saved to %s; run the same command again to resume", step, where)
+
+    def _after_step(self, record: dict, result: RunResult) -> None:
+        step, due = self.state.step, StepSchedulerConfig.due
         if step % self.steps.log_every_steps == 0 or step == self.max_steps:
             elapsed = self.metrics.elapsed()
-            record.update(step=step, epoch=epoch, elapsed_s=elapsed,
-                          eta_s=elapsed / step * (self.max_steps - step))
+            done_here = step - self.start_step
+            record.update(step=step, elapsed_s=elapsed, eta_s=elapsed / done_here * (self.max_steps - step))
             self.metrics.log_train(record, self.max_steps)
         if self.val_loader is not None and due(self.steps.val_every_steps, step, self.max_steps):
             result.val_losses[step] = self.validate(step)
@@ -208,13 +267,31 @@ class FinetuneRecipe:
         loss_sum, label_tokens = self.backward(micro_batches)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm or math.inf)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        loss = loss_sum / max(label_tokens, 1)
+        if math.isfinite(loss) and math.isfinite(float(grad_norm)):
+            self.optimizer.step()
+        else:
+            self._on_nonfinite(loss, float(grad_norm))
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
         seconds = time.perf_counter() - start
-        return {"loss": loss_sum / max(label_tokens, 1), "grad_norm": float(grad_norm), "lr": lr,
+        return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr,
                 "tokens": tokens, "label_tokens": label_tokens, "tokens_per_s": tokens / seconds}
+
+    def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
+        """`skip`: drop this update (the schedule still advances); `stop`: end the run, saving nothing new."""
+        step, state = self.state.step + 1, self.state
+        per_step = self.grad_acc * self.steps.local_batch_size
+        first = state.step_in_epoch * per_step
+        where = (f"step {step} (epoch {state.epoch}, samples {first}-{first + per_step - 1} of this rank's "
+                 f"seeded epoch order): loss {loss}, grad norm {grad_norm}")
+        if self.steps.on_nonfinite == "skip":
+            logger.warning("non-finite values at %s: skipping this update", where)
+            return
+        latest = find_restore_dir(self.ckpt_cfg.checkpoint_dir, "LATEST")
+        raise TrainingStopped(f"non-finite values at {where}; stopped without saving (step_scheduler.on_nonfinite"
+                              f"=stop). Last checkpoint: {latest or 'none'}")
 
     def backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
         """Accumulate gradients of (summed loss / label tokens of the whole step): the gradient one batch holding
@@ -247,10 +324,18 @@ class FinetuneRecipe:
         return val_loss
 
     def save(self, step: int) -> Path:
+        """Training state always; the HF `model/` folder as `checkpoint.save_consolidated` asks."""
+        consolidated = self.ckpt_cfg.save_consolidated == "every" or (
+            self.ckpt_cfg.save_consolidated == "final" and step == self.max_steps)
+
         def write(folder: Path) -> None:
-            save_hf_model(self.model, self.tokenizer, folder / "model")
+            save_training_state(folder, self.model, self.optimizer, self.lr_scheduler, self.state)
+            if consolidated:
+                save_hf_model(self.model, self.tokenizer, folder / "model")
             write_config(self.cfg, folder / "config.yaml")
 
         path = save_step(self.out_dir, step, write)
-        logger.info("saved checkpoint %s", path)
+        if self.ckpt_cfg.keep_last_n:
+            prune(self.out_dir, self.ckpt_cfg.keep_last_n)
+        logger.info("saved checkpoint %s%s", path, " (with HF model/)" if consolidated else "")
         return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 from automodel.errors import UserError
 
@@ -14,7 +15,8 @@ class StepSchedulerConfig:
 
     Gradient accumulation is derived: global_batch_size / (local_batch_size * data-parallel size).
     `max_steps` when given sets the run length; `num_epochs`, when set, bounds it (the log says which won).
-    Neither set means one epoch.
+    Neither set means one epoch. `on_nonfinite`: a NaN/inf loss or gradient norm stops the run (nothing new is
+    saved) or skips that update.
     """
 
     global_batch_size: int = 8
@@ -24,6 +26,7 @@ class StepSchedulerConfig:
     val_every_steps: int | None = None
     ckpt_every_steps: int | None = None
     log_every_steps: int = 1
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
     def __post_init__(self):
         for name in ("global_batch_size", "local_batch_size", "log_every_steps"):

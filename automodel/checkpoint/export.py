@@ -1,0 +1,40 @@
+"""`automodel export STEP_DIR`: turn a step folder's training state (DCP) into the HF-loadable `model/` folder.
+
+Runs offline in one process whatever the number of processes that trained: DCP reshards on load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from automodel.checkpoint.save import save_hf_model
+from automodel.checkpoint.state import load_model_state
+from automodel.errors import UserError
+
+logger = logging.getLogger("automodel")
+
+
+def export_step(step_dir: str | Path, output: str | Path | None = None) -> Path:
+    from automodel.training.recipe import FinetuneRecipe
+
+    step_dir = Path(step_dir)
+    if not (step_dir / "dcp").is_dir() or not (step_dir / "config.yaml").is_file():
+        raise UserError(f"export: {step_dir} is not an automodel step folder (expected dcp/ and config.yaml)")
+    cfg = yaml.safe_load((step_dir / "config.yaml").read_text())
+    recipe = FinetuneRecipe(cfg)
+    tokenizer, model = recipe._build_tokenizer(), recipe._build_model()
+    load_model_state(step_dir, model)
+    target = Path(output) if output else step_dir / "model"
+    if target.exists():
+        raise UserError(f"export: {target} already exists; remove it or pass --output DIR")
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_hf_model(model, tokenizer, partial)
+    os.replace(partial, target)  # the folder appears complete or not at all
+    logger.info("exported %s to %s", step_dir, target)
+    return target

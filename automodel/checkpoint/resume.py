@@ -1,0 +1,61 @@
+"""Which checkpoint to resume from, and whether it belongs to this config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from automodel.checkpoint.save import latest_step_dir
+from automodel.errors import UserError
+
+# Settings that decide what the saved weights and data order mean. Everything else (max_steps, logging,
+# validation and checkpoint intervals, local_batch_size, number of processes) may change on resume.
+MUST_MATCH = ("model", "peft", "dataset", "seed", "step_scheduler.global_batch_size", "tokenizer")
+
+
+def find_restore_dir(checkpoint_dir: str, restore_from: str | None) -> Path | None:
+    """`LATEST`: the newest complete checkpoint, or None for a fresh run; a path: that step folder; None: fresh."""
+    if restore_from is None:
+        return None
+    if restore_from == "LATEST":
+        return latest_step_dir(checkpoint_dir)
+    path = Path(restore_from)
+    if not path.is_dir():
+        raise UserError(f"checkpoint.restore_from: step folder not found: {restore_from}")
+    return path
+
+
+def _get(cfg: dict[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _first_difference(saved: Any, current: Any, key: str) -> tuple[str, Any, Any] | None:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for name in sorted(saved.keys() | current.keys()):
+            found = _first_difference(saved.get(name), current.get(name), f"{key}.{name}")
+            if found:
+                return found
+        return None
+    return None if saved == current else (key, saved, current)
+
+
+def check_compatible(step_dir: Path, cfg: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose model, adapter, data or global batch differ from this config."""
+    saved_file = step_dir / "config.yaml"
+    if not saved_file.is_file():
+        raise UserError(f"checkpoint.restore_from: {step_dir} has no config.yaml: not an automodel checkpoint")
+    saved = yaml.safe_load(saved_file.read_text())
+    for key in MUST_MATCH:
+        found = _first_difference(_get(saved, key), _get(cfg, key), key)
+        if found:
+            name, old, new = found
+            raise UserError(f"checkpoint.restore_from: {step_dir} was trained with {name}={old!r} but this config "
+                            f"has {new!r}; use the original setting, another checkpoint.checkpoint_dir, or "
+                            "checkpoint.restore_from: null to start fresh")

@@ -1,0 +1,112 @@
+"""Everything a run needs to continue exactly where it stopped.
+
+A step folder holds, next to the HF-loadable `model/`:
+    dcp/                 model and optimizer state through torch.distributed.checkpoint (sharded per rank under
+                         FSDP2, resharded on load, so a run can resume with another number of processes);
+                         LoRA runs hold only the trainable (adapter) weights and their optimizer state
+    trainer_state.json   step, epoch, position in the epoch, LR scheduler state, best validation loss
+    rng/rank_<r>.pt      python, numpy and torch RNG states of each rank (tensors and plain values only)
+    config.yaml          the resolved config, checked against the new one on resume
+
+The data position is (epoch, steps done in that epoch): the sampler skips exactly the samples those steps used,
+whatever the new world size, so nothing is replayed or skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from automodel.errors import UserError
+
+TRAINER_STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    """Where the loop is. `step_in_epoch` counts finished optimizer steps of the current epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best_val_loss: float | None = None
+
+
+def _options(loading: bool = False) -> StateDictOptions:
+    # Frozen weights (a LoRA run's base model) come from the pretrained checkpoint, never from ours. On load,
+    # dcp.load already fails on any trainable key the checkpoint lacks; strict=False only lets the frozen
+    # ones stay as loaded from the pretrained model.
+    return StateDictOptions(ignore_frozen_params=True, strict=not loading)
+
+
+def _model_and_optim_state(model, optimizer) -> dict[str, Any]:
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    # ignore_frozen_params still lets a frozen weight tied to another name through (a tied lm_head): drop it.
+    trainable = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {"model": {k: v for k, v in model_sd.items() if k in trainable}, "optim": optim_sd}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def rng_state() -> dict[str, Any]:
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_extra": (int(pos), int(has_gauss), float(gauss)), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), *state["numpy_extra"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_training_state(folder: Path, model, optimizer, lr_scheduler, state: TrainState) -> None:
+    """Called on every rank with the same (temporary) folder; rank 0 writes the shared files."""
+    dcp.save(_model_and_optim_state(model, optimizer), checkpoint_id=str(folder / "dcp"))
+    (folder / "rng").mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), folder / "rng" / f"rank_{_rank()}.pt")
+    if _rank() == 0:
+        payload = {"train_state": asdict(state), "lr_scheduler": lr_scheduler.state_dict()}
+        (folder / TRAINER_STATE).write_text(json.dumps(payload, indent=1))
+
+
+def load_model_state(folder: Path, model) -> None:
+    """Only the trained weights of a step folder (for export); the optimizer state stays on disk."""
+    trainable = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    model_sd = {k: v for k, v in get_state_dict(model, [], options=_options())[0].items() if k in trainable}
+    state = {"model": model_sd}
+    dcp.load(state, checkpoint_id=str(folder / "dcp"))
+    set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={}, options=_options(loading=True))
+
+
+def load_training_state(folder: Path, model, optimizer, lr_scheduler) -> TrainState:
+    """Restore model, optimizer, scheduler and RNG in place; returns where the loop stopped."""
+    if not (folder / TRAINER_STATE).is_file() or not (folder / "dcp").is_dir():
+        raise UserError(f"checkpoint.restore_from: {folder} is not a complete automodel checkpoint "
+                        f"(expected {TRAINER_STATE} and dcp/)")
+    state = _model_and_optim_state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(folder / "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_options(loading=True))
+    payload = json.loads((folder / TRAINER_STATE).read_text())
+    lr_scheduler.load_state_dict(payload["lr_scheduler"])
+    rng_file = folder / "rng" / f"rank_{_rank()}.pt"
+    if rng_file.is_file():  # absent when resuming with more ranks than saved: those ranks start fresh streams
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    return TrainState(**payload["train_state"])
