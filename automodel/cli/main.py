@@ -24,6 +24,7 @@ USAGE = """automodel: fine-tune Hugging Face causal language models from one YAM
 usage:
   automodel finetune llm -c CONFIG.yaml [--section.key VALUE ...]
   automodel CONFIG.yaml [--section.key VALUE ...]      (the YAML's `recipe:` key names the recipe)
+  automodel models [--markdown]                        the supported architectures and their status
 
 options:
   -c, --config PATH     the recipe YAML
@@ -118,6 +119,10 @@ def run_finetune(config_path: str, overrides: list[str], command_recipe: str | N
 def dispatch(argv: list[str]) -> int:
     args, rest = _parse(argv)
     command, rest = _split_command(rest)
+    if command == ("models",):
+        from automodel.cli.models_command import run_models
+
+        return run_models(rest, args.help)
     if not command and not args.config and rest and rest[0].endswith((".yaml", ".yml")):
         args.config = rest.pop(0)  # short form: automodel CONFIG.yaml
     if args.help:

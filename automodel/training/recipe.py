@@ -24,6 +24,7 @@ from automodel.data.collate import PadCollator
 from automodel.errors import UserError
 from automodel.logging import LoggingConfig, MetricsLogger
 from automodel.models import load_tokenizer
+from automodel.models.quirks import RouterAuxLoss
 from automodel.peft import LoraSettings, count_parameters
 from automodel.training.loss import count_label_tokens
 from automodel.training.lr_scheduler import LRSchedulerConfig
@@ -90,6 +91,7 @@ class FinetuneRecipe:
         set_seed(int(self.cfg.get("seed", 42)))
         self.tokenizer = self._build_tokenizer()
         self.model = self._build_model()
+        self.router_aux = RouterAuxLoss(self.model)
         self.train_set = self._build_dataset("dataset")
         self.val_set = self._build_dataset("validation_dataset") if self.cfg.get("validation_dataset") else None
         self.train_loader = self._build_loader(self.train_set, "dataloader", train=True)
@@ -214,7 +216,8 @@ class FinetuneRecipe:
         tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
         seconds = time.perf_counter() - start
         return {"loss": loss_sum / max(label_tokens, 1), "grad_norm": float(grad_norm), "lr": lr,
-                "tokens": tokens, "label_tokens": label_tokens, "tokens_per_s": tokens / seconds}
+                "tokens": tokens, "label_tokens": label_tokens, "tokens_per_s": tokens / seconds,
+                **self.router_aux.pop_metrics()}
 
     def backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
         """Accumulate gradients of (summed loss / label tokens of the whole step): the gradient one batch holding
@@ -229,9 +232,10 @@ class FinetuneRecipe:
         return loss_sum.item(), label_tokens
 
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed masked cross-entropy of one micro-batch."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return self.loss_fn(logits, batch["labels"])
+        """Summed masked cross-entropy of one micro-batch (plus the MoE router aux loss when enabled, training)."""
+        output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        summed = self.loss_fn(output.logits, batch["labels"])
+        return self.router_aux.add(summed, output, batch["labels"]) if self.model.training else summed
 
     @torch.no_grad()
     def validate(self, step: int) -> float:
