@@ -29,6 +29,16 @@ ROWS = native_rows()
 STEPS = 3
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Matrices this small gain nothing from a second intra-op thread, and on a busy machine OpenMP's
+    synchronisation makes each step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """One tiny checkpoint per architecture, shared by its LoRA and SFT tests."""
@@ -49,8 +59,8 @@ def run_config(row, model_dir, out_dir, lora: bool) -> dict:
         "model": {"pretrained_model_name_or_path": str(model_dir)},
         "tokenizer": {"_target_": "tests.models.tiny.shared_tokenizer", "name": row.tokenizer},
         "dataset": {"_target_": "automodel.data.squad.make_squad_dataset", "dataset_name": str(SQUAD_TRAIN),
-                    "seq_length": 64, "limit_dataset_samples": 2 * STEPS * 2},
-        "step_scheduler": {"global_batch_size": 2, "local_batch_size": 2, "max_steps": STEPS,
+                    "seq_length": 64, "limit_dataset_samples": 2 * STEPS},
+        "step_scheduler": {"global_batch_size": 1, "local_batch_size": 1, "max_steps": STEPS,
                            "ckpt_every_steps": STEPS, "log_every_steps": 1},
         # No weight decay: a weight may change only because a gradient reached it.
         "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-2 if lora else 1e-3, "weight_decay": 0.0},
@@ -73,8 +83,11 @@ def logits(model, batch) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def first_batch(recipe) -> dict[str, torch.Tensor]:
-    return pad_collate([recipe.train_set[i] for i in range(2)], recipe.tokenizer.pad_token_id)
+def first_batch(recipe, tokens: int = 16) -> dict[str, torch.Tensor]:
+    """The start of one training example: enough to compare logits, small enough to compare 150k-token vocabularies
+    quickly."""
+    batch = pad_collate([recipe.train_set[0]], recipe.tokenizer.pad_token_id)
+    return {k: v[:, :tokens] for k, v in batch.items()}
 
 
 def assert_loaded_natively(recipe, row, base_model):

@@ -39,7 +39,7 @@ def write_tiny_checkpoint(row: Architecture, folder: Path, seed: int = 0) -> Pat
     """A randomly initialised tiny model of `row`'s architecture, saved as a real checkpoint folder."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = shared_tokenizer(row.tokenizer)
+    tokenizer = shared_tokenizer(name=row.tokenizer)  # by keyword, as the config's _target_ calls it
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(row, tokenizer))
     assert type(model).__name__ == row.native_class, f"{row.model_type} built {type(model).__name__}"
