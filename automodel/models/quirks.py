@@ -45,6 +45,12 @@ class RouterAuxLoss:
         self.coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
         self.architecture = type(model).__name__
         self._weighted_sum, self._tokens = 0.0, 0
+        if self.enabled and not hasattr(config, "router_aux_loss_coef"):
+            raise self._unsupported()
+
+    def _unsupported(self) -> UserError:
+        return UserError(f"model.output_router_logits: {self.architecture} computes no router auxiliary loss; "
+                         "remove the key (only mixture-of-experts models with a load-balancing loss have one)")
 
     def add(self, summed_loss: torch.Tensor, output, labels: torch.Tensor) -> torch.Tensor:
         """`summed_loss` plus the weighted aux term (training only; validation reports pure cross-entropy)."""
@@ -52,8 +58,7 @@ class RouterAuxLoss:
             return summed_loss
         aux = getattr(output, "aux_loss", None)
         if aux is None:
-            raise UserError(f"model.output_router_logits: {self.architecture} computes no router auxiliary loss; "
-                            "remove the key (only mixture-of-experts models with a load-balancing loss have one)")
+            raise self._unsupported()
         tokens = count_label_tokens(labels)
         self._weighted_sum += float(aux.detach()) * tokens
         self._tokens += tokens

@@ -31,7 +31,7 @@ HANDLING = [
     "so enabling it there is an error.",
     "MoE experts: transformers 5 stores routed experts as fused 3-D parameters, not `nn.Linear` modules, so "
     "`all-linear` LoRA adapts attention (and dense or shared-expert MLPs) but not the routed experts or the "
-    "router; full SFT trains them all.",
+    "router; full SFT trains them all. DeepSeek-V2/V3 are the exception: see their rows.",
     "Bamba: its mamba2 layers run transformers' pure-torch path on CPU (no mamba_ssm / causal_conv1d kernels "
     "needed); the CUDA kernels are used when installed.",
     "EXAONE-3 and InternLM3 checkpoints load into LlamaForCausalLM; transformers renames EXAONE's weights "
