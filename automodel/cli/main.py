@@ -25,6 +25,7 @@ usage:
   automodel finetune llm -c CONFIG.yaml [--section.key VALUE ...]
   automodel CONFIG.yaml [--section.key VALUE ...]      (the YAML's `recipe:` key names the recipe)
   automodel export STEP_DIR [--output DIR]             (HF model folder from any checkpoint step)
+  automodel models [--markdown]                        the supported architectures and their status
 
 options:
   -c, --config PATH     the recipe YAML
@@ -128,6 +129,10 @@ def dispatch(argv: list[str]) -> int:
         return importlib.import_module(TOOLS[argv[0]]).main([a for a in argv[1:] if a != "--debug"])
     args, rest = _parse(argv)
     command, rest = _split_command(rest)
+    if command == ("models",):
+        from automodel.cli.models_command import run_models
+
+        return run_models(rest, args.help)
     if not command and not args.config and rest and rest[0].endswith((".yaml", ".yml")):
         args.config = rest.pop(0)  # short form: automodel CONFIG.yaml
     if args.help:

@@ -54,9 +54,12 @@ def _hub_error(name: str, key: str, err: Exception) -> UserError:
         "point it at a local folder that holds config.json and the weights instead")
 
 
-def load_causal_lm(pretrained_model_name_or_path: str, dtype: str = "float32", attn_implementation: str = "sdpa",
+def load_causal_lm(pretrained_model_name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None,
                    trust_remote_code: bool = False, revision: str | None = None, **config_overrides):
     """`AutoModelForCausalLM.from_pretrained` with the recipe's defaults and one-line errors.
+
+    `attn_implementation` unset lets transformers choose: sdpa where the architecture supports it, eager
+    otherwise (Gemma 2, whose attention soft-capping SDPA cannot do; see automodel/models/quirks.py).
 
     `config_overrides` are applied to the model config (e.g. `use_cache: false`, `output_router_logits: true`).
     """

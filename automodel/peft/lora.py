@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import logging
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from automodel.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 def _adaptable_types() -> tuple[type, ...]:
@@ -81,7 +84,15 @@ class LoraSettings:
         """Wrap `model` with LoRA adapters; only adapter weights stay trainable."""
         from peft import get_peft_model
 
-        return get_peft_model(model, self.peft_config(model))
+        wanted = {n.rsplit(".", 1)[-1] for n in self.select_modules(model)}
+        peft_model = get_peft_model(model, self.peft_config(model))
+        adapted = adapted_targets(peft_model)
+        if adapted != wanted:
+            # peft's transformers-v4 adapter compatibility maps gate_proj/up_proj/down_proj targets of some MoE
+            # model types (DeepSeek-V2/V3) to the fused expert parameters; say what was adapted instead.
+            logger.warning("peft adapted %s instead of the selected %s (its MoE target conversion for %s)",
+                           sorted(adapted), sorted(wanted), getattr(model.config, "model_type", "this model"))
+        return peft_model
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,6 +104,20 @@ def _compact_targets(model: nn.Module, chosen: list[str]) -> list[str]:
     leaves = sorted({n.rsplit(".", 1)[-1] for n in chosen})
     by_leaf = {n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in leaves}
     return leaves if by_leaf == set(chosen) else chosen
+
+
+def adapted_targets(model: nn.Module) -> set[str]:
+    """What LoRA adapts, by leaf name: 'q_proj' for a module, 'experts.down_proj' for a parameter."""
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, ParamWrapper):
+            owner = name.removesuffix(".base_layer").rsplit(".", 1)[-1]
+            names.add(f"{owner}.{module.parameter_name}")
+        elif isinstance(module, LoraLayer):
+            names.add(name.rsplit(".", 1)[-1])
+    return names
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -108,4 +133,4 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-__all__ = ["LoraSettings", "count_parameters", "is_peft_model", "linear_module_names"]
+__all__ = ["LoraSettings", "adapted_targets", "count_parameters", "is_peft_model", "linear_module_names"]

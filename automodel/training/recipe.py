@@ -36,6 +36,7 @@ from automodel.data.collate import PadCollator
 from automodel.errors import TrainingStopped, UserError
 from automodel.logging import LoggingConfig, MetricsLogger
 from automodel.models import load_tokenizer
+from automodel.models.quirks import RouterAuxLoss
 from automodel.peft import LoraSettings, count_parameters
 from automodel.training.loss import count_label_tokens
 from automodel.training.lr_scheduler import LRSchedulerConfig
@@ -104,6 +105,7 @@ class FinetuneRecipe:
         set_seed(int(self.cfg.get("seed", 42)))
         self.tokenizer = self._build_tokenizer()
         self.model = self._build_model()
+        self.router_aux = RouterAuxLoss(self.model)
         self.train_set = self._build_dataset("dataset")
         self.val_set = self._build_dataset("validation_dataset") if self.cfg.get("validation_dataset") else None
         self.train_loader = self._build_loader(self.train_set, "dataloader", train=True)
@@ -277,7 +279,8 @@ class FinetuneRecipe:
         tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
         seconds = time.perf_counter() - start
         return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr,
-                "tokens": tokens, "label_tokens": label_tokens, "tokens_per_s": tokens / seconds}
+                "tokens": tokens, "label_tokens": label_tokens, "tokens_per_s": tokens / seconds,
+                **self.router_aux.pop_metrics()}
 
     def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
         """`skip`: drop this update (the schedule still advances); `stop`: end the run, saving nothing new."""
@@ -306,9 +309,10 @@ class FinetuneRecipe:
         return loss_sum.item(), label_tokens
 
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed masked cross-entropy of one micro-batch."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return self.loss_fn(logits, batch["labels"])
+        """Summed masked cross-entropy of one micro-batch (plus the MoE router aux loss when enabled, training)."""
+        output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        summed = self.loss_fn(output.logits, batch["labels"])
+        return self.router_aux.add(summed, output, batch["labels"]) if self.model.training else summed
 
     @torch.no_grad()
     def validate(self, step: int) -> float:

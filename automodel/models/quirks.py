@@ -1,0 +1,73 @@
+"""Architecture-specific needs, one place per concern.
+
+Most architectures need nothing from us: transformers' own modeling code handles them, and the recipe
+only sees `model(input_ids, attention_mask).logits`. What does need handling, and where:
+
+- Gemma's embedding scaling (x sqrt(hidden)), Granite's and MiniCPM3's multipliers, Cohere's logit scale:
+  inside the transformers model; nothing to do here.
+- Attention soft-capping (Gemma 2): SDPA cannot soft-cap, so Gemma2ForCausalLM does not offer it.
+  `load_causal_lm` leaves `attn_implementation` unset by default, which lets transformers pick SDPA where
+  the architecture supports it and eager otherwise (Gemma 2). Asking for `sdpa` explicitly on Gemma 2 is an
+  error that says so.
+- Mixture-of-experts router auxiliary (load-balancing) loss: `RouterAuxLoss` below, used by the recipe.
+- Bamba's mamba2 layers on CPU: transformers runs its pure-torch path when the mamba_ssm / causal_conv1d
+  CUDA kernels are absent, so nothing to do; the architecture tests train it on CPU.
+- Parameters no gradient reaches by design: listed in `NO_GRADIENT_BY_DESIGN` (none among the tested rows
+  today: DeepSeek-V3's routing-bias `e_score_correction_bias` is a buffer, not a parameter).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from automodel.errors import UserError
+from automodel.training.loss import count_label_tokens
+
+# Parameter-name suffixes that legitimately receive no gradient (updated by other rules, if at all).
+NO_GRADIENT_BY_DESIGN: tuple[str, ...] = ()
+
+
+class RouterAuxLoss:
+    """Adds `router_aux_loss_coef * aux_loss` to the training loss of MoE models whose config enables
+    `output_router_logits` (set it with `model.output_router_logits: true`; the coefficient is the model
+    config's `router_aux_loss_coef`, overridable the same way).
+
+    transformers computes the load-balancing loss (Switch-Transformer style, padding masked out) in the forward
+    pass but adds it only to the loss it computes from `labels`; the recipe computes its own loss, so it adds the
+    term here. The recipe's micro-batch loss is a sum over label tokens that is later divided by the step's label
+    tokens, so the aux term is weighted by the micro-batch's label tokens: the step then optimises
+    cross-entropy + coef x (token-weighted mean aux loss), whatever the accumulation.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        config = model.config
+        self.enabled = bool(getattr(config, "output_router_logits", False))
+        self.coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+        self.architecture = type(model).__name__
+        self._weighted_sum, self._tokens = 0.0, 0
+        if self.enabled and not hasattr(config, "router_aux_loss_coef"):
+            raise self._unsupported()
+
+    def _unsupported(self) -> UserError:
+        return UserError(f"model.output_router_logits: {self.architecture} computes no router auxiliary loss; "
+                         "remove the key (only mixture-of-experts models with a load-balancing loss have one)")
+
+    def add(self, summed_loss: torch.Tensor, output, labels: torch.Tensor) -> torch.Tensor:
+        """`summed_loss` plus the weighted aux term (training only; validation reports pure cross-entropy)."""
+        if not self.enabled:
+            return summed_loss
+        aux = getattr(output, "aux_loss", None)
+        if aux is None:
+            raise self._unsupported()
+        tokens = count_label_tokens(labels)
+        self._weighted_sum += float(aux.detach()) * tokens
+        self._tokens += tokens
+        return summed_loss + self.coef * aux.to(summed_loss.dtype) * tokens
+
+    def pop_metrics(self) -> dict[str, float]:
+        """The token-weighted mean aux loss since the last call (before the coefficient), for the step record."""
+        if not self.enabled:
+            return {}
+        mean = self._weighted_sum / max(self._tokens, 1)
+        self._weighted_sum, self._tokens = 0.0, 0
+        return {"router_aux_loss": mean, "router_aux_loss_coef": self.coef}

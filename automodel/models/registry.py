@@ -1,0 +1,218 @@
+"""The supported-models table: the single source of truth for `automodel models`, the docs page
+docs/supported_models.md and the parametrised architecture tests (tests/models/test_architectures.py).
+
+Pure data, no torch/transformers import, so `automodel models` answers at once.
+
+Each native row carries the tiny config its test builds (2 layers, hidden 64, few heads/experts; the vocabulary
+comes from the row's tokenizer) and the leaf names of the modules LoRA's default `all-linear` must adapt.
+Remote-code rows carry the reason they are not supported yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+TESTED = "tested"
+NOT_YET = "not yet supported"
+
+# The shape every tiny test model shares; rows override what their architecture names differently.
+TINY_BASE: dict[str, Any] = {
+    "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True,
+}
+# Few experts, top-2, so a handful of batches routes tokens to every expert.
+TINY_MOE: dict[str, Any] = {"moe_intermediate_size": 32, "num_experts_per_tok": 2}
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+LLAMA_LIKE = ATTENTION + GATED_MLP
+NEOX_LIKE = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+REMOTE_CODE = ("its modeling code exists only as remote code on the Hub (no transformers class); reading its "
+               "checkpoints into native modules is a later issue")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One row of the supported-models table."""
+
+    architecture: str                     # config.json `architectures` entry of the published checkpoints
+    models: str
+    checkpoints: tuple[str, ...]
+    model_type: str | None = None         # None: remote code only
+    native_class: str | None = None       # the transformers class that loads it
+    kind: str = "dense"                   # dense | moe | hybrid | gpt2-style
+    tokenizer: str | None = None          # folder under assets/tokenizers/ the test uses
+    own_tokenizer: bool = False           # True: that is the family's real tokenizer; False: a stand-in
+    tiny: dict[str, Any] = field(default_factory=dict)
+    lora_targets: tuple[str, ...] = ()    # leaf names `all-linear` adapts (never the output head)
+    notes: str = ""                       # architecture-specific handling, documented
+    reason: str = ""                      # why a remote-code row is not supported yet
+
+    @property
+    def status(self) -> str:
+        return TESTED if self.native_class else NOT_YET
+
+    @property
+    def test_id(self) -> str:
+        return self.architecture.split(" ")[0]
+
+    def tiny_config(self) -> dict[str, Any]:
+        """Config overrides of the tiny test model (vocabulary and special tokens come from the tokenizer)."""
+        return {**TINY_BASE, **self.tiny}
+
+
+def _native(architecture, models, checkpoints, model_type, native_class, tokenizer, lora_targets=LLAMA_LIKE,
+            kind="dense", own_tokenizer=False, notes="", **tiny) -> Architecture:
+    return Architecture(architecture, models, tuple(checkpoints), model_type, native_class, kind, tokenizer,
+                        own_tokenizer, tiny, tuple(lora_targets), notes)
+
+
+def _remote(architecture, models, checkpoints, reason=REMOTE_CODE) -> Architecture:
+    return Architecture(architecture, models, tuple(checkpoints), reason=reason)
+
+
+# Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): rotary runs over qk_rope_head_dim, which is head_dim.
+MLA = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+           v_head_dim=16, head_dim=8)
+
+MLA_ATTENTION = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+DEEPSEEK_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
+PEFT_MOE_REMAP = ("LoRA all-linear: peft 0.21's transformers-v4 compatibility maps the gate_proj/up_proj/down_proj "
+                  "targets to the routed experts' fused parameters, so the experts get adapters and the dense-layer "
+                  "and shared-expert MLPs do not (automodel logs this)")
+
+ARCHITECTURES: tuple[Architecture, ...] = (
+    _remote("AquilaForCausalLM", "Aquila, Aquila2", ["BAAI/Aquila-7B", "BAAI/AquilaChat-7B"]),
+    _remote("BaiChuanForCausalLM", "Baichuan2, Baichuan",
+            ["baichuan-inc/Baichuan2-13B-Chat", "baichuan-inc/Baichuan-7B"]),
+    _native("BambaForCausalLM", "Bamba", ["ibm-ai-platform/Bamba-9B"], "bamba", "BambaForCausalLM", "llama2",
+            ATTENTION + GATED_MLP + ("in_proj", "out_proj"), kind="hybrid",
+            notes="layer 0 mamba2, layer 1 attention; on CPU the mamba mixer runs transformers' pure-torch path "
+                  "(no mamba_ssm/causal_conv1d kernels needed)",
+            attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=32),
+    _remote("ChatGLMModel / ChatGLMForConditionalGeneration", "ChatGLM",
+            ["THUDM/chatglm2-6b", "THUDM/chatglm3-6b"]),
+    _native("CohereForCausalLM", "Command-R", ["CohereForAI/c4ai-command-r-v01"], "cohere", "CohereForCausalLM",
+            "llama2"),
+    _native("Cohere2ForCausalLM", "Command-R7B", ["CohereForAI/c4ai-command-r7b-12-2024"], "cohere2",
+            "Cohere2ForCausalLM", "llama2", sliding_window=16),
+    _remote("DeciLMForCausalLM", "DeciLM", ["nvidia/Llama-3_3-Nemotron-Super-49B-v1"]),
+    _remote("DeepseekForCausalLM", "DeepSeek", ["deepseek-ai/deepseek-llm-7b-chat"]),
+    _native("DeepseekV2ForCausalLM", "DeepSeek-V2", ["deepseek-ai/DeepSeek-V2-Lite"], "deepseek_v2",
+            "DeepseekV2ForCausalLM", "llama2", MLA_ATTENTION + DEEPSEEK_EXPERTS, kind="moe",
+            notes="multi-head latent attention; layer 0 dense, layer 1 MoE. " + PEFT_MOE_REMAP,
+            **MLA, **TINY_MOE, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1),
+    _native("DeepseekV3ForCausalLM", "DeepSeek-V3", ["deepseek-ai/DeepSeek-V3"], "deepseek_v3",
+            "DeepseekV3ForCausalLM", "llama2", MLA_ATTENTION + DEEPSEEK_EXPERTS, kind="moe",
+            notes="multi-head latent attention; layer 0 dense, layer 1 MoE; routing balances by a bias buffer "
+                  "(no auxiliary loss). " + PEFT_MOE_REMAP,
+            **MLA, **TINY_MOE, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+            topk_group=1),
+    _native("ExaoneForCausalLM", "EXAONE-3", ["LGAI-EXAONE/EXAONE-3.0-7.8B-Instruct"], "exaone", "LlamaForCausalLM",
+            "llama2", notes="transformers reads the EXAONE weight names (transformer.h.N.attn.attention...) into "
+                            "LlamaForCausalLM and writes them back in that layout"),
+    _native("Exaone4ForCausalLM", "EXAONE-4", ["LGAI-EXAONE/EXAONE-4.0-1.2B"], "exaone4", "Exaone4ForCausalLM",
+            "llama2", sliding_window=16, sliding_window_pattern=2),
+    _native("FalconForCausalLM", "Falcon", ["tiiuae/falcon-7b", "tiiuae/falcon-40b", "tiiuae/falcon-rw-7b"],
+            "falcon", "FalconForCausalLM", "gpt2", NEOX_LIKE),
+    _native("GemmaForCausalLM", "Gemma", ["google/gemma-2b", "google/gemma-1.1-2b-it"], "gemma",
+            "GemmaForCausalLM", "llama2", notes="embeddings scaled by sqrt(hidden) inside the transformers model",
+            head_dim=16),
+    _native("Gemma2ForCausalLM", "Gemma 2", ["google/gemma-2-9b"], "gemma2", "Gemma2ForCausalLM", "llama2",
+            notes="attention and final-logit soft-capping; SDPA cannot soft-cap, so the default attention is "
+                  "eager (see automodel/models/quirks.py)",
+            head_dim=16, query_pre_attn_scalar=16, sliding_window=16),
+    _native("Gemma3ForCausalLM", "Gemma 3", ["google/gemma-3-1b-it"], "gemma3_text", "Gemma3ForCausalLM", "llama2",
+            notes="sliding-window and global layers; q/k norms", head_dim=16, query_pre_attn_scalar=16,
+            sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
+    _native("GlmForCausalLM", "GLM-4", ["THUDM/glm-4-9b-chat-hf"], "glm", "GlmForCausalLM", "llama2",
+            ATTENTION + ("gate_up_proj", "down_proj"), head_dim=16),
+    _native("Glm4ForCausalLM", "GLM-4-0414", ["THUDM/GLM-4-32B-0414"], "glm4", "Glm4ForCausalLM", "llama2",
+            ATTENTION + ("gate_up_proj", "down_proj"), head_dim=16),
+    _native("GPTBigCodeForCausalLM", "StarCoder, SantaCoder, WizardCoder",
+            ["bigcode/starcoder", "bigcode/gpt_bigcode-santacoder", "WizardLM/WizardCoder-15B-V1.0"],
+            "gpt_bigcode", "GPTBigCodeForCausalLM", "gpt2", ("c_attn", "c_proj", "c_fc"), kind="gpt2-style",
+            notes="multi-query attention; fused c_attn projection"),
+    _native("GPTJForCausalLM", "GPT-J", ["EleutherAI/gpt-j-6b", "nomic-ai/gpt4all-j"], "gptj", "GPTJForCausalLM",
+            "gpt2", ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"), kind="gpt2-style",
+            own_tokenizer=True, rotary_dim=8, tie_word_embeddings=False),
+    _native("GPTNeoXForCausalLM", "GPT-NeoX, Pythia, OpenAssistant, Dolly V2, StableLM",
+            ["EleutherAI/gpt-neox-20b", "EleutherAI/pythia-12b", "databricks/dolly-v2-12b",
+             "stabilityai/stablelm-tuned-alpha-7b"], "gpt_neox", "GPTNeoXForCausalLM", "gpt2", NEOX_LIKE,
+            kind="gpt2-style"),
+    _native("GraniteForCausalLM", "Granite 3.0, Granite 3.1, PowerLM",
+            ["ibm-granite/granite-3.0-2b-base", "ibm-granite/granite-3.1-8b-instruct", "ibm/PowerLM-3b"],
+            "granite", "GraniteForCausalLM", "llama2",
+            notes="embedding/residual/attention/logit multipliers inside the transformers model"),
+    _native("GraniteMoeForCausalLM", "Granite 3.0 MoE, PowerMoE",
+            ["ibm-granite/granite-3.0-1b-a400m-base", "ibm/PowerMoE-3b"], "granitemoe", "GraniteMoeForCausalLM",
+            "llama2", ATTENTION, kind="moe", num_local_experts=4, **TINY_MOE),
+    _native("GraniteMoeSharedForCausalLM", "Granite MoE Shared", ["ibm-research/moe-7b-1b-active-shared-experts"],
+            "granitemoeshared", "GraniteMoeSharedForCausalLM", "llama2", ATTENTION + ("input_linear", "output_linear"),
+            kind="moe", num_local_experts=4, shared_intermediate_size=64, **TINY_MOE),
+    _native("GritLM", "GritLM", ["parasail-ai/GritLM-7B-vllm"], "mistral", "MistralForCausalLM", "mistral-7b-v0.1",
+            own_tokenizer=True, notes="a Mistral checkpoint; trained here as a causal LM"),
+    _remote("InternLMForCausalLM", "InternLM", ["internlm/internlm-7b", "internlm/internlm-chat-7b"]),
+    _remote("InternLM2ForCausalLM", "InternLM2", ["internlm/internlm2-7b", "internlm/internlm2-chat-7b"]),
+    _native("InternLM3ForCausalLM", "InternLM3", ["internlm/internlm3-8b-instruct"], "internlm3", "LlamaForCausalLM",
+            "llama2", notes="transformers loads the internlm3 config into LlamaForCausalLM", head_dim=16),
+    _remote("JAISLMHeadModel", "Jais", ["inceptionai/jais-13b", "inceptionai/jais-30b-v3"]),
+    _native("LlamaForCausalLM", "Llama 3.1, Llama 3, Llama 2, LLaMA, Yi",
+            ["meta-llama/Meta-Llama-3.1-70B", "meta-llama/Llama-2-70b-hf", "01-ai/Yi-34B"], "llama",
+            "LlamaForCausalLM", "llama2", own_tokenizer=True),
+    _remote("MiniCPMForCausalLM", "MiniCPM", ["openbmb/MiniCPM-2B-sft-bf16", "openbmb/MiniCPM-2B-dpo-bf16"]),
+    _native("MiniCPM3ForCausalLM", "MiniCPM3", ["openbmb/MiniCPM3-4B"], "minicpm3", "MiniCPM3ForCausalLM", "llama2",
+            MLA_ATTENTION + GATED_MLP, notes="multi-head latent attention; muP embedding/depth scaling", **MLA),
+    _native("MistralForCausalLM", "Mistral, Mistral-Instruct",
+            ["mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.1"], "mistral", "MistralForCausalLM",
+            "mistral-7b-v0.1", own_tokenizer=True),
+    _native("MixtralForCausalLM", "Mixtral-8x7B",
+            ["mistralai/Mixtral-8x7B-v0.1", "mistralai/Mixtral-8x7B-Instruct-v0.1"], "mixtral", "MixtralForCausalLM",
+            "mistral-7b-v0.1", ATTENTION, kind="moe", own_tokenizer=True,
+            notes="checkpoint layout block_sparse_moe.experts.N.w1/w2/w3, fused on load by transformers",
+            num_local_experts=4, num_experts_per_tok=2),
+    _native("NemotronForCausalLM", "Nemotron-3, Nemotron-4, Minitron", ["nvidia/Minitron-8B-Base"], "nemotron",
+            "NemotronForCausalLM", "llama2", ATTENTION + ("up_proj", "down_proj"), head_dim=16),
+    _native("OLMoForCausalLM", "OLMo", ["allenai/OLMo-1B-hf", "allenai/OLMo-7B-hf"], "olmo", "OlmoForCausalLM", "gpt2",
+            notes="non-parametric layer norm"),
+    _native("OLMo2ForCausalLM", "OLMo2", ["allenai/OLMo2-7B-1124"], "olmo2", "Olmo2ForCausalLM", "gpt2"),
+    _native("OLMoEForCausalLM", "OLMoE", ["allenai/OLMoE-1B-7B-0924", "allenai/OLMoE-1B-7B-0924-Instruct"], "olmoe",
+            "OlmoeForCausalLM", "gpt2", ATTENTION, kind="moe", num_experts=4, intermediate_size=32,
+            num_experts_per_tok=2),
+    _remote("OrionForCausalLM", "Orion", ["OrionStarAI/Orion-14B-Base", "OrionStarAI/Orion-14B-Chat"]),
+    _native("PhiForCausalLM", "Phi", ["microsoft/phi-1_5", "microsoft/phi-2"], "phi", "PhiForCausalLM", "gpt2",
+            ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"), notes="partial rotary; parallel attention/MLP"),
+    _native("Phi3ForCausalLM", "Phi-4, Phi-3",
+            ["microsoft/Phi-4-mini-instruct", "microsoft/Phi-4", "microsoft/Phi-3-mini-4k-instruct"], "phi3",
+            "Phi3ForCausalLM", "llama2", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+            notes="fused qkv_proj and gate_up_proj"),
+    _remote("Phi3SmallForCausalLM", "Phi-3-Small",
+            ["microsoft/Phi-3-small-8k-instruct", "microsoft/Phi-3-small-128k-instruct"]),
+    _native("Qwen2ForCausalLM", "QwQ, Qwen2", ["Qwen/QwQ-32B-Preview", "Qwen/Qwen2-7B-Instruct", "Qwen/Qwen2-7B"],
+            "qwen2", "Qwen2ForCausalLM", "qwen", own_tokenizer=True),
+    _native("Qwen2MoeForCausalLM", "Qwen2MoE", ["Qwen/Qwen1.5-MoE-A2.7B", "Qwen/Qwen1.5-MoE-A2.7B-Chat"],
+            "qwen2_moe", "Qwen2MoeForCausalLM", "qwen", LLAMA_LIKE + ("shared_expert_gate",), kind="moe",
+            own_tokenizer=True, notes="routed experts plus a gated shared expert",
+            num_experts=4, shared_expert_intermediate_size=64, **TINY_MOE),
+    _native("Qwen3ForCausalLM", "Qwen3", ["Qwen/Qwen3-8B"], "qwen3", "Qwen3ForCausalLM", "qwen", own_tokenizer=True,
+            head_dim=16),
+    _native("Qwen3MoeForCausalLM", "Qwen3MoE", ["Qwen/Qwen3-30B-A3B"], "qwen3_moe", "Qwen3MoeForCausalLM", "qwen",
+            ATTENTION, kind="moe", own_tokenizer=True, head_dim=16, num_experts=4, **TINY_MOE),
+    _native("StableLmForCausalLM", "StableLM", ["stabilityai/stablelm-3b-4e1t", "stabilityai/stablelm-base-alpha-7b-v2"],
+            "stablelm", "StableLmForCausalLM", "gpt2", notes="partial rotary"),
+    _native("Starcoder2ForCausalLM", "Starcoder2",
+            ["bigcode/starcoder2-3b", "bigcode/starcoder2-7b", "bigcode/starcoder2-15b"], "starcoder2",
+            "Starcoder2ForCausalLM", "gpt2", ATTENTION + ("c_fc", "c_proj")),
+    _remote("SolarForCausalLM", "Solar Pro", ["upstage/solar-pro-preview-instruct"]),
+)
+
+BY_NAME: dict[str, Architecture] = {row.architecture: row for row in ARCHITECTURES}
+
+
+def native_rows() -> list[Architecture]:
+    return [row for row in ARCHITECTURES if row.native_class]
+
+
+def remote_rows() -> list[Architecture]:
+    return [row for row in ARCHITECTURES if not row.native_class]
