@@ -89,10 +89,12 @@ def latest_step_dir(checkpoint_dir: str | os.PathLike) -> Path | None:
     return path if path.is_dir() else None
 
 
-def save_hf_model(model, tokenizer, folder: Path) -> None:
-    """What HF loads: `PeftModel.save_pretrained` writes only the adapter, a plain model writes all weights."""
+def save_hf_model(model, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
+    """What HF loads: `PeftModel.save_pretrained` writes only the adapter, a plain model writes all weights.
+
+    `state_dict` replaces the model's own tensors (gathered full copies of a sharded model)."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
 
 
