@@ -70,9 +70,9 @@ def already_launched() -> str | None:
 
 def torchrun_args(args: argparse.Namespace, worker_argv: list[str]) -> list[str]:
     """torchrun's command line for these launcher flags; single node without a port uses a free port."""
-    nproc = args.nproc_per_node or 1
-    nnodes = args.nnodes or 1
-    node_rank = args.node_rank or 0
+    nproc = 1 if args.nproc_per_node is None else args.nproc_per_node
+    nnodes = 1 if args.nnodes is None else args.nnodes
+    node_rank = 0 if args.node_rank is None else args.node_rank
     for flag, value, low in (("--nproc-per-node", nproc, 1), ("--nnodes", nnodes, 1), ("--node-rank", node_rank, 0)):
         if value < low:
             raise UserError(f"{flag}: expected an integer >= {low}, got {value}")
