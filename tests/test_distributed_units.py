@@ -73,6 +73,16 @@ def test_torchrun_command_line_for_one_and_several_nodes():
         torchrun_args(_launch_args(nproc_per_node=0), [])
 
 
+def test_launcher_flags_start_workers_only_outside_a_started_job():
+    from automodel.distributed.launcher import already_launched
+
+    assert already_launched({}) is None
+    assert already_launched({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}) == "torchrun"
+    srun = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_STEP_NUM_NODES": "2"}
+    assert already_launched({**srun, "SLURM_STEP_NUM_TASKS": "16"}) == "slurm"
+    assert already_launched({**srun, "SLURM_STEP_NUM_TASKS": "2"}) is None  # one task per node: torchrun inside
+
+
 def test_bad_distributed_config_fails_once_before_any_worker_starts(tmp_path, capsys):
     config = write_config(tmp_path, dist_config(tmp_path, peft=True, tp_size=3))
     assert main(["finetune", "llm", "-c", config, "--nproc-per-node", "2"]) == 2

@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from automodel.errors import UserError
@@ -57,13 +57,15 @@ def strip_launcher_flags(argv: list[str]) -> list[str]:
     return kept
 
 
-def already_launched() -> str | None:
-    """'torchrun' or 'slurm' when this process is one rank of a started job, else None."""
+def already_launched(environ: Mapping[str, str] = os.environ) -> str | None:
+    """'torchrun' or 'slurm' when this process is one rank of a started job, else None.
+
+    An srun step with one task per node is not: each task is its node's launcher (torchrun under srun)."""
     from automodel.distributed.env import launched_by_slurm, launched_by_torchrun
 
-    if launched_by_torchrun():
+    if launched_by_torchrun(environ):
         return "torchrun"
-    if launched_by_slurm():
+    if launched_by_slurm(environ) and environ["SLURM_STEP_NUM_TASKS"] != environ.get("SLURM_STEP_NUM_NODES"):
         return "slurm"
     return None
 
