@@ -48,6 +48,15 @@ def test_srun_on_several_nodes_needs_master_addr():
         read_launch_env({**env, "SLURM_PROCID": "x"})
 
 
+def test_backend_follows_the_device_unless_configured():
+    from automodel.distributed.config import DistEnvConfig
+    from automodel.distributed.env import pick_backend
+
+    assert pick_backend(DistEnvConfig(), torch.device("cpu")) == "gloo"
+    assert pick_backend(DistEnvConfig(), torch.device("cuda", 0)) == "nccl"
+    assert pick_backend(DistEnvConfig(backend="gloo"), torch.device("cuda", 0)) == "gloo"
+
+
 # ---- the launcher's command line -----------------------------------------------------------------
 
 def _launch_args(**values) -> argparse.Namespace:
