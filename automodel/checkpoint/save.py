@@ -78,35 +78,50 @@ def write_atomically(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def save_step(checkpoint_dir: str | os.PathLike, step: int, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp_folder)`, then publish it as `step_<step>` and point LATEST at it."""
+def save_step(checkpoint_dir: str | os.PathLike, step: int, write: Callable[[Path], None], *, is_main: bool = True,
+              barrier: Callable[[], None] = lambda: None) -> Path:
+    """Run `write(tmp_folder)` on every rank, then rank 0 publishes it as `step_<step>` and points LATEST at it.
+
+    With several ranks, `barrier` keeps them in step: all write into the same temporary folder (sharded state),
+    and nobody continues before the folder is published."""
     root = Path(checkpoint_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".{final.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a run killed mid-save: never published, safe to drop
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a run killed mid-save: never published, safe to drop
+        tmp.mkdir()
+    barrier()
     try:
         write(tmp)
-        _fsync_tree(tmp)
-        if os.environ.get(KILL_IN_SAVE_ENV) == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)
-        if final.exists():  # a stale folder of the same step from an earlier run: move it aside, then drop it
-            stale = root / f".{final.name}.stale"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            shutil.rmtree(stale)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        write_atomically(root / LATEST, final.name + "\n")
+        barrier()
+        if is_main:
+            _publish(root, tmp, final, step)
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         if _is_disk_full(err):
             previous = latest_step_dir(root)
             raise UserError(f"checkpoint: no space left on the device while saving {final}; the partial folder "
                             f"was removed, the previous checkpoint {previous or '(none)'} is intact") from err
         raise
+    barrier()
     return final
+
+
+def _publish(root: Path, tmp: Path, final: Path, step: int) -> None:
+    _fsync_tree(tmp)
+    if os.environ.get(KILL_IN_SAVE_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if final.exists():  # a stale folder of the same step from an earlier run: move it aside, then drop it
+        stale = root / f".{final.name}.stale"
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        shutil.rmtree(stale)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    write_atomically(root / LATEST, final.name + "\n")
 
 
 def _is_disk_full(err: BaseException | None) -> bool:
@@ -146,10 +161,12 @@ def latest_step_dir(checkpoint_dir: str | os.PathLike) -> Path | None:
     return path if path.is_dir() else None
 
 
-def save_hf_model(model, tokenizer, folder: Path) -> None:
-    """What HF loads: `PeftModel.save_pretrained` writes only the adapter, a plain model writes all weights."""
+def save_hf_model(model, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
+    """What HF loads: `PeftModel.save_pretrained` writes only the adapter, a plain model writes all weights.
+
+    `state_dict` replaces the model's own tensors (gathered full copies of a sharded model)."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
 
 

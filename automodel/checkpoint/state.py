@@ -48,10 +48,18 @@ def _options(loading: bool = False) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=True, strict=not loading)
 
 
+def _trainable_names(model) -> set[str]:
+    """Names of trainable parameters as get_state_dict spells them (without DDP's `module.` prefix)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    return {name for name, p in inner.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+
 def _model_and_optim_state(model, optimizer) -> dict[str, Any]:
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
     # ignore_frozen_params still lets a frozen weight tied to another name through (a tied lm_head): drop it.
-    trainable = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    trainable = _trainable_names(model)
     return {"model": {k: v for k, v in model_sd.items() if k in trainable}, "optim": optim_sd}
 
 
@@ -88,7 +96,7 @@ def save_training_state(folder: Path, model, optimizer, lr_scheduler, state: Tra
 
 def load_model_state(folder: Path, model) -> None:
     """Only the trained weights of a step folder (for export); the optimizer state stays on disk."""
-    trainable = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    trainable = _trainable_names(model)
     model_sd = {k: v for k, v in get_state_dict(model, [], options=_options())[0].items() if k in trainable}
     state = {"model": model_sd}
     dcp.load(state, checkpoint_id=str(folder / "dcp"))

@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from automodel.config.sections import SECTIONS
+from automodel.distributed.launcher import WorkersFailed, add_launcher_arguments, launch_if_requested, run_worker
 from automodel.errors import TrainingStopped, UserError
 
 RECIPES = {"llm_finetune": "fine-tune a causal LM with LoRA (peft section) or full SFT"}
@@ -33,6 +34,10 @@ options:
   --log-level LEVEL     DEBUG, INFO (default), WARNING or ERROR
   --debug               show tracebacks for errors in your input
   -h, --help            this help; `automodel finetune llm --help` lists the config sections
+
+several processes (torchrun; not needed under torchrun or srun, which start the workers themselves):
+  --nproc-per-node N    workers per node, e.g. one per GPU
+  --nnodes M --node-rank R --master-addr HOST --master-port PORT    several nodes (or --rdzv-endpoint HOST:PORT)
 
 example:
   automodel finetune llm -c examples/llm_finetune/stories260K_squad_peft.yaml --step_scheduler.max_steps 10
@@ -61,6 +66,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--log-level", default="INFO", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_launcher_arguments(parser)
     return parser.parse_known_args(argv)
 
 
@@ -113,7 +119,7 @@ def run_finetune(config_path: str, overrides: list[str], command_recipe: str | N
     from automodel.training.recipe import FinetuneRecipe
 
     hf_logging.disable_progress_bar()
-    FinetuneRecipe(cfg).run()
+    run_worker(lambda: FinetuneRecipe(cfg).run())
     return 0
 
 
@@ -152,6 +158,9 @@ def dispatch(argv: list[str]) -> int:
     if not Path(args.config).is_file():
         raise UserError(f"config file not found: {args.config}")
     setup_logging(args.log_level)
+    launched = launch_if_requested(args, argv, rest)
+    if launched is not None:
+        return launched
     return run_finetune(args.config, rest, COMMANDS.get(command))
 
 
@@ -167,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingStopped as err:
         print(f"stopped: {err}", file=sys.stderr)
+        return 1
+    except WorkersFailed as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -23,8 +23,8 @@ SECTIONS: dict[str, str] = {
     "step_scheduler": "global_batch_size, local_batch_size, max_steps, num_epochs, val/ckpt/log every N steps",
     "clip_grad_norm": "max_norm for gradient clipping (null: off)",
     "checkpoint": "checkpoint_dir and what to save",
-    "distributed": "strategy (fsdp2, ddp, none) and parallel sizes",
-    "dist_env": "backend and timeout_minutes for torch.distributed",
+    "distributed": "strategy (auto, fsdp2, ddp, none), tp_size, activation_checkpointing, cpu_offload, mixed_precision",
+    "dist_env": "backend (auto: nccl on CUDA, gloo on CPU) and timeout_minutes for torch.distributed",
     "logging": "log level and metrics backends",
 }
 

@@ -25,14 +25,13 @@ from automodel.checkpoint import (
     check_compatible,
     find_restore_dir,
     load_training_state,
-    prune,
-    save_hf_model,
-    save_step,
-    save_training_state,
     write_config,
 )
 from automodel.config import build, check_sections, parse_section
 from automodel.data.collate import PadCollator
+from automodel.distributed.checkpoint import save_checkpoint
+from automodel.distributed.grad_norm import clip_grad_norm
+from automodel.distributed.parallel import Parallelism, mask_rows_after
 from automodel.errors import TrainingStopped, UserError
 from automodel.logging import LoggingConfig, MetricsLogger
 from automodel.models import load_tokenizer
@@ -77,8 +76,9 @@ class FinetuneRecipe:
     def __init__(self, cfg: dict[str, Any]):
         check_sections(cfg)
         self.cfg = cfg
-        self.dp_size, self.dp_rank = 1, 0
-        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.parallel = Parallelism.from_config(cfg)  # joins torchrun's / srun's process group when launched
+        self.dp_size, self.dp_rank = self.parallel.dp_size, self.parallel.dp_rank
+        self.device = self.parallel.device
         self.steps = parse_section(StepSchedulerConfig, cfg.get("step_scheduler"), "step_scheduler")
         self.lr_cfg = parse_section(LRSchedulerConfig, cfg.get("lr_scheduler"), "lr_scheduler")
         self.ckpt_cfg = parse_section(CheckpointConfig, cfg.get("checkpoint"), "checkpoint")
@@ -119,9 +119,11 @@ class FinetuneRecipe:
         self.loss_fn = build(with_default_target(self.cfg, "loss_fn"), "loss_fn")
         self.out_dir = Path(self.ckpt_cfg.checkpoint_dir)
         self.state = self._restore()
-        self.start_step = self.state.step
-        write_config(self.cfg, self.out_dir / "config.yaml")
-        self.metrics = MetricsLogger(self.out_dir / self.log_cfg.metrics_file, resume_step=self.state.step)
+        self.start_step = self.last_saved_step = self.state.step
+        if self.parallel.is_main:  # only rank 0 writes
+            write_config(self.cfg, self.out_dir / "config.yaml")
+        self.metrics = MetricsLogger(self.out_dir / self.log_cfg.metrics_file if self.parallel.is_main else None,
+                                     resume_step=self.state.step)
         total, trainable = count_parameters(self.model)
         logger.info("model: %s parameters, %s trainable (%.2f%%), %s", f"{total:,}", f"{trainable:,}",
                     100 * trainable / total, "LoRA" if self.peft_cfg else "full SFT")
@@ -171,7 +173,7 @@ class FinetuneRecipe:
             model.config.use_cache = False
         if self.peft_cfg is not None:
             model = self.peft_cfg.apply(model)
-        return model.to(self.device)
+        return self.parallel.parallelize(model.to(self.device))
 
     def _build_dataset(self, section: str):
         node = {k: v for k, v in self.cfg[section].items() if k != "tokenizer"}
@@ -196,12 +198,14 @@ class FinetuneRecipe:
 
     def run(self) -> RunResult:
         self.setup()
-        return self.train()
+        result = self.train()
+        self.parallel.shutdown()
+        return result
 
     def train(self) -> RunResult:
         state, result = self.state, RunResult(final_dir=self.restored_from, steps=self.state.step)
         bar = tqdm(total=self.max_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
-                   disable=None if self.log_cfg.progress_bar else True)
+                   disable=None if self.log_cfg.progress_bar and self.parallel.is_main else True)
         with logging_redirect_tqdm(), PreemptionHandler() as preemption:
             while state.step < self.max_steps and not result.preempted:
                 batches = self._epoch_batches()
@@ -214,7 +218,7 @@ class FinetuneRecipe:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", epoch=record["epoch"])
                     self._after_step(record, result)
-                    if preemption.requested:
+                    if self._agreed(preemption.requested):
                         self._stop_for_preemption(result)
                         break
         bar.close()
@@ -242,9 +246,14 @@ class FinetuneRecipe:
             return True
         return False
 
+    def _agreed(self, flag) -> bool:
+        """True on every rank when any rank saw `flag` (a signal may reach the ranks between different steps)."""
+        (count,) = self.parallel.all_reduce_sum(1 if flag else 0)
+        return count > 0
+
     def _stop_for_preemption(self, result: RunResult) -> None:
         step = self.state.step
-        if self.ckpt_cfg.enabled and (result.final_dir is None or result.final_dir.name != f"step_{step}"):
+        if self.ckpt_cfg.enabled and self.last_saved_step != step:
             result.final_dir = self.save(step)
         result.preempted = True
         where = f"{result.final_dir}" if result.final_dir else "nowhere (checkpointing is disabled)"
@@ -261,13 +270,14 @@ class FinetuneRecipe:
             result.val_losses[step] = self.validate(step)
         if self.ckpt_cfg.enabled and due(self.steps.ckpt_every_steps, step, self.max_steps):
             result.final_dir = self.save(step)
+            self.last_saved_step = step
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """One optimizer step over `grad_acc` micro-batches."""
         start = time.perf_counter()
         self.model.train()
         loss_sum, label_tokens = self.backward(micro_batches)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm or math.inf)
+        grad_norm = clip_grad_norm(self.params, self.clip_grad_norm or math.inf)
         lr = self.optimizer.param_groups[0]["lr"]
         loss = loss_sum / max(label_tokens, 1)
         if math.isfinite(loss) and math.isfinite(float(grad_norm)):
@@ -276,10 +286,10 @@ class FinetuneRecipe:
             self._on_nonfinite(loss, float(grad_norm))
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        (tokens,) = self.parallel.all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in micro_batches))
         seconds = time.perf_counter() - start
         return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr,
-                "tokens": tokens, "label_tokens": label_tokens, "tokens_per_s": tokens / seconds,
+                "tokens": int(tokens), "label_tokens": label_tokens, "tokens_per_s": tokens / seconds,
                 **self.router_aux.pop_metrics()}
 
     def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
@@ -297,16 +307,20 @@ class FinetuneRecipe:
                               f"=stop). Last checkpoint: {latest or 'none'}")
 
     def backward(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
-        """Accumulate gradients of (summed loss / label tokens of the whole step): the gradient one batch holding
-        all micro-batches would give. Returns (summed loss, label tokens)."""
-        label_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
+        """Accumulate gradients of (summed loss / label tokens of the whole step, all ranks): the gradient one batch
+        holding all micro-batches of all data-parallel ranks would give. DDP and FSDP2 average gradients over the
+        ranks, so each rank's loss is scaled by dp_size. Returns (summed loss, label tokens), both over all ranks."""
+        (label_tokens,) = self.parallel.all_reduce_sum(sum(count_label_tokens(b["labels"]) for b in micro_batches))
+        scale = self.dp_size / max(label_tokens, 1)
         loss_sum = torch.zeros((), device=self.device)
-        for batch in micro_batches:
+        for index, batch in enumerate(micro_batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            summed = self.forward_loss(batch)
-            (summed / max(label_tokens, 1)).backward()
+            with self.parallel.gradient_sync(self.model, enabled=index == len(micro_batches) - 1):
+                summed = self.forward_loss(batch)
+                (summed * scale).backward()
             loss_sum += summed.detach()
-        return loss_sum.item(), label_tokens
+        (loss_sum,) = self.parallel.all_reduce_sum(loss_sum.item())
+        return loss_sum, int(label_tokens)
 
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed masked cross-entropy of one micro-batch (plus the MoE router aux loss when enabled, training)."""
@@ -318,28 +332,25 @@ class FinetuneRecipe:
     def validate(self, step: int) -> float:
         """Token-weighted validation loss over the whole validation set."""
         self.model.eval()
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, seen = 0.0, 0, 0
+        real_rows = self.parallel.dp_shard_size(len(self.val_set))
         for batch in self.val_loader:
+            # The sampler pads the last ranks with repeated rows so all run the same batches; they do not count.
+            batch, seen = mask_rows_after(batch, real_rows - seen), seen + len(batch["labels"])
             batch = {k: v.to(self.device) for k, v in batch.items()}
             loss_sum += self.forward_loss(batch).item()
             tokens += count_label_tokens(batch["labels"])
+        loss_sum, tokens = self.parallel.all_reduce_sum(loss_sum, tokens)
+        tokens = int(tokens)
         val_loss = loss_sum / max(tokens, 1)
         self.metrics.log_validation(step, val_loss, tokens)
         return val_loss
 
-    def save(self, step: int) -> Path:
-        """Training state always; the HF `model/` folder as `checkpoint.save_consolidated` asks."""
+    def save(self, step: int) -> Path | None:
+        """Every rank calls this: training state always (sharded), the HF `model/` folder as
+        `checkpoint.save_consolidated` asks. Rank 0 publishes the step folder and gets its path."""
         consolidated = self.ckpt_cfg.save_consolidated == "every" or (
             self.ckpt_cfg.save_consolidated == "final" and step == self.max_steps)
-
-        def write(folder: Path) -> None:
-            save_training_state(folder, self.model, self.optimizer, self.lr_scheduler, self.state)
-            if consolidated:
-                save_hf_model(self.model, self.tokenizer, folder / "model")
-            write_config(self.cfg, folder / "config.yaml")
-
-        path = save_step(self.out_dir, step, write)
-        if self.ckpt_cfg.keep_last_n:
-            prune(self.out_dir, self.ckpt_cfg.keep_last_n)
-        logger.info("saved checkpoint %s%s", path, " (with HF model/)" if consolidated else "")
-        return path
+        return save_checkpoint(self.parallel, self.model, self.tokenizer, self.cfg, self.out_dir, step,
+                               optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, state=self.state,
+                               consolidated=consolidated, keep_last_n=self.ckpt_cfg.keep_last_n)

@@ -1,0 +1,16 @@
+"""Activation checkpointing per decoder layer, through transformers' own switch (non-reentrant torch checkpoint)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from automodel.distributed.fsdp2 import hf_model
+from automodel.errors import UserError
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    base = hf_model(model)
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise UserError(f"distributed.activation_checkpointing: {type(base).__name__} does not support "
+                        "gradient checkpointing in transformers; set it to false")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,96 @@
+"""Tiny real runs for the multi-process tests: config, launching, reading results."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+import yaml
+
+from automodel.data.collate import pad_collate
+from automodel.data.squad import make_squad_dataset
+from tests.conftest import REPO_ROOT, SQUAD_DEV
+from tests.helpers import tiny_squad_config
+
+LAUNCH_ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+                   "TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE")
+
+
+def dist_config(tmp_path, peft: bool, max_steps: int = 3, **distributed) -> dict:
+    """3 steps of global batch 8 (2 x 2 micro-batches per rank on 2 ranks, 4 x 2 in one process), seq_length 128."""
+    cfg = tiny_squad_config(tmp_path, peft=peft, max_steps=max_steps, train_samples=32, global_batch=8, local_batch=2)
+    cfg["dataset"]["seq_length"] = cfg["validation_dataset"]["seq_length"] = 128
+    cfg["validation_dataset"]["limit_dataset_samples"] = 7  # odd: the second rank's sampler pads one row
+    cfg["step_scheduler"].update(log_every_steps=1, val_every_steps=None)
+    if distributed:
+        cfg["distributed"] = distributed
+    return cfg
+
+
+def write_config(tmp_path, cfg) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any launcher's variables (pytest itself may run under one)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_VARS and not k.startswith("SLURM_")}
+    env.setdefault("PYTHONPATH", str(REPO_ROOT))
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def automodel_cmd(config: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "automodel", "finetune", "llm", "-c", config, *args]
+
+
+def run(cmd: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, env=clean_env(**env), timeout=timeout)
+    assert out.returncode == 0, f"{cmd} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_records(ckpt_dir) -> list[dict]:
+    lines = (ckpt_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def losses(ckpt_dir) -> list[float]:
+    return [r["loss"] for r in train_records(ckpt_dir)]
+
+
+def val_losses(ckpt_dir) -> list[float]:
+    lines = (ckpt_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["val_loss"] for r in map(json.loads, lines) if r["kind"] == "validation"]
+
+
+def eval_batch(tokenizer) -> dict[str, torch.Tensor]:
+    items = make_squad_dataset(tokenizer, str(SQUAD_DEV), split="validation", seq_length=128, limit_dataset_samples=4)
+    return pad_collate([items[i] for i in range(4)], tokenizer.pad_token_id)
+
+
+def logits_of(model_dir, base_path, batch) -> torch.Tensor:
+    """Logits of a saved `model/` folder: a PEFT adapter on `base_path`, or a full transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    if (model_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), model_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
