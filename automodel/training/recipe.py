@@ -21,9 +21,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from automodel.checkpoint import CheckpointConfig, save_hf_model, save_step, write_config
 from automodel.config import build, check_sections, parse_section
 from automodel.data.collate import PadCollator
+from automodel.data.tokenizer import build_tokenizer
 from automodel.errors import UserError
 from automodel.logging import LoggingConfig, MetricsLogger
-from automodel.models import load_tokenizer
 from automodel.peft import LoraSettings, count_parameters
 from automodel.training.loss import count_label_tokens
 from automodel.training.lr_scheduler import LRSchedulerConfig
@@ -112,21 +112,8 @@ class FinetuneRecipe:
                     self.grad_acc, self.steps.local_batch_size, self.steps.global_batch_size, self.max_steps, why)
 
     def _build_tokenizer(self):
-        # The tokenizer comes from the model unless `tokenizer:` or `dataset.tokenizer` names another.
-        dataset = self.cfg.get("dataset") or {}
-        node = self.cfg.get("tokenizer") or dataset.get("tokenizer")
-        key = "tokenizer" if self.cfg.get("tokenizer") else "dataset.tokenizer"
-        if node is None:
-            node, key = {}, "model"
-        if isinstance(node, str):
-            node = {"pretrained_model_name_or_path": node}
-        if "_target_" in node:
-            return build(node, key)
-        model_cfg = self.cfg.get("model") or {}
-        source = node.get("pretrained_model_name_or_path", model_cfg.get("pretrained_model_name_or_path"))
-        extra = {k: v for k, v in node.items() if k != "pretrained_model_name_or_path"}
-        return load_tokenizer(source, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
-                              key=f"{key}.pretrained_model_name_or_path", **extra)
+        # The model's tokenizer unless `tokenizer:` or `dataset.tokenizer` names another (with its options).
+        return build_tokenizer(self.cfg)
 
     def _build_model(self):
         model = build(with_default_target(self.cfg, "model"), "model")
