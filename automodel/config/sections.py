@@ -16,6 +16,7 @@ SECTIONS: dict[str, str] = {
     "peft": "LoRA settings: target_modules, exclude_modules, dim, alpha, dropout (absent: full SFT)",
     "dataset": "training data: _target_ builder and its arguments",
     "validation_dataset": "validation data: _target_ builder and its arguments",
+    "packed_sequence": "packed_sequence_size: pack examples into rows of this many tokens (0: off, the default)",
     "dataloader": "training DataLoader options (num_workers, ...)",
     "validation_dataloader": "validation DataLoader options",
     "loss_fn": "loss: _target_ (default masked cross-entropy over label tokens)",

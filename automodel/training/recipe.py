@@ -20,7 +20,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from automodel.checkpoint import CheckpointConfig, save_hf_model, save_step, write_config
 from automodel.config import build, check_sections, parse_section
-from automodel.data.collate import PadCollator
+from automodel.data.collate import count_tokens
+from automodel.data.packing import build_collator
 from automodel.data.tokenizer import build_tokenizer
 from automodel.errors import UserError
 from automodel.logging import LoggingConfig, MetricsLogger
@@ -143,7 +144,9 @@ class FinetuneRecipe:
             dataset, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle,
             seed=int(self.cfg.get("seed", 42)), drop_last=train)
         return build(node, section, dataset=dataset, batch_size=self.steps.local_batch_size, sampler=sampler,
-                     collate_fn=PadCollator(self.tokenizer.pad_token_id), drop_last=train)
+                     collate_fn=build_collator(self.cfg.get("packed_sequence"), self.tokenizer.pad_token_id,
+                                                getattr(self.model.config, "_attn_implementation", None)),
+                     drop_last=train)
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -198,7 +201,7 @@ class FinetuneRecipe:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+        tokens = sum(count_tokens(b) for b in micro_batches)
         seconds = time.perf_counter() - start
         return {"loss": loss_sum / max(label_tokens, 1), "grad_norm": float(grad_norm), "lr": lr,
                 "tokens": tokens, "label_tokens": label_tokens, "tokens_per_s": tokens / seconds}
@@ -217,7 +220,8 @@ class FinetuneRecipe:
 
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed masked cross-entropy of one micro-batch."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=batch.get("position_ids")).logits
         return self.loss_fn(logits, batch["labels"])
 
     @torch.no_grad()
