@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from automodel.data.dataset import (
     IGNORE_INDEX,
     SFTDataset,
@@ -18,6 +20,8 @@ from automodel.data.dataset import (
     read_json_file,
     resolve_data_file,
 )
+from automodel.data.cache import cache_key, cached, default_cache_dir
+from automodel.data.tokenizer import special_token_affixes
 from automodel.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -26,6 +30,9 @@ DEFAULT_PROMPT_TEMPLATE = "Context: {context} Question: {question} Answer: "
 REQUIRED_FIELDS = ("context", "question", "answers")
 # Longest word that truncation backs up over to avoid cutting it in half.
 MAX_WORD_CHARS = 30
+# Tokenizing in chunks lets a progress bar show on large files.
+PROGRESS_CHUNK = 2000
+PROGRESS_MIN_TEXTS = 5000
 
 
 def make_squad_dataset(
@@ -37,35 +44,62 @@ def make_squad_dataset(
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
     unanswerable_target: str = "unanswerable",
     answer_only_loss: bool = True,
+    cache: bool = True,
+    cache_dir: str | None = None,
 ) -> SFTDataset:
     """Tokenized SQuAD: `input_ids = prompt + answer + eos`, labels aligned with input_ids (not shifted).
 
     `dataset_name` is a hub id, a local file (`split` is then unused) or a folder whose one file named
     after `split` is read. With `answer_only_loss` the prompt positions are labelled -100. Examples longer
     than `seq_length` keep a window of their context around the answer; those that do not fit even with
-    the answer's own span as context are dropped. `dataset.examples[i]` describes item i: `id, title, context, question, answers` (all answer
-    texts), `target`, `prompt` (the exact string tokenized, so generation can reuse it) and `truncated`;
-    `context` is the possibly shortened one that is in the prompt and `answer_start` is where the target
-    is in it (None when it is not: unanswerable rows, answers not found in the context).
+    the answer's own span as context are dropped. SQuAD v2 rows (`is_impossible`, or no answer) get
+    `unanswerable_target`. `dataset.examples[i]` describes item i: `id, title, context, question, answers`
+    (all answer texts), `target`, `prompt` (the exact string tokenized, so generation can reuse it) and
+    `truncated`; `context` is the possibly shortened one that is in the prompt and `answer_start` is where
+    the target is in it (None when it is not: unanswerable rows, answers not found in the context).
+    Local files are tokenized once and cached (`cache_dir`, default ~/.cache/automodel or $AUTOMODEL_CACHE).
     """
     check_positive("seq_length", seq_length)
     check_positive("limit_dataset_samples", limit_dataset_samples)
     check_template(prompt_template)
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
+    if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no eos token; SQuAD targets end with eos so generation knows where to stop")
+    settings = dict(seq_length=seq_length, template=prompt_template, unanswerable=unanswerable_target,
+                    answer_only_loss=answer_only_loss)
 
-    examples = load_examples(dataset_name, split, limit_dataset_samples)
+    def build() -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
+        return tokenize_squad(tokenizer, load_examples(dataset_name, split, limit_dataset_samples), **settings)
+
+    if cache and looks_like_local_path(dataset_name):
+        key = cache_key(resolve_data_file(dataset_name, split), tokenizer,
+                        dict(settings, split=split, limit=limit_dataset_samples), __file__)
+        items, meta = cached("squad", key, Path(cache_dir) if cache_dir else default_cache_dir(), build)
+    else:
+        items, meta = build()
+    kept_examples = meta["examples"]
+    num_truncated = sum(ex["truncated"] for ex in kept_examples)
+    logger.info(
+        "SQuAD %s (%s): %d examples, %d truncated and %d dropped to fit seq_length=%s",
+        dataset_name, split, len(items), num_truncated, meta["num_dropped"], seq_length,
+    )
+    return SFTDataset(items, kept_examples, num_dropped=meta["num_dropped"], num_truncated=num_truncated)
+
+
+def tokenize_squad(tokenizer, examples: list[dict[str, Any]], seq_length: int | None, template: str,
+                   unanswerable: str, answer_only_loss: bool) -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
+    """Items, and as meta the examples they came from and how many were dropped (see make_squad_dataset)."""
+    eos_id = tokenizer.eos_token_id
     for example in examples:
-        example["target"] = example["answers"][0] if example["answers"] else unanswerable_target
-        example["prompt"] = render(prompt_template, example["context"], example["question"])
+        example["target"] = example["answers"][0] if example["answers"] else unanswerable
+        example["prompt"] = render(template, example["context"], example["question"])
         example["truncated"] = False
 
-    prompt_ids = batch_token_ids(tokenizer, [ex["prompt"] for ex in examples], add_special_tokens=True)
+    prompt_ids = batch_token_ids(tokenizer, [ex["prompt"] for ex in examples], add_special_tokens=True,
+                                 progress=True)
     answer_ids = [ids + [eos_id] for ids in batch_token_ids(tokenizer, [ex["target"] for ex in examples], False)]
     keep = [True] * len(examples)
     if seq_length is not None:
-        keep = fit_to_length(tokenizer, prompt_template, examples, prompt_ids, answer_ids, seq_length)
+        keep = fit_to_length(tokenizer, template, examples, prompt_ids, answer_ids, seq_length)
 
     items, kept_examples = [], []
     for example, prompt, answer, kept in zip(examples, prompt_ids, answer_ids, keep):
@@ -73,13 +107,7 @@ def make_squad_dataset(
             prompt_labels = [IGNORE_INDEX] * len(prompt) if answer_only_loss else list(prompt)
             items.append({"input_ids": prompt + answer, "labels": prompt_labels + answer})
             kept_examples.append(example)
-    num_dropped = len(examples) - len(items)
-    num_truncated = sum(ex["truncated"] for ex in kept_examples)
-    logger.info(
-        "SQuAD %s (%s): %d examples, %d truncated and %d dropped to fit seq_length=%s",
-        dataset_name, split, len(items), num_truncated, num_dropped, seq_length,
-    )
-    return SFTDataset(items, kept_examples, num_dropped=num_dropped, num_truncated=num_truncated)
+    return items, {"examples": kept_examples, "num_dropped": len(examples) - len(items)}
 
 
 def check_positive(name: str, value: int | None) -> None:
@@ -100,14 +128,22 @@ def render(template: str, context: str, question: str) -> str:
     return template.format(context=context, question=question)
 
 
-def batch_token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+def batch_token_ids(tokenizer, texts: list[str], add_special_tokens: bool, progress: bool = False) -> list[list[int]]:
+    """Token ids of `texts`; with `add_special_tokens`, only what the tokenizer puts in front (BOS), never an EOS
+    that `add_eos` would append: the prompt is followed by the answer."""
     if not texts:
         return []
+    prefix = special_token_affixes(tokenizer)[0] if add_special_tokens else []
+    ids = []
     # Only the ids: converting attention masks to Python lists costs about as much again as the encoding.
-    encoded = tokenizer(
-        texts, add_special_tokens=add_special_tokens, return_attention_mask=False, return_token_type_ids=False
-    )
-    return encoded["input_ids"]
+    with tqdm(total=len(texts), desc="tokenizing", unit="texts", disable=not progress or len(texts) < PROGRESS_MIN_TEXTS) as bar:
+        for start in range(0, len(texts), PROGRESS_CHUNK):
+            chunk = texts[start:start + PROGRESS_CHUNK]
+            encoded = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False,
+                                return_token_type_ids=False)
+            ids.extend(prefix + row for row in encoded["input_ids"])
+            bar.update(len(chunk))
+    return ids
 
 
 # ---------------------------------------------------------------- loading

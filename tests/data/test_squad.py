@@ -290,3 +290,42 @@ def test_pad_collator_batches_real_data_and_pickles(llama_tok):
         assert batch["input_ids"][row, :n].tolist() == item["input_ids"]
         assert (batch["input_ids"][row, n:] == llama_tok.eos_token_id).all()
         assert (batch["labels"][row, n:] == -100).all()
+
+
+def test_tokenization_is_cached_by_file_tokenizer_and_settings(tmp_path, llama_tok, caplog):
+    from automodel.data.tokenizer import apply_tokenizer_options
+
+    settings = dict(seq_length=200, limit_dataset_samples=300, cache_dir=str(tmp_path))
+    fresh = make_squad_dataset(llama_tok, str(NESTED_TRAIN), seq_length=200, limit_dataset_samples=300, cache=False)
+    with caplog.at_level(logging.INFO, logger="automodel.data.cache"):
+        first = make_squad_dataset(llama_tok, str(NESTED_TRAIN), **settings)
+        again = make_squad_dataset(llama_tok, str(NESTED_TRAIN), **settings)
+    assert caplog.text.count("tokenized data cached in") == 1 and caplog.text.count("read from cache") == 1
+    for ds in (first, again):
+        assert ds.items == fresh.items and ds.examples == fresh.examples
+        assert (ds.num_truncated, ds.num_dropped) == (fresh.num_truncated, fresh.num_dropped) and ds.num_truncated > 0
+    entries = sorted(p.name for p in tmp_path.iterdir())
+    assert len(entries) == 2 and entries[0].endswith(".json") and entries[1].endswith(".safetensors")
+
+    make_squad_dataset(llama_tok, str(NESTED_TRAIN), **dict(settings, seq_length=300))
+    no_bos = make_squad_dataset(apply_tokenizer_options(copy.deepcopy(llama_tok), add_bos=False), str(NESTED_TRAIN),
+                                **settings)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+    assert all(item["input_ids"][0] == llama_tok.bos_token_id for item in first)
+    assert not any(item["input_ids"][0] == llama_tok.bos_token_id for item in no_bos)
+
+    for damaged in tmp_path.glob("*.safetensors"):
+        damaged.write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING, logger="automodel.data.cache"):
+        rebuilt = make_squad_dataset(llama_tok, str(NESTED_TRAIN), **settings)
+    assert "ignoring unreadable cache" in caplog.text and rebuilt.items == fresh.items
+
+
+def test_add_eos_tokenizer_does_not_end_the_prompt(llama_tok):
+    from automodel.data.tokenizer import apply_tokenizer_options
+
+    with_eos = apply_tokenizer_options(copy.deepcopy(llama_tok), add_eos=True)
+    plain = make_squad_dataset(llama_tok, str(NESTED_DEV), limit_dataset_samples=5, cache=False)
+    ds = make_squad_dataset(with_eos, str(NESTED_DEV), limit_dataset_samples=5, cache=False)
+    assert ds.items == plain.items
+    assert all(item["input_ids"].count(llama_tok.eos_token_id) == 1 for item in ds)
