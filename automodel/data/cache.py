@@ -43,6 +43,8 @@ def cached(name: str, key: str, cache_dir: Path | None,
            build: Callable[[], tuple[list[dict[str, list[int]]], dict[str, Any]]]):
     """`build()`'s (items, meta), read back from `cache_dir` when there. Items (lists of token ids) are stored as
     flat int32 tensors in safetensors, `meta` as JSON; the safetensors file is written last and marks completion."""
+    from safetensors import SafetensorError
+
     if cache_dir is None:
         return build()
     base = Path(cache_dir) / f"{name}-{key}"
@@ -52,7 +54,7 @@ def cached(name: str, key: str, cache_dir: Path | None,
             result = read_items(tensors_path), json.loads(meta_path.read_text(encoding="utf-8"))
             logger.info("tokenized data read from cache %s", tensors_path)
             return result
-        except (OSError, ValueError, RuntimeError) as error:  # a damaged cache file is rebuilt, and said so
+        except (OSError, ValueError, SafetensorError) as error:  # a damaged cache file is rebuilt, and said so
             logger.warning("ignoring unreadable cache %s (%s); tokenizing again", tensors_path, error)
     items, meta = build()
     base.parent.mkdir(parents=True, exist_ok=True)
