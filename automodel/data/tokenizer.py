@@ -52,12 +52,16 @@ def apply_tokenizer_options(tokenizer, add_bos: bool | None = None, add_eos: boo
     for name, value in (("add_bos", add_bos), ("add_eos", add_eos)):
         if value is not None and not isinstance(value, bool):
             raise UserError(f"{key}.{name}: expected true or false, got {value!r}")
-    if add_bos is not None:
-        if add_bos and tokenizer.bos_token_id is None:
-            raise UserError(f"{key}.add_bos: the tokenizer has no BOS token to add")
-        tokenizer.add_bos_token = add_bos
-    if add_eos is not None:
-        tokenizer.add_eos_token = add_eos
+    if add_bos and tokenizer.bos_token_id is None:
+        raise UserError(f"{key}.add_bos: the tokenizer has no BOS token to add")
+    if add_bos is not None or add_eos is not None:
+        # Setting one flag rebuilds the post-processor from both flags, and a loaded tokenizer's flags need not
+        # match what its tokenizer.json does (stories260K adds BOS with add_bos_token False): set both explicitly.
+        prefix, suffix = special_token_affixes(tokenizer)
+        bos = add_bos if add_bos is not None else tokenizer.bos_token_id in prefix
+        eos = add_eos if add_eos is not None else tokenizer.eos_token_id in suffix
+        tokenizer.add_bos_token = bos
+        tokenizer.add_eos_token = eos
     if padding_side is not None:
         if padding_side not in ("left", "right"):
             raise UserError(f"{key}.padding_side: expected 'left' or 'right', got {padding_side!r}")
