@@ -133,6 +133,9 @@ class FinetuneRecipe:
             raise UserError(f"{section}._target_: missing; name a builder such as "
                             "automodel.data.squad.make_squad_dataset")
         dataset = build(node, section, tokenizer=self.tokenizer)
+        if not hasattr(dataset, "__len__"):
+            raise UserError(f"{section}: the builder returned a streaming dataset; the recipe trains on map-style "
+                            "datasets, so set streaming: false (streaming is for reading data outside the recipe)")
         if len(dataset) == 0:
             raise UserError(f"{section}: the dataset is empty after filtering")
         return dataset
