@@ -101,3 +101,12 @@ def test_dataset_tokenizer_override_is_used_and_saved(tmp_path):
     assert saved.padding_side == "left" and saved("Once upon a time")["input_ids"] == \
         recipe.tokenizer("Once upon a time")["input_ids"]
     assert saved("Once upon a time")["input_ids"][-1] == saved.eos_token_id
+
+
+def test_recipe_rejects_a_streaming_dataset_in_one_line(tmp_path):
+    from automodel.errors import UserError
+
+    cfg = load_config(EXAMPLES / "stories260K_alpaca_peft.yaml", SHORT_RUN + [
+        "--dataset.streaming", "true", f"--checkpoint.checkpoint_dir={tmp_path / 'run'}"])
+    with pytest.raises(UserError, match="dataset: the builder returned a streaming dataset.*set streaming: false"):
+        FinetuneRecipe(cfg).setup()
