@@ -11,10 +11,12 @@ SECTIONS: dict[str, str] = {
     "recipe": "which recipe runs this file (llm_finetune)",
     "seed": "random seed for weights of new layers, data order and dropout",
     "model": "the model: pretrained_model_name_or_path, dtype, attn_implementation, trust_remote_code",
-    "tokenizer": "optional tokenizer override: pretrained_model_name_or_path (default: the model's)",
+    "tokenizer": "optional tokenizer override: pretrained_model_name_or_path or _target_, add_bos, add_eos, "
+                 "padding_side, chat_template (default: the model's)",
     "peft": "LoRA settings: target_modules, exclude_modules, dim, alpha, dropout (absent: full SFT)",
     "dataset": "training data: _target_ builder and its arguments",
     "validation_dataset": "validation data: _target_ builder and its arguments",
+    "packed_sequence": "packed_sequence_size: pack examples into rows of this many tokens (0: off, the default)",
     "dataloader": "training DataLoader options (num_workers, ...)",
     "validation_dataloader": "validation DataLoader options",
     "loss_fn": "loss: _target_ (default masked cross-entropy over label tokens)",

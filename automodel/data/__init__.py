@@ -1,7 +1,11 @@
 """Datasets and batching for supervised fine-tuning."""
 
+from automodel.data.chat import make_chat_dataset
 from automodel.data.collate import PadCollator, pad_collate
 from automodel.data.dataset import SFTDataset
+from automodel.data.instruction import make_instruction_dataset
+from automodel.data.packing import PackingCollator
 from automodel.data.squad import make_squad_dataset
 
-__all__ = ["PadCollator", "SFTDataset", "make_squad_dataset", "pad_collate"]
+__all__ = ["PackingCollator", "PadCollator", "SFTDataset", "make_chat_dataset", "make_instruction_dataset",
+           "make_squad_dataset", "pad_collate"]

@@ -38,3 +38,8 @@ class PadCollator:
 
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         return pad_collate(batch, self.pad_token_id)
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens of a collated batch, padded (2D mask) or packed (`padding_mask`)."""
+    return int(batch.get("padding_mask", batch["attention_mask"]).sum())

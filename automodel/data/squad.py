@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from automodel.data.dataset import (
     IGNORE_INDEX,
     SFTDataset,
@@ -18,6 +20,8 @@ from automodel.data.dataset import (
     read_json_file,
     resolve_data_file,
 )
+from automodel.data.cache import cache_key, cached, default_cache_dir
+from automodel.data.tokenizer import special_token_affixes
 from automodel.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -26,6 +30,9 @@ DEFAULT_PROMPT_TEMPLATE = "Context: {context} Question: {question} Answer: "
 REQUIRED_FIELDS = ("context", "question", "answers")
 # Longest word that truncation backs up over to avoid cutting it in half.
 MAX_WORD_CHARS = 30
+# Tokenizing in chunks lets a progress bar show on large files.
+PROGRESS_CHUNK = 2000
+PROGRESS_MIN_TEXTS = 5000
 
 
 def make_squad_dataset(
@@ -37,34 +44,62 @@ def make_squad_dataset(
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
     unanswerable_target: str = "unanswerable",
     answer_only_loss: bool = True,
+    cache: bool = True,
+    cache_dir: str | None = None,
 ) -> SFTDataset:
     """Tokenized SQuAD: `input_ids = prompt + answer + eos`, labels aligned with input_ids (not shifted).
 
     `dataset_name` is a hub id, a local file (`split` is then unused) or a folder whose one file named
     after `split` is read. With `answer_only_loss` the prompt positions are labelled -100. Examples longer
-    than `seq_length` lose the end of their context; those that do not fit even with an empty context are
-    dropped. `dataset.examples[i]` describes item i: `id, title, context, question, answers` (all answer
-    texts), `target`, `prompt` (the exact string tokenized, so generation can reuse it) and `truncated`;
-    `context` is the possibly shortened one that is in the prompt.
+    than `seq_length` keep a window of their context around the answer; those that do not fit even with
+    the answer's own span as context are dropped. SQuAD v2 rows (`is_impossible`, or no answer) get
+    `unanswerable_target`. `dataset.examples[i]` describes item i: `id, title, context, question, answers`
+    (all answer texts), `target`, `prompt` (the exact string tokenized, so generation can reuse it) and
+    `truncated`; `context` is the possibly shortened one that is in the prompt and `answer_start` is where
+    the target is in it (None when it is not: unanswerable rows, answers not found in the context).
+    Local files are tokenized once and cached (`cache_dir`, default ~/.cache/automodel or $AUTOMODEL_CACHE).
     """
     check_positive("seq_length", seq_length)
     check_positive("limit_dataset_samples", limit_dataset_samples)
     check_template(prompt_template)
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
+    if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no eos token; SQuAD targets end with eos so generation knows where to stop")
+    settings = dict(seq_length=seq_length, template=prompt_template, unanswerable=unanswerable_target,
+                    answer_only_loss=answer_only_loss)
 
-    examples = load_examples(dataset_name, split, limit_dataset_samples)
+    def build() -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
+        return tokenize_squad(tokenizer, load_examples(dataset_name, split, limit_dataset_samples), **settings)
+
+    if cache and looks_like_local_path(dataset_name):
+        key = cache_key(resolve_data_file(dataset_name, split), tokenizer,
+                        dict(settings, split=split, limit=limit_dataset_samples), __file__)
+        items, meta = cached("squad", key, Path(cache_dir) if cache_dir else default_cache_dir(), build)
+    else:
+        items, meta = build()
+    kept_examples = meta["examples"]
+    num_truncated = sum(ex["truncated"] for ex in kept_examples)
+    logger.info(
+        "SQuAD %s (%s): %d examples, %d truncated and %d dropped to fit seq_length=%s",
+        dataset_name, split, len(items), num_truncated, meta["num_dropped"], seq_length,
+    )
+    return SFTDataset(items, kept_examples, num_dropped=meta["num_dropped"], num_truncated=num_truncated)
+
+
+def tokenize_squad(tokenizer, examples: list[dict[str, Any]], seq_length: int | None, template: str,
+                   unanswerable: str, answer_only_loss: bool) -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
+    """Items, and as meta the examples they came from and how many were dropped (see make_squad_dataset)."""
+    eos_id = tokenizer.eos_token_id
     for example in examples:
-        example["target"] = example["answers"][0] if example["answers"] else unanswerable_target
-        example["prompt"] = render(prompt_template, example["context"], example["question"])
+        example["target"] = example["answers"][0] if example["answers"] else unanswerable
+        example["prompt"] = render(template, example["context"], example["question"])
         example["truncated"] = False
 
-    prompt_ids = batch_token_ids(tokenizer, [ex["prompt"] for ex in examples], add_special_tokens=True)
+    prompt_ids = batch_token_ids(tokenizer, [ex["prompt"] for ex in examples], add_special_tokens=True,
+                                 progress=True)
     answer_ids = [ids + [eos_id] for ids in batch_token_ids(tokenizer, [ex["target"] for ex in examples], False)]
     keep = [True] * len(examples)
     if seq_length is not None:
-        keep = fit_to_length(tokenizer, prompt_template, examples, prompt_ids, answer_ids, seq_length)
+        keep = fit_to_length(tokenizer, template, examples, prompt_ids, answer_ids, seq_length)
 
     items, kept_examples = [], []
     for example, prompt, answer, kept in zip(examples, prompt_ids, answer_ids, keep):
@@ -72,13 +107,7 @@ def make_squad_dataset(
             prompt_labels = [IGNORE_INDEX] * len(prompt) if answer_only_loss else list(prompt)
             items.append({"input_ids": prompt + answer, "labels": prompt_labels + answer})
             kept_examples.append(example)
-    num_dropped = len(examples) - len(items)
-    num_truncated = sum(ex["truncated"] for ex in kept_examples)
-    logger.info(
-        "SQuAD %s (%s): %d examples, %d truncated and %d dropped to fit seq_length=%s",
-        dataset_name, split, len(items), num_truncated, num_dropped, seq_length,
-    )
-    return SFTDataset(items, kept_examples, num_dropped=num_dropped, num_truncated=num_truncated)
+    return items, {"examples": kept_examples, "num_dropped": len(examples) - len(items)}
 
 
 def check_positive(name: str, value: int | None) -> None:
@@ -99,14 +128,22 @@ def render(template: str, context: str, question: str) -> str:
     return template.format(context=context, question=question)
 
 
-def batch_token_ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+def batch_token_ids(tokenizer, texts: list[str], add_special_tokens: bool, progress: bool = False) -> list[list[int]]:
+    """Token ids of `texts`; with `add_special_tokens`, only what the tokenizer puts in front (BOS), never an EOS
+    that `add_eos` would append: the prompt is followed by the answer."""
     if not texts:
         return []
+    prefix = special_token_affixes(tokenizer)[0] if add_special_tokens else []
+    ids = []
     # Only the ids: converting attention masks to Python lists costs about as much again as the encoding.
-    encoded = tokenizer(
-        texts, add_special_tokens=add_special_tokens, return_attention_mask=False, return_token_type_ids=False
-    )
-    return encoded["input_ids"]
+    with tqdm(total=len(texts), desc="tokenizing", unit="texts", disable=not progress or len(texts) < PROGRESS_MIN_TEXTS) as bar:
+        for start in range(0, len(texts), PROGRESS_CHUNK):
+            chunk = texts[start:start + PROGRESS_CHUNK]
+            encoded = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False,
+                                return_token_type_ids=False)
+            ids.extend(prefix + row for row in encoded["input_ids"])
+            bar.update(len(chunk))
+    return ids
 
 
 # ---------------------------------------------------------------- loading
@@ -186,29 +223,38 @@ def normalize_row(row: dict[str, Any], index: int, source: str) -> dict[str, Any
     for field in ("context", "question"):
         if not isinstance(row[field], str):
             raise UserError(f"{where}: '{field}' must be a string, got {type(row[field]).__name__}")
-    answers = answer_texts(row["answers"], where)
+    answers, starts = answer_texts(row["answers"], where)
     if row.get("is_impossible", False):
-        answers = []  # SQuAD v2 keeps "plausible" spans for impossible questions; none of them is the answer
+        answers = starts = []  # SQuAD v2 keeps "plausible" spans for impossible questions; none of them is the answer
     return {
         "id": str(row.get("id", index)),
         "title": row.get("title", ""),
         "context": row["context"],
         "question": row["question"],
         "answers": answers,
+        "answer_start": locate_answer(row["context"], answers[0], starts[0] if starts else None) if answers else None,
     }
 
 
-def answer_texts(answers: Any, where: str) -> list[str]:
-    """Answer strings from either layout: `[{"text", "answer_start"}]` or `{"text": [...], "answer_start": [...]}`."""
+def answer_texts(answers: Any, where: str) -> tuple[list[str], list[Any]]:
+    """Answer strings and starts from either layout: `[{"text", "answer_start"}]` or `{"text": [...], ...}`."""
     if isinstance(answers, dict) and isinstance(answers.get("text"), list):
-        texts = answers["text"]
+        texts, starts = answers["text"], answers.get("answer_start") or []
     elif isinstance(answers, list) and all(isinstance(answer, dict) and "text" in answer for answer in answers):
-        texts = [answer["text"] for answer in answers]
+        texts, starts = [answer["text"] for answer in answers], [answer.get("answer_start") for answer in answers]
     else:
         raise UserError(f"{where}: 'answers' must be a list of {{'text', 'answer_start'}} or {{'text': [...]}}")
     if not all(isinstance(text, str) for text in texts):
         raise UserError(f"{where}: every answer text must be a string")
-    return texts
+    return texts, starts
+
+
+def locate_answer(context: str, answer: str, start: Any) -> int | None:
+    """Where `answer` is in `context`: the given `answer_start` when it is right, else the first match."""
+    if isinstance(start, int) and not isinstance(start, bool) and context[start:start + len(answer)] == answer:
+        return start
+    found = context.find(answer) if answer else -1
+    return found if found >= 0 else None
 
 
 # ---------------------------------------------------------------- truncation
@@ -217,48 +263,89 @@ def answer_texts(answers: Any, where: str) -> list[str]:
 def fit_to_length(tokenizer, template, examples, prompt_ids, answer_ids, seq_length) -> list[bool]:
     """Shorten the context of over-long examples in place; returns which examples fit `seq_length`.
 
-    Only the context is cut (at a word boundary, so the prompt stays plain text that generation will
-    see too): the question and the answer are what the example is about.
+    Only the context is cut, to a window around the answer (at word boundaries, so the prompt stays
+    plain text that generation will see too): the question and the answer are what the example is
+    about, and the answer must stay readable in the prompt. An example whose question, answer and the
+    answer's own span in the context do not fit is dropped. Rows without an answer span in the context
+    (unanswerable ones) keep the start of their context.
     """
     too_long = [i for i in range(len(examples)) if len(prompt_ids[i]) + len(answer_ids[i]) > seq_length]
     keep = [True] * len(examples)
     budgets = {i: seq_length - len(answer_ids[i]) for i in too_long}
-    empty_prompts = [render(template, "", examples[i]["question"]) for i in too_long]
-    empty_lengths = dict(zip(too_long, map(len, batch_token_ids(tokenizer, empty_prompts, add_special_tokens=True))))
+    spans = {i: answer_span(examples[i]) for i in too_long}
+    smallest = [render(template, examples[i]["context"][slice(*spans[i])].strip(), examples[i]["question"])
+                for i in too_long]
+    smallest_lengths = dict(zip(too_long, map(len, batch_token_ids(tokenizer, smallest, add_special_tokens=True))))
     pending = []
     for i in too_long:
-        if empty_lengths[i] > budgets[i]:
+        if smallest_lengths[i] > budgets[i]:
             keep[i] = False
         else:
             pending.append(i)
-    contexts = {i: examples[i]["context"] for i in pending}
+    windows = {i: (0, len(examples[i]["context"])) for i in pending}
     lengths = {i: len(prompt_ids[i]) for i in pending}
     # Token counts do not map exactly onto characters, so cut by an estimate and re-measure. Every round
-    # shortens each pending context and an empty context is known to fit, so the loop ends.
+    # shrinks each pending window and the answer span alone is known to fit, so the loop ends.
     while pending:
         for i in pending:
-            contexts[i] = cut_context(contexts[i], lengths[i] - budgets[i], lengths[i] - empty_lengths[i])
-        prompts = [render(template, contexts[i], examples[i]["question"]) for i in pending]
+            windows[i] = shrink_window(examples[i]["context"], windows[i], spans[i], lengths[i] - budgets[i],
+                                       lengths[i] - smallest_lengths[i])
+        prompts = [render(template, examples[i]["context"][slice(*windows[i])].strip(), examples[i]["question"])
+                   for i in pending]
         still_long = []
         for i, prompt, ids in zip(pending, prompts, batch_token_ids(tokenizer, prompts, add_special_tokens=True)):
             lengths[i] = len(ids)
             if lengths[i] > budgets[i]:
                 still_long.append(i)
             else:
-                examples[i].update(context=contexts[i], prompt=prompt, truncated=True)
+                apply_window(examples[i], windows[i], prompt)
                 prompt_ids[i] = ids
         pending = still_long
     return keep
 
 
-def cut_context(context: str, excess_tokens: int, context_tokens: int) -> str:
-    """`context` without roughly its last `excess_tokens` tokens, ending at a word boundary; always shorter."""
-    chars_per_token = len(context) / max(context_tokens, 1)
-    end = len(context) - max(1, math.ceil(excess_tokens * chars_per_token))
-    if end <= 0:
-        return ""
-    if not context[end].isspace():
-        # Back to the start of the word being split, unless the text has no spaces nearby (e.g. Chinese).
-        space = context.rfind(" ", max(0, end - MAX_WORD_CHARS), end)
-        end = space + 1 if space >= 0 else end
-    return context[:end].rstrip()
+def answer_span(example: dict[str, Any]) -> tuple[int, int]:
+    """Character span of the target in the context; empty at the start when the context does not hold it."""
+    start = example["answer_start"]
+    if start is None:
+        return 0, 0
+    return start, start + len(example["target"])
+
+
+def apply_window(example: dict[str, Any], window: tuple[int, int], prompt: str) -> None:
+    text = example["context"][slice(*window)]
+    stripped = text.strip()
+    offset = window[0] + len(text) - len(text.lstrip())
+    if example["answer_start"] is not None:
+        example["answer_start"] -= offset
+    example.update(context=stripped, prompt=prompt, truncated=True)
+
+
+def shrink_window(context: str, window: tuple[int, int], span: tuple[int, int], excess_tokens: int,
+                  removable_tokens: int) -> tuple[int, int]:
+    """`window` without roughly `excess_tokens` tokens' worth of characters, taken from whichever side has more
+    room, never cutting into `span`, snapped to word boundaries; always strictly smaller."""
+    start, end = window
+    left_room, right_room = span[0] - start, end - span[1]
+    chars_per_token = (left_room + right_room) / max(removable_tokens, 1)
+    remove = min(left_room + right_room, max(1, math.ceil(excess_tokens * chars_per_token)))
+    from_left = min(left_room, max(remove // 2, remove - right_room))
+    from_right = min(right_room, remove - from_left)
+    # Snapping only moves the ends further in, so the window still shrinks.
+    return snap_start(context, start + from_left, span[0]), snap_end(context, end - from_right, span[1])
+
+
+def snap_start(context: str, start: int, limit: int) -> int:
+    """Move `start` forward to the next word start (not past `limit`), unless no space is near (e.g. Chinese)."""
+    if start == 0 or context[start - 1].isspace():
+        return start
+    space = context.find(" ", start, min(limit, start + MAX_WORD_CHARS))
+    return space + 1 if space >= 0 else start
+
+
+def snap_end(context: str, end: int, limit: int) -> int:
+    """Move `end` back to the end of the previous whole word (not before `limit`)."""
+    if end == len(context) or context[end].isspace():
+        return end
+    space = context.rfind(" ", max(limit, end - MAX_WORD_CHARS), end)
+    return space if space >= 0 else end

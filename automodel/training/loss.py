@@ -2,9 +2,14 @@
 
 The recipe divides the sum by the label-token count of the whole optimizer step (all micro-batches,
 all ranks), so gradient accumulation and data parallelism give the gradient of one large batch.
+
+A loss function takes `(logits, targets)` already aligned: targets are the labels shifted by one
+(`shift_labels`), and when the model computed logits only at label positions, just those targets.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +27,18 @@ def count_label_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-class MaskedCrossEntropy:
-    """Sum of cross-entropy over positions whose (shifted) label is not -100, computed in fp32."""
+def supports_label_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do, including a boolean
+    [batch, seq] mask), so logits need not be computed where no label is."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    base = getattr(base, "module", base)  # DDP
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        targets = shift_labels(labels)
+
+class MaskedCrossEntropy:
+    """Sum of cross-entropy over targets that are not -100, computed in fp32. `logits` is `[..., vocab]`, `targets`
+    the matching `[...]`."""
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         mask = targets != IGNORE_INDEX
         return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")

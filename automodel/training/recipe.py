@@ -28,16 +28,17 @@ from automodel.checkpoint import (
     write_config,
 )
 from automodel.config import build, check_sections, parse_section
-from automodel.data.collate import PadCollator
+from automodel.data.collate import count_tokens
+from automodel.data.packing import build_collator
+from automodel.data.tokenizer import build_tokenizer
 from automodel.distributed.checkpoint import save_checkpoint
 from automodel.distributed.grad_norm import clip_grad_norm
 from automodel.distributed.parallel import Parallelism, mask_rows_after
 from automodel.errors import TrainingStopped, UserError
 from automodel.logging import LoggingConfig, MetricsLogger
-from automodel.models import load_tokenizer
 from automodel.models.quirks import RouterAuxLoss
 from automodel.peft import LoraSettings, count_parameters
-from automodel.training.loss import count_label_tokens
+from automodel.training.loss import IGNORE_INDEX, count_label_tokens, shift_labels, supports_label_logits
 from automodel.training.lr_scheduler import LRSchedulerConfig
 from automodel.training.preemption import PreemptionHandler
 from automodel.training.step_scheduler import StepSchedulerConfig
@@ -106,6 +107,10 @@ class FinetuneRecipe:
         self.tokenizer = self._build_tokenizer()
         self.model = self._build_model()
         self.router_aux = RouterAuxLoss(self.model)
+        self.label_logits_only = supports_label_logits(self.model)
+        if not self.label_logits_only:
+            logger.info("%s.forward takes no logits_to_keep: computing logits at every position",
+                        type(self.model).__name__)
         self.train_set = self._build_dataset("dataset")
         self.val_set = self._build_dataset("validation_dataset") if self.cfg.get("validation_dataset") else None
         self.train_loader = self._build_loader(self.train_set, "dataloader", train=True)
@@ -148,21 +153,8 @@ class FinetuneRecipe:
         return state
 
     def _build_tokenizer(self):
-        # The tokenizer comes from the model unless `tokenizer:` or `dataset.tokenizer` names another.
-        dataset = self.cfg.get("dataset") or {}
-        node = self.cfg.get("tokenizer") or dataset.get("tokenizer")
-        key = "tokenizer" if self.cfg.get("tokenizer") else "dataset.tokenizer"
-        if node is None:
-            node, key = {}, "model"
-        if isinstance(node, str):
-            node = {"pretrained_model_name_or_path": node}
-        if "_target_" in node:
-            return build(node, key)
-        model_cfg = self.cfg.get("model") or {}
-        source = node.get("pretrained_model_name_or_path", model_cfg.get("pretrained_model_name_or_path"))
-        extra = {k: v for k, v in node.items() if k != "pretrained_model_name_or_path"}
-        return load_tokenizer(source, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
-                              key=f"{key}.pretrained_model_name_or_path", **extra)
+        # The model's tokenizer unless `tokenizer:` or `dataset.tokenizer` names another (with its options).
+        return build_tokenizer(self.cfg)
 
     def _build_model(self):
         model = build(with_default_target(self.cfg, "model"), "model")
@@ -181,6 +173,9 @@ class FinetuneRecipe:
             raise UserError(f"{section}._target_: missing; name a builder such as "
                             "automodel.data.squad.make_squad_dataset")
         dataset = build(node, section, tokenizer=self.tokenizer)
+        if not hasattr(dataset, "__len__"):
+            raise UserError(f"{section}: the builder returned a streaming dataset; the recipe trains on map-style "
+                            "datasets, so set streaming: false (streaming is for reading data outside the recipe)")
         if len(dataset) == 0:
             raise UserError(f"{section}: the dataset is empty after filtering")
         return dataset
@@ -192,7 +187,9 @@ class FinetuneRecipe:
             dataset, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle,
             seed=int(self.cfg.get("seed", 42)), drop_last=train)
         return build(node, section, dataset=dataset, batch_size=self.steps.local_batch_size, sampler=sampler,
-                     collate_fn=PadCollator(self.tokenizer.pad_token_id), drop_last=train)
+                     collate_fn=build_collator(self.cfg.get("packed_sequence"), self.tokenizer.pad_token_id,
+                                                getattr(self.model.config, "_attn_implementation", None)),
+                     drop_last=train)
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -286,7 +283,7 @@ class FinetuneRecipe:
             self._on_nonfinite(loss, float(grad_norm))
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        (tokens,) = self.parallel.all_reduce_sum(sum(int(b["attention_mask"].sum()) for b in micro_batches))
+        (tokens,) = self.parallel.all_reduce_sum(sum(count_tokens(b) for b in micro_batches))
         seconds = time.perf_counter() - start
         return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr,
                 "tokens": int(tokens), "label_tokens": label_tokens, "tokens_per_s": tokens / seconds,
@@ -323,9 +320,16 @@ class FinetuneRecipe:
         return loss_sum, int(label_tokens)
 
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed masked cross-entropy of one micro-batch (plus the MoE router aux loss when enabled, training)."""
-        output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        summed = self.loss_fn(output.logits, batch["labels"])
+        """Summed cross-entropy of one micro-batch (plus the MoE router aux loss when enabled, training).
+
+        Logits are computed only at positions whose next token is a label (transformers' boolean
+        `logits_to_keep`): on SQuAD that is ~2% of the positions, and the output head is most of the FLOPs."""
+        targets = shift_labels(batch["labels"])
+        keep = targets != IGNORE_INDEX
+        kwargs = {"logits_to_keep": keep} if self.label_logits_only else {}
+        output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=batch.get("position_ids"), **kwargs)
+        summed = self.loss_fn(output.logits, targets[keep] if self.label_logits_only else targets)
         return self.router_aux.add(summed, output, batch["labels"]) if self.model.training else summed
 
     @torch.no_grad()

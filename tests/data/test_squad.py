@@ -123,29 +123,47 @@ def test_directory_picks_the_split_file(tmp_path, llama_tok, nested_dev):
         make_squad_dataset(llama_tok, str(tmp_path), split="validation")
 
 
-def test_truncation_cuts_only_the_context(llama_tok, caplog):
+def test_truncation_keeps_a_context_window_around_the_answer(llama_tok, caplog):
     full = make_squad_dataset(llama_tok, str(NESTED_DEV), limit_dataset_samples=40)
     with caplog.at_level(logging.INFO, logger="automodel.data.squad"):
         ds = make_squad_dataset(llama_tok, str(NESTED_DEV), seq_length=160, limit_dataset_samples=40)
     too_long = sum(len(item["input_ids"]) > 160 for item in full)
     assert too_long > 10 and ds.num_truncated == too_long and ds.num_dropped == 0 and len(ds) == 40
     assert f"40 examples, {too_long} truncated and 0 dropped" in caplog.text
+    cut_at_start = 0
     for item, example, original in zip(ds, ds.examples, full.examples):
         assert len(item["input_ids"]) <= 160
         assert example["truncated"] == (example["context"] != original["context"])
-        assert original["context"].startswith(example["context"])
+        assert example["context"] in original["context"]
+        # The answer the model is trained to give is still readable in the prompt, where answer_start says.
+        start = example["answer_start"]
+        assert example["context"][start:start + len(example["target"])] == example["target"]
         assert example["question"] == original["question"] and example["target"] == original["target"]
+        cut_at_start += example["truncated"] and not original["context"].startswith(example["context"])
         check_item(llama_tok, item, example)
-    # The cut is tight: a few tokens of slack at most (it stops at a word boundary).
+    assert cut_at_start > 0, "no window dropped the start of its context: answers late in a context were lost"
+    # The cut is tight: a few tokens of slack at most (it stops at word boundaries).
     slack = [160 - len(item["input_ids"]) for item, ex in zip(ds, ds.examples) if ex["truncated"]]
     assert max(slack) < 20
 
 
+def test_train_file_at_512_tokens_keeps_every_answer_in_its_prompt(llama_tok):
+    ds = make_squad_dataset(llama_tok, str(NESTED_TRAIN), seq_length=512, limit_dataset_samples=1500)
+    assert ds.num_truncated > 100
+    late = 0
+    for item, example in zip(ds, ds.examples):
+        assert len(item["input_ids"]) <= 512
+        assert example["target"] in example["prompt"].split(" Question: ")[0]
+        late += example["truncated"] and example["answer_start"] > len(example["context"]) // 2
+    assert late > 0
+
+
 def test_tiny_seq_length_drops_what_cannot_fit(gpt2_tok, nested_dev):
     rows = flat_rows(nested_dev, 60)
-    # Shortest possible example: empty context, the question and the answer + eos.
+    # Shortest possible example: the answer's own span as context, the question and the answer + eos.
     floor = {
-        row["id"]: len(gpt2_tok(f"Context:  Question: {row['question']} Answer: ")["input_ids"])
+        row["id"]: len(gpt2_tok(f"Context: {row['answers']['text'][0]} Question: {row['question']} Answer: ")
+                       ["input_ids"])
         + len(gpt2_tok(row["answers"]["text"][0], add_special_tokens=False)["input_ids"]) + 1
         for row in rows
     }
@@ -156,6 +174,7 @@ def test_tiny_seq_length_drops_what_cannot_fit(gpt2_tok, nested_dev):
     assert [ex["id"] for ex in ds.examples] == expected_kept
     assert ds.num_dropped == 60 - len(expected_kept) and ds.num_truncated == len(ds)
     assert all(len(item["input_ids"]) <= seq_length for item in ds)
+    assert all(ex["target"] in ex["context"] for ex in ds.examples)
 
 
 def test_unanswerable_rows_get_the_configured_target(tmp_path, llama_tok, nested_dev):
@@ -271,3 +290,42 @@ def test_pad_collator_batches_real_data_and_pickles(llama_tok):
         assert batch["input_ids"][row, :n].tolist() == item["input_ids"]
         assert (batch["input_ids"][row, n:] == llama_tok.eos_token_id).all()
         assert (batch["labels"][row, n:] == -100).all()
+
+
+def test_tokenization_is_cached_by_file_tokenizer_and_settings(tmp_path, llama_tok, caplog):
+    from automodel.data.tokenizer import apply_tokenizer_options
+
+    settings = dict(seq_length=200, limit_dataset_samples=300, cache_dir=str(tmp_path))
+    fresh = make_squad_dataset(llama_tok, str(NESTED_TRAIN), seq_length=200, limit_dataset_samples=300, cache=False)
+    with caplog.at_level(logging.INFO, logger="automodel.data.cache"):
+        first = make_squad_dataset(llama_tok, str(NESTED_TRAIN), **settings)
+        again = make_squad_dataset(llama_tok, str(NESTED_TRAIN), **settings)
+    assert caplog.text.count("tokenized data cached in") == 1 and caplog.text.count("read from cache") == 1
+    for ds in (first, again):
+        assert ds.items == fresh.items and ds.examples == fresh.examples
+        assert (ds.num_truncated, ds.num_dropped) == (fresh.num_truncated, fresh.num_dropped) and ds.num_truncated > 0
+    entries = sorted(p.name for p in tmp_path.iterdir())
+    assert len(entries) == 2 and entries[0].endswith(".json") and entries[1].endswith(".safetensors")
+
+    make_squad_dataset(llama_tok, str(NESTED_TRAIN), **dict(settings, seq_length=300))
+    no_bos = make_squad_dataset(apply_tokenizer_options(copy.deepcopy(llama_tok), add_bos=False), str(NESTED_TRAIN),
+                                **settings)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+    assert all(item["input_ids"][0] == llama_tok.bos_token_id for item in first)
+    assert not any(item["input_ids"][0] == llama_tok.bos_token_id for item in no_bos)
+
+    for damaged in tmp_path.glob("*.safetensors"):
+        damaged.write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING, logger="automodel.data.cache"):
+        rebuilt = make_squad_dataset(llama_tok, str(NESTED_TRAIN), **settings)
+    assert "ignoring unreadable cache" in caplog.text and rebuilt.items == fresh.items
+
+
+def test_add_eos_tokenizer_does_not_end_the_prompt(llama_tok):
+    from automodel.data.tokenizer import apply_tokenizer_options
+
+    with_eos = apply_tokenizer_options(copy.deepcopy(llama_tok), add_eos=True)
+    plain = make_squad_dataset(llama_tok, str(NESTED_DEV), limit_dataset_samples=5, cache=False)
+    ds = make_squad_dataset(with_eos, str(NESTED_DEV), limit_dataset_samples=5, cache=False)
+    assert ds.items == plain.items
+    assert all(item["input_ids"].count(llama_tok.eos_token_id) == 1 for item in ds)

@@ -11,6 +11,7 @@ import torch
 from automodel.errors import UserError
 from automodel.models import load_causal_lm
 from automodel.models.registry import BY_NAME, native_rows
+from automodel.training.loss import shift_labels
 from automodel.training.recipe import FinetuneRecipe
 from tests.models.test_architectures import first_batch, one_thread, run_config  # noqa: F401 (fixture)
 from tests.models.tiny import write_tiny_checkpoint
@@ -46,7 +47,7 @@ def test_router_aux_loss_is_added_and_its_gradient_reaches_the_router(row, tmp_p
     batch = first_batch(recipe, tokens=64)
     recipe.model.train()
     output = recipe.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    cross_entropy = recipe.loss_fn(output.logits, batch["labels"])
+    cross_entropy = recipe.loss_fn(output.logits, shift_labels(batch["labels"]))
     total = recipe.router_aux.add(cross_entropy, output, batch["labels"])
     label_tokens = int((batch["labels"][:, 1:] != -100).sum())
     assert output.aux_loss > 0

@@ -1,0 +1,98 @@
+"""Packing: several examples share one row of up to `packed_sequence_size` tokens without seeing each other.
+
+Each row gets `position_ids` that restart at 0 for every example and a 4D boolean block-diagonal causal
+`attention_mask` (batch, 1, query, key) that transformers passes to SDPA unchanged. The first label of every
+example is -100, so the last token of one example is never trained to predict the first token of the next.
+This is the correctness baseline; ordering examples to fill rows tightly is a later optimisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from automodel.config import parse_section
+from automodel.data.collate import PadCollator
+from automodel.data.dataset import IGNORE_INDEX
+from automodel.errors import UserError
+
+# Attention implementations that take a 4D boolean mask as given.
+PACKING_ATTENTION = ("sdpa",)
+
+
+@dataclass
+class PackedSequenceConfig:
+    """`packed_sequence:` section. 0 (the default) turns packing off: one padded example per row."""
+
+    packed_sequence_size: int = 0
+
+    def __post_init__(self):
+        if self.packed_sequence_size < 0:
+            raise ValueError(f"packed_sequence_size must be 0 (off) or positive, got {self.packed_sequence_size}")
+
+
+def build_collator(node: dict[str, Any] | None, pad_token_id: int, attn_implementation: str | None = None):
+    """The recipe's collate function: `PackingCollator` when `packed_sequence.packed_sequence_size` > 0."""
+    cfg = parse_section(PackedSequenceConfig, node, "packed_sequence")
+    if cfg.packed_sequence_size == 0:
+        return PadCollator(pad_token_id)
+    if attn_implementation is not None and attn_implementation not in PACKING_ATTENTION:
+        raise UserError(f"packed_sequence.packed_sequence_size: packing needs model.attn_implementation "
+                        f"{' or '.join(PACKING_ATTENTION)} (it passes a block-diagonal mask), got {attn_implementation!r}")
+    return PackingCollator(pad_token_id, cfg.packed_sequence_size)
+
+
+def pack_rows(lengths: list[int], size: int) -> list[list[int]]:
+    """Indices of the examples in each row, in order, a new row starting when the next example does not fit."""
+    rows: list[list[int]] = []
+    used = size
+    for index, length in enumerate(lengths):
+        if length > size:
+            raise UserError(f"packed_sequence.packed_sequence_size: an example of {length} tokens does not fit "
+                            f"in {size}; raise it or lower the dataset's seq_length")
+        if used + length > size:
+            rows.append([])
+            used = 0
+        rows[-1].append(index)
+        used += length
+    return rows
+
+
+@dataclass(frozen=True)
+class PackingCollator:
+    """Collate a micro-batch of examples into as few packed rows as fit `packed_sequence_size` tokens each."""
+
+    pad_token_id: int
+    packed_sequence_size: int
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        if not batch:
+            raise ValueError("cannot collate an empty batch")
+        rows = pack_rows([len(item["input_ids"]) for item in batch], self.packed_sequence_size)
+        width = max(sum(len(batch[i]["input_ids"]) for i in row) for row in rows)
+        shape = (len(rows), width)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)
+        # Which example each token belongs to; every padding token is its own segment (it attends only to itself,
+        # which keeps SDPA free of fully masked rows).
+        segments = -torch.arange(1, width + 1).repeat(len(rows), 1)
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                item = batch[i]
+                n = len(item["input_ids"])
+                if len(item["labels"]) != n:
+                    raise ValueError(f"batch item {i}: {n} input_ids but {len(item['labels'])} labels")
+                input_ids[r, start:start + n] = torch.tensor(item["input_ids"])
+                labels[r, start:start + n] = torch.tensor(item["labels"])
+                labels[r, start] = IGNORE_INDEX  # predicted from the previous example's last token: never a target
+                position_ids[r, start:start + n] = torch.tensor(item.get("position_ids") or range(n))
+                segments[r, start:start + n] = i
+                start += n
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        mask = (segments.unsqueeze(2) == segments.unsqueeze(1)) & causal
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                "attention_mask": mask.unsqueeze(1), "padding_mask": (segments >= 0).long()}
