@@ -29,6 +29,7 @@ from automodel.checkpoint import (
 )
 from automodel.config import build, check_sections, parse_section
 from automodel.data.collate import count_tokens
+from automodel.data.length_grouped import GROUP_BY_LENGTH_DEFAULT, build_train_sampler
 from automodel.data.packing import build_collator
 from automodel.data.tokenizer import build_tokenizer
 from automodel.distributed.checkpoint import save_checkpoint
@@ -183,7 +184,9 @@ class FinetuneRecipe:
     def _build_loader(self, dataset, section: str, train: bool):
         node = with_default_target(self.cfg, section)
         shuffle = bool(node.pop("shuffle", train))
-        sampler = StatefulDistributedSampler(
+        sampler = build_train_sampler(
+            dataset, node, self.steps.local_batch_size, self.dp_size, self.dp_rank, shuffle,
+            int(self.cfg.get("seed", 42)), GROUP_BY_LENGTH_DEFAULT) if train else StatefulDistributedSampler(
             dataset, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle,
             seed=int(self.cfg.get("seed", 42)), drop_last=train)
         return build(node, section, dataset=dataset, batch_size=self.steps.local_batch_size, sampler=sampler,
