@@ -1,0 +1,189 @@
+"""One contender of benchmarks/peers.py, run in its own process: train the work unit once, report JSON.
+
+Every contender gets the same model folder, the same tokenized rows (automodel's SQuAD builder, cached) in the
+same order (no shuffling), global batch 8, AdamW (lr 1e-4, no weight decay), constant lr, grad-norm clip 1.0.
+Only the training loop is timed (model loading and tokenizing are not).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+BATCH = 8
+LR = 1e-4
+MAX_GRAD_NORM = 1.0
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_RANK, LORA_ALPHA = 8, 32
+
+
+def dataset_args(squad: str, rows: int, seq_length: int) -> dict:
+    return {"_target_": "automodel.data.squad.make_squad_dataset", "dataset_name": squad, "split": "train",
+            "seq_length": seq_length, "limit_dataset_samples": rows}
+
+
+def load_items(model_dir: str, squad: str, rows: int, seq_length: int) -> tuple[object, list[dict]]:
+    from automodel.data.squad import make_squad_dataset
+    from automodel.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    args = {k: v for k, v in dataset_args(squad, rows, seq_length).items() if k != "_target_"}
+    dataset = make_squad_dataset(tokenizer, **args)
+    return tokenizer, [dataset[i] for i in range(len(dataset))]
+
+
+def batch_counts(loader) -> dict:
+    """Real tokens, label tokens (after the shift) and computed positions of one pass over a contender's loader."""
+    real = labels = positions = 0
+    for batch in loader:
+        mask = batch.get("padding_mask", batch["attention_mask"])
+        real += int(mask.sum())
+        labels += int((batch["labels"][:, 1:] != -100).sum())
+        positions += batch["input_ids"].numel()
+    return {"real_tokens": real, "label_tokens": labels, "positions": positions}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def report(counts: dict, seconds: float, losses: list[float]) -> dict:
+    return {**counts, "seconds": seconds, "losses": losses, "peak_rss_mb": peak_rss_mb()}
+
+
+# ---- automodel ------------------------------------------------------------------------------------
+
+def automodel_config(model_dir: str, squad: str, rows: int, seq_length: int, lora: bool, out: str,
+                     variant: str) -> dict:
+    cfg = {
+        "seed": 42,
+        "model": {"pretrained_model_name_or_path": model_dir, "dtype": "float32", "attn_implementation": "sdpa"},
+        "dataset": dataset_args(squad, rows, seq_length),
+        "dataloader": {"shuffle": False},
+        "step_scheduler": {"global_batch_size": BATCH, "local_batch_size": BATCH, "num_epochs": 1},
+        "optimizer": {"lr": LR, "weight_decay": 0.0},
+        "lr_scheduler": {"decay": "constant"},
+        "clip_grad_norm": {"max_norm": MAX_GRAD_NORM},
+        "checkpoint": {"enabled": False, "checkpoint_dir": out},
+        "logging": {"progress_bar": False},
+    }
+    if lora:
+        cfg["peft"] = {"dim": LORA_RANK, "alpha": LORA_ALPHA, "target_modules": LORA_TARGETS}
+    if variant == "padded":
+        cfg["dataloader"]["group_by_length"] = False
+    elif variant == "grouped":
+        cfg["dataloader"]["group_by_length"] = True
+    elif variant.startswith("packed"):
+        cfg["dataloader"]["group_by_length"] = False
+        cfg["packed_sequence"] = {"packed_sequence_size": int(variant.removeprefix("packed"))}
+    elif variant != "default":
+        raise ValueError(f"unknown automodel variant {variant!r}")
+    return cfg
+
+
+def run_automodel(model_dir: str, squad: str, rows: int, seq_length: int, lora: bool, out: str,
+                  variant: str) -> dict:
+    from automodel.training.recipe import FinetuneRecipe
+
+    recipe = FinetuneRecipe(automodel_config(model_dir, squad, rows, seq_length, lora, out, variant))
+    recipe.setup()
+    recipe.train_loader.sampler.set_epoch(0)
+    counts = batch_counts(recipe.train_loader)
+    start = time.perf_counter()
+    result = recipe.train()
+    return report(counts, time.perf_counter() - start, result.train_losses)
+
+
+# ---- HF Trainer and TRL ---------------------------------------------------------------------------
+
+def peer_model(model_dir: str, lora: bool):
+    from transformers import AutoModelForCausalLM, set_seed
+
+    set_seed(42)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.config.use_cache = False
+    return model, (lora_config() if lora else None)
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                      task_type="CAUSAL_LM")
+
+
+def in_order(trainer_class):
+    """The trainer with its shuffling sampler replaced by the rows' order (the same order every contender uses)."""
+
+    class InOrder(trainer_class):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    return InOrder
+
+
+def common_args(out: str) -> dict:
+    return dict(output_dir=out, per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
+                lr_scheduler_type="constant", weight_decay=0.0, optim="adamw_torch", max_grad_norm=MAX_GRAD_NORM,
+                logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=42,
+                dataloader_drop_last=True, disable_tqdm=True)
+
+
+def train_peer(trainer) -> dict:
+    counts = batch_counts(trainer.get_train_dataloader())
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return report(counts, seconds, losses)
+
+
+def run_hf_trainer(model_dir: str, squad: str, rows: int, seq_length: int, lora: bool, out: str) -> dict:
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    tokenizer, items = load_items(model_dir, squad, rows, seq_length)
+    model, peft_config = peer_model(model_dir, lora)
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)
+    trainer = in_order(Trainer)(
+        model=model, args=TrainingArguments(**common_args(out)), train_dataset=Dataset.from_list(items),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
+    return train_peer(trainer)
+
+
+def run_trl(model_dir: str, squad: str, rows: int, seq_length: int, lora: bool, out: str, packing: bool) -> dict:
+    """TRL's SFTTrainer on the same rows, pre-tokenized as prompt-completion (`completion_mask` = answer + EOS)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer, items = load_items(model_dir, squad, rows, seq_length)
+    rows_tok = [{"input_ids": it["input_ids"], "completion_mask": [int(l != -100) for l in it["labels"]]}
+                for it in items]
+    model, peft_config = peer_model(model_dir, lora)
+    config = SFTConfig(**common_args(out), max_length=seq_length, completion_only_loss=True, packing=packing,
+                       dataset_num_proc=None)
+    trainer = in_order(SFTTrainer)(model=model, args=config, train_dataset=Dataset.from_list(rows_tok),
+                                   processing_class=tokenizer, peft_config=peft_config)
+    return train_peer(trainer)
+
+
+def run_worker(contender: str, model_dir: str, squad: str, rows: int, seq_length: int, lora: bool, out: str,
+               threads: int) -> None:
+    torch.set_num_threads(threads)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    if contender.startswith("automodel"):
+        variant = contender.partition(":")[2] or "default"
+        result = run_automodel(model_dir, squad, rows, seq_length, lora, out, variant)
+    elif contender == "hf-trainer":
+        result = run_hf_trainer(model_dir, squad, rows, seq_length, lora, out)
+    elif contender in ("trl", "trl-packing"):
+        result = run_trl(model_dir, squad, rows, seq_length, lora, out, packing=contender == "trl-packing")
+    else:
+        raise ValueError(f"unknown contender {contender!r}")
+    print("RESULT " + json.dumps(result), flush=True)

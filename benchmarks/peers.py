@@ -1,0 +1,176 @@
+"""automodel vs HF Trainer vs TRL SFTTrainer on the same work, side by side (issue 9's work unit).
+
+Work unit: the first 128 rows of the real SQuAD train subset, prompt `Context: ... Question: ... Answer: `, loss on
+answer + EOS, max length 512 (the context is cut, never the answer), global batch 8, AdamW lr 1e-4, one epoch, fp32,
+2 threads; a Llama from config (hidden 256, intermediate 1024, 4 layers, 4 heads, untied, vocab 32,000 with the real
+Llama-2 tokenizer) and the pretrained stories260K (vocab 512, 256 rows). Each contender trains in its own process,
+the contenders interleaved round by round, on the same rows in the same order.
+
+    python benchmarks/peers.py                       # every scenario, automodel + peers (needs the `bench` extra)
+    python benchmarks/peers.py --quick --contenders automodel --scenarios stories-sft    # smoke test, seconds
+
+Prints, per scenario: real tokens/s, label tokens/s, padding share, peak RSS, mean loss of the last 4 steps, and
+the ratios to the best peer (HF Trainer / TRL). `automodel` uses the library defaults; `automodel:padded` pads
+the same batches as the peers (its loss is the one to compare with theirs); `automodel:grouped` and
+`automodel:packedN` force length grouping or packing into rows of N tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("AUTOMODEL_ASSETS", REPO.parent / "shared" / "assets")).resolve()
+SQUAD = ASSETS / "squad_v1.1" / "train-v1.1.subset.json"
+PEERS = ("hf-trainer", "trl", "trl-packing")
+DEFAULT_CONTENDERS = "automodel,automodel:padded,hf-trainer,trl"
+# name -> (model, lora, rows)
+SCENARIOS = {
+    "llama32k-sft": ("llama32k", False, 128),
+    "llama32k-lora": ("llama32k", True, 128),
+    "stories-sft": ("stories", False, 256),
+    "stories-lora": ("stories", True, 256),
+}
+LLAMA32K = dict(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+def make_llama32k(folder: Path) -> Path:
+    """A seeded random-init Llama (issue 9's shape) saved with the real Llama-2 tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "model.safetensors").exists():
+        return folder
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**LLAMA32K)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(ASSETS / "tokenizers" / "llama2" / name, folder / name)
+    return folder
+
+
+def model_folder(name: str, workdir: Path) -> Path:
+    return ASSETS / "models" / "stories260K" if name == "stories" else make_llama32k(workdir / "llama32k")
+
+
+def run_contender(contender: str, model_dir: Path, rows: int, lora: bool, workdir: Path, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    out = workdir / f"run-{contender.replace(':', '-')}-{time.monotonic_ns()}"
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", contender, "--model-dir", str(model_dir),
+               "--rows", str(rows), "--out", str(out), "--threads", str(threads)] + (["--lora"] if lora else [])
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"{contender} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Median over rounds of the throughputs; the counts and losses are identical across rounds."""
+    first = runs[0]
+    return {
+        "tokens_per_s": statistics.median(r["real_tokens"] / r["seconds"] for r in runs),
+        "label_tokens_per_s": statistics.median(r["label_tokens"] / r["seconds"] for r in runs),
+        "padding": 1 - first["real_tokens"] / first["positions"],
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "last4_loss": statistics.mean(first["losses"][-4:]),
+        "real_tokens": first["real_tokens"], "label_tokens": first["label_tokens"], "steps": len(first["losses"]),
+    }
+
+
+def table(scenario: str, results: dict[str, dict]) -> str:
+    peers = {name: r for name, r in results.items() if name in PEERS}
+    best_speed = max((r["tokens_per_s"] for r in peers.values()), default=None)
+    best_rss = min((r["peak_rss_mb"] for r in peers.values()), default=None)
+    lines = [f"### {scenario}", "",
+             "| contender | real tokens/s | label tokens/s | padding | peak RSS | loss (last 4 steps) | "
+             "speed vs best peer | RSS vs best peer |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        speed = f"{r['tokens_per_s'] / best_speed:.2f}x" if best_speed else "-"
+        rss = f"{r['peak_rss_mb'] / best_rss:.2f}x" if best_rss else "-"
+        lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['label_tokens_per_s']:,.0f} | {r['padding']:.1%} | "
+                     f"{r['peak_rss_mb'] / 1024:.2f} GB | {r['last4_loss']:.4f} | {speed} | {rss} |")
+    counts = {(r["real_tokens"], r["label_tokens"]) for r in results.values()}
+    lines += ["", f"same rows for every contender: {'yes' if len(counts) == 1 else 'NO: ' + str(counts)}; "
+                  f"{next(iter(results.values()))['steps']} steps", ""]
+    return "\n".join(lines)
+
+
+def machine_line(threads: int) -> str:
+    import platform
+
+    import torch
+    import transformers
+
+    load = os.getloadavg()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return (f"machine: {cpu}, {os.cpu_count()} cores, {threads} threads per run; load average at start "
+            f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}; torch {torch.__version__}, transformers "
+            f"{transformers.__version__}" + trl_version())
+
+
+def trl_version() -> str:
+    try:
+        import trl
+    except ImportError:
+        return ""
+    return f", trl {trl.__version__}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
+    parser.add_argument("--contenders", default=DEFAULT_CONTENDERS,
+                        help="comma list: automodel[:padded|:grouped|:packedN], hf-trainer, trl, trl-packing")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions (median tokens/s)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="16 rows: a smoke test, not a measurement")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        from peer_workers import run_worker
+
+        return run_worker(args.worker, args.model_dir, str(SQUAD), args.rows, 512, args.lora, args.out, args.threads)
+
+    unknown = [s for s in args.scenarios.split(",") if s not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
+    contenders = args.contenders.split(",")
+    print(machine_line(args.threads), flush=True)
+    everything = {}
+    with tempfile.TemporaryDirectory(prefix="automodel-peers-") as tmp:
+        for scenario in args.scenarios.split(","):
+            model, lora, rows = SCENARIOS[scenario]
+            rows = 16 if args.quick else rows
+            model_dir = model_folder(model, Path(tmp))
+            runs: dict[str, list[dict]] = {c: [] for c in contenders}
+            for _ in range(args.rounds):
+                for contender in contenders:
+                    runs[contender].append(run_contender(contender, model_dir, rows, lora, Path(tmp), args.threads))
+            everything[scenario] = {c: summarize(r) for c, r in runs.items()}
+            print(table(f"{scenario} ({rows} rows, {'LoRA r=8' if lora else 'full SFT'})", everything[scenario]),
+                  flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(everything, indent=2))
+
+
+if __name__ == "__main__":
+    main()
