@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,30 +22,45 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 LORA_RANK, LORA_ALPHA = 8, 32
 
 
+@dataclass(frozen=True)
+class Work:
+    """What one contender trains: the same for every contender of a scenario."""
+
+    model_dir: str
+    squad: str
+    rows: int
+    seq_length: int
+    lora: bool
+    out: str
+    batch: int = BATCH
+    bf16: bool = False  # bf16 weights on a GPU (benchmarks/gpu_peers.py); fp32 on the CPU
+
+
 def dataset_args(squad: str, rows: int, seq_length: int) -> dict:
     return {"_target_": "automodel.data.squad.make_squad_dataset", "dataset_name": squad, "split": "train",
             "seq_length": seq_length, "limit_dataset_samples": rows}
 
 
-def load_items(model_dir: str, squad: str, rows: int, seq_length: int) -> tuple[object, list[dict]]:
+def load_items(work: Work) -> tuple[object, list[dict]]:
     from automodel.data.squad import make_squad_dataset
     from automodel.models import load_tokenizer
 
-    tokenizer = load_tokenizer(model_dir)
-    args = {k: v for k, v in dataset_args(squad, rows, seq_length).items() if k != "_target_"}
+    tokenizer = load_tokenizer(work.model_dir)
+    args = {k: v for k, v in dataset_args(work.squad, work.rows, work.seq_length).items() if k != "_target_"}
     dataset = make_squad_dataset(tokenizer, **args)
     return tokenizer, [dataset[i] for i in range(len(dataset))]
 
 
 def batch_counts(loader) -> dict:
     """Real tokens, label tokens (after the shift) and computed positions of one pass over a contender's loader."""
-    real = labels = positions = 0
+    real = labels = positions = squares = 0
     for batch in loader:
         mask = batch.get("padding_mask", batch["attention_mask"])
         real += int(mask.sum())
+        squares += int((mask.sum(dim=1) ** 2).sum())  # attention FLOPs (per packed row when packed)
         labels += int((batch["labels"][:, 1:] != -100).sum())
         positions += batch["input_ids"].numel()
-    return {"real_tokens": real, "label_tokens": labels, "positions": positions}
+    return {"real_tokens": real, "label_tokens": labels, "positions": positions, "sum_squared_lengths": squares}
 
 
 def peak_rss_mb() -> float:
@@ -52,26 +68,34 @@ def peak_rss_mb() -> float:
 
 
 def report(counts: dict, seconds: float, losses: list[float]) -> dict:
-    return {**counts, "seconds": seconds, "losses": losses, "peak_rss_mb": peak_rss_mb()}
+    result = {**counts, "seconds": seconds, "losses": losses, "peak_rss_mb": peak_rss_mb()}
+    if torch.cuda.is_available():
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return result
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 # ---- automodel ------------------------------------------------------------------------------------
 
-def automodel_config(model_dir: str, squad: str, rows: int, seq_length: int, lora: bool, out: str,
-                     variant: str) -> dict:
+def automodel_config(work: Work, variant: str) -> dict:
     cfg = {
         "seed": 42,
-        "model": {"pretrained_model_name_or_path": model_dir, "dtype": "float32", "attn_implementation": "sdpa"},
-        "dataset": dataset_args(squad, rows, seq_length),
+        "model": {"pretrained_model_name_or_path": work.model_dir, "dtype": "bfloat16" if work.bf16 else "float32",
+                  "attn_implementation": "sdpa"},
+        "dataset": dataset_args(work.squad, work.rows, work.seq_length),
         "dataloader": {"shuffle": False},
-        "step_scheduler": {"global_batch_size": BATCH, "local_batch_size": BATCH, "num_epochs": 1},
+        "step_scheduler": {"global_batch_size": work.batch, "local_batch_size": work.batch, "num_epochs": 1},
         "optimizer": {"lr": LR, "weight_decay": 0.0},
         "lr_scheduler": {"decay": "constant"},
         "clip_grad_norm": {"max_norm": MAX_GRAD_NORM},
-        "checkpoint": {"enabled": False, "checkpoint_dir": out},
+        "checkpoint": {"enabled": False, "checkpoint_dir": work.out},
         "logging": {"progress_bar": False},
     }
-    if lora:
+    if work.lora:
         cfg["peft"] = {"dim": LORA_RANK, "alpha": LORA_ALPHA, "target_modules": LORA_TARGETS}
     if variant == "padded":
         cfg["dataloader"]["group_by_length"] = False
@@ -85,28 +109,30 @@ def automodel_config(model_dir: str, squad: str, rows: int, seq_length: int, lor
     return cfg
 
 
-def run_automodel(model_dir: str, squad: str, rows: int, seq_length: int, lora: bool, out: str,
-                  variant: str) -> dict:
+def run_automodel(work: Work, variant: str) -> dict:
     from automodel.training.recipe import FinetuneRecipe
 
-    recipe = FinetuneRecipe(automodel_config(model_dir, squad, rows, seq_length, lora, out, variant))
+    recipe = FinetuneRecipe(automodel_config(work, variant))
     recipe.setup()
     recipe.train_loader.sampler.set_epoch(0)
     counts = batch_counts(recipe.train_loader)
+    synchronize()
     start = time.perf_counter()
     result = recipe.train()
+    synchronize()
     return report(counts, time.perf_counter() - start, result.train_losses)
 
 
 # ---- HF Trainer and TRL ---------------------------------------------------------------------------
 
-def peer_model(model_dir: str, lora: bool):
+def peer_model(work: Work):
     from transformers import AutoModelForCausalLM, set_seed
 
     set_seed(42)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(work.model_dir, dtype=torch.bfloat16 if work.bf16 else torch.float32,
+                                                 attn_implementation="sdpa")
     model.config.use_cache = False
-    return model, (lora_config() if lora else None)
+    return model, (lora_config() if work.lora else None)
 
 
 def lora_config():
@@ -126,64 +152,64 @@ def in_order(trainer_class):
     return InOrder
 
 
-def common_args(out: str) -> dict:
-    return dict(output_dir=out, per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
+def common_args(work: Work) -> dict:
+    return dict(output_dir=work.out, per_device_train_batch_size=work.batch, num_train_epochs=1, learning_rate=LR,
                 lr_scheduler_type="constant", weight_decay=0.0, optim="adamw_torch", max_grad_norm=MAX_GRAD_NORM,
-                logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=42,
-                dataloader_drop_last=True, disable_tqdm=True)
+                logging_steps=1, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
+                bf16=work.bf16, seed=42, dataloader_drop_last=True, disable_tqdm=True)
 
 
 def train_peer(trainer) -> dict:
     counts = batch_counts(trainer.get_train_dataloader())
+    synchronize()
     start = time.perf_counter()
     trainer.train()
+    synchronize()
     seconds = time.perf_counter() - start
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return report(counts, seconds, losses)
 
 
-def run_hf_trainer(model_dir: str, squad: str, rows: int, seq_length: int, lora: bool, out: str) -> dict:
+def run_hf_trainer(work: Work) -> dict:
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    tokenizer, items = load_items(model_dir, squad, rows, seq_length)
-    model, peft_config = peer_model(model_dir, lora)
+    tokenizer, items = load_items(work)
+    model, peft_config = peer_model(work)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
     trainer = in_order(Trainer)(
-        model=model, args=TrainingArguments(**common_args(out)), train_dataset=Dataset.from_list(items),
+        model=model, args=TrainingArguments(**common_args(work)), train_dataset=Dataset.from_list(items),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
     return train_peer(trainer)
 
 
-def run_trl(model_dir: str, squad: str, rows: int, seq_length: int, lora: bool, out: str, packing: bool) -> dict:
+def run_trl(work: Work, packing: bool) -> dict:
     """TRL's SFTTrainer on the same rows, pre-tokenized as prompt-completion (`completion_mask` = answer + EOS)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    tokenizer, items = load_items(model_dir, squad, rows, seq_length)
+    tokenizer, items = load_items(work)
     rows_tok = [{"input_ids": it["input_ids"], "completion_mask": [int(l != -100) for l in it["labels"]]}
                 for it in items]
-    model, peft_config = peer_model(model_dir, lora)
-    config = SFTConfig(**common_args(out), max_length=seq_length, completion_only_loss=True, packing=packing,
+    model, peft_config = peer_model(work)
+    config = SFTConfig(**common_args(work), max_length=work.seq_length, completion_only_loss=True, packing=packing,
                        dataset_num_proc=None)
     trainer = in_order(SFTTrainer)(model=model, args=config, train_dataset=Dataset.from_list(rows_tok),
                                    processing_class=tokenizer, peft_config=peft_config)
     return train_peer(trainer)
 
 
-def run_worker(contender: str, model_dir: str, squad: str, rows: int, seq_length: int, lora: bool, out: str,
-               threads: int) -> None:
+def run_worker(contender: str, work: Work, threads: int) -> None:
     torch.set_num_threads(threads)
-    Path(out).mkdir(parents=True, exist_ok=True)
+    Path(work.out).mkdir(parents=True, exist_ok=True)
     if contender.startswith("automodel"):
-        variant = contender.partition(":")[2] or "default"
-        result = run_automodel(model_dir, squad, rows, seq_length, lora, out, variant)
+        result = run_automodel(work, contender.partition(":")[2] or "default")
     elif contender == "hf-trainer":
-        result = run_hf_trainer(model_dir, squad, rows, seq_length, lora, out)
+        result = run_hf_trainer(work)
     elif contender in ("trl", "trl-packing"):
-        result = run_trl(model_dir, squad, rows, seq_length, lora, out, packing=contender == "trl-packing")
+        result = run_trl(work, packing=contender == "trl-packing")
     else:
         raise ValueError(f"unknown contender {contender!r}")
     print("RESULT " + json.dumps(result), flush=True)

@@ -64,12 +64,14 @@ def model_folder(name: str, workdir: Path) -> Path:
     return ASSETS / "models" / "stories260K" if name == "stories" else make_llama32k(workdir / "llama32k")
 
 
-def run_contender(contender: str, model_dir: Path, rows: int, lora: bool, workdir: Path, threads: int) -> dict:
+def run_contender(contender: str, model_dir: Path, rows: int, lora: bool, workdir: Path, threads: int,
+                  worker_flags: list[str] = ()) -> dict:
+    """Train `contender` in a fresh process (`worker_flags`: --bf16, --batch N, --seq-length N) and return its report."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     out = workdir / f"run-{contender.replace(':', '-')}-{time.monotonic_ns()}"
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", contender, "--model-dir", str(model_dir),
-               "--rows", str(rows), "--out", str(out), "--threads", str(threads)] + (["--lora"] if lora else [])
+               "--rows", str(rows), "--out", str(out), "--threads", str(threads)] + (["--lora"] if lora else []) + list(worker_flags)
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -144,11 +146,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
+    parser.add_argument("--seq-length", type=int, default=512, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        from peer_workers import run_worker
+        from peer_workers import Work, run_worker
 
-        return run_worker(args.worker, args.model_dir, str(SQUAD), args.rows, 512, args.lora, args.out, args.threads)
+        work = Work(args.model_dir, str(SQUAD), args.rows, args.seq_length, args.lora, args.out, args.batch, args.bf16)
+        return run_worker(args.worker, work, args.threads)
 
     unknown = [s for s in args.scenarios.split(",") if s not in SCENARIOS]
     if unknown:

@@ -1,0 +1,47 @@
+"""benchmarks/peers.py stays runnable: its --quick smoke run for automodel alone (no peers needed)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+from tests.conftest import ASSETS, REPO_ROOT
+
+
+def test_peers_quick_runs_automodel_and_reports_the_work(tmp_path):
+    out = tmp_path / "results.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), AUTOMODEL_ASSETS=str(ASSETS),
+               AUTOMODEL_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "peers.py"), "--quick", "--threads", "1",
+                           "--scenarios", "stories-sft", "--contenders", "automodel,automodel:padded",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "same rows for every contender: yes" in done.stdout
+    results = json.loads(out.read_text())["stories-sft"]
+    grouped, padded = results["automodel"], results["automodel:padded"]
+    assert grouped["steps"] == padded["steps"] == 2  # 16 rows, global batch 8
+    assert grouped["real_tokens"] == padded["real_tokens"] > grouped["label_tokens"] > 0
+    assert 0 <= grouped["padding"] <= padded["padding"] < 1  # grouping never pads more than the plain order here
+    assert all(math.isfinite(r["last4_loss"]) and r["tokens_per_s"] > 0 for r in results.values())
+
+
+def test_gpu_script_cpu_parts_build_a_loadable_llama3_model_folder(tmp_path):
+    """benchmarks/gpu_peers.py's model folder (shrunk) loads through automodel with the real Llama 3 tokenizer."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import gpu_peers
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
+    from automodel.models import load_causal_lm, load_tokenizer
+
+    folder = gpu_peers.make_model_folder(tmp_path / "m", device="cpu", hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         head_dim=32)
+    tokenizer = load_tokenizer(str(folder))
+    assert len(tokenizer) == 128256 and tokenizer.eos_token == "<|end_of_text|>"
+    assert tokenizer("Hello world")["input_ids"] == [128000, 9906, 1917]  # Llama 3's ids: BOS, "Hello", " world"
+    model = load_causal_lm(str(folder), dtype="bfloat16")
+    assert model.config.rope_scaling["rope_type"] == "llama3" and model.config.tie_word_embeddings
+    assert gpu_peers.parameter_count(folder) == sum(p.numel() for p in model.parameters())
+    assert gpu_peers.model_flops(10, 2, 4, 3, 25) == 6 * 10 * 3 + 6 * 2 * 4 * 25
