@@ -170,7 +170,10 @@ def main(argv: list[str] | None = None) -> None:
             runs: dict[str, list[dict]] = {c: [] for c in contenders}
             for _ in range(args.rounds):
                 for contender in contenders:
-                    runs[contender].append(run_contender(contender, model_dir, rows, lora, Path(tmp), args.threads))
+                    run = run_contender(contender, model_dir, rows, lora, Path(tmp), args.threads)
+                    runs[contender].append(run)
+                    print(f"  {scenario} {contender}: {run['real_tokens'] / run['seconds']:,.0f} real tokens/s, "
+                          f"{run['seconds']:.0f} s, load {os.getloadavg()[0]:.2f}", flush=True)
             everything[scenario] = {c: summarize(r) for c, r in runs.items()}
             print(table(f"{scenario} ({rows} rows, {'LoRA r=8' if lora else 'full SFT'})", everything[scenario]),
                   flush=True)
