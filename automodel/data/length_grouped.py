@@ -3,9 +3,9 @@
 Within a seeded shuffle of the epoch, examples are cut into megabatches of `megabatch_factor` x the global batch,
 each megabatch is sorted by length and split into global batches, and the batches are shuffled. Every index is
 yielded once per epoch; the order depends only on (seed, epoch), so `load_state_dict({"yielded": n})` skips exactly
-the samples finished steps used, like torchdata's `StatefulDistributedSampler` which this extends. Each global
-batch holds `batch_size x num_replicas` examples and rank r takes every `num_replicas`-th of them, so all ranks
-see micro-batches of similar length at the same step.
+the samples finished steps used, like torchdata's `StatefulDistributedSampler` which this extends. Groups are one
+optimizer step's global batch and rank r takes every `num_replicas`-th index, so a step trains on the same examples
+whatever the number of ranks (N processes train like one), and all ranks see similar lengths at the same step.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def grouped_order(lengths: Sequence[int], group_size: int, megabatch_size: int,
 class LengthGroupedSampler(StatefulDistributedSampler):
     """`StatefulDistributedSampler` whose epoch order groups examples of similar length (see the module doc)."""
 
-    def __init__(self, dataset, lengths: Sequence[int], batch_size: int, num_replicas: int = 1, rank: int = 0,
+    def __init__(self, dataset, lengths: Sequence[int], global_batch_size: int, num_replicas: int = 1, rank: int = 0,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = False,
                  megabatch_factor: int = DEFAULT_MEGABATCH_FACTOR):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
@@ -56,7 +56,7 @@ class LengthGroupedSampler(StatefulDistributedSampler):
         if megabatch_factor < 1:
             raise UserError(f"dataloader.megabatch_factor: expected a positive integer, got {megabatch_factor!r}")
         self.lengths = list(lengths)
-        self.group_size = batch_size * num_replicas
+        self.group_size = global_batch_size
         self.megabatch_size = self.group_size * megabatch_factor
 
     def _epoch_order(self) -> list[int]:
@@ -79,7 +79,7 @@ class LengthGroupedSampler(StatefulDistributedSampler):
             yield index
 
 
-def build_train_sampler(dataset, node: dict[str, Any], batch_size: int, num_replicas: int, rank: int,
+def build_train_sampler(dataset, node: dict[str, Any], global_batch_size: int, num_replicas: int, rank: int,
                         shuffle: bool, seed: int, default_group_by_length: bool) -> StatefulDistributedSampler:
     """The training sampler: length-grouped unless `dataloader.group_by_length: false` (pops its keys from `node`)."""
     group = node.pop("group_by_length", default_group_by_length)
@@ -91,5 +91,5 @@ def build_train_sampler(dataset, node: dict[str, Any], batch_size: int, num_repl
     if not group:
         return StatefulDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle,
                                           seed=seed, drop_last=True)
-    return LengthGroupedSampler(dataset, example_lengths(dataset), batch_size, num_replicas=num_replicas, rank=rank,
-                                shuffle=shuffle, seed=seed, drop_last=True, megabatch_factor=factor)
+    return LengthGroupedSampler(dataset, example_lengths(dataset), global_batch_size, num_replicas=num_replicas,
+                                rank=rank, shuffle=shuffle, seed=seed, drop_last=True, megabatch_factor=factor)

@@ -185,7 +185,7 @@ class FinetuneRecipe:
         node = with_default_target(self.cfg, section)
         shuffle = bool(node.pop("shuffle", train))
         sampler = build_train_sampler(
-            dataset, node, self.steps.local_batch_size, self.dp_size, self.dp_rank, shuffle,
+            dataset, node, self.steps.global_batch_size, self.dp_size, self.dp_rank, shuffle,
             int(self.cfg.get("seed", 42)), GROUP_BY_LENGTH_DEFAULT) if train else StatefulDistributedSampler(
             dataset, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle,
             seed=int(self.cfg.get("seed", 42)), drop_last=train)

@@ -50,14 +50,20 @@ def test_resume_skips_exactly_the_yielded_samples():
 
 @pytest.mark.parametrize("replicas", [2, 3])
 def test_ranks_partition_the_epoch_and_step_together(replicas):
+    """Groups are global batches: each rank's micro-batch at a step holds similar lengths, and the examples of a step
+    are the single-process run's (so N processes train like one)."""
     dataset, lengths = make_dataset(count=240)
-    shards = [list(sampler(dataset, lengths, batch=4, replicas=replicas, rank=r)) for r in range(replicas)]
+    shards = [list(sampler(dataset, lengths, batch=4 * replicas, replicas=replicas, rank=r)) for r in range(replicas)]
     assert sorted(i for shard in shards for i in shard) == list(range(240))
     assert len({len(shard) for shard in shards}) == 1
     # The micro-batches of one step come from one global group: their lengths are close across ranks.
     for step in range(len(shards[0]) // 4):
         batch_lengths = [lengths[i] for shard in shards for i in shard[step * 4:(step + 1) * 4]]
         assert max(batch_lengths) - min(batch_lengths) < 150
+    single = list(sampler(dataset, lengths, batch=4 * replicas))
+    for step in range(len(shards[0]) // 4):
+        global_batch = {i for shard in shards for i in shard[step * 4:(step + 1) * 4]}
+        assert global_batch == set(single[step * 4 * replicas:(step + 1) * 4 * replicas])
 
 
 def test_unshuffled_order_is_deterministic_and_complete():
