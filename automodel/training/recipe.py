@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
-from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from automodel.checkpoint import (
@@ -34,9 +33,17 @@ from automodel.checkpoint import (
 from automodel.config import build, check_sections, parse_section
 from automodel.data.collate import PadCollator
 from automodel.errors import TrainingStopped, UserError
-from automodel.logging import LoggingConfig, MetricsLogger
+from automodel.logging import (
+    LoggingConfig,
+    format_end_summary,
+    format_start_banner,
+    is_main_process,
+    open_metrics,
+    progress_bar,
+    throughput_meter,
+)
 from automodel.models import load_tokenizer
-from automodel.peft import LoraSettings, count_parameters
+from automodel.peft import LoraSettings
 from automodel.training.loss import count_label_tokens
 from automodel.training.lr_scheduler import LRSchedulerConfig
 from automodel.training.preemption import PreemptionHandler
@@ -119,13 +126,10 @@ class FinetuneRecipe:
         self.state = self._restore()
         self.start_step = self.state.step
         write_config(self.cfg, self.out_dir / "config.yaml")
-        self.metrics = MetricsLogger(self.out_dir / self.log_cfg.metrics_file, resume_step=self.state.step)
-        total, trainable = count_parameters(self.model)
-        logger.info("model: %s parameters, %s trainable (%.2f%%), %s", f"{total:,}", f"{trainable:,}",
-                    100 * trainable / total, "LoRA" if self.peft_cfg else "full SFT")
-        logger.info("data: %d training examples, %d validation; %d micro-batches of %d per step "
-                    "(global batch %d); %d steps: %s", len(self.train_set), len(self.val_set or []),
-                    self.grad_acc, self.steps.local_batch_size, self.steps.global_batch_size, self.max_steps, why)
+        self.metrics = open_metrics(self.log_cfg, self.out_dir, self.cfg, resume_step=self.state.step)
+        self.throughput = throughput_meter(self.model, self.device, self.log_cfg)
+        if is_main_process():
+            logger.info("%s", format_start_banner(self, why))
 
     def _restore(self) -> TrainState:
         """Continue from `checkpoint.restore_from` (default: the newest complete checkpoint, if any)."""
@@ -198,9 +202,8 @@ class FinetuneRecipe:
 
     def train(self) -> RunResult:
         state, result = self.state, RunResult(final_dir=self.restored_from, steps=self.state.step)
-        bar = tqdm(total=self.max_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
-                   disable=None if self.log_cfg.progress_bar else True)
-        with logging_redirect_tqdm(), PreemptionHandler() as preemption:
+        bar = progress_bar(self.max_steps, "training", self.log_cfg.progress_bar, initial=state.step, unit="step")
+        with self.metrics, logging_redirect_tqdm(), PreemptionHandler() as preemption:
             while state.step < self.max_steps and not result.preempted:
                 batches = self._epoch_batches()
                 epoch_done = False
@@ -210,16 +213,18 @@ class FinetuneRecipe:
                     epoch_done = self._advance()
                     result.train_losses.append(record["loss"])
                     bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", epoch=record["epoch"])
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", epoch=record["epoch"],
+                                    tokens_per_s=f"{record['tokens_per_s']:,.0f}")
                     self._after_step(record, result)
                     if preemption.requested:
                         self._stop_for_preemption(result)
                         break
         bar.close()
         result.steps = state.step
-        if not result.preempted:
-            logger.info("done: %d steps in %s; final model in %s", state.step, f"{self.metrics.elapsed():.1f}s",
-                        result.final_dir / "model" if result.final_dir else "(checkpointing disabled)")
+        if not result.preempted and is_main_process():
+            plot = self.metrics.plot() if self.log_cfg.plot else None
+            logger.info("%s", format_end_summary(result, self.metrics.elapsed(), self.throughput.run_rates(),
+                                                 self.out_dir, plot))
         return result
 
     def _epoch_batches(self):
@@ -250,10 +255,12 @@ class FinetuneRecipe:
 
     def _after_step(self, record: dict, result: RunResult) -> None:
         step, due = self.state.step, StepSchedulerConfig.due
+        self.throughput.add(record)
         if step % self.steps.log_every_steps == 0 or step == self.max_steps:
             elapsed = self.metrics.elapsed()
             done_here = step - self.start_step
             record.update(step=step, elapsed_s=elapsed, eta_s=elapsed / done_here * (self.max_steps - step))
+            record.update(self.throughput.window_rates())
             self.metrics.log_train(record, self.max_steps)
         if self.val_loader is not None and due(self.steps.val_every_steps, step, self.max_steps):
             result.val_losses[step] = self.validate(step)
@@ -276,8 +283,8 @@ class FinetuneRecipe:
         self.optimizer.zero_grad(set_to_none=True)
         tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
         seconds = time.perf_counter() - start
-        return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr,
-                "tokens": tokens, "label_tokens": label_tokens, "tokens_per_s": tokens / seconds}
+        return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "tokens": tokens,
+                "label_tokens": label_tokens, "tokens_per_s": tokens / seconds, "step_s": seconds}
 
     def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
         """`skip`: drop this update (the schedule still advances); `stop`: end the run, saving nothing new."""
@@ -315,7 +322,8 @@ class FinetuneRecipe:
         """Token-weighted validation loss over the whole validation set."""
         self.model.eval()
         loss_sum, tokens = 0.0, 0
-        for batch in self.val_loader:
+        for batch in progress_bar(len(self.val_loader), "validation", self.log_cfg.progress_bar, leave=False,
+                                  iterable=self.val_loader):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             loss_sum += self.forward_loss(batch).item()
             tokens += count_label_tokens(batch["labels"])
