@@ -272,3 +272,30 @@ def test_progress_bars_only_when_stdout_is_a_terminal():
     finally:
         os.close(leader)
         os.close(follower)
+
+
+# ---- rank awareness -------------------------------------------------------------------------------
+
+
+def _rank_worker(rank, world, init_file, run_dir):
+    import torch.distributed as dist
+
+    from automodel.logging import LoggingConfig, is_main_process, open_metrics, world_size
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        metrics = open_metrics(LoggingConfig(), run_dir, cfg={})
+        metrics.log_validation(step=1, val_loss=float(rank), tokens=10)
+        (run_dir / f"rank_{rank}.json").write_text(json.dumps([is_main_process(), world_size()]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_only_rank_zero_writes_metrics(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.multiprocessing.spawn(_rank_worker, args=(2, tmp_path / "init", run_dir), nprocs=2, join=True)
+    assert json.loads((run_dir / "rank_0.json").read_text()) == [True, 2]
+    assert json.loads((run_dir / "rank_1.json").read_text()) == [False, 2]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records == [{"kind": "validation", "step": 1, "val_loss": 0.0, "val_tokens": 10}]

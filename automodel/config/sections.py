@@ -25,7 +25,7 @@ SECTIONS: dict[str, str] = {
     "checkpoint": "checkpoint_dir and what to save",
     "distributed": "strategy (fsdp2, ddp, none) and parallel sizes",
     "dist_env": "backend and timeout_minutes for torch.distributed",
-    "logging": "log level and metrics backends",
+    "logging": "level, metrics_file, progress_bar, plot, mfu.peak_tflops; trackers: wandb, mlflow, tensorboard",
 }
 
 
