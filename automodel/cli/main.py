@@ -27,6 +27,7 @@ usage:
   automodel CONFIG.yaml [--section.key VALUE ...]      (the YAML's `recipe:` key names the recipe)
   automodel export STEP_DIR [--output DIR]             (HF model folder from any checkpoint step)
   automodel models [--markdown]                        the supported architectures and their status
+  automodel plot CHECKPOINT_DIR [--output PNG]         (loss, lr, tokens/s of a run as a picture)
 
 options:
   -c, --config PATH     the recipe YAML
@@ -90,7 +91,8 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         handlers=[_StdoutHandler()], force=True)
     # Third-party libraries speak only when something is wrong.
-    for noisy in ("transformers", "datasets", "torch.distributed", "httpx", "huggingface_hub", "filelock"):
+    for noisy in ("transformers", "datasets", "torch.distributed", "httpx", "huggingface_hub", "filelock",
+                  "matplotlib", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Warnings that say nothing to a user of this tool: prompts longer than the model's context are
     # truncated by the dataset builder afterwards, and the deprecations are between our dependencies.
@@ -124,7 +126,7 @@ def run_finetune(config_path: str, overrides: list[str], command_recipe: str | N
 
 
 # Commands with their own argument parsers: name -> module whose main(argv) runs it.
-TOOLS = {"export": "automodel.cli.export"}
+TOOLS = {"export": "automodel.cli.export", "plot": "automodel.cli.plot"}
 
 
 def dispatch(argv: list[str]) -> int:
