@@ -21,7 +21,7 @@ def build_parser():
     add_model_arguments(parser)
     parser.add_argument("--dataset", help="SQuAD file, folder or hub id (default: the run's validation set)")
     parser.add_argument("--split", default="validation")
-    parser.add_argument("--limit", type=int, help="only the first N questions")
+    parser.add_argument("--limit", type=int, help="only the first N questions (default: the run's validation limit)")
     parser.add_argument("--seq-length", type=int, help="prompt + answer token budget (default: the run's)")
     parser.add_argument("--prompt-template", help="default: the run's, else 'Context: {context} Question: "
                                                   "{question} Answer: '")

@@ -55,10 +55,12 @@ def resolve_options(options: SquadEvalOptions, train_config: dict | None, max_po
     if dataset is None:
         raise UserError("--dataset: no SQuAD file or hub id given, and the model is not a checkpoint of a SQuAD run")
     seq_length = options.seq_length or run.get("seq_length")
+    # The run's own validation questions, as many as it validated on, unless another set is named.
+    limit = options.limit or (None if options.dataset else run.get("limit_dataset_samples"))
     if seq_length is None and max_positions:
         seq_length = max_positions - max_new_tokens  # prompt + answer must leave room inside the model's context
     return {"dataset_name": dataset, "split": options.split if options.dataset else run.get("split", options.split),
-            "seq_length": seq_length, "limit_dataset_samples": options.limit,
+            "seq_length": seq_length, "limit_dataset_samples": limit,
             "prompt_template": options.prompt_template or run.get("prompt_template", DEFAULT_PROMPT_TEMPLATE),
             "unanswerable_target": options.unanswerable_target or run.get("unanswerable_target", "unanswerable")}
 
