@@ -94,7 +94,8 @@ class Generator:
     def generate(self, prompts: list[str], settings: GenerationSettings | None = None, streamer=None) -> list[str]:
         """Completions for `prompts`, in order, `settings.batch_size` at a time."""
         settings = settings or GenerationSettings()
-        torch.manual_seed(settings.seed)
+        if settings.temperature > 0:  # greedy needs no seed, and must not reset a training run's random state
+            torch.manual_seed(settings.seed)
         completions = []
         for start in range(0, len(prompts), settings.batch_size):
             completions += self._generate_batch(prompts[start:start + settings.batch_size], settings, streamer)

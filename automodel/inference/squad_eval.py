@@ -119,3 +119,28 @@ def format_summary(report: dict[str, Any]) -> str:
         line += (f" | HasAns EM {report['HasAns_exact_match']:.2f} F1 {report['HasAns_f1']:.2f} "
                  f"({report['HasAns_total']}) | NoAns EM {report['NoAns_exact_match']:.2f} ({report['NoAns_total']})")
     return line
+
+
+def squad_eval_during_training(model, tokenizer, dataset, step: int, metrics,
+                               settings: GenerationSettings | None = None) -> dict[str, Any]:
+    """The in-training hook (`step_scheduler.val_generate_every_steps`): answer the validation questions by
+    greedy generation, score them, and log a `kind: generation` record to the console and metrics.jsonl."""
+    questions = dataset.examples
+    if not questions or "answers" not in questions[0]:
+        raise UserError("step_scheduler.val_generate_every_steps: the validation set has no SQuAD questions with "
+                        "answers; use automodel.data.squad.make_squad_dataset for validation_dataset")
+    no_answer_target = next((q["target"] for q in questions if not q["answers"]), "unanswerable")
+    version = "2.0" if any(not q["answers"] for q in questions) else "1.1"
+    padding_side = tokenizer.padding_side  # the generator pads on the left; training batches are padded by hand
+    model.eval()
+    try:
+        predictions = predict(Generator(model, tokenizer), questions, settings or GenerationSettings(max_new_tokens=32),
+                              no_answer_target, version)
+    finally:
+        tokenizer.padding_side = padding_side
+    scores = squad_scores(predictions, {q["id"]: q["answers"] for q in questions}, version)
+    metrics.write({"kind": "generation", "step": step, "exact_match": scores["exact_match"], "f1": scores["f1"],
+                   "total": scores["total"]})
+    metrics.echo(f"step {step} | SQuAD by generation: exact match {scores['exact_match']:.2f} | "
+                 f"F1 {scores['f1']:.2f} over {scores['total']} questions")
+    return scores
