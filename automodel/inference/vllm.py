@@ -83,7 +83,12 @@ def base_architecture(base: str) -> str | None:
         return (read_json(config_file).get("architectures") or [None])[0]
     from transformers import AutoConfig  # a hub id: its config (from the cache or the Hub)
 
-    return (getattr(AutoConfig.from_pretrained(base), "architectures", None) or [None])[0]
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except OSError as err:
+        raise UserError(f"model: cannot read the config of base model '{base}' ({str(err).splitlines()[0]}); "
+                        "the machine may be offline: use a local base folder (--adapter on MODEL)") from None
+    return (getattr(config, "architectures", None) or [None])[0]
 
 
 def prepare_for_vllm(source: ModelSource, output_dir: str | Path, name: str, merge: bool = False,
