@@ -53,7 +53,9 @@ def main(argv: list[str]) -> int:
     records = read_prompts(args.prompts_file, args.template) if args.prompts_file else \
         squad_records(generator, args, settings)
     completions = generator.generate([r["prompt"] for r in records], settings)
-    write_records([{**r, "completion": c} for r, c in zip(records, completions)], args.output)
+    # The completion next to the input's fields, the (long) prompt last so the lines read well.
+    write_records([{**{k: v for k, v in r.items() if k != "prompt"}, "completion": c, "prompt": r["prompt"]}
+                   for r, c in zip(records, completions)], args.output)
     return 0
 
 

@@ -27,7 +27,7 @@ def test_lora_folder_and_command(fresh_adapter, tmp_path, capsys):
     assert code == 0
     adapter_dir = (tmp_path / "serve" / "squad-lora").resolve()
     assert sorted(p.name for p in adapter_dir.iterdir()) == sorted(p.name for p in fresh_adapter.iterdir())
-    command = out.splitlines()[2].strip()
+    command = next(line.strip() for line in out.splitlines() if line.strip().startswith("vllm serve"))
     assert shlex.split(command) == ["vllm", "serve", str(STORIES), "--enable-lora", "--lora-modules",
                                     f"squad-lora={adapter_dir}", "--max-lora-rank", "8", "--port", "8000"]
     if not vllm_installed():
