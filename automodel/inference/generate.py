@@ -103,9 +103,11 @@ class Generator:
 
     def _generate_batch(self, prompts: list[str], settings: GenerationSettings, streamer) -> list[str]:
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        # use_cache: checkpoints saved by training carry use_cache=false (no KV cache while training); without
+        # the cache every new token would recompute the whole prompt.
         output = self.model.generate(
             **batch, max_new_tokens=settings.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id, streamer=streamer, **settings.generate_kwargs())
+            pad_token_id=self.tokenizer.pad_token_id, streamer=streamer, use_cache=True, **settings.generate_kwargs())
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
