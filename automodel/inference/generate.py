@@ -103,13 +103,19 @@ class Generator:
 
     def _generate_batch(self, prompts: list[str], settings: GenerationSettings, streamer) -> list[str]:
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        max_new_tokens = self._room(batch["input_ids"].shape[1], settings.max_new_tokens)
         # use_cache: checkpoints saved by training carry use_cache=false (no KV cache while training); without
         # the cache every new token would recompute the whole prompt.
         output = self.model.generate(
-            **batch, max_new_tokens=settings.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+            **batch, max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id, streamer=streamer, use_cache=True, **settings.generate_kwargs())
         new_tokens = output[:, batch["input_ids"].shape[1]:]
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def _room(self, prompt_length: int, wanted: int) -> int:
+        """New tokens that still fit the model's context (positions past it were never trained); at least one."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        return wanted if limit is None else max(1, min(wanted, limit - prompt_length))
 
     def stream(self, prompt: str, settings: GenerationSettings | None = None) -> str:
         """Generate for one prompt, printing tokens to stdout as they come; returns the completion."""
