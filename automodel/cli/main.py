@@ -19,6 +19,16 @@ from automodel.errors import TrainingStopped, UserError
 
 RECIPES = {"llm_finetune": "fine-tune a causal LM with LoRA (peft section) or full SFT"}
 COMMANDS = {("finetune", "llm"): "llm_finetune"}
+# Commands that parse their own options: name -> "module:function", called with the remaining argv.
+TOOLS = {
+    "generate": "automodel.cli.generate:main",
+    "eval": "automodel.cli.evaluate:main",
+    "merge-lora": "automodel.cli.merge:main",
+    "push": "automodel.cli.push:main",
+    "serve": "automodel.cli.serve:main",
+    "export": "automodel.cli.export:main",
+    "plot": "automodel.cli.plot:main",
+}
 
 USAGE = """automodel: fine-tune Hugging Face causal language models from one YAML file.
 
@@ -28,6 +38,12 @@ usage:
   automodel export STEP_DIR [--output DIR]             (HF model folder from any checkpoint step)
   automodel models [--markdown]                        the supported architectures and their status
   automodel plot CHECKPOINT_DIR [--output PNG]         (loss, lr, tokens/s of a run as a picture)
+  automodel generate MODEL --prompt TEXT               (also --prompts-file, --squad)
+  automodel eval squad MODEL [--limit N]               exact match / F1 by generation
+  automodel merge-lora MODEL --output DIR              base + LoRA adapter -> one model folder
+  automodel push MODEL --repo-id USER/NAME             upload to the Hugging Face Hub with a model card
+  automodel serve MODEL --output DIR                   prepare for vLLM and print `vllm serve ...`
+  (MODEL: a checkpoint_dir, step folder, model or adapter folder, or hub id; `automodel COMMAND --help`)
 
 options:
   -c, --config PATH     the recipe YAML
@@ -125,16 +141,17 @@ def run_finetune(config_path: str, overrides: list[str], command_recipe: str | N
     return 0
 
 
-# Commands with their own argument parsers: name -> module whose main(argv) runs it.
-TOOLS = {"export": "automodel.cli.export", "plot": "automodel.cli.plot"}
+def run_tool(name: str, argv: list[str]) -> int:
+    import importlib
+
+    module, function = TOOLS[name].split(":")
+    return getattr(importlib.import_module(module), function)(argv)
 
 
 def dispatch(argv: list[str]) -> int:
     if argv and argv[0] in TOOLS:
-        import importlib
-
         setup_logging("DEBUG" if "--debug" in argv else "INFO")
-        return importlib.import_module(TOOLS[argv[0]]).main([a for a in argv[1:] if a != "--debug"])
+        return run_tool(argv[0], [a for a in argv[1:] if a != "--debug"])
     args, rest = _parse(argv)
     command, rest = _split_command(rest)
     if command == ("models",):
@@ -149,7 +166,7 @@ def dispatch(argv: list[str]) -> int:
     if command and command not in COMMANDS:
         from automodel.config import did_you_mean
 
-        known = [" ".join(c) for c in COMMANDS]
+        known = [" ".join(c) for c in COMMANDS] + list(TOOLS)
         raise UserError(f"unknown command '{' '.join(command)}'{did_you_mean(' '.join(command), known)}; "
                         f"known: {', '.join(known)} (see automodel --help)")
     if not args.config:

@@ -60,8 +60,9 @@ def format_start_banner(recipe: Any, steps_reason: str) -> str:
 
 
 def next_commands(model_dir: Path, run_dir: Path) -> list[str]:
-    return [f"automodel generate {model_dir}",
-            f"automodel eval squad {model_dir}",
+    step_dir = model_dir.parent
+    return [f"automodel generate {step_dir} --prompt 'Once upon a time'",
+            f"automodel eval squad {step_dir} --limit 50",
             f"automodel push {model_dir} --repo-id USER/NAME",
             f"automodel plot {run_dir}"]
 

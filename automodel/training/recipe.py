@@ -268,6 +268,11 @@ class FinetuneRecipe:
             self.metrics.log_train(record, self.max_steps)
         if self.val_loader is not None and due(self.steps.val_every_steps, step, self.max_steps):
             result.val_losses[step] = self.validate(step)
+        if self.val_set is not None and self.steps.val_generate_every_steps and \
+                due(self.steps.val_generate_every_steps, step, self.max_steps):
+            from automodel.inference.squad_eval import squad_eval_during_training
+
+            squad_eval_during_training(self.model, self.tokenizer, self.val_set, step, self.metrics)
         if self.ckpt_cfg.enabled and due(self.steps.ckpt_every_steps, step, self.max_steps):
             result.final_dir = self.save(step)
             self.last_saved_step = step
