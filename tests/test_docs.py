@@ -20,7 +20,8 @@ import pytest
 
 from tests.conftest import ASSETS, REPO_ROOT
 
-GUIDES = sorted((REPO_ROOT / "docs" / "guides" / "llm").glob("*.md"))
+# The two guides whose every command is checked (distributed.md and datasets.md show commands for other machines).
+GUIDES = [REPO_ROOT / "docs" / "guides" / "llm" / name for name in ("peft.md", "sft.md")]
 BLOCK = re.compile(r"^(<!-- docs-check(?::\s*(?P<mode>[\w-]+))? -->\n)?```(?P<lang>bash|python)\n(?P<body>.*?)^```",
                    re.M | re.S)
 TINY_FINETUNE = ("--step_scheduler.max_steps 2 --step_scheduler.global_batch_size 4 --step_scheduler.local_batch_size 2 "

@@ -81,7 +81,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("-c", "--config")
     parser.add_argument("-h", "--help", action="store_true")
     parser.add_argument("--debug", action="store_true")
-    parser.add_argument("--log-level", default="INFO", type=str.upper,
+    parser.add_argument("--log-level", default=None, type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add_launcher_arguments(parser)
     return parser.parse_known_args(argv)
@@ -118,10 +118,15 @@ def setup_logging(level: str) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def run_finetune(config_path: str, overrides: list[str], command_recipe: str | None) -> int:
+def run_finetune(config_path: str, overrides: list[str], command_recipe: str | None,
+                 log_level_flag: str | None = None) -> int:
     from automodel.config import load_config
 
     cfg = load_config(config_path, overrides)
+    config_level = (cfg.get("logging") or {}).get("level")
+    # --log-level wins over logging.level; a bad value is reported when the recipe reads the section.
+    if log_level_flag is None and str(config_level).upper() in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        logging.getLogger("automodel").setLevel(str(config_level).upper())
     recipe = cfg.get("recipe", command_recipe)
     if recipe is None:
         raise UserError(f"{config_path}: no 'recipe:' key; add `recipe: llm_finetune` or run "
@@ -176,11 +181,11 @@ def dispatch(argv: list[str]) -> int:
         raise UserError("no config given: use -c CONFIG.yaml (see automodel --help)")
     if not Path(args.config).is_file():
         raise UserError(f"config file not found: {args.config}")
-    setup_logging(args.log_level)
+    setup_logging(args.log_level or "INFO")
     launched = launch_if_requested(args, argv, rest)
     if launched is not None:
         return launched
-    return run_finetune(args.config, rest, COMMANDS.get(command))
+    return run_finetune(args.config, rest, COMMANDS.get(command), args.log_level)
 
 
 def main(argv: list[str] | None = None) -> int:
