@@ -113,7 +113,8 @@ class FinetuneRecipe:
         set_seed(int(self.cfg.get("seed", 42)))
         self.tokenizer = self._build_tokenizer()
         self.model = self._build_model()
-        self.router_aux = RouterAuxLoss(self.model)
+        self.hf_model = self.parallel.unwrap(self.model)  # the transformers/peft model inside a DDP wrapper
+        self.router_aux = RouterAuxLoss(self.hf_model)
         self.label_logits_only = supports_label_logits(self.model)
         if not self.label_logits_only:
             logger.info("%s.forward takes no logits_to_keep: computing logits at every position",
@@ -188,7 +189,7 @@ class FinetuneRecipe:
             seed=int(self.cfg.get("seed", 42)), drop_last=train)
         return build(node, section, dataset=dataset, batch_size=self.steps.local_batch_size, sampler=sampler,
                      collate_fn=build_collator(self.cfg.get("packed_sequence"), self.tokenizer.pad_token_id,
-                                                getattr(self.model.config, "_attn_implementation", None)),
+                                                getattr(self.hf_model.config, "_attn_implementation", None)),
                      drop_last=train)
 
     # ---- training -------------------------------------------------------------------------------
