@@ -115,6 +115,9 @@ def setup_logging(level: str) -> None:
     logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+    # A single process saves its training state with torch.distributed.checkpoint too; that is intended.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                            category=UserWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
