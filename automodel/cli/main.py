@@ -19,6 +19,16 @@ from automodel.errors import TrainingStopped, UserError
 
 RECIPES = {"llm_finetune": "fine-tune a causal LM with LoRA (peft section) or full SFT"}
 COMMANDS = {("finetune", "llm"): "llm_finetune"}
+# Commands that parse their own options: name -> "module:function", called with the remaining argv.
+TOOLS = {
+    "generate": "automodel.cli.generate:main",
+    "eval": "automodel.cli.evaluate:main",
+    "merge-lora": "automodel.cli.merge:main",
+    "push": "automodel.cli.push:main",
+    "serve": "automodel.cli.serve:main",
+    "export": "automodel.cli.export:main",
+    "plot": "automodel.cli.plot:main",
+}
 
 USAGE = """automodel: fine-tune Hugging Face causal language models from one YAML file.
 
@@ -27,6 +37,13 @@ usage:
   automodel CONFIG.yaml [--section.key VALUE ...]      (the YAML's `recipe:` key names the recipe)
   automodel export STEP_DIR [--output DIR]             (HF model folder from any checkpoint step)
   automodel models [--markdown]                        the supported architectures and their status
+  automodel plot CHECKPOINT_DIR [--output PNG]         (loss, lr, tokens/s of a run as a picture)
+  automodel generate MODEL --prompt TEXT               (also --prompts-file, --squad)
+  automodel eval squad MODEL [--limit N]               exact match / F1 by generation
+  automodel merge-lora MODEL --output DIR              base + LoRA adapter -> one model folder
+  automodel push MODEL --repo-id USER/NAME             upload to the Hugging Face Hub with a model card
+  automodel serve MODEL --output DIR                   prepare for vLLM and print `vllm serve ...`
+  (MODEL: a checkpoint_dir, step folder, model or adapter folder, or hub id; `automodel COMMAND --help`)
 
 options:
   -c, --config PATH     the recipe YAML
@@ -64,7 +81,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("-c", "--config")
     parser.add_argument("-h", "--help", action="store_true")
     parser.add_argument("--debug", action="store_true")
-    parser.add_argument("--log-level", default="INFO", type=str.upper,
+    parser.add_argument("--log-level", default=None, type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add_launcher_arguments(parser)
     return parser.parse_known_args(argv)
@@ -90,20 +107,29 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         handlers=[_StdoutHandler()], force=True)
     # Third-party libraries speak only when something is wrong.
-    for noisy in ("transformers", "datasets", "torch.distributed", "httpx", "huggingface_hub", "filelock"):
+    for noisy in ("transformers", "datasets", "torch.distributed", "httpx", "huggingface_hub", "filelock",
+                  "matplotlib", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Warnings that say nothing to a user of this tool: prompts longer than the model's context are
     # truncated by the dataset builder afterwards, and the deprecations are between our dependencies.
     logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+    # A single process saves its training state with torch.distributed.checkpoint too; that is intended.
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
+                            category=UserWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def run_finetune(config_path: str, overrides: list[str], command_recipe: str | None) -> int:
+def run_finetune(config_path: str, overrides: list[str], command_recipe: str | None,
+                 log_level_flag: str | None = None) -> int:
     from automodel.config import load_config
 
     cfg = load_config(config_path, overrides)
+    config_level = (cfg.get("logging") or {}).get("level")
+    # --log-level wins over logging.level; a bad value is reported when the recipe reads the section.
+    if log_level_flag is None and str(config_level).upper() in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        logging.getLogger("automodel").setLevel(str(config_level).upper())
     recipe = cfg.get("recipe", command_recipe)
     if recipe is None:
         raise UserError(f"{config_path}: no 'recipe:' key; add `recipe: llm_finetune` or run "
@@ -123,16 +149,17 @@ def run_finetune(config_path: str, overrides: list[str], command_recipe: str | N
     return 0
 
 
-# Commands with their own argument parsers: name -> module whose main(argv) runs it.
-TOOLS = {"export": "automodel.cli.export"}
+def run_tool(name: str, argv: list[str]) -> int:
+    import importlib
+
+    module, function = TOOLS[name].split(":")
+    return getattr(importlib.import_module(module), function)(argv)
 
 
 def dispatch(argv: list[str]) -> int:
     if argv and argv[0] in TOOLS:
-        import importlib
-
         setup_logging("DEBUG" if "--debug" in argv else "INFO")
-        return importlib.import_module(TOOLS[argv[0]]).main([a for a in argv[1:] if a != "--debug"])
+        return run_tool(argv[0], [a for a in argv[1:] if a != "--debug"])
     args, rest = _parse(argv)
     command, rest = _split_command(rest)
     if command == ("models",):
@@ -147,7 +174,7 @@ def dispatch(argv: list[str]) -> int:
     if command and command not in COMMANDS:
         from automodel.config import did_you_mean
 
-        known = [" ".join(c) for c in COMMANDS]
+        known = [" ".join(c) for c in COMMANDS] + list(TOOLS)
         raise UserError(f"unknown command '{' '.join(command)}'{did_you_mean(' '.join(command), known)}; "
                         f"known: {', '.join(known)} (see automodel --help)")
     if not args.config:
@@ -157,11 +184,11 @@ def dispatch(argv: list[str]) -> int:
         raise UserError("no config given: use -c CONFIG.yaml (see automodel --help)")
     if not Path(args.config).is_file():
         raise UserError(f"config file not found: {args.config}")
-    setup_logging(args.log_level)
+    setup_logging(args.log_level or "INFO")
     launched = launch_if_requested(args, argv, rest)
     if launched is not None:
         return launched
-    return run_finetune(args.config, rest, COMMANDS.get(command))
+    return run_finetune(args.config, rest, COMMANDS.get(command), args.log_level)
 
 
 def main(argv: list[str] | None = None) -> int:

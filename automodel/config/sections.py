@@ -27,7 +27,7 @@ SECTIONS: dict[str, str] = {
     "checkpoint": "checkpoint_dir and what to save",
     "distributed": "strategy (auto, fsdp2, ddp, none), tp_size, activation_checkpointing, cpu_offload, mixed_precision",
     "dist_env": "backend (auto: nccl on CUDA, gloo on CPU) and timeout_minutes for torch.distributed",
-    "logging": "log level and metrics backends",
+    "logging": "level, metrics_file, progress_bar, plot, mfu.peak_tflops; trackers: wandb, mlflow, tensorboard",
 }
 
 

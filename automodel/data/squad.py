@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
 
 from automodel.data.dataset import (
     IGNORE_INDEX,
@@ -23,6 +22,7 @@ from automodel.data.dataset import (
 from automodel.data.cache import cache_key, cached, default_cache_dir
 from automodel.data.tokenizer import special_token_affixes
 from automodel.errors import UserError
+from automodel.logging.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,8 @@ def batch_token_ids(tokenizer, texts: list[str], add_special_tokens: bool, progr
     prefix = special_token_affixes(tokenizer)[0] if add_special_tokens else []
     ids = []
     # Only the ids: converting attention masks to Python lists costs about as much again as the encoding.
-    with tqdm(total=len(texts), desc="tokenizing", unit="texts", disable=not progress or len(texts) < PROGRESS_MIN_TEXTS) as bar:
+    wanted = progress and len(texts) >= PROGRESS_MIN_TEXTS
+    with progress_bar(len(texts), "tokenizing", wanted, unit="texts") as bar:
         for start in range(0, len(texts), PROGRESS_CHUNK):
             chunk = texts[start:start + PROGRESS_CHUNK]
             encoded = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False,

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
-from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from automodel.checkpoint import (
@@ -36,9 +35,17 @@ from automodel.distributed.checkpoint import save_checkpoint
 from automodel.distributed.grad_norm import clip_grad_norm
 from automodel.distributed.parallel import Parallelism, mask_rows_after
 from automodel.errors import TrainingStopped, UserError
-from automodel.logging import LoggingConfig, MetricsLogger
+from automodel.logging import (
+    LoggingConfig,
+    format_end_summary,
+    format_start_banner,
+    is_main_process,
+    open_metrics,
+    progress_bar,
+    throughput_meter,
+)
 from automodel.models.quirks import RouterAuxLoss
-from automodel.peft import LoraSettings, count_parameters
+from automodel.peft import LoraSettings
 from automodel.training.loss import IGNORE_INDEX, count_label_tokens, shift_labels, supports_label_logits
 from automodel.training.lr_scheduler import LRSchedulerConfig
 from automodel.training.preemption import PreemptionHandler
@@ -107,7 +114,8 @@ class FinetuneRecipe:
         set_seed(int(self.cfg.get("seed", 42)))
         self.tokenizer = self._build_tokenizer()
         self.model = self._build_model()
-        self.router_aux = RouterAuxLoss(self.model)
+        self.hf_model = self.parallel.unwrap(self.model)  # the transformers/peft model inside a DDP wrapper
+        self.router_aux = RouterAuxLoss(self.hf_model)
         self.label_logits_only = supports_label_logits(self.model)
         if not self.label_logits_only:
             logger.info("%s.forward takes no logits_to_keep: computing logits at every position",
@@ -128,14 +136,10 @@ class FinetuneRecipe:
         self.start_step = self.last_saved_step = self.state.step
         if self.parallel.is_main:  # only rank 0 writes
             write_config(self.cfg, self.out_dir / "config.yaml")
-        self.metrics = MetricsLogger(self.out_dir / self.log_cfg.metrics_file if self.parallel.is_main else None,
-                                     resume_step=self.state.step)
-        total, trainable = count_parameters(self.model)
-        logger.info("model: %s parameters, %s trainable (%.2f%%), %s", f"{total:,}", f"{trainable:,}",
-                    100 * trainable / total, "LoRA" if self.peft_cfg else "full SFT")
-        logger.info("data: %d training examples, %d validation; %d micro-batches of %d per step "
-                    "(global batch %d); %d steps: %s", len(self.train_set), len(self.val_set or []),
-                    self.grad_acc, self.steps.local_batch_size, self.steps.global_batch_size, self.max_steps, why)
+        self.metrics = open_metrics(self.log_cfg, self.out_dir, self.cfg, resume_step=self.state.step)
+        self.throughput = throughput_meter(self.model, self.device, self.log_cfg)
+        if is_main_process():
+            logger.info("%s", format_start_banner(self, why))
 
     def _restore(self) -> TrainState:
         """Continue from `checkpoint.restore_from` (default: the newest complete checkpoint, if any)."""
@@ -161,9 +165,6 @@ class FinetuneRecipe:
         model = build(with_default_target(self.cfg, "model"), "model")
         if not isinstance(model, torch.nn.Module):
             raise UserError(f"model._target_ returned {type(model).__name__}, expected a torch.nn.Module")
-        # No KV cache while training: it only costs memory.
-        if getattr(model.config, "use_cache", None):
-            model.config.use_cache = False
         if self.peft_cfg is not None:
             model = self.peft_cfg.apply(model)
         return self.parallel.parallelize(model.to(self.device))
@@ -191,7 +192,7 @@ class FinetuneRecipe:
             seed=int(self.cfg.get("seed", 42)), drop_last=train)
         return build(node, section, dataset=dataset, batch_size=self.steps.local_batch_size, sampler=sampler,
                      collate_fn=build_collator(self.cfg.get("packed_sequence"), self.tokenizer.pad_token_id,
-                                                getattr(self.model.config, "_attn_implementation", None)),
+                                                getattr(self.hf_model.config, "_attn_implementation", None)),
                      drop_last=train)
 
     # ---- training -------------------------------------------------------------------------------
@@ -204,9 +205,8 @@ class FinetuneRecipe:
 
     def train(self) -> RunResult:
         state, result = self.state, RunResult(final_dir=self.restored_from, steps=self.state.step)
-        bar = tqdm(total=self.max_steps, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
-                   disable=None if self.log_cfg.progress_bar and self.parallel.is_main else True)
-        with logging_redirect_tqdm(), PreemptionHandler() as preemption:
+        bar = progress_bar(self.max_steps, "training", self.log_cfg.progress_bar, initial=state.step, unit="step")
+        with self.metrics, logging_redirect_tqdm(), PreemptionHandler() as preemption:
             while state.step < self.max_steps and not result.preempted:
                 batches = self._epoch_batches()
                 epoch_done = False
@@ -216,16 +216,18 @@ class FinetuneRecipe:
                     epoch_done = self._advance()
                     result.train_losses.append(record["loss"])
                     bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", epoch=record["epoch"])
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", epoch=record["epoch"],
+                                    tokens_per_s=f"{record['tokens_per_s']:,.0f}")
                     self._after_step(record, result)
                     if self._agreed(preemption.requested):
                         self._stop_for_preemption(result)
                         break
         bar.close()
         result.steps = state.step
-        if not result.preempted:
-            logger.info("done: %d steps in %s; final model in %s", state.step, f"{self.metrics.elapsed():.1f}s",
-                        result.final_dir / "model" if result.final_dir else "(checkpointing disabled)")
+        if not result.preempted and is_main_process():
+            plot = self.metrics.plot() if self.log_cfg.plot else None
+            logger.info("%s", format_end_summary(result, self.metrics.elapsed(), self.throughput.run_rates(),
+                                                 self.out_dir, plot))
         return result
 
     def _epoch_batches(self):
@@ -261,13 +263,20 @@ class FinetuneRecipe:
 
     def _after_step(self, record: dict, result: RunResult) -> None:
         step, due = self.state.step, StepSchedulerConfig.due
+        self.throughput.add(record)
         if step % self.steps.log_every_steps == 0 or step == self.max_steps:
             elapsed = self.metrics.elapsed()
             done_here = step - self.start_step
             record.update(step=step, elapsed_s=elapsed, eta_s=elapsed / done_here * (self.max_steps - step))
+            record.update(self.throughput.window_rates())
             self.metrics.log_train(record, self.max_steps)
         if self.val_loader is not None and due(self.steps.val_every_steps, step, self.max_steps):
             result.val_losses[step] = self.validate(step)
+        if self.val_set is not None and self.steps.val_generate_every_steps and \
+                due(self.steps.val_generate_every_steps, step, self.max_steps):
+            from automodel.inference.squad_eval import squad_eval_during_training
+
+            squad_eval_during_training(self.model, self.tokenizer, self.val_set, step, self.metrics)
         if self.ckpt_cfg.enabled and due(self.steps.ckpt_every_steps, step, self.max_steps):
             result.final_dir = self.save(step)
             self.last_saved_step = step
@@ -288,8 +297,8 @@ class FinetuneRecipe:
         self.optimizer.zero_grad(set_to_none=True)
         (tokens,) = self.parallel.all_reduce_sum(sum(count_tokens(b) for b in micro_batches))
         seconds = time.perf_counter() - start
-        return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr,
-                "tokens": int(tokens), "label_tokens": label_tokens, "tokens_per_s": tokens / seconds,
+        return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "tokens": int(tokens),
+                "label_tokens": label_tokens, "tokens_per_s": tokens / seconds, "step_s": seconds,
                 **self.router_aux.pop_metrics()}
 
     def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
@@ -329,9 +338,10 @@ class FinetuneRecipe:
         `logits_to_keep`): on SQuAD that is ~2% of the positions, and the output head is most of the FLOPs."""
         targets = shift_labels(batch["labels"])
         keep = targets != IGNORE_INDEX
+        # No KV cache while training (it only costs memory); the saved config keeps the model's own setting.
         kwargs = {"logits_to_keep": keep} if self.label_logits_only else {}
         output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=batch.get("position_ids"), **kwargs)
+                            position_ids=batch.get("position_ids"), use_cache=False, **kwargs)
         summed = self.loss_fn(output.logits, targets[keep] if self.label_logits_only else targets)
         return self.router_aux.add(summed, output, batch["labels"]) if self.model.training else summed
 
@@ -341,7 +351,8 @@ class FinetuneRecipe:
         self.model.eval()
         loss_sum, tokens, seen = 0.0, 0, 0
         real_rows = self.parallel.dp_shard_size(len(self.val_set))
-        for batch in self.val_loader:
+        for batch in progress_bar(len(self.val_loader), "validation", self.log_cfg.progress_bar, leave=False,
+                                  iterable=self.val_loader):
             # The sampler pads the last ranks with repeated rows so all run the same batches; they do not count.
             batch, seen = mask_rows_after(batch, real_rows - seen), seen + len(batch["labels"])
             batch = {k: v.to(self.device) for k, v in batch.items()}

@@ -27,12 +27,13 @@ class StepSchedulerConfig:
     ckpt_every_steps: int | None = None
     log_every_steps: int = 1
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    val_generate_every_steps: int | None = None
 
     def __post_init__(self):
         for name in ("global_batch_size", "local_batch_size", "log_every_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "num_epochs", "val_every_steps", "ckpt_every_steps"):
+        for name in ("max_steps", "num_epochs", "val_every_steps", "ckpt_every_steps", "val_generate_every_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or null, got {value}")
