@@ -22,6 +22,8 @@ def count_tokens(dataset) -> int:
 
 
 def describe_dataset(dataset) -> str:
+    if not hasattr(dataset, "__len__"):
+        return "streaming (read as training goes; length unknown)"
     text = f"{len(dataset):,} examples"
     counts = [f"{getattr(dataset, attr):,} {word}" for attr, word in (("num_dropped", "dropped"),
                                                                     ("num_truncated", "truncated"))

@@ -7,6 +7,7 @@ in the order a reader expects.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -30,6 +31,7 @@ from automodel.config import build, check_sections, parse_section
 from automodel.data.collate import count_tokens
 from automodel.data.length_grouped import GROUP_BY_LENGTH_DEFAULT, build_train_sampler
 from automodel.data.packing import build_collator
+from automodel.data.streaming import DEFAULT_SHUFFLE_BUFFER, RankShare, is_streaming
 from automodel.data.tokenizer import build_tokenizer
 from automodel.distributed.checkpoint import save_checkpoint
 from automodel.distributed.grad_norm import clip_grad_norm
@@ -121,12 +123,15 @@ class FinetuneRecipe:
             logger.info("%s.forward takes no logits_to_keep: computing logits at every position",
                         type(self.model).__name__)
         self.train_set = self._build_dataset("dataset")
+        self.streaming = is_streaming(self.train_set)
         self.val_set = self._build_dataset("validation_dataset") if self.cfg.get("validation_dataset") else None
         self.train_loader = self._build_loader(self.train_set, "dataloader", train=True)
         self.val_loader = self._build_loader(self.val_set, "validation_dataloader", train=False) \
             if self.val_set is not None else None
-        self.steps_per_epoch = len(self.train_loader) // self.grad_acc
-        self.max_steps, why = self.steps.total_steps(self.steps_per_epoch)
+        # A stream has no length: max_steps sets the run length and an epoch ends when the stream runs out.
+        self.steps_per_epoch = None if self.streaming else len(self.train_loader) // self.grad_acc
+        self.max_steps, why = self.steps.streaming_total_steps() if self.streaming \
+            else self.steps.total_steps(self.steps_per_epoch)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build(with_default_target(self.cfg, "optimizer"), "optimizer", params=self.params)
         self.lr_scheduler = self.lr_cfg.build(self.optimizer, self.max_steps)
@@ -175,9 +180,11 @@ class FinetuneRecipe:
             raise UserError(f"{section}._target_: missing; name a builder such as "
                             "automodel.data.squad.make_squad_dataset")
         dataset = build(node, section, tokenizer=self.tokenizer)
-        if not hasattr(dataset, "__len__"):
-            raise UserError(f"{section}: the builder returned a streaming dataset; the recipe trains on map-style "
-                            "datasets, so set streaming: false (streaming is for reading data outside the recipe)")
+        if is_streaming(dataset):
+            if section != "dataset":
+                raise UserError(f"{section}: streaming is for the training set; validation reads all its rows "
+                                "each time, so set streaming: false (and limit_dataset_samples to cap it)")
+            return dataset
         if len(dataset) == 0:
             raise UserError(f"{section}: the dataset is empty after filtering")
         return dataset
@@ -185,15 +192,30 @@ class FinetuneRecipe:
     def _build_loader(self, dataset, section: str, train: bool):
         node = with_default_target(self.cfg, section)
         shuffle = bool(node.pop("shuffle", train))
+        collate_fn = build_collator(self.cfg.get("packed_sequence"), self.tokenizer.pad_token_id,
+                                    getattr(self.hf_model.config, "_attn_implementation", None))
+        if train and self.streaming:
+            return self._build_stream_loader(dataset, node, shuffle, collate_fn)
         sampler = build_train_sampler(
             dataset, node, self.steps.global_batch_size, self.dp_size, self.dp_rank, shuffle,
             int(self.cfg.get("seed", 42)), GROUP_BY_LENGTH_DEFAULT) if train else StatefulDistributedSampler(
             dataset, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle,
             seed=int(self.cfg.get("seed", 42)), drop_last=train)
         return build(node, section, dataset=dataset, batch_size=self.steps.local_batch_size, sampler=sampler,
-                     collate_fn=build_collator(self.cfg.get("packed_sequence"), self.tokenizer.pad_token_id,
-                                                getattr(self.hf_model.config, "_attn_implementation", None)),
-                     drop_last=train)
+                     collate_fn=collate_fn, drop_last=train)
+
+    def _build_stream_loader(self, stream, node: dict, shuffle: bool, collate_fn):
+        """A loader over this rank's round-robin share of the stream (automodel/data/streaming.py)."""
+        if node.get("num_workers", 0):
+            raise UserError("dataloader.num_workers: a streaming dataset is read in the training process; "
+                            "set num_workers: 0")
+        if node.pop("group_by_length", False):
+            raise UserError("dataloader.group_by_length: needs every example's length up front, which a streaming "
+                            "dataset does not have; set it to false")
+        share = RankShare(stream, self.dp_rank, self.dp_size, shuffle, int(self.cfg.get("seed", 42)),
+                          node.pop("shuffle_buffer_size", DEFAULT_SHUFFLE_BUFFER))
+        return build(node, "dataloader", dataset=share, batch_size=self.steps.local_batch_size,
+                     collate_fn=collate_fn, drop_last=True)
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -207,11 +229,15 @@ class FinetuneRecipe:
         state, result = self.state, RunResult(final_dir=self.restored_from, steps=self.state.step)
         bar = progress_bar(self.max_steps, "training", self.log_cfg.progress_bar, initial=state.step, unit="step")
         with self.metrics, logging_redirect_tqdm(), PreemptionHandler() as preemption:
-            while state.step < self.max_steps and not result.preempted:
+            while state.step < self.max_steps and not result.preempted and not self._epochs_done():
                 batches = self._epoch_batches()
                 epoch_done = False
                 while not epoch_done and state.step < self.max_steps:
-                    record = self.train_step([next(batches) for _ in range(self.grad_acc)])
+                    micro_batches = self._next_micro_batches(batches)
+                    if micro_batches is None:  # a stream ran out: the epoch ends, its partial step is dropped
+                        self._end_stream_epoch()
+                        break
+                    record = self.train_step(micro_batches)
                     record["epoch"] = state.epoch
                     epoch_done = self._advance()
                     result.train_losses.append(record["loss"])
@@ -232,18 +258,38 @@ class FinetuneRecipe:
 
     def _epoch_batches(self):
         """An iterator over this epoch's micro-batches, starting after the ones finished steps already used."""
-        sampler = self.train_loader.sampler
-        sampler.set_epoch(self.state.epoch)
         used = self.state.step_in_epoch * self.grad_acc * self.steps.local_batch_size
-        sampler.load_state_dict({"yielded": used})
+        if self.streaming:
+            self.train_loader.dataset.set_position(self.state.epoch, used * self.dp_size)
+        else:
+            self.train_loader.sampler.set_epoch(self.state.epoch)
+            self.train_loader.sampler.load_state_dict({"yielded": used})
         return iter(self.train_loader)
+
+    def _epochs_done(self) -> bool:
+        return self.steps.num_epochs is not None and self.state.epoch >= self.steps.num_epochs
+
+    def _next_micro_batches(self, batches) -> list[dict[str, torch.Tensor]] | None:
+        """The next step's micro-batches, or None when a stream ran out on any rank (all ranks agree)."""
+        if not self.streaming:  # the sampler's length already ends the epoch on a whole step
+            return [next(batches) for _ in range(self.grad_acc)]
+        micro_batches = list(itertools.islice(batches, self.grad_acc))
+        return None if self._agreed(len(micro_batches) < self.grad_acc) else micro_batches
+
+    def _end_stream_epoch(self) -> None:
+        state = self.state
+        if state.step_in_epoch == 0:
+            raise UserError(f"dataset: the stream holds fewer than global_batch_size={self.steps.global_batch_size} "
+                            f"examples (epoch {state.epoch}); lower global_batch_size or add data")
+        logger.info("epoch %d: the stream ran out after %d steps", state.epoch, state.step_in_epoch)
+        state.epoch, state.step_in_epoch = state.epoch + 1, 0
 
     def _advance(self) -> bool:
         """Count a finished step; True when it ended the epoch (the state then points at the next one)."""
         state = self.state
         state.step += 1
         state.step_in_epoch += 1
-        if state.step_in_epoch == self.steps_per_epoch:
+        if self.steps_per_epoch is not None and state.step_in_epoch == self.steps_per_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
             return True
         return False

@@ -60,6 +60,16 @@ class StepSchedulerConfig:
         epochs = self.max_steps / steps_per_epoch if steps_per_epoch else math.inf
         return self.max_steps, f"max_steps={self.max_steps} (~{epochs:.2f} epochs of {steps_per_epoch} steps)"
 
+    def streaming_total_steps(self) -> tuple[int, str]:
+        """(steps to run, why) for a streaming dataset, whose epochs cannot be counted ahead."""
+        if self.max_steps is None:
+            raise UserError("step_scheduler.max_steps: required with a streaming dataset (it has no length, so the "
+                            "steps of an epoch are unknown); num_epochs may still end the run earlier")
+        if self.num_epochs is None:
+            return self.max_steps, f"max_steps={self.max_steps} (streaming: an epoch ends when the stream runs out)"
+        return self.max_steps, f"max_steps={self.max_steps} or num_epochs={self.num_epochs}, whichever comes " \
+                               "first (streaming: an epoch ends when the stream runs out)"
+
     @staticmethod
     def due(every: int | None, step: int, last_step: int) -> bool:
         """True every `every` steps and at the last step."""
