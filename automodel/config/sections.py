@@ -17,7 +17,7 @@ SECTIONS: dict[str, str] = {
     "dataset": "training data: _target_ builder and its arguments",
     "validation_dataset": "validation data: _target_ builder and its arguments",
     "packed_sequence": "packed_sequence_size: pack examples into rows of this many tokens (0: off, the default)",
-    "dataloader": "training DataLoader options (num_workers, shuffle, group_by_length, megabatch_factor, ...)",
+    "dataloader": "training DataLoader options (num_workers, shuffle, group_by_length, megabatch_factor, shuffle_buffer_size, ...)",
     "validation_dataloader": "validation DataLoader options",
     "loss_fn": "loss: _target_ (default masked cross-entropy over label tokens)",
     "optimizer": "optimizer: _target_ (e.g. torch.optim.AdamW) and its arguments",
