@@ -1,9 +1,9 @@
 """`distributed.activation_checkpointing: true` works for every native row of the supported-models table.
 
 For each architecture the tiny checkpoint of test_architectures.py is built through `FinetuneRecipe` twice, with
-activation checkpointing off and on, for full SFT and for LoRA (the adapters sit inside the checkpointed layers, and
-peft needs the embedding output to require grad for a non-reentrant checkpoint to reach them). One backward on the
-same real SQuAD batch (two rows, one padded) in `.train()` mode, as the recipe trains, must:
+activation checkpointing off and on, for full SFT and for LoRA (there the only trainable weights are the adapters
+inside the checkpointed layers, behind a frozen embedding). One backward on the same real SQuAD batch (two rows,
+padded to one length) in `.train()` mode, as the recipe trains, must:
 - really recompute: forward hooks on the modules inside each decoder layer (the model's `_no_split_modules`, the
   layers FSDP2 shards) show each layer running once without checkpointing, and with it once more in backward
   (the replay starts at the layer's first module);
