@@ -1,4 +1,4 @@
-"""Activation checkpointing per decoder layer, through transformers' own switch (`activation_checkpointing_enable`) (non-reentrant torch checkpoint)."""
+"""Activation checkpointing per decoder layer: transformers' `activation_checkpointing_enable`, non-reentrant torch checkpoint."""
 
 from __future__ import annotations
 
