@@ -1,4 +1,4 @@
-"""Activation checkpointing per decoder layer: transformers' `activation_checkpointing_enable`, non-reentrant torch checkpoint."""
+"""Activation checkpointing per decoder layer: transformers' `activation_checkpointing_enable` (non-reentrant)."""
 
 from __future__ import annotations
 
