@@ -1,4 +1,4 @@
-"""Activation checkpointing per decoder layer, through transformers' own switch (non-reentrant torch checkpoint)."""
+"""Activation checkpointing per decoder layer: transformers' `activation_checkpointing_enable` (non-reentrant)."""
 
 from __future__ import annotations
 
@@ -13,4 +13,4 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise UserError(f"distributed.activation_checkpointing: {type(base).__name__} does not support "
                         "gradient checkpointing in transformers; set it to false")
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

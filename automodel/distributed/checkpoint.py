@@ -44,7 +44,23 @@ def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return retie_shared_parameters(model, state_dict)
+
+
+def retie_shared_parameters(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Make the names of one shared parameter (tied input embedding and output head) point at one gathered tensor
+    again. Gathering copies each name separately, and transformers' save_pretrained recognises tied weights by
+    shared storage: without this the FSDP2 `model/` folder would carry an extra `lm_head.weight` that a
+    single-process save (and the input checkpoint) does not."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for names in names_of.values():
+        present = [name for name in names if name in state_dict]  # rank 0 holds the copy; the others hold none
+        for alias in present[1:]:
+            state_dict[alias] = state_dict[present[0]]
+    return state_dict
 
 
 def save_checkpoint(parallel: Parallelism, model: nn.Module, tokenizer, cfg: dict, out_dir: Path, step: int, *,

@@ -209,6 +209,21 @@ ARCHITECTURES: tuple[Architecture, ...] = (
 
 BY_NAME: dict[str, Architecture] = {row.architecture: row for row in ARCHITECTURES}
 
+# Rows trained under 2-process FSDP2 (gloo) by tests/models/test_fsdp2_architectures.py, with the modes run there;
+# each matches a single-process run step for step. One dense, the MoE, hybrid and GPT-2-style families.
+FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
+    "LlamaForCausalLM": ("sft", "lora"),
+    "MixtralForCausalLM": ("sft",),
+    "Qwen3MoeForCausalLM": ("sft", "lora"),
+    "OLMoEForCausalLM": ("sft",),
+    "GraniteMoeForCausalLM": ("sft",),
+    "DeepseekV3ForCausalLM": ("sft",),
+    "BambaForCausalLM": ("sft",),
+    "GPTBigCodeForCausalLM": ("sft", "lora"),
+    "GPTJForCausalLM": ("sft",),
+    "GPTNeoXForCausalLM": ("sft",),
+}
+
 
 def native_rows() -> list[Architecture]:
     return [row for row in ARCHITECTURES if row.native_class]

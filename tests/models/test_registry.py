@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from automodel.cli.main import main
-from automodel.models.registry import ARCHITECTURES, BY_NAME, NOT_YET, TESTED, native_rows
+from automodel.models.registry import ARCHITECTURES, BY_NAME, FSDP2_VERIFIED, NOT_YET, TESTED, native_rows
 from automodel.models.table import markdown_page
 from tests.conftest import ASSETS, REPO_ROOT
 
@@ -59,6 +59,14 @@ def test_docs_page_is_generated_from_the_registry():
     assert page == markdown_page(), "regenerate: automodel models --markdown > docs/supported_models.md"
     for row in ARCHITECTURES:
         assert f"`{row.architecture}`" in page and row.checkpoints[0] in page
+
+
+def test_fsdp2_verified_rows_are_native_and_cover_every_kind():
+    """The list the FSDP2 test runs and the docs page shows: native rows only, known modes, every family."""
+    assert set(FSDP2_VERIFIED) <= {row.architecture for row in native_rows()}
+    assert all(modes and set(modes) <= {"sft", "lora"} for modes in FSDP2_VERIFIED.values())
+    assert {BY_NAME[name].kind for name in FSDP2_VERIFIED} == {"dense", "moe", "hybrid", "gpt2-style"}
+    assert sum("lora" in modes for modes in FSDP2_VERIFIED.values()) >= 2
 
 
 def test_models_command_prints_every_row_with_its_status(capsys):
