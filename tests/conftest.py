@@ -14,13 +14,25 @@ SQUAD_TRAIN = ASSETS / "squad_v1.1" / "train-v1.1.subset.json"
 SQUAD_DEV = ASSETS / "squad_v1.1" / "dev-v1.1.part_a.json"
 
 
+MAX_WORKERS = 4  # each pytest-xdist worker holds its own torch and models: more would cost memory, not time
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject addopts): one worker per core, at most MAX_WORKERS."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
+
 def pytest_configure(config):
     if not STORIES.is_dir():
         raise pytest.UsageError(f"shared assets not found at {ASSETS}: set AUTOMODEL_ASSETS")
-    # Two cores here: one intra-op thread per test process keeps parallel runs from thrashing.
+    # The cores are shared by the xdist workers: more intra-op threads than that only thrash.
     import torch
 
-    torch.set_num_threads(int(os.environ.get("AUTOMODEL_TEST_THREADS", "2")))
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    default = max(1, (os.cpu_count() or 1) // workers)
+    threads = int(os.environ.get("AUTOMODEL_TEST_THREADS", str(default)))
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # for the runs tests start as subprocesses
 
 
 @pytest.fixture(scope="session")

@@ -103,10 +103,11 @@ def test_dataset_tokenizer_override_is_used_and_saved(tmp_path):
     assert saved("Once upon a time")["input_ids"][-1] == saved.eos_token_id
 
 
-def test_recipe_rejects_a_streaming_dataset_in_one_line(tmp_path):
-    from automodel.errors import UserError
-
+def test_alpaca_example_config_streams(tmp_path):
+    """The README's way: the Alpaca example with `--dataset.streaming true` reads the file as training goes."""
     cfg = load_config(EXAMPLES / "stories260K_alpaca_peft.yaml", SHORT_RUN + [
-        "--dataset.streaming", "true", f"--checkpoint.checkpoint_dir={tmp_path / 'run'}"])
-    with pytest.raises(UserError, match="dataset: the builder returned a streaming dataset.*set streaming: false"):
-        FinetuneRecipe(cfg).setup()
+        "--dataset.streaming", "true", "--dataset.limit_dataset_samples", "24",
+        f"--checkpoint.checkpoint_dir={tmp_path / 'run'}"])
+    recipe, result = run(cfg)
+    assert recipe.streaming and recipe.steps_per_epoch is None
+    assert (result.final_dir / "model" / "adapter_model.safetensors").is_file()
