@@ -10,10 +10,10 @@ import os
 import shutil
 from pathlib import Path
 
-import yaml
-
 from automodel.checkpoint.save import save_hf_model
 from automodel.checkpoint.state import load_model_state
+from automodel.config.loader import load_yaml
+from automodel.data.tokenizer import build_tokenizer
 from automodel.errors import UserError
 
 logger = logging.getLogger("automodel")
@@ -25,9 +25,9 @@ def export_step(step_dir: str | Path, output: str | Path | None = None) -> Path:
     step_dir = Path(step_dir)
     if not (step_dir / "dcp").is_dir() or not (step_dir / "config.yaml").is_file():
         raise UserError(f"export: {step_dir} is not an automodel step folder (expected dcp/ and config.yaml)")
-    cfg = yaml.safe_load((step_dir / "config.yaml").read_text())
+    cfg = load_yaml(step_dir / "config.yaml")
     recipe = FinetuneRecipe(cfg)
-    tokenizer, model = recipe._build_tokenizer(), recipe._build_model()
+    tokenizer, model = build_tokenizer(cfg), recipe.build_model()
     load_model_state(step_dir, model)
     target = Path(output) if output else step_dir / "model"
     if target.exists():

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from automodel.config.loader import load_yaml
 from automodel.errors import UserError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -80,7 +79,7 @@ def _latest(checkpoint_dir: Path) -> Path:
 
 
 def _from_step_dir(step_dir: Path, key: str) -> ModelSource:
-    train_config = read_yaml(step_dir / "config.yaml")
+    train_config = load_yaml(step_dir / "config.yaml")
     source = _from_model_folder(step_dir / "model", key, train_config)
     source.step_dir = step_dir
     source.metrics = read_metrics(step_dir.parent / metrics_file_name(train_config), step_number(step_dir))
@@ -126,16 +125,6 @@ def read_metrics(path: Path, up_to_step: int | None) -> list[dict[str, Any]]:
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in records if up_to_step is None or r.get("step", 0) <= up_to_step]
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a YAML mapping")
-    return data
 
 
 def read_json(path: Path) -> dict[str, Any]:

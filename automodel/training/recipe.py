@@ -114,8 +114,9 @@ class FinetuneRecipe:
         from transformers import set_seed
 
         set_seed(int(self.cfg.get("seed", 42)))
-        self.tokenizer = self._build_tokenizer()
-        self.model = self._build_model()
+        # The model's tokenizer unless `tokenizer:` or `dataset.tokenizer` names another (with its options).
+        self.tokenizer = build_tokenizer(self.cfg)
+        self.model = self.build_model()
         self.hf_model = self.parallel.unwrap(self.model)  # the transformers/peft model inside a DDP wrapper
         self.router_aux = RouterAuxLoss(self.hf_model)
         self.label_logits_only = supports_label_logits(self.model)
@@ -162,11 +163,8 @@ class FinetuneRecipe:
             logger.info("resuming from %s: step %d, epoch %d", step_dir, state.step, state.epoch)
         return state
 
-    def _build_tokenizer(self):
-        # The model's tokenizer unless `tokenizer:` or `dataset.tokenizer` names another (with its options).
-        return build_tokenizer(self.cfg)
-
-    def _build_model(self):
+    def build_model(self):
+        """The configured model: built from `model`, LoRA applied when `peft` is set, spread over the processes."""
         model = build(with_default_target(self.cfg, "model"), "model")
         if not isinstance(model, torch.nn.Module):
             raise UserError(f"model._target_ returned {type(model).__name__}, expected a torch.nn.Module")

@@ -59,10 +59,10 @@ def test_eval_prompts_are_the_training_prompts(lora_run):
     """A trained prompt changed by one character would mean evaluating a different task."""
     from automodel.config import build
     from automodel.inference.squad_eval import SquadEvalOptions, load_questions, resolve_options
-    from automodel.inference.sources import read_yaml
+    from automodel.config.loader import load_yaml
 
     generator = Generator.load(str(lora_run))
-    config = read_yaml(lora_run / "config.yaml")
+    config = load_yaml(lora_run / "config.yaml")
     node = {k: v for k, v in config["validation_dataset"].items()}
     trained = build(node, "validation_dataset", tokenizer=generator.tokenizer).examples
     args = resolve_options(SquadEvalOptions(), generator.source.train_config, 512, 32)
