@@ -25,32 +25,28 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, targets, head, chunk_size, *params):
-        inputs = ([hidden] if hidden.requires_grad else []) + list(params)
-        grads: list[torch.Tensor | None] = [None] * len(inputs)
-        hidden_grads, total = [], torch.zeros((), dtype=torch.float32, device=hidden.device)
+        wrt_hidden = hidden.requires_grad
+        hidden_grads, param_grads = [], [None] * len(params)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, len(hidden), chunk_size):
-            chunk = hidden[start:start + chunk_size].detach().requires_grad_(hidden.requires_grad)
+            chunk = hidden[start:start + chunk_size].detach().requires_grad_(wrt_hidden)
             with torch.enable_grad():
                 loss = F.cross_entropy(head(chunk).float(), targets[start:start + chunk_size], reduction="sum")
-            chunk_grads = torch.autograd.grad(loss, ([chunk] if hidden.requires_grad else []) + list(params),
-                                              allow_unused=True)
-            if hidden.requires_grad:
-                hidden_grads.append(chunk_grads[0])
-            for index in range(hidden.requires_grad, len(inputs)):
-                grads[index] = _accumulate(grads[index], chunk_grads[index])
+            grads = torch.autograd.grad(loss, [chunk] * wrt_hidden + list(params), allow_unused=True)
+            if wrt_hidden:
+                hidden_grads.append(grads[0])
+            param_grads = [_accumulate(total_grad, grad) for total_grad, grad in zip(param_grads, grads[wrt_hidden:])]
             total += loss.detach()
-        if hidden.requires_grad:
-            grads[0] = torch.cat(hidden_grads) if hidden_grads else torch.zeros_like(hidden)
-        ctx.hidden_needs_grad = hidden.requires_grad
-        ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
-        ctx.present = [g is not None for g in grads]
+        # Every trainable head parameter gets a gradient, zero when no label reached it (DDP expects one).
+        param_grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(param_grads, params)]
+        hidden_grad = (torch.cat(hidden_grads) if hidden_grads else torch.zeros_like(hidden)) if wrt_hidden else None
+        ctx.save_for_backward(hidden_grad, *param_grads)
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
-        grads = [g * grad_output if present else None for g, present in zip(ctx.saved_tensors, ctx.present)]
-        hidden_grad = grads.pop(0) if ctx.hidden_needs_grad else None
-        return (hidden_grad, None, None, None, *grads)
+        scaled = [g * grad_output if g is not None else None for g in ctx.saved_tensors]
+        return scaled[0], None, None, None, *scaled[1:]
 
 
 def _accumulate(total: torch.Tensor | None, grad: torch.Tensor | None) -> torch.Tensor | None:

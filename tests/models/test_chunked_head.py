@@ -152,3 +152,17 @@ def test_chunked_head_never_materialises_label_tokens_x_vocab(one_thread):  # no
         loss.backward()
     assert unchunked.rows >= label_tokens
     assert chunked.rows <= chunk_size
+
+
+def test_micro_batch_without_labels_gives_zero_loss_and_zero_head_gradients():
+    """Every trainable head parameter still gets a gradient (zeros), as DDP expects of every step."""
+    from automodel.models.heads import OutputHead
+    from automodel.training.chunked_loss import chunked_head_cross_entropy
+
+    head = OutputHead(torch.nn.Linear(4, 10))
+    hidden = torch.zeros(0, 4, requires_grad=True)
+    loss = chunked_head_cross_entropy(head, hidden, torch.zeros(0, dtype=torch.long), chunk_size=2)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert hidden.grad.shape == (0, 4)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in head.module.parameters())
