@@ -69,8 +69,9 @@ def chunked_head_cross_entropy(head: OutputHead, hidden: torch.Tensor, targets: 
 
 
 def chunked_head_for(model: torch.nn.Module, loss_fn) -> OutputHead | None:
-    """The output head the chunked loss applies, or None (logged once) when the recipe computes logits through
-    the model's forward instead: `loss_fn` has no `chunk_size` (or it is null), or the architecture is not known."""
+    """The output head the chunked loss applies, or None when the recipe computes logits through the model's forward
+    instead: `loss_fn` has no `chunk_size` (or it is null: the user's choice), or (logged) the architecture is not
+    in the head table."""
     chunk_size = getattr(loss_fn, "chunk_size", None)
     if not chunk_size:
         return None

@@ -336,8 +336,9 @@ class FinetuneRecipe:
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed cross-entropy of one micro-batch (plus the MoE router aux loss when enabled, training).
 
-        Logits are computed only at positions whose next token is a label (transformers' boolean
-        `logits_to_keep`): on SQuAD that is ~2% of the positions, and the output head is most of the FLOPs."""
+        Logits are computed only at positions whose next token is a label: by default by the chunked output head
+        (training/chunked_loss.py), else through transformers' boolean `logits_to_keep`. On SQuAD that is ~2% of
+        the positions, and the output head is most of the FLOPs."""
         targets = shift_labels(batch["labels"])
         keep = targets != IGNORE_INDEX
         if self.output_head is not None:  # head + loss at the label positions, chunk by chunk
