@@ -104,6 +104,10 @@ def automodel_config(work: Work, variant: str) -> dict:
     elif variant.startswith("packed"):
         cfg["dataloader"]["group_by_length"] = False
         cfg["packed_sequence"] = {"packed_sequence_size": int(variant.removeprefix("packed"))}
+    elif variant == "unchunked":  # logits at the label positions in one piece (logits_to_keep), no chunked head
+        cfg["loss_fn"] = {"chunk_size": None}
+    elif variant in ("adamw-foreach", "adamw-fused"):  # the default on CPU is AdamW's per-tensor loop
+        cfg["optimizer"][variant.removeprefix("adamw-")] = True
     elif variant != "default":
         raise ValueError(f"unknown automodel variant {variant!r}")
     return cfg

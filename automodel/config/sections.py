@@ -19,7 +19,8 @@ SECTIONS: dict[str, str] = {
     "packed_sequence": "packed_sequence_size: pack examples into rows of this many tokens (0: off, the default)",
     "dataloader": "training DataLoader options (num_workers, shuffle, group_by_length, megabatch_factor, shuffle_buffer_size, ...)",
     "validation_dataloader": "validation DataLoader options",
-    "loss_fn": "loss: _target_ (default masked cross-entropy over label tokens)",
+    "loss_fn": "loss: _target_ (default masked cross-entropy over label tokens), chunk_size (label tokens per "
+               "chunk of the output head, default 1024; null: logits at the label positions in one piece)",
     "optimizer": "optimizer: _target_ (e.g. torch.optim.AdamW) and its arguments",
     "lr_scheduler": "learning-rate schedule: warmup_steps, decay (cosine/linear/constant), min_lr",
     "step_scheduler": "global_batch_size, local_batch_size, max_steps, num_epochs, val/ckpt/log every N steps",

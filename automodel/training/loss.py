@@ -14,6 +14,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from automodel.errors import UserError
+
 IGNORE_INDEX = -100
 
 
@@ -35,9 +37,24 @@ def supports_label_logits(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+DEFAULT_CHUNK_SIZE = 1024
+
+
 class MaskedCrossEntropy:
     """Sum of cross-entropy over targets that are not -100, computed in fp32. `logits` is `[..., vocab]`, `targets`
-    the matching `[...]`."""
+    the matching `[...]`.
+
+    `chunk_size` (label tokens, default 1024): the recipe applies the output head and this loss at the label
+    positions only, that many label tokens at a time, so no `[label_tokens x vocab]` logits tensor ever exists
+    (automodel/training/chunked_loss.py). `null` computes the label positions' logits in one piece through the
+    model's forward (`logits_to_keep`)."""
+
+    def __init__(self, chunk_size: int | None = DEFAULT_CHUNK_SIZE):
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise UserError(f"loss_fn.chunk_size: expected a positive number of label tokens or null, "
+                            f"got {chunk_size!r}")
+        self.chunk_size = chunk_size
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         mask = targets != IGNORE_INDEX

@@ -48,6 +48,7 @@ from automodel.logging import (
 )
 from automodel.models.quirks import RouterAuxLoss
 from automodel.peft import LoraSettings
+from automodel.training.chunked_loss import chunked_head_for, forward_chunked_loss
 from automodel.training.loss import IGNORE_INDEX, count_label_tokens, shift_labels, supports_label_logits
 from automodel.training.lr_scheduler import LRSchedulerConfig
 from automodel.training.preemption import PreemptionHandler
@@ -137,6 +138,7 @@ class FinetuneRecipe:
         self.optimizer = build(with_default_target(self.cfg, "optimizer"), "optimizer", params=self.params)
         self.lr_scheduler = self.lr_cfg.build(self.optimizer, self.max_steps)
         self.loss_fn = build(with_default_target(self.cfg, "loss_fn"), "loss_fn")
+        self.output_head = chunked_head_for(self.hf_model, self.loss_fn) if self.label_logits_only else None
         self.out_dir = Path(self.ckpt_cfg.checkpoint_dir)
         self.state = self._restore()
         self.start_step = self.last_saved_step = self.state.step
@@ -378,10 +380,15 @@ class FinetuneRecipe:
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed cross-entropy of one micro-batch (plus the MoE router aux loss when enabled, training).
 
-        Logits are computed only at positions whose next token is a label (transformers' boolean
-        `logits_to_keep`): on SQuAD that is ~2% of the positions, and the output head is most of the FLOPs."""
+        Logits are computed only at positions whose next token is a label: by default by the chunked output head
+        (training/chunked_loss.py), else through transformers' boolean `logits_to_keep`. On SQuAD that is ~2% of
+        the positions, and the output head is most of the FLOPs."""
         targets = shift_labels(batch["labels"])
         keep = targets != IGNORE_INDEX
+        if self.output_head is not None:  # head + loss at the label positions, chunk by chunk
+            summed, output = forward_chunked_loss(self.model, self.output_head, self.loss_fn.chunk_size, batch,
+                                                  targets, keep)
+            return self.router_aux.add(summed, output, batch["labels"]) if self.model.training else summed
         # No KV cache while training (it only costs memory); the saved config keeps the model's own setting.
         kwargs = {"logits_to_keep": keep} if self.label_logits_only else {}
         output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

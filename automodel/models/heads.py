@@ -1,0 +1,95 @@
+"""What each causal LM does between its decoder's last hidden state and the logits: one table.
+
+The chunked loss (automodel/training/chunked_loss.py) applies the output head itself, at label positions only, so it
+must reproduce the transformers `...ForCausalLM.forward` exactly. For most architectures that is just `lm_head`;
+the exceptions (checked against transformers 5's modeling code, and by tests/models/test_chunked_head.py for every
+native row) are:
+
+- Gemma 2 / Gemma 3: final-logit soft-capping, `cap * tanh(logits / cap)` (`config.final_logit_softcapping`).
+- Cohere / Cohere2: `logits * config.logit_scale`.
+- Granite / GraniteMoe / GraniteMoeShared: `logits / config.logits_scaling`.
+- MiniCPM3: `hidden / config.logits_scaling` before the head.
+
+An architecture not in `HEAD_QUIRKS` gets no chunked head: the recipe says so in one log line and computes logits
+at the label positions through the model's own forward (`logits_to_keep`) instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Native class -> {transform: config attribute}. An empty dict: logits = lm_head(hidden), nothing else.
+HEAD_QUIRKS: dict[str, dict[str, str]] = {
+    **{name: {} for name in (
+        "BambaForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Exaone4ForCausalLM",
+        "FalconForCausalLM", "GemmaForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM", "GPTBigCodeForCausalLM",
+        "GPTJForCausalLM", "GPTNeoXForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM",
+        "NemotronForCausalLM", "OlmoForCausalLM", "Olmo2ForCausalLM", "OlmoeForCausalLM", "PhiForCausalLM",
+        "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+        "StableLmForCausalLM", "Starcoder2ForCausalLM")},
+    "Gemma2ForCausalLM": {"softcap": "final_logit_softcapping"},
+    "Gemma3ForCausalLM": {"softcap": "final_logit_softcapping"},
+    "CohereForCausalLM": {"logit_scale": "logit_scale"},
+    "Cohere2ForCausalLM": {"logit_scale": "logit_scale"},
+    "GraniteForCausalLM": {"logit_divisor": "logits_scaling"},
+    "GraniteMoeForCausalLM": {"logit_divisor": "logits_scaling"},
+    "GraniteMoeSharedForCausalLM": {"logit_divisor": "logits_scaling"},
+    "MiniCPM3ForCausalLM": {"hidden_divisor": "logits_scaling"},
+}
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """`logits = post(module(pre(hidden)))`, in the same operations and order as transformers."""
+
+    module: nn.Module                  # the output projection: lm_head, or the LoRA layer wrapping it
+    hidden_divisor: float | None = None
+    logit_scale: float | None = None
+    logit_divisor: float | None = None
+    softcap: float | None = None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.hidden_divisor is not None:
+            hidden = hidden / self.hidden_divisor
+        logits = self.module(hidden)
+        if self.logit_scale is not None:
+            logits = logits * self.logit_scale
+        if self.logit_divisor is not None:
+            logits = logits / self.logit_divisor
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP and peft wrappers."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+
+
+def model_class_name(model: nn.Module) -> str:
+    """The model's own class name (FSDP2 replaces the class with an `FSDP<Name>` subclass)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule)).__name__
+
+
+def output_head(model: nn.Module) -> tuple[OutputHead | None, str]:
+    """(the model's output head, "") or (None, why the chunked head cannot be used for it)."""
+    base = transformers_model(model)
+    name = model_class_name(base)
+    if name not in HEAD_QUIRKS:
+        return None, f"{name} is not in automodel's output-head table (automodel/models/heads.py)"
+    module = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(module, nn.Module):
+        return None, f"{name} has no output embeddings module"
+    values = {key: getattr(base.config, attribute, None) for key, attribute in HEAD_QUIRKS[name].items()}
+    return OutputHead(module, **{k: float(v) for k, v in values.items() if v is not None}), ""
