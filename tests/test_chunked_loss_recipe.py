@@ -14,6 +14,7 @@ import pytest
 from automodel.errors import UserError
 from automodel.training.loss import DEFAULT_CHUNK_SIZE, MaskedCrossEntropy
 from automodel.training.recipe import FinetuneRecipe
+from tests.conftest import STORIES
 from tests.helpers import tiny_squad_config
 
 
@@ -50,6 +51,26 @@ def test_unknown_architecture_falls_back_with_one_log_line(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "chunked output head off: Linear is not in automodel's output-head table (automodel/models/heads.py); "
         "computing logits at the label positions with logits_to_keep"]
+
+
+def test_a_loss_that_overrides_only_call_is_not_bypassed(caplog):
+    """A user's MaskedCrossEntropy subclass that changes `__call__` keeps its meaning: the recipe computes logits and
+    calls it, and says why the chunked head is off."""
+    from transformers import AutoModelForCausalLM
+
+    from automodel.training.chunked_loss import chunked_head_for
+
+    class Smoothed(MaskedCrossEntropy):
+        def __call__(self, logits, targets):
+            return super().__call__(logits, targets) * 0.9
+
+    model = AutoModelForCausalLM.from_pretrained(str(STORIES))
+    assert chunked_head_for(model, MaskedCrossEntropy()) is not None
+    with caplog.at_level(logging.INFO, logger="automodel"):
+        assert chunked_head_for(model, Smoothed()) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "chunked output head off: Smoothed overrides __call__ but not head_loss; computing logits at the label "
+        "positions with logits_to_keep"]
 
 
 @pytest.mark.parametrize("value", [0, -1, 2.5, True, "1024"])

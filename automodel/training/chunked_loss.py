@@ -72,8 +72,11 @@ def chunked_head_for(model: torch.nn.Module, loss_fn) -> OutputHead | None:
     """The output head the chunked loss applies, or None when the recipe computes logits through the model's forward
     instead: `loss_fn` has no `chunk_size` (or it is null: the user's choice), or (logged) the architecture is not
     in the head table."""
-    chunk_size = getattr(loss_fn, "chunk_size", None)
-    if not chunk_size:
+    if not getattr(loss_fn, "chunk_size", None) or not hasattr(loss_fn, "head_loss"):
+        return None
+    if _overrides_call_only(type(loss_fn)):
+        logger.info("chunked output head off: %s overrides __call__ but not head_loss; computing logits at the "
+                    "label positions with logits_to_keep", type(loss_fn).__name__)
         return None
     head, why = output_head(model)
     if head is None:
@@ -81,7 +84,15 @@ def chunked_head_for(model: torch.nn.Module, loss_fn) -> OutputHead | None:
     return head
 
 
-def forward_chunked_loss(model: torch.nn.Module, head: OutputHead, chunk_size: int, batch: dict[str, torch.Tensor],
+def _overrides_call_only(loss_class: type) -> bool:
+    """A subclass of a chunk-capable loss that changed what `__call__` computes but not `head_loss`: the chunked path
+    would silently skip the user's loss."""
+    call_owner = next(c for c in loss_class.__mro__ if "__call__" in vars(c))
+    head_owner = next(c for c in loss_class.__mro__ if "head_loss" in vars(c))
+    return call_owner is not head_owner and issubclass(call_owner, head_owner)
+
+
+def forward_chunked_loss(model: torch.nn.Module, head: OutputHead, loss_fn, batch: dict[str, torch.Tensor],
                          targets: torch.Tensor, keep: torch.Tensor):
     """(summed cross-entropy over the label positions `keep`, the model's output). The model's forward computes
     no logits (an all-False `logits_to_keep`); the head runs on the last hidden state at `keep`."""
@@ -89,4 +100,4 @@ def forward_chunked_loss(model: torch.nn.Module, head: OutputHead, chunk_size: i
                    position_ids=batch.get("position_ids"), use_cache=False, logits_to_keep=torch.zeros_like(keep),
                    output_hidden_states=True)
     hidden = output.hidden_states[-1][keep]
-    return chunked_head_cross_entropy(head, hidden, targets[keep], chunk_size), output
+    return loss_fn.head_loss(head, hidden, targets[keep]), output

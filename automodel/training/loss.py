@@ -59,3 +59,10 @@ class MaskedCrossEntropy:
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         mask = targets != IGNORE_INDEX
         return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
+
+    def head_loss(self, head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The same sum from the last hidden states at the label positions (`[label_tokens, hidden]`, every target a
+        label): the output head applied `chunk_size` rows at a time."""
+        from automodel.training.chunked_loss import chunked_head_cross_entropy
+
+        return chunked_head_cross_entropy(head, hidden, targets, self.chunk_size)

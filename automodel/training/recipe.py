@@ -386,7 +386,7 @@ class FinetuneRecipe:
         targets = shift_labels(batch["labels"])
         keep = targets != IGNORE_INDEX
         if self.output_head is not None:  # head + loss at the label positions, chunk by chunk
-            summed, output = forward_chunked_loss(self.model, self.output_head, self.loss_fn.chunk_size, batch,
+            summed, output = forward_chunked_loss(self.model, self.output_head, self.loss_fn, batch,
                                                   targets, keep)
             return self.router_aux.add(summed, output, batch["labels"]) if self.model.training else summed
         # No KV cache while training (it only costs memory); the saved config keeps the model's own setting.

@@ -48,7 +48,8 @@ def _chunked_loss_and_grads(model, batch, chunk_size: int):
     head, why = output_head(model)
     assert head is not None, why
     targets = shift_labels(batch["labels"])
-    loss, _ = forward_chunked_loss(model, head, chunk_size, batch, targets, targets != IGNORE_INDEX)
+    loss, _ = forward_chunked_loss(model, head, MaskedCrossEntropy(chunk_size), batch, targets,
+                                   targets != IGNORE_INDEX)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -148,7 +149,8 @@ def test_chunked_head_never_materialises_label_tokens_x_vocab(one_thread):  # no
         MaskedCrossEntropy()(logits, targets[keep]).backward()
     chunked = _WidestVocabRows(len(tokenizer))
     with chunked:
-        loss, _ = forward_chunked_loss(model, output_head(model)[0], chunk_size, batch, targets, keep)
+        loss, _ = forward_chunked_loss(model, output_head(model)[0], MaskedCrossEntropy(chunk_size), batch,
+                                       targets, keep)
         loss.backward()
     assert unchunked.rows >= label_tokens
     assert chunked.rows <= chunk_size
