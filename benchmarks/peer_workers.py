@@ -93,7 +93,9 @@ def automodel_config(work: Work, variant: str) -> dict:
         "lr_scheduler": {"decay": "constant"},
         "clip_grad_norm": {"max_norm": MAX_GRAD_NORM},
         "checkpoint": {"enabled": False, "checkpoint_dir": work.out},
-        "logging": {"progress_bar": False},
+        # The end-of-run metrics plot (~3 s of matplotlib) is not training and no peer draws one: off, so the timed
+        # region holds the training loop only, as for the peers.
+        "logging": {"progress_bar": False, "plot": False},
     }
     if work.lora:
         cfg["peft"] = {"dim": LORA_RANK, "alpha": LORA_ALPHA, "target_modules": LORA_TARGETS}
