@@ -56,6 +56,21 @@ def run(cmd: list[str], timeout: float = 300, **env: str) -> subprocess.Complete
     return out
 
 
+def run_together(launches: list[tuple[list[str], dict[str, str]]], timeout: float = 300) -> list[str]:
+    """Start every (command, extra environment) at once, as the processes of one job; wait for all of them and
+    return their outputs (stdout and stderr together). Each must exit 0."""
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
+                              env=clean_env(**env))
+             for cmd, env in launches]
+    try:
+        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0] * len(procs), outputs
+    return outputs
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ import pytest
 from automodel.training.recipe import FinetuneRecipe
 from tests.conftest import STORIES
 from tests.distributed_helpers import (automodel_cmd, clean_env, dist_config, eval_batch, free_port, logits_of,
-                                       losses, run, train_records, val_losses, write_config)
+                                       losses, run, run_together, train_records, val_losses, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -76,16 +76,10 @@ def test_tensor_parallel_two_ranks_started_by_srun_variables(tmp_path, reference
     """TP=2 (Llama's own transformers plan) in two plain processes that read SLURM's variables, as under srun."""
     config = write_config(tmp_path, dist_config(tmp_path, peft=False, tp_size=2))
     port = str(free_port())
-    procs = [subprocess.Popen(automodel_cmd(config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=clean_env(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank), SLURM_STEP_NUM_TASKS="2",
-                                            SLURM_STEP_NUM_NODES="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-             for rank in range(2)]
-    try:
-        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    outputs = run_together([(automodel_cmd(config), dict(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                                                         SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NUM_NODES="1",
+                                                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                             for rank in range(2)])
     assert "2 processes (slurm, gloo backend): strategy none, data parallel 1 x tensor parallel 2" in outputs[0]
     assert_same_training(tmp_path / "ckpt", reference(False), stories_tokenizer)
 
@@ -94,16 +88,9 @@ def test_ddp_lora_on_two_nodes_of_one_machine(tmp_path, reference, stories_token
     """Two launchers (--nnodes 2, one worker each) meet at 127.0.0.1 and train DDP with LoRA."""
     config = write_config(tmp_path, dist_config(tmp_path, peft=True, strategy="ddp"))
     port = str(free_port())
-    nodes = [subprocess.Popen(automodel_cmd(config, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
-                                            "--master-addr", "127.0.0.1", "--master-port", port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env())
-             for node in range(2)]
-    try:
-        outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
-    assert [node.returncode for node in nodes] == [0, 0], outputs
+    outputs = run_together([(automodel_cmd(config, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+                                           "--master-addr", "127.0.0.1", "--master-port", port), {})
+                            for node in range(2)])
     assert "strategy ddp, data parallel 2 x tensor parallel 1" in outputs[0]
     assert_same_training(tmp_path / "ckpt", reference(True), stories_tokenizer)
 

@@ -67,14 +67,6 @@ class OutputHead:
         return [p for p in self.module.parameters() if p.requires_grad]
 
 
-def transformers_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside DDP and peft wrappers."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    model = model.module if isinstance(model, DistributedDataParallel) else model
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-
-
 def model_class_name(model: nn.Module) -> str:
     """The model's own class name (FSDP2 replaces the class with an `FSDP<Name>` subclass)."""
     from torch.distributed.fsdp import FSDPModule
@@ -84,7 +76,10 @@ def model_class_name(model: nn.Module) -> str:
 
 def output_head(model: nn.Module) -> tuple[OutputHead | None, str]:
     """(the model's output head, "") or (None, why the chunked head cannot be used for it)."""
-    base = transformers_model(model)
+    from automodel.distributed.fsdp2 import hf_model
+    from automodel.distributed.parallel import Parallelism
+
+    base = hf_model(Parallelism.unwrap(model))  # the transformers model inside DDP and peft wrappers
     name = model_class_name(base)
     if name not in HEAD_QUIRKS:
         return None, f"{name} is not in automodel's output-head table (automodel/models/heads.py)"
