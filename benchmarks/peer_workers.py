@@ -84,8 +84,8 @@ def synchronize() -> None:
 def automodel_config(work: Work, variant: str) -> dict:
     cfg = {
         "seed": 42,
-        "model": {"pretrained_model_name_or_path": work.model_dir, "dtype": "bfloat16" if work.bf16 else "float32",
-                  "attn_implementation": "sdpa"},
+        # attn_implementation unset: the library's default (automodel_sdpa where transformers picks sdpa).
+        "model": {"pretrained_model_name_or_path": work.model_dir, "dtype": "bfloat16" if work.bf16 else "float32"},
         "dataset": dataset_args(work.squad, work.rows, work.seq_length),
         "dataloader": {"shuffle": False},
         "step_scheduler": {"global_batch_size": work.batch, "local_batch_size": work.batch, "num_epochs": 1},
@@ -99,12 +99,15 @@ def automodel_config(work: Work, variant: str) -> dict:
     }
     if work.lora:
         cfg["peft"] = {"dim": LORA_RANK, "alpha": LORA_ALPHA, "target_modules": LORA_TARGETS}
-    if variant == "padded":
-        cfg["dataloader"]["group_by_length"] = False
+    if variant == "padded":  # the peers' padded batches (same loss as theirs), still automodel_sdpa
+        cfg["packed_sequence"] = {"padding_free": False}
+    elif variant == "sdpa":  # padded batches on transformers' own sdpa: the attention the peers run
+        cfg["model"]["attn_implementation"] = "sdpa"
+        cfg["packed_sequence"] = {"padding_free": False}
     elif variant == "grouped":
         cfg["dataloader"]["group_by_length"] = True
+        cfg["packed_sequence"] = {"padding_free": False}
     elif variant.startswith("packed"):
-        cfg["dataloader"]["group_by_length"] = False
         cfg["packed_sequence"] = {"packed_sequence_size": int(variant.removeprefix("packed"))}
     elif variant == "unchunked":  # logits at the label positions in one piece (logits_to_keep), no chunked head
         cfg["loss_fn"] = {"chunk_size": None}

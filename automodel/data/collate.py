@@ -1,4 +1,5 @@
-"""Batching of variable-length SFT items: right padding to the longest sequence of the micro-batch."""
+"""Batching of variable-length SFT items: right padding to the longest sequence of the micro-batch, or padding-free
+(the examples back to back in one row)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,48 @@ class PadCollator:
 
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         return pad_collate(batch, self.pad_token_id)
+
+
+@dataclass(frozen=True)
+class FlatCollator:
+    """Padding-free batches: one row holding the micro-batch's examples back to back, no padding token at all.
+
+    `position_ids` restart at 0 for every example and `cu_seq_lens_q` / `cu_seq_lens_k` (transformers' names) are
+    the example boundaries, which the attention (`automodel_sdpa`) uses to keep examples apart. Each example's
+    first label is -100: it would be predicted from the previous example's last token. A padded batch never uses
+    that label either (its shift drops it), so the loss is the padded batch's. The all-ones `attention_mask` tells
+    transformers there is no padding (it would otherwise build a block-diagonal mask from the restarts)."""
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        if not batch:
+            raise ValueError("cannot collate an empty batch")
+        for index, item in enumerate(batch):
+            if len(item["input_ids"]) != len(item["labels"]):
+                raise ValueError(f"batch item {index}: {len(item['input_ids'])} input_ids but "
+                                 f"{len(item['labels'])} labels")
+        lengths = torch.tensor([len(item["input_ids"]) for item in batch])
+        starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        labels = torch.tensor([token for item in batch for token in item["labels"]])
+        labels[starts[:-1]] = IGNORE_INDEX
+        total = int(starts[-1])
+        boundaries = starts.to(torch.int32)
+        return {
+            "input_ids": torch.tensor([token for item in batch for token in item["input_ids"]]).unsqueeze(0),
+            "labels": labels.unsqueeze(0),
+            "position_ids": (torch.arange(total) - starts[:-1].repeat_interleave(lengths)).unsqueeze(0),
+            "attention_mask": torch.ones(1, total, dtype=torch.long),
+            "cu_seq_lens_q": boundaries,
+            "cu_seq_lens_k": boundaries,
+        }
+
+
+# What the model's forward takes from a collated batch (the rest, labels and padding_mask, is the loss's).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keyword arguments of the model's forward for `batch`."""
+    return {key: batch[key] for key in MODEL_INPUTS if key in batch}
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -1,6 +1,10 @@
-"""Packing: several examples share one row of up to `packed_sequence_size` tokens without seeing each other.
+"""Padding-free batches and packing.
 
-Each row gets `position_ids` that restart at 0 for every example and a 4D boolean block-diagonal causal
+Padding-free (the default where it is exact, `FlatCollator`): each micro-batch becomes one row of its examples back
+to back; `automodel_sdpa` keeps them apart example by example, so no padding and no mask is computed.
+
+Packing (`packed_sequence_size`): several examples share one row of up to `packed_sequence_size` tokens without
+seeing each other. Each row gets `position_ids` that restart at 0 for every example and a 4D boolean block-diagonal causal
 `attention_mask` (batch, 1, query, key) that transformers passes to SDPA unchanged. The first label of every
 example is -100, so the last token of one example is never trained to predict the first token of the next.
 This is the correctness baseline; ordering examples to fill rows tightly is a later optimisation.
@@ -8,40 +12,77 @@ This is the correctness baseline; ordering examples to fill rows tightly is a la
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from automodel.config import parse_section
-from automodel.data.collate import PadCollator
+from automodel.data.collate import FlatCollator, PadCollator
 from automodel.data.dataset import IGNORE_INDEX
 from automodel.errors import UserError
+from automodel.models.attention import AUTOMODEL_SDPA
+from automodel.models.registry import PADDING_FREE_VERIFIED
+
+logger = logging.getLogger(__name__)
 
 # Attention implementations that take a 4D boolean mask as given.
-PACKING_ATTENTION = ("sdpa",)
+PACKING_ATTENTION = ("sdpa", AUTOMODEL_SDPA)
 
 
 @dataclass
 class PackedSequenceConfig:
-    """`packed_sequence:` section. 0 (the default) turns packing off: one padded example per row."""
+    """`packed_sequence:` section.
+
+    `padding_free` (training batches): None (the default) flattens each micro-batch into one row without padding
+    (`FlatCollator`) when the model runs `automodel_sdpa` and its architecture is in `PADDING_FREE_VERIFIED`, and
+    pads otherwise; true requires it; false always pads. `packed_sequence_size` > 0 packs rows of that many tokens
+    with a block-diagonal mask instead; 0 (the default) turns that off."""
 
     packed_sequence_size: int = 0
+    padding_free: bool | None = None
 
     def __post_init__(self):
         if self.packed_sequence_size < 0:
             raise ValueError(f"packed_sequence_size must be 0 (off) or positive, got {self.packed_sequence_size}")
+        if self.packed_sequence_size and self.padding_free:
+            raise ValueError("padding_free and packed_sequence_size > 0 are two ways of packing: choose one")
 
 
-def build_collator(node: dict[str, Any] | None, pad_token_id: int, attn_implementation: str | None = None):
-    """The recipe's collate function: `PackingCollator` when `packed_sequence.packed_sequence_size` > 0."""
+def build_collator(node: dict[str, Any] | None, pad_token_id: int, attn_implementation: str | None = None,
+                   model_type: str | None = None, train: bool = True):
+    """The recipe's collate function: `PackingCollator` when `packed_sequence.packed_sequence_size` > 0, else
+    `FlatCollator` for padding-free training batches (see `PackedSequenceConfig`), else `PadCollator`. Validation
+    batches are padded (their rows are counted one by one)."""
     cfg = parse_section(PackedSequenceConfig, node, "packed_sequence")
-    if cfg.packed_sequence_size == 0:
-        return PadCollator(pad_token_id)
-    if attn_implementation is not None and attn_implementation not in PACKING_ATTENTION:
-        raise UserError(f"packed_sequence.packed_sequence_size: packing needs model.attn_implementation "
-                        f"{' or '.join(PACKING_ATTENTION)} (it passes a block-diagonal mask), got {attn_implementation!r}")
-    return PackingCollator(pad_token_id, cfg.packed_sequence_size)
+    if cfg.packed_sequence_size:
+        if attn_implementation is not None and attn_implementation not in PACKING_ATTENTION:
+            raise UserError(f"packed_sequence.packed_sequence_size: packing needs model.attn_implementation "
+                            f"{' or '.join(PACKING_ATTENTION)} (it passes a block-diagonal mask), got "
+                            f"{attn_implementation!r}")
+        return PackingCollator(pad_token_id, cfg.packed_sequence_size)
+    if train and padding_free(cfg.padding_free, attn_implementation, model_type):
+        return FlatCollator()
+    return PadCollator(pad_token_id)
+
+
+def padding_free(requested: bool | None, attn_implementation: str | None, model_type: str | None) -> bool:
+    """Whether training batches are flattened: `requested` (None: wherever it is known to be exact)."""
+    if requested is False:
+        return False
+    problem = None
+    if attn_implementation != AUTOMODEL_SDPA:
+        problem = (f"needs model.attn_implementation {AUTOMODEL_SDPA} (the default where transformers picks sdpa), "
+                   f"got {attn_implementation!r}")
+    elif model_type not in PADDING_FREE_VERIFIED:
+        problem = (f"is not verified for model_type {model_type!r} (tests/models/test_padding_free.py checks "
+                   "that examples in one row do not see each other); set it to false")
+    if problem and requested:
+        raise UserError(f"packed_sequence.padding_free: {problem}")
+    if problem:
+        logger.info("padded batches: padding-free batching %s", problem.removesuffix("; set it to false"))
+    return problem is None
 
 
 def pack_rows(lengths: list[int], size: int) -> list[list[int]]:

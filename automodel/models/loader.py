@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from automodel.errors import UserError
+from automodel.models import attention
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,9 @@ def load_causal_lm(pretrained_model_name_or_path: str, dtype: str = "float32", a
     """`AutoModelForCausalLM.from_pretrained` with the recipe's defaults and one-line errors.
 
     `attn_implementation` unset lets transformers choose: sdpa where the architecture supports it, eager
-    otherwise (Gemma 2, whose attention soft-capping SDPA cannot do; see automodel/models/quirks.py).
+    otherwise (Gemma 2, whose attention soft-capping SDPA cannot do; see automodel/models/quirks.py); a model
+    given sdpa then runs `automodel_sdpa` (automodel/models/attention.py: the same math, faster on CPU, and
+    padding-free batches). Name `sdpa` to keep transformers' own.
 
     `config_overrides` are applied to the model config (e.g. `use_cache: false`, `output_router_logits: true`).
     """
@@ -67,6 +70,8 @@ def load_causal_lm(pretrained_model_name_or_path: str, dtype: str = "float32", a
 
     key = "model.pretrained_model_name_or_path"
     source = check_source(pretrained_model_name_or_path, key, required_file="config.json")
+    if attn_implementation == attention.AUTOMODEL_SDPA:
+        attention.register()
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=parse_dtype(dtype), attn_implementation=attn_implementation,
@@ -77,6 +82,8 @@ def load_causal_lm(pretrained_model_name_or_path: str, dtype: str = "float32", a
         raise _hub_error(source, key, err) from err
     except ValueError as err:  # unknown architecture / model_type, or one that needs remote code
         raise UserError(f"{key}: {source}: {str(err).splitlines()[0]}") from err
+    if attn_implementation is None and attention.use_automodel_sdpa(model):
+        logger.debug("attention: %s (transformers chose sdpa)", attention.AUTOMODEL_SDPA)
     return model
 
 

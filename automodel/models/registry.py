@@ -224,6 +224,15 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     "GPTNeoXForCausalLM": ("sft",),
 }
 
+# model_type values whose padding-free batches (examples back to back in one row, automodel/data/packing.py) give
+# each example the logits it gets alone: tests/models/test_padding_free.py checks every native row and this list.
+PADDING_FREE_VERIFIED: frozenset[str] = frozenset({
+    "cohere", "cohere2", "deepseek_v2", "deepseek_v3", "exaone", "exaone4", "gemma", "gemma3_text", "glm", "glm4",
+    "gpt_bigcode", "gpt_neox", "gptj", "granite", "granitemoe", "granitemoeshared", "internlm3", "llama",
+    "minicpm3", "mistral", "mixtral", "olmo", "olmo2", "olmoe", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
+    "qwen3_moe", "starcoder2",
+})
+
 
 def native_rows() -> list[Architecture]:
     return [row for row in ARCHITECTURES if row.native_class]

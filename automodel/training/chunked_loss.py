@@ -15,6 +15,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from automodel.data.collate import model_inputs
 from automodel.models.heads import OutputHead, output_head
 
 logger = logging.getLogger("automodel")
@@ -96,8 +97,7 @@ def forward_chunked_loss(model: torch.nn.Module, head: OutputHead, loss_fn, batc
                          targets: torch.Tensor, keep: torch.Tensor):
     """(summed cross-entropy over the label positions `keep`, the model's output). The model's forward computes
     no logits (an all-False `logits_to_keep`); the head runs on the last hidden state at `keep`."""
-    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch.get("position_ids"), use_cache=False, logits_to_keep=torch.zeros_like(keep),
+    output = model(**model_inputs(batch), use_cache=False, logits_to_keep=torch.zeros_like(keep),
                    output_hidden_states=True)
     hidden = output.hidden_states[-1][keep]
     return loss_fn.head_loss(head, hidden, targets[keep]), output

@@ -28,7 +28,7 @@ from automodel.checkpoint import (
     write_config,
 )
 from automodel.config import build, check_sections, parse_section
-from automodel.data.collate import count_tokens
+from automodel.data.collate import count_tokens, model_inputs
 from automodel.data.length_grouped import GROUP_BY_LENGTH_DEFAULT, build_train_sampler
 from automodel.data.packing import build_collator
 from automodel.data.streaming import DEFAULT_SHUFFLE_BUFFER, RankShare, is_streaming
@@ -192,8 +192,9 @@ class FinetuneRecipe:
     def _build_loader(self, dataset, section: str, train: bool):
         node = with_default_target(self.cfg, section)
         shuffle = bool(node.pop("shuffle", train))
+        config = self.hf_model.config
         collate_fn = build_collator(self.cfg.get("packed_sequence"), self.tokenizer.pad_token_id,
-                                    getattr(self.hf_model.config, "_attn_implementation", None))
+                                    getattr(config, "_attn_implementation", None), config.model_type, train)
         if train and self.streaming:
             return self._build_stream_loader(dataset, node, shuffle, collate_fn)
         sampler = build_train_sampler(
@@ -391,8 +392,7 @@ class FinetuneRecipe:
             return self.router_aux.add(summed, output, batch["labels"]) if self.model.training else summed
         # No KV cache while training (it only costs memory); the saved config keeps the model's own setting.
         kwargs = {"logits_to_keep": keep} if self.label_logits_only else {}
-        output = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=batch.get("position_ids"), use_cache=False, **kwargs)
+        output = self.model(**model_inputs(batch), use_cache=False, **kwargs)
         summed = self.loss_fn(output.logits, targets[keep] if self.label_logits_only else targets)
         return self.router_aux.add(summed, output, batch["labels"]) if self.model.training else summed
 

@@ -94,4 +94,5 @@ def test_gemma2_defaults_to_eager_attention_and_sdpa_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="model.pretrained_model_name_or_path: .*scaled_dot_product_attention"):
         load_causal_lm(str(model_dir), attn_implementation="sdpa")
     llama_dir = write_tiny_checkpoint(BY_NAME["LlamaForCausalLM"], tmp_path / "llama")
-    assert load_causal_lm(str(llama_dir)).config._attn_implementation == "sdpa"
+    # Where transformers picks sdpa, the loader runs automodel's SDPA driver (automodel/models/attention.py).
+    assert load_causal_lm(str(llama_dir)).config._attn_implementation == "automodel_sdpa"

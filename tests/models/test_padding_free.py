@@ -1,0 +1,102 @@
+"""Padding-free batches (automodel/data/packing.py `FlatCollator` + `automodel_sdpa`) are exact where they are on.
+
+For every native architecture: the examples of one flattened row get the logits each gets alone (fp32, atol 1e-5),
+exactly for the model types in `PADDING_FREE_VERIFIED`, and the others really do mix examples (a hybrid's Mamba
+layers, for one), which is why they are padded. Plus: the recipe picks padding-free by default where verified, and
+a run with it gives the padded run's per-step losses.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from automodel.data.collate import FlatCollator, model_inputs
+from automodel.data.packing import build_collator, padding_free
+from automodel.errors import UserError
+from automodel.models.attention import AUTOMODEL_SDPA, use_automodel_sdpa
+from automodel.models.registry import PADDING_FREE_VERIFIED, native_rows
+from tests.models.test_architectures import one_thread  # noqa: F401 (fixture)
+from tests.models.tiny import shared_tokenizer, tiny_config
+
+ROWS = native_rows()
+LENGTHS = (23, 9, 31)
+
+
+def tiny_model(row):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = shared_tokenizer(name=row.tokenizer)
+    model = AutoModelForCausalLM.from_config(tiny_config(row, tokenizer))  # transformers' choice, as the loader
+    return model.eval(), tokenizer
+
+
+def examples(vocab: int) -> list[dict[str, list[int]]]:
+    generator = torch.Generator().manual_seed(1)
+    rows = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in LENGTHS]
+    return [{"input_ids": ids, "labels": ids} for ids in rows]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.test_id)
+def test_padding_free_rows_keep_examples_apart_exactly_where_verified(row, one_thread):
+    model, tokenizer = tiny_model(row)
+    if not use_automodel_sdpa(model):
+        assert row.model_type not in PADDING_FREE_VERIFIED, f"{row.model_type} does not run sdpa"
+        pytest.skip(f"{row.model_type}: runs {model.config._attn_implementation}, not through the attention interface")
+    items = examples(len(tokenizer))
+    with torch.no_grad():
+        flat = model(**model_inputs(FlatCollator()(items)), use_cache=False).logits[0]
+        alone = [model(input_ids=torch.tensor([item["input_ids"]]), use_cache=False).logits[0] for item in items]
+    same = flat.shape[0] == sum(LENGTHS) and torch.allclose(flat, torch.cat(alone), rtol=0, atol=1e-5)
+    assert same == (row.model_type in PADDING_FREE_VERIFIED), (
+        f"{row.model_type}: padding-free logits {'equal' if same else 'differ from'} the examples' own "
+        f"(max diff {(flat - torch.cat(alone)).abs().max():.2e}); PADDING_FREE_VERIFIED must "
+        f"{'list' if same else 'not list'} it")
+
+
+def test_padding_free_is_the_default_where_verified_and_refused_where_not():
+    assert padding_free(None, AUTOMODEL_SDPA, "llama")
+    assert not padding_free(None, "sdpa", "llama")
+    assert not padding_free(None, AUTOMODEL_SDPA, "bamba")
+    assert not padding_free(False, AUTOMODEL_SDPA, "llama")
+    with pytest.raises(UserError, match="packed_sequence.padding_free: is not verified for model_type 'bamba'"):
+        padding_free(True, AUTOMODEL_SDPA, "bamba")
+    with pytest.raises(UserError, match="padding_free: needs model.attn_implementation automodel_sdpa"):
+        padding_free(True, "eager", "llama")
+    assert isinstance(build_collator(None, 0, AUTOMODEL_SDPA, "llama"), FlatCollator)
+    assert not isinstance(build_collator(None, 0, AUTOMODEL_SDPA, "llama", train=False), FlatCollator)
+    with pytest.raises(UserError, match="choose one"):
+        build_collator({"padding_free": True, "packed_sequence_size": 64}, 0, AUTOMODEL_SDPA, "llama")
+
+
+def test_flat_collator_rows():
+    batch = FlatCollator()([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]  # 8 would be predicted from the other example's 7
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 3, 5]
+
+
+@pytest.mark.parametrize("peft", [True, False], ids=["lora", "sft"])
+def test_default_run_equals_the_padded_sdpa_run(tmp_path, peft):
+    """stories260K on SQuAD, 4 steps of 2 micro-batches: the defaults (padding-free, automodel_sdpa with its causal
+    blocks on ~500-token rows) give the per-step losses of padded batches on transformers' sdpa, rtol 1e-5."""
+    from automodel.training.recipe import FinetuneRecipe
+    from tests.helpers import tiny_squad_config
+
+    losses = {}
+    for name in ("default", "padded"):
+        cfg = tiny_squad_config(tmp_path / name, peft=peft, max_steps=4, train_samples=32)
+        cfg["dataset"]["seq_length"] = 512
+        cfg["validation_dataset"]["limit_dataset_samples"] = 8
+        cfg["checkpoint"]["enabled"] = False
+        if name == "padded":
+            cfg["model"]["attn_implementation"] = "sdpa"
+            cfg["packed_sequence"] = {"padding_free": False}
+        recipe = FinetuneRecipe(cfg)
+        result = recipe.run()
+        assert isinstance(recipe.train_loader.collate_fn, FlatCollator) == (name == "default")
+        losses[name] = (result.train_losses, result.val_losses)
+    assert losses["default"][0] == pytest.approx(losses["padded"][0], rel=1e-5)
+    assert losses["default"][1] == pytest.approx(losses["padded"][1], rel=1e-5)
