@@ -12,8 +12,13 @@ gave `sdpa` to it. Two things it adds to transformers' `sdpa_attention_forward`,
   boundaries, transformers' names for them) attends example by example: no padding is computed and no
   [tokens x tokens] block-diagonal mask is built.
 
-The softmax of every query row sees exactly the keys `sdpa` would let it see, so results equal `sdpa` up to float
-rounding (tests/models/test_attention.py).
+- Only the rows the loss reads, in the last layer. Nothing after the last attention mixes positions, and the loss
+  reads only the label positions (~2% of SQuAD's tokens), so given `OUTPUT_ROWS` (a bool batch x seq mask, passed
+  through the model's forward as a keyword) the last layer's attention computes those query rows alone and leaves
+  zeros elsewhere: the hidden states there are garbage that nothing reads, and their gradient is zero.
+
+The softmax of every computed query row sees exactly the keys `sdpa` would let it see, so results equal `sdpa` up
+to float rounding (tests/models/test_attention.py).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 import torch
 
 AUTOMODEL_SDPA = "automodel_sdpa"
+# The forward keyword that carries the positions whose last-layer output is read (see the module docstring).
+OUTPUT_ROWS = "automodel_output_rows"
 # Query rows per block: small enough to skip most of a 512-token triangle, large enough to keep the kernel efficient.
 QUERY_BLOCK = 128
 
@@ -44,14 +51,26 @@ def use_automodel_sdpa(model) -> bool:
     return True
 
 
+def output_rows_supported(config) -> bool:
+    """Whether the model's last layer may compute only the rows the loss reads (`OUTPUT_ROWS`)."""
+    from automodel.models.registry import OUTPUT_ROWS_VERIFIED
+
+    return config._attn_implementation == AUTOMODEL_SDPA and config.model_type in OUTPUT_ROWS_VERIFIED
+
+
 def automodel_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, cu_seq_lens_q: torch.Tensor | None = None,
-                           **kwargs) -> tuple[torch.Tensor, None]:
+                           automodel_output_rows: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: (batch, heads, seq, head_dim) in, (batch, seq, heads, head_dim)
-    out. `cu_seq_lens_q` (a padding-free batch) splits the single row into its examples."""
+    out. `cu_seq_lens_q` (a padding-free batch) splits the single row into its examples; `automodel_output_rows`
+    (`OUTPUT_ROWS`) limits the last layer to the rows the loss reads."""
     kwargs.pop("cu_seq_lens_k", None)
     kwargs.pop("max_length_q", None)
     kwargs.pop("max_length_k", None)
+    if automodel_output_rows is not None and _is_last_layer(module) and query.shape[2] == key.shape[2] and (
+            attention_mask is None or attention_mask.dtype == torch.bool):
+        return _output_rows_only(module, query, key, value, attention_mask, automodel_output_rows, cu_seq_lens_q,
+                                 **kwargs), None
     if cu_seq_lens_q is None:
         return _causal_blocks(module, query, key, value, attention_mask, **kwargs), None
     if query.shape[0] != 1 or query.shape[2] != key.shape[2]:
@@ -92,3 +111,33 @@ def _causal_blocks(module, query, key, value, attention_mask, **kwargs) -> torch
         outputs.append(sdpa_attention_forward(module, query[:, :, start:end], key[:, :, :end], value[:, :, :end],
                                               mask, **kwargs)[0])
     return torch.cat(outputs, dim=1)
+
+
+def _is_last_layer(module) -> bool:
+    config = getattr(module, "config", None)
+    return config is not None and getattr(module, "layer_idx", None) == config.num_hidden_layers - 1
+
+
+def _output_rows_only(module, query, key, value, attention_mask, rows: torch.Tensor,
+                      cu_seq_lens_q: torch.Tensor | None, **kwargs) -> torch.Tensor:
+    """Attention for the query positions `rows` (bool, batch x seq) only, zeros at the others. Each picked query
+    sees the keys up to itself (and, in a padding-free row, of its own example), as far as `attention_mask` allows."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch, heads, length, dim = query.shape
+    output = query.new_zeros(batch, length, heads, value.shape[-1])
+    positions = torch.arange(length, device=query.device)
+    example = None if cu_seq_lens_q is None else torch.bucketize(positions, cu_seq_lens_q[1:].to(positions), right=True)
+    kwargs["is_causal"] = False
+    for b in range(batch):
+        picked = rows[b].nonzero().squeeze(1)
+        if picked.numel() == 0:
+            continue
+        end = int(picked[-1]) + 1  # no picked query sees a later key
+        mask = positions[:end].unsqueeze(0) <= picked.unsqueeze(1)
+        if example is not None:
+            mask &= example[:end].unsqueeze(0) == example[picked].unsqueeze(1)
+        mask = mask[None, None] if attention_mask is None else mask & attention_mask[b:b + 1, :, picked, :end]
+        output[b, picked] = sdpa_attention_forward(module, query[b:b + 1, :, picked], key[b:b + 1, :, :end],
+                                                   value[b:b + 1, :, :end], mask, **kwargs)[0][0]
+    return output

@@ -94,10 +94,10 @@ def _overrides_call_only(loss_class: type) -> bool:
 
 
 def forward_chunked_loss(model: torch.nn.Module, head: OutputHead, loss_fn, batch: dict[str, torch.Tensor],
-                         targets: torch.Tensor, keep: torch.Tensor):
+                         targets: torch.Tensor, keep: torch.Tensor, **forward_kwargs):
     """(summed cross-entropy over the label positions `keep`, the model's output). The model's forward computes
     no logits (an all-False `logits_to_keep`); the head runs on the last hidden state at `keep`."""
     output = model(**model_inputs(batch), use_cache=False, logits_to_keep=torch.zeros_like(keep),
-                   output_hidden_states=True)
+                   output_hidden_states=True, **forward_kwargs)
     hidden = output.hidden_states[-1][keep]
     return loss_fn.head_loss(head, hidden, targets[keep]), output

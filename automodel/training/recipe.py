@@ -46,6 +46,7 @@ from automodel.logging import (
     progress_bar,
     throughput_meter,
 )
+from automodel.models.attention import OUTPUT_ROWS, output_rows_supported
 from automodel.models.quirks import RouterAuxLoss
 from automodel.peft import LoraSettings
 from automodel.training.chunked_loss import chunked_head_for, forward_chunked_loss
@@ -139,6 +140,9 @@ class FinetuneRecipe:
         self.lr_scheduler = self.lr_cfg.build(self.optimizer, self.max_steps)
         self.loss_fn = build(with_default_target(self.cfg, "loss_fn"), "loss_fn")
         self.output_head = chunked_head_for(self.hf_model, self.loss_fn) if self.label_logits_only else None
+        # The last layer computes only the label positions' rows (models/attention.py), where the loss reads no other.
+        self.output_rows_only = (self.label_logits_only and not self.router_aux.enabled
+                                 and output_rows_supported(self.hf_model.config))
         self.out_dir = Path(self.ckpt_cfg.checkpoint_dir)
         self.state = self._restore()
         self.start_step = self.last_saved_step = self.state.step
@@ -386,12 +390,13 @@ class FinetuneRecipe:
         the positions, and the output head is most of the FLOPs."""
         targets = shift_labels(batch["labels"])
         keep = targets != IGNORE_INDEX
+        rows = {OUTPUT_ROWS: keep} if self.output_rows_only else {}
         if self.output_head is not None:  # head + loss at the label positions, chunk by chunk
             summed, output = forward_chunked_loss(self.model, self.output_head, self.loss_fn, batch,
-                                                  targets, keep)
+                                                  targets, keep, **rows)
             return self.router_aux.add(summed, output, batch["labels"]) if self.model.training else summed
         # No KV cache while training (it only costs memory); the saved config keeps the model's own setting.
-        kwargs = {"logits_to_keep": keep} if self.label_logits_only else {}
+        kwargs = {"logits_to_keep": keep, **rows} if self.label_logits_only else {}
         output = self.model(**model_inputs(batch), use_cache=False, **kwargs)
         summed = self.loss_fn(output.logits, targets[keep] if self.label_logits_only else targets)
         return self.router_aux.add(summed, output, batch["labels"]) if self.model.training else summed

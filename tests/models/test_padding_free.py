@@ -2,8 +2,11 @@
 
 For every native architecture: the examples of one flattened row get the logits each gets alone (fp32, atol 1e-5),
 exactly for the model types in `PADDING_FREE_VERIFIED`, and the others really do mix examples (a hybrid's Mamba
-layers, for one), which is why they are padded. Plus: the recipe picks padding-free by default where verified, and
-a run with it gives the padded run's per-step losses.
+layers, for one), which is why they are padded. For every row of `OUTPUT_ROWS_VERIFIED`, a last layer limited to
+the label rows (`OUTPUT_ROWS`) gives the same hidden states there and the same gradients, in float64 (1e-9; fp32
+rounding differs by up to ~1e-3 of a gradient on this squared-sum loss), padded and padding-free, while computing
+fewer attention rows. Plus: the recipe picks both by default where verified, and its run gives the per-step losses
+of padded batches on transformers' sdpa.
 """
 
 from __future__ import annotations
@@ -11,12 +14,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from automodel.data.collate import FlatCollator, model_inputs
+from automodel.data.collate import FlatCollator, model_inputs, pad_collate
 from automodel.data.packing import build_collator, padding_free
 from automodel.errors import UserError
-from automodel.models.attention import AUTOMODEL_SDPA, use_automodel_sdpa
-from automodel.models.registry import PADDING_FREE_VERIFIED, native_rows
+from automodel.models.attention import AUTOMODEL_SDPA, OUTPUT_ROWS, use_automodel_sdpa
+from automodel.models.registry import OUTPUT_ROWS_VERIFIED, PADDING_FREE_VERIFIED, native_rows
+from automodel.training.loss import IGNORE_INDEX, shift_labels
 from tests.models.test_architectures import one_thread  # noqa: F401 (fixture)
+from tests.models.test_attention import FlashCalls
 from tests.models.tiny import shared_tokenizer, tiny_config
 
 ROWS = native_rows()
@@ -53,6 +58,39 @@ def test_padding_free_rows_keep_examples_apart_exactly_where_verified(row, one_t
         f"{row.model_type}: padding-free logits {'equal' if same else 'differ from'} the examples' own "
         f"(max diff {(flat - torch.cat(alone)).abs().max():.2e}); PADDING_FREE_VERIFIED must "
         f"{'list' if same else 'not list'} it")
+
+
+def answer_examples(vocab: int) -> list[dict[str, list[int]]]:
+    """`examples` with labels on the last 4 tokens only, as SQuAD's answers."""
+    return [{"input_ids": item["input_ids"], "labels": [IGNORE_INDEX] * (len(item["labels"]) - 4) +
+             item["labels"][-4:]} for item in examples(vocab)]
+
+
+def label_rows_and_grads(model, batch, keep, **rows):
+    model.zero_grad(set_to_none=True)
+    with FlashCalls() as calls:
+        hidden = model(**model_inputs(batch), use_cache=False, output_hidden_states=True, **rows).hidden_states[-1]
+    hidden[keep].square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return hidden[keep].detach(), grads, sum(q * k for q, k in calls.shapes)
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.model_type in OUTPUT_ROWS_VERIFIED], ids=lambda r: r.test_id)
+@pytest.mark.parametrize("collate", ["padded", "padding-free"])
+def test_last_layer_on_the_label_rows_only_is_exact(row, collate, one_thread):
+    model, tokenizer = tiny_model(row)
+    assert use_automodel_sdpa(model)
+    model.double()
+    items = answer_examples(len(tokenizer))
+    batch = pad_collate(items, tokenizer.pad_token_id) if collate == "padded" else FlatCollator()(items)
+    keep = shift_labels(batch["labels"]) != IGNORE_INDEX
+    hidden, grads, area = label_rows_and_grads(model, batch, keep)
+    hidden_rows, grads_rows, area_rows = label_rows_and_grads(model, batch, keep, **{OUTPUT_ROWS: keep})
+    assert torch.allclose(hidden_rows, hidden, rtol=0, atol=1e-9)
+    assert grads_rows.keys() == grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(grads_rows[name], grad, rtol=0, atol=1e-9 * grad.abs().max()), name
+    assert area_rows < area  # the last layer's attention really ran on fewer query rows
 
 
 def test_padding_free_is_the_default_where_verified_and_refused_where_not():
