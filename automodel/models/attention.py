@@ -12,10 +12,9 @@ gave `sdpa` to it. Two things it adds to transformers' `sdpa_attention_forward`,
   boundaries, transformers' names for them) attends example by example: no padding is computed and no
   [tokens x tokens] block-diagonal mask is built.
 
-- Only the rows the loss reads, in the last layer. Nothing after the last attention mixes positions, and the loss
-  reads only the label positions (~2% of SQuAD's tokens), so given `OUTPUT_ROWS` (a bool batch x seq mask, passed
-  through the model's forward as a keyword) the last layer's attention computes those query rows alone and leaves
-  zeros elsewhere: the hidden states there are garbage that nothing reads, and their gradient is zero.
+- Only the rows the loss reads, in the last layer: given `OUTPUT_ROWS` (a bool batch x seq mask passed through the
+  model's forward as a keyword), the last layer's attention computes those query rows alone and leaves zeros
+  elsewhere (automodel/models/output_rows.py says why that is exact).
 
 The softmax of every computed query row sees exactly the keys `sdpa` would let it see, so results equal `sdpa` up
 to float rounding (tests/models/test_attention.py).
@@ -51,13 +50,6 @@ def use_automodel_sdpa(model) -> bool:
     return True
 
 
-def output_rows_supported(config) -> bool:
-    """Whether the model's last layer may compute only the rows the loss reads (`OUTPUT_ROWS`)."""
-    from automodel.models.registry import OUTPUT_ROWS_VERIFIED
-
-    return config._attn_implementation == AUTOMODEL_SDPA and config.model_type in OUTPUT_ROWS_VERIFIED
-
-
 def automodel_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, cu_seq_lens_q: torch.Tensor | None = None,
                            automodel_output_rows: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -88,7 +80,7 @@ def automodel_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value
 
 def _causal_blocks(module, query, key, value, attention_mask, **kwargs) -> torch.Tensor:
     """SDPA over query blocks [a, b) against keys [0, b) on CPU causal self-attention; one SDPA call otherwise."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     length = query.shape[2]
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
@@ -101,16 +93,30 @@ def _causal_blocks(module, query, key, value, attention_mask, **kwargs) -> torch
         # A query sees a later key (a prefix-LM mask): the blocks would drop it, so no skipping.
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
     kwargs["is_causal"] = False  # each block gets an explicit mask
+    # Grouped-query attention: repeat the key/value heads once here, not once per block inside SDPA's wrapper.
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value, module = repeat_kv(key, groups), repeat_kv(value, groups), _HeadsRepeated(module)
     outputs = []
     for start in range(0, length, QUERY_BLOCK):
         end = min(length, start + QUERY_BLOCK)
-        if attention_mask is None:  # plain causal: query i sees keys <= i; 4D as transformers' masks are
-            mask = (positions[:end].unsqueeze(0) <= positions[start:end].unsqueeze(1))[None, None]
+        if attention_mask is None:  # plain causal: query i sees keys <= i; an additive mask SDPA takes as is
+            mask = torch.zeros(end - start, end, dtype=query.dtype, device=query.device).masked_fill_(
+                positions[:end].unsqueeze(0) > positions[start:end].unsqueeze(1), float("-inf"))[None, None]
         else:
             mask = attention_mask[..., start:end, :end]
         outputs.append(sdpa_attention_forward(module, query[:, :, start:end], key[:, :, :end], value[:, :, :end],
                                               mask, **kwargs)[0])
     return torch.cat(outputs, dim=1)
+
+
+class _HeadsRepeated:
+    """An attention module as `sdpa_attention_forward` sees it once its keys and values have one head per query
+    head (it reads `num_key_value_groups` and `is_causal` only)."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module):
+        self.is_causal = getattr(module, "is_causal", True)
 
 
 def _is_last_layer(module) -> bool:

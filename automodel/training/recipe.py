@@ -46,7 +46,8 @@ from automodel.logging import (
     progress_bar,
     throughput_meter,
 )
-from automodel.models.attention import OUTPUT_ROWS, output_rows_supported
+from automodel.models.attention import OUTPUT_ROWS
+from automodel.models.output_rows import last_layer_rows, output_rows_supported
 from automodel.models.quirks import RouterAuxLoss
 from automodel.peft import LoraSettings
 from automodel.training.chunked_loss import chunked_head_for, forward_chunked_loss
@@ -143,6 +144,8 @@ class FinetuneRecipe:
         # The last layer computes only the label positions' rows (models/attention.py), where the loss reads no other.
         self.output_rows_only = (self.label_logits_only and not self.router_aux.enabled
                                  and output_rows_supported(self.hf_model.config))
+        if self.output_rows_only:
+            last_layer_rows(self.model)
         self.out_dir = Path(self.ckpt_cfg.checkpoint_dir)
         self.state = self._restore()
         self.start_step = self.last_saved_step = self.state.step

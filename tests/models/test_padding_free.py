@@ -3,9 +3,9 @@
 For every native architecture: the examples of one flattened row get the logits each gets alone (fp32, atol 1e-5),
 exactly for the model types in `PADDING_FREE_VERIFIED`, and the others really do mix examples (a hybrid's Mamba
 layers, for one), which is why they are padded. For every row of `OUTPUT_ROWS_VERIFIED`, a last layer limited to
-the label rows (`OUTPUT_ROWS`) gives the same hidden states there and the same gradients, in float64 (1e-9; fp32
-rounding differs by up to ~1e-3 of a gradient on this squared-sum loss), padded and padding-free, while computing
-fewer attention rows. Plus: the recipe picks both by default where verified, and its run gives the per-step losses
+the label rows (`OUTPUT_ROWS`, automodel/models/output_rows.py) gives the same hidden states there and the same
+gradients, in float64 (1e-9; fp32 rounding differs by up to ~1e-3 of a gradient on this squared-sum loss), padded
+and padding-free, while its attention computes fewer query rows and its MLP only the label rows. Plus: the recipe picks both by default where verified, and its run gives the per-step losses
 of padded batches on transformers' sdpa.
 """
 
@@ -17,7 +17,9 @@ import torch
 from automodel.data.collate import FlatCollator, model_inputs, pad_collate
 from automodel.data.packing import build_collator, padding_free
 from automodel.errors import UserError
+from automodel.distributed.fsdp2 import decoder_layers
 from automodel.models.attention import AUTOMODEL_SDPA, OUTPUT_ROWS, use_automodel_sdpa
+from automodel.models.output_rows import last_layer_rows
 from automodel.models.registry import OUTPUT_ROWS_VERIFIED, PADDING_FREE_VERIFIED, native_rows
 from automodel.training.loss import IGNORE_INDEX, shift_labels
 from tests.models.test_architectures import one_thread  # noqa: F401 (fixture)
@@ -67,12 +69,17 @@ def answer_examples(vocab: int) -> list[dict[str, list[int]]]:
 
 
 def label_rows_and_grads(model, batch, keep, **rows):
+    """(hidden states at `keep`, gradients of their squared sum, attention query x key area, last MLP's rows)."""
     model.zero_grad(set_to_none=True)
+    mlp_rows = []
+    handle = decoder_layers(model)[-1].mlp.register_forward_hook(
+        lambda module, args, output: mlp_rows.append(args[0].shape[:-1].numel()))
     with FlashCalls() as calls:
         hidden = model(**model_inputs(batch), use_cache=False, output_hidden_states=True, **rows).hidden_states[-1]
+    handle.remove()
     hidden[keep].square().sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return hidden[keep].detach(), grads, sum(q * k for q, k in calls.shapes)
+    return hidden[keep].detach(), grads, sum(q * k for q, k in calls.shapes), mlp_rows
 
 
 @pytest.mark.parametrize("row", [r for r in ROWS if r.model_type in OUTPUT_ROWS_VERIFIED], ids=lambda r: r.test_id)
@@ -84,13 +91,17 @@ def test_last_layer_on_the_label_rows_only_is_exact(row, collate, one_thread):
     items = answer_examples(len(tokenizer))
     batch = pad_collate(items, tokenizer.pad_token_id) if collate == "padded" else FlatCollator()(items)
     keep = shift_labels(batch["labels"]) != IGNORE_INDEX
-    hidden, grads, area = label_rows_and_grads(model, batch, keep)
-    hidden_rows, grads_rows, area_rows = label_rows_and_grads(model, batch, keep, **{OUTPUT_ROWS: keep})
+    hidden, grads, area, _ = label_rows_and_grads(model, batch, keep)
+    hooks = last_layer_rows(model)
+    assert hooks is not None, f"{row.model_type}: its last layer has no per-token mlp"
+    hidden_rows, grads_rows, area_rows, mlp_rows = label_rows_and_grads(model, batch, keep, **{OUTPUT_ROWS: keep})
+    hooks.remove()
     assert torch.allclose(hidden_rows, hidden, rtol=0, atol=1e-9)
     assert grads_rows.keys() == grads.keys()
     for name, grad in grads.items():
         assert torch.allclose(grads_rows[name], grad, rtol=0, atol=1e-9 * grad.abs().max()), name
     assert area_rows < area  # the last layer's attention really ran on fewer query rows
+    assert mlp_rows == [int(keep.sum())]  # and its MLP on the label rows only
 
 
 def test_padding_free_is_the_default_where_verified_and_refused_where_not():

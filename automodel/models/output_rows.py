@@ -1,0 +1,66 @@
+"""The last decoder layer on the rows the loss reads only.
+
+The loss reads the last hidden state at the label positions alone (~2% of a SQuAD batch), and nothing after the
+last layer's attention mixes positions. So, given `OUTPUT_ROWS` (a bool batch x seq mask the recipe passes through
+the model's forward as a keyword), the last layer computes only those rows wherever it can without changing them:
+its attention runs those query rows alone (automodel/models/attention.py) and its MLP, most of a layer's matmuls,
+runs on those rows only (`LastLayerRows`, forward hooks on the layer). The other rows of the last hidden state are
+left as garbage that nothing reads; their gradient is zero. The keys and values still come from every position.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from automodel.models.attention import AUTOMODEL_SDPA, OUTPUT_ROWS
+
+
+def output_rows_supported(config) -> bool:
+    """Whether the model's last layer may compute only the rows the loss reads (`OUTPUT_ROWS`)."""
+    from automodel.models.registry import OUTPUT_ROWS_VERIFIED
+
+    return config._attn_implementation == AUTOMODEL_SDPA and config.model_type in OUTPUT_ROWS_VERIFIED
+
+
+class LastLayerRows:
+    """Forward hooks that run the last decoder layer's `mlp` on the `OUTPUT_ROWS` rows only.
+
+    The layer's pre-hook reads the rows from the layer's keyword arguments (so an activation-checkpointing
+    recompute, which calls the layer again with them, sees the same rows); the MLP's hooks gather those rows
+    before it and scatter its output back into zeros after it."""
+
+    def __init__(self, layer: nn.Module):
+        self.rows: torch.Tensor | None = None
+        self.handles = [layer.register_forward_pre_hook(self._read_rows, with_kwargs=True),
+                        layer.mlp.register_forward_pre_hook(self._gather),
+                        layer.mlp.register_forward_hook(self._scatter)]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _read_rows(self, module, args, kwargs):
+        self.rows = kwargs.get(OUTPUT_ROWS)
+
+    def _gather(self, module, args):
+        (hidden,) = args
+        if self.rows is None or hidden.shape[:-1] != self.rows.shape:
+            self.rows = None  # not this forward's rows: compute every row
+            return None
+        return (hidden[self.rows].unsqueeze(0),)
+
+    def _scatter(self, module, args, output):
+        if self.rows is None:
+            return None
+        full = output.new_zeros(*self.rows.shape, output.shape[-1])
+        full[self.rows] = output[0]
+        return full
+
+
+def last_layer_rows(model: nn.Module) -> LastLayerRows | None:
+    """Install `LastLayerRows` on the model's last decoder layer when it has a per-token `mlp`; None otherwise."""
+    from automodel.distributed.fsdp2 import decoder_layers
+
+    layer = decoder_layers(model)[-1]
+    return LastLayerRows(layer) if isinstance(getattr(layer, "mlp", None), nn.Module) else None
