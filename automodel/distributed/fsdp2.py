@@ -18,9 +18,10 @@ def hf_model(model: nn.Module) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The modules whose class the model lists in `_no_split_modules`, in model order."""
+    """The modules whose class the model lists in `_no_split_modules`, in model order (also once FSDP2 has sharded
+    them: their class is then a subclass named FSDP<name>)."""
     names = set(getattr(hf_model(model), "_no_split_modules", None) or [])
-    layers = [module for module in model.modules() if type(module).__name__ in names]
+    layers = [module for module in model.modules() if any(c.__name__ in names for c in type(module).__mro__)]
     if not layers:
         raise UserError(f"distributed: {type(hf_model(model)).__name__} declares no decoder layer classes "
                         "(_no_split_modules) that occur in the model, so FSDP2 cannot find its layers; "
