@@ -10,8 +10,9 @@ the contenders interleaved round by round, on the same rows in the same order.
     python benchmarks/peers.py --quick --contenders automodel --scenarios stories-sft    # smoke test, seconds
 
 Prints, per scenario: real tokens/s, label tokens/s, padding share, peak RSS, mean loss of the last 4 steps, and
-the ratios to the best peer (HF Trainer / TRL). `automodel` uses the library defaults; `automodel:padded` pads
-the same batches as the peers (its loss is the one to compare with theirs); `automodel:grouped` and
+the ratios to the best peer (HF Trainer / TRL). `automodel` uses the library defaults (padding-free batches,
+`automodel_sdpa`); `automodel:padded` pads the same batches as the peers; `automodel:sdpa` also runs transformers'
+own sdpa attention, as the peers do (the library as it was before `automodel_sdpa`); `automodel:grouped` and
 `automodel:packedN` force length grouping or packing into rows of N tokens; `automodel:unchunked` computes the
 label positions' logits in one piece (`loss_fn.chunk_size: null`) instead of the chunked output head;
 `automodel:adamw-foreach` / `automodel:adamw-fused` switch AdamW's implementation.
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
     parser.add_argument("--contenders", default=DEFAULT_CONTENDERS,
-                        help="comma list: automodel[:padded|:grouped|:packedN|:unchunked|:adamw-foreach|:adamw-fused], "
+                        help="comma list: automodel[:padded|:sdpa|:grouped|:packedN|:unchunked|:adamw-foreach|:adamw-fused], "
                              "hf-trainer, trl, trl-packing")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions (median tokens/s)")
     parser.add_argument("--threads", type=int, default=2)
