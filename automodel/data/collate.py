@@ -60,12 +60,13 @@ class FlatCollator:
                                  f"{len(item['labels'])} labels")
         lengths = torch.tensor([len(item["input_ids"]) for item in batch])
         starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        labels = torch.tensor([token for item in batch for token in item["labels"]])
+        # One tensor per example, then one cat: no Python loop over tokens.
+        labels = torch.cat([torch.tensor(item["labels"], dtype=torch.long) for item in batch])
         labels[starts[:-1]] = IGNORE_INDEX
         total = int(starts[-1])
         boundaries = starts.to(torch.int32)
         return {
-            "input_ids": torch.tensor([token for item in batch for token in item["input_ids"]]).unsqueeze(0),
+            "input_ids": torch.cat([torch.tensor(item["input_ids"], dtype=torch.long) for item in batch]).unsqueeze(0),
             "labels": labels.unsqueeze(0),
             "position_ids": (torch.arange(total) - starts[:-1].repeat_interleave(lengths)).unsqueeze(0),
             "attention_mask": torch.ones(1, total, dtype=torch.long),
