@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import torch
 import yaml
@@ -56,13 +59,20 @@ def run(cmd: list[str], timeout: float = 300, **env: str) -> subprocess.Complete
     return out
 
 
-def run_together(launches: list[tuple[list[str], dict[str, str]]], timeout: float = 300) -> list[str]:
-    """Start every (command, extra environment) at once, as the processes of one job; wait for all of them and
-    return their outputs (stdout and stderr together). Each must exit 0."""
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
-                              env=clean_env(**env))
-             for cmd, env in launches]
+def run_together(launches: list[tuple[list[str], dict[str, str]]], port: int, timeout: float = 300) -> list[str]:
+    """Start every (command, extra environment) as the processes of one job whose first process hosts the rendezvous
+    store on `port`; wait for all of them and return their outputs (stdout and stderr together). Each must exit 0.
+
+    The others start once that port listens: a store client started first keeps connecting to the port, and while
+    it is still free the connection can land on whatever else took it meanwhile (CI once saw it reach another
+    test's gloo listener and break that test)."""
+    procs = []
     try:
+        for cmd, env in launches:
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                          cwd=REPO_ROOT, env=clean_env(**env)))
+            if len(procs) == 1:
+                wait_until_listening(port, procs[0], timeout)
         outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
     finally:
         for proc in procs:
@@ -72,9 +82,40 @@ def run_together(launches: list[tuple[list[str], dict[str, str]]], timeout: floa
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing uses, below the kernel's ephemeral range when there is room: the kernel never hands those
+    out by itself (to a gloo listener or a client socket), so only another explicit choice could take it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = random.sample(range(max(1024, low - 8000), low), 64) if low - 1024 >= 1000 else []
+    for port in [*candidates, 0]:  # 0: the kernel picks, when the range leaves no room below it
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise AssertionError("no free port")
+
+
+def listening_ports() -> set[int]:
+    """Local ports of the TCP sockets in LISTEN state (state 0A in /proc/net/tcp and tcp6)."""
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A":
+                ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
+
+
+def wait_until_listening(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while port not in listening_ports():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            exited = proc.poll() is not None
+            output = proc.stdout.read() if exited and proc.stdout else ""
+            raise AssertionError(f"the rendezvous host never listened on port {port} "
+                                 f"({f'exit code {proc.returncode}' if exited else 'timed out'}):\n{output}")
+        time.sleep(0.1)
 
 
 def train_records(ckpt_dir) -> list[dict]:

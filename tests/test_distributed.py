@@ -79,7 +79,7 @@ def test_tensor_parallel_two_ranks_started_by_srun_variables(tmp_path, reference
     outputs = run_together([(automodel_cmd(config), dict(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
                                                          SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NUM_NODES="1",
                                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-                             for rank in range(2)])
+                             for rank in range(2)], port=int(port))
     assert "2 processes (slurm, gloo backend): strategy none, data parallel 1 x tensor parallel 2" in outputs[0]
     assert_same_training(tmp_path / "ckpt", reference(False), stories_tokenizer)
 
@@ -90,7 +90,7 @@ def test_ddp_lora_on_two_nodes_of_one_machine(tmp_path, reference, stories_token
     port = str(free_port())
     outputs = run_together([(automodel_cmd(config, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
                                            "--master-addr", "127.0.0.1", "--master-port", port), {})
-                            for node in range(2)])
+                            for node in range(2)], port=int(port))
     assert "strategy ddp, data parallel 2 x tensor parallel 1" in outputs[0]
     assert_same_training(tmp_path / "ckpt", reference(True), stories_tokenizer)
 
