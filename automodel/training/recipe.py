@@ -10,11 +10,13 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -84,6 +86,14 @@ class RunResult:
     preempted: bool = False
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (every device), as transformers' `set_seed` does. Not taken
+    from there: importing it loads `transformers.trainer_utils`, and with it peft (~100 MB resident in SFT runs)."""
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 class FinetuneRecipe:
     """Fine-tune a causal LM with LoRA (when a `peft` section is present) or full SFT."""
 
@@ -114,9 +124,7 @@ class FinetuneRecipe:
     # ---- setup ----------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from transformers import set_seed
-
-        set_seed(int(self.cfg.get("seed", 42)))
+        seed_everything(int(self.cfg.get("seed", 42)))
         # The model's tokenizer unless `tokenizer:` or `dataset.tokenizer` names another (with its options).
         self.tokenizer = build_tokenizer(self.cfg)
         self.model = self.build_model()

@@ -1,13 +1,17 @@
 """Tokenizer options from the config: set on the real tokenizers, used by the data, kept by save_pretrained."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 from transformers import AutoTokenizer
 
+from automodel.data.cache import tokenizer_fingerprint
 from automodel.data.tokenizer import apply_tokenizer_options, build_tokenizer, special_token_affixes
 from automodel.errors import UserError
-from tests.conftest import ASSETS, STORIES
+from tests.conftest import ASSETS, REPO_ROOT, STORIES
 
 GPT2 = ASSETS / "tokenizers" / "gpt2"
 
@@ -52,3 +56,37 @@ def test_build_tokenizer_from_config(tmp_path):
         build_tokenizer({"model": cfg["model"], "tokenizer": {"add_bos": "yes"}})
     with pytest.raises(UserError, match="tokenizer.chat_template: cannot read .*missing.jinja"):
         build_tokenizer({"model": cfg["model"], "tokenizer": {"chat_template": str(tmp_path / "missing.jinja")}})
+
+
+# ---- the data cache's tokenizer fingerprint --------------------------------------------------------------
+
+def fingerprint_in_fresh_interpreter(path, hash_seed: str) -> str:
+    code = ("import sys; from transformers import AutoTokenizer; from automodel.data.cache import tokenizer_fingerprint;"
+            " print(tokenizer_fingerprint(AutoTokenizer.from_pretrained(sys.argv[1])))")
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env,
+                          timeout=120, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", ["llama2", "qwen"])
+def test_tokenizer_fingerprint_is_stable_across_processes(name):
+    """Same tokenizer files, two interpreters with different string hashing: the same cache key."""
+    path = ASSETS / "tokenizers" / name
+    assert fingerprint_in_fresh_interpreter(path, "1") == fingerprint_in_fresh_interpreter(path, "2") == \
+        tokenizer_fingerprint(AutoTokenizer.from_pretrained(path))
+
+
+def test_tokenizer_fingerprint_changes_with_what_decides_the_ids(stories_tokenizer):
+    base = tokenizer_fingerprint(stories_tokenizer)
+    assert tokenizer_fingerprint(copy.deepcopy(stories_tokenizer)) == base
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(GPT2)) != base
+    variants = [apply_tokenizer_options(copy.deepcopy(stories_tokenizer), add_bos=False),
+                apply_tokenizer_options(copy.deepcopy(stories_tokenizer), add_eos=True),
+                apply_tokenizer_options(copy.deepcopy(stories_tokenizer), chat_template="{{ messages }}")]
+    extended = copy.deepcopy(stories_tokenizer)
+    extended.add_tokens(["<extra>"])
+    renamed = copy.deepcopy(stories_tokenizer)
+    renamed.add_special_tokens({"pad_token": "<pad>"})
+    prints = [tokenizer_fingerprint(t) for t in (*variants, extended, renamed)]
+    assert base not in prints and len(set(prints)) == len(prints)
