@@ -69,12 +69,15 @@ def automodel_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value
         raise ValueError(f"a padding-free batch is one row of examples without a KV cache; got query "
                          f"{tuple(query.shape)}, key {tuple(key.shape)}")
     bounds = cu_seq_lens_q.tolist()
+    sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    # split, not one slice per example: the backward of a split is one concatenation, while each slice's backward
+    # fills a zero tensor the size of the whole row.
+    for start, q, k, v in zip(bounds, query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)):
         # The diagonal block of a mask over the flattened row is the example's own (causal, sliding window) mask.
+        end = start + q.shape[2]
         mask = None if attention_mask is None else attention_mask[..., start:end, start:end]
-        outputs.append(_causal_blocks(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                                      mask, **kwargs))
+        outputs.append(_causal_blocks(module, q, k, v, mask, **kwargs))
     return torch.cat(outputs, dim=1), None
 
 
