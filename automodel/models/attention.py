@@ -4,13 +4,15 @@ Registered through transformers' own `AttentionInterface` and `AttentionMaskInte
 architecture whose modeling code calls the interface uses it; `load_causal_lm` switches a model that transformers
 gave `sdpa` to it. Two things it adds to transformers' `sdpa_attention_forward`, which it calls for the actual math:
 
-- Causal block skipping (CPU). PyTorch's CPU flash kernel walks keys in blocks of 512, so a causal row of up to 512
-  tokens computes (then masks) the whole square. Splitting the queries into blocks of `QUERY_BLOCK` and giving block
-  [a, b) only the keys [0, b) skips the upper triangle. Measured on stories260K's forward+backward (head_dim 8,
-  512-token rows): 1.3-1.45x transformers' `sdpa` on the padded batch. Against one `is_causal` call per example the
-  blocks alone are worth little: 0.96x its time for a 512-token example but 1.06-1.18x for 300-400 tokens (head
-  dims 8 and 64, 2 threads), as the CPU kernel's cost per score grows for short query blocks. CUDA kernels skip
-  masked blocks themselves, so nothing changes there.
+- Causal block skipping (CPU) where a mask is given (padded batches, sliding windows). PyTorch's CPU flash kernel
+  walks keys in blocks of 512, so a masked row of up to 512 tokens computes (then masks) the whole square.
+  Splitting the queries into blocks of `QUERY_BLOCK` and giving block [a, b) only the keys [0, b) skips the upper
+  triangle: measured 1.3-1.45x transformers' `sdpa` on stories260K's padded batches (head_dim 8, 512-token rows).
+  Without a mask (a padding-free example, an unpadded batch) one `is_causal` call runs instead: against it the
+  blocks measured 0.96x the time for a 512-token example but 1.06-1.18x for 300-400 tokens (head dims 8 and 64,
+  2 threads; the kernel's cost per score grows for short query blocks), and their masks, saved for the backward,
+  were ~20 MB of stories260K's ~118 MB of activations. CUDA kernels skip masked blocks themselves, so nothing
+  changes there.
 - Padding-free batches. A flattened micro-batch (one row, examples back to back, `cu_seq_lens_q` the example
   boundaries, transformers' names for them) attends example by example: no padding is computed and no
   [tokens x tokens] block-diagonal mask is built.
@@ -85,33 +87,29 @@ def automodel_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value
 
 
 def _causal_blocks(module, query, key, value, attention_mask, **kwargs) -> torch.Tensor:
-    """SDPA over query blocks [a, b) against keys [0, b) on CPU causal self-attention; one SDPA call otherwise."""
+    """SDPA over query blocks [a, b) against keys [0, b) for masked CPU causal self-attention; one SDPA call
+    otherwise. Without a mask that one call is `is_causal`, which costs no more than the blocks (module docstring)
+    and saves no block masks for the backward."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     length = query.shape[2]
     causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
-    boolean_mask = attention_mask is None or attention_mask.dtype == torch.bool
-    if (query.device.type != "cpu" or not causal or not boolean_mask or length != key.shape[2]
-            or length < 2 * QUERY_BLOCK):
+    if (attention_mask is None or attention_mask.dtype != torch.bool or query.device.type != "cpu" or not causal
+            or length != key.shape[2] or length < 2 * QUERY_BLOCK):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
     positions = torch.arange(length, device=query.device)
-    if attention_mask is not None and (attention_mask & (positions.unsqueeze(0) > positions.unsqueeze(1))).any():
+    if (attention_mask & (positions.unsqueeze(0) > positions.unsqueeze(1))).any():
         # A query sees a later key (a prefix-LM mask): the blocks would drop it, so no skipping.
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)[0]
-    kwargs["is_causal"] = False  # each block gets an explicit mask
+    kwargs["is_causal"] = False  # each block gets its slice of the mask
     # Grouped-query attention: repeat the key/value heads once here, not once per block inside SDPA's wrapper.
     groups = getattr(module, "num_key_value_groups", 1)
     key, value, module = repeat_kv(key, groups), repeat_kv(value, groups), _HeadsRepeated(module)
     outputs = []
     for start in range(0, length, QUERY_BLOCK):
         end = min(length, start + QUERY_BLOCK)
-        if attention_mask is None:  # plain causal: query i sees keys <= i; an additive mask SDPA takes as is
-            mask = torch.zeros(end - start, end, dtype=query.dtype, device=query.device).masked_fill_(
-                positions[:end].unsqueeze(0) > positions[start:end].unsqueeze(1), float("-inf"))[None, None]
-        else:
-            mask = attention_mask[..., start:end, :end]
         outputs.append(sdpa_attention_forward(module, query[:, :, start:end], key[:, :, :end], value[:, :, :end],
-                                              mask, **kwargs)[0])
+                                              attention_mask[..., start:end, :end], **kwargs)[0])
     return torch.cat(outputs, dim=1)
 
 

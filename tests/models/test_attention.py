@@ -48,15 +48,16 @@ def loss_and_grads(model, implementation: str, batch):
 
 
 class FlashCalls(TorchDispatchMode):
-    """(query length, key length) of every CPU flash-attention forward call."""
+    """(query length, key length) of every CPU flash-attention forward call, and whether it had a mask."""
 
     def __init__(self):
         super().__init__()
-        self.shapes = []
+        self.shapes, self.masked = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
             self.shapes.append((args[0].shape[0] * args[0].shape[2], args[1].shape[2]))
+            self.masked.append((kwargs or {}).get("attn_mask") is not None)
         return func(*args, **(kwargs or {}))
 
 
@@ -72,9 +73,10 @@ def test_same_loss_and_gradients_as_sdpa_on_padded_long_rows(model_type, overrid
         assert torch.allclose(got[name], grad, rtol=0, atol=1e-5 * grad.abs().max()), name
 
 
-def test_the_upper_triangle_is_skipped():
+def test_the_upper_triangle_of_a_masked_row_is_skipped():
+    """A padded batch gets a mask, so `sdpa` computes each row's whole square; the blocks skip its upper triangle."""
     model = tiny("llama").eval()
-    batch, _ = padded_batch([LONG, LONG])
+    batch, _ = padded_batch([LONG, LONG - 40])
     area = {}
     for implementation in ("sdpa", AUTOMODEL_SDPA):
         model.set_attn_implementation(implementation)
@@ -89,8 +91,8 @@ def test_the_upper_triangle_is_skipped():
 @pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("mistral", {"sliding_window": 100})],
                          ids=["llama-gqa", "mistral-sliding-window"])
 def test_padding_free_long_examples_equal_each_example_alone(model_type, overrides):
-    """Each example of a flattened row attends in query blocks to itself only; sliding-window layers hand the
-    attention a mask over the whole row, of which each example uses its diagonal block."""
+    """Each example of a flattened row attends to itself only (one causal call); sliding-window layers hand the
+    attention a mask over the whole row, of which each example uses its diagonal block (in query blocks)."""
     model = tiny(model_type, **overrides).eval()
     model.set_attn_implementation(AUTOMODEL_SDPA)
     _, rows = padded_batch([LONG, 40, 2 * QUERY_BLOCK + 1])  # a last block of one query row, too
@@ -126,3 +128,15 @@ def test_the_loader_picks_it_where_transformers_picks_sdpa_and_saves_a_plain_con
             "print(AutoModelForCausalLM.from_pretrained(sys.argv[1]).config._attn_implementation)")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "sdpa"
+
+
+def test_an_unmasked_example_is_one_causal_call():
+    """No mask (a padding-free example, an unpadded batch): one `is_causal` SDPA call per example, no block masks."""
+    model = tiny("llama").eval()
+    model.set_attn_implementation(AUTOMODEL_SDPA)
+    _, rows = padded_batch([LONG, 2 * QUERY_BLOCK + 1])
+    with torch.no_grad(), FlashCalls() as calls:
+        model(**model_inputs(FlatCollator()([{"input_ids": r, "labels": r} for r in rows])), use_cache=False)
+    layers = model.config.num_hidden_layers
+    assert sorted(calls.shapes) == sorted([(n, n) for n in (LONG, 2 * QUERY_BLOCK + 1)] * layers)
+    assert not any(calls.masked)
