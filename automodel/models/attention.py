@@ -11,7 +11,7 @@ gave `sdpa` to it. Two things it adds to transformers' `sdpa_attention_forward`,
   Without a mask (a padding-free example, an unpadded batch) one `is_causal` call runs instead: against it the
   blocks measured 0.96x the time for a 512-token example but 1.06-1.18x for 300-400 tokens (head dims 8 and 64,
   2 threads; the kernel's cost per score grows for short query blocks), and their masks, saved for the backward,
-  were ~20 MB of stories260K's ~118 MB of activations. CUDA kernels skip masked blocks themselves, so nothing
+  were ~23 MB of stories260K's 118 MB of activations. CUDA kernels skip masked blocks themselves, so nothing
   changes there.
 - Padding-free batches. A flattened micro-batch (one row, examples back to back, `cu_seq_lens_q` the example
   boundaries, transformers' names for them) attends example by example: no padding is computed and no

@@ -88,7 +88,7 @@ class RunResult:
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's generators (every device), as transformers' `set_seed` does. Not taken
-    from there: importing it loads `transformers.trainer_utils`, and with it peft (~100 MB resident in SFT runs)."""
+    from there: importing it loads `transformers.trainer_utils`, and with it peft (8 MB resident in SFT runs)."""
     random.seed(seed)
     numpy.random.seed(seed)
     torch.manual_seed(seed)

@@ -60,8 +60,10 @@ def test_build_tokenizer_from_config(tmp_path):
 
 # ---- the data cache's tokenizer fingerprint --------------------------------------------------------------
 
+
 def fingerprint_in_fresh_interpreter(path, hash_seed: str) -> str:
-    code = ("import sys; from transformers import AutoTokenizer; from automodel.data.cache import tokenizer_fingerprint;"
+    code = ("import sys; from transformers import AutoTokenizer;"
+            " from automodel.data.cache import tokenizer_fingerprint;"
             " print(tokenizer_fingerprint(AutoTokenizer.from_pretrained(sys.argv[1])))")
     env = {**os.environ, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(REPO_ROOT)}
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env,
