@@ -59,20 +59,32 @@ def run(cmd: list[str], timeout: float = 300, **env: str) -> subprocess.Complete
     return out
 
 
-def run_together(launches: list[tuple[list[str], dict[str, str]]], port: int, timeout: float = 300) -> list[str]:
+def start_job(launches: list[tuple[list[str], dict[str, str]]], port: int, timeout: float,
+              stdouts: list | None = None) -> list[subprocess.Popen]:
     """Start every (command, extra environment) as the processes of one job whose first process hosts the rendezvous
-    store on `port`; wait for all of them and return their outputs (stdout and stderr together). Each must exit 0.
-
-    The others start once that port listens: a store client started first keeps connecting to the port, and while
-    it is still free the connection can land on whatever else took it meanwhile (CI once saw it reach another
-    test's gloo listener and break that test)."""
+    store on `port`; the others start once that port listens. A store client started first keeps connecting to the
+    port, and while it is still free the connection can land on whatever else took it meanwhile (CI once saw it
+    reach another test's gloo listener and break that test). `stdouts`: each process's stdout (default: a pipe)."""
     procs = []
     try:
-        for cmd, env in launches:
-            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                          cwd=REPO_ROOT, env=clean_env(**env)))
-            if len(procs) == 1:
+        for rank, (cmd, env) in enumerate(launches):
+            stdout = subprocess.PIPE if stdouts is None else stdouts[rank]
+            procs.append(subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
+                                          env=clean_env(**env)))
+            if rank == 0:
                 wait_until_listening(port, procs[0], timeout)
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+        raise
+    return procs
+
+
+def run_together(launches: list[tuple[list[str], dict[str, str]]], port: int, timeout: float = 300) -> list[str]:
+    """`start_job`, then wait for all of its processes and return their outputs (stdout and stderr together).
+    Each must exit 0."""
+    procs = start_job(launches, port, timeout)
+    try:
         outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
     finally:
         for proc in procs:
@@ -101,7 +113,7 @@ def listening_ports() -> set[int]:
     ports = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
+            _, local, _, state = line.split()[:4]
             if state == "0A":
                 ports.add(int(local.rsplit(":", 1)[1], 16))
     return ports

@@ -75,11 +75,11 @@ def test_fsdp2_sft_started_by_torchrun_directly(tmp_path, reference, stories_tok
 def test_tensor_parallel_two_ranks_started_by_srun_variables(tmp_path, reference, stories_tokenizer):
     """TP=2 (Llama's own transformers plan) in two plain processes that read SLURM's variables, as under srun."""
     config = write_config(tmp_path, dist_config(tmp_path, peft=False, tp_size=2))
-    port = str(free_port())
+    port = free_port()
     outputs = run_together([(automodel_cmd(config), dict(SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
                                                          SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NUM_NODES="1",
-                                                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-                             for rank in range(2)], port=int(port))
+                                                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+                             for rank in range(2)], port=port)
     assert "2 processes (slurm, gloo backend): strategy none, data parallel 1 x tensor parallel 2" in outputs[0]
     assert_same_training(tmp_path / "ckpt", reference(False), stories_tokenizer)
 
@@ -87,10 +87,10 @@ def test_tensor_parallel_two_ranks_started_by_srun_variables(tmp_path, reference
 def test_ddp_lora_on_two_nodes_of_one_machine(tmp_path, reference, stories_tokenizer):
     """Two launchers (--nnodes 2, one worker each) meet at 127.0.0.1 and train DDP with LoRA."""
     config = write_config(tmp_path, dist_config(tmp_path, peft=True, strategy="ddp"))
-    port = str(free_port())
+    port = free_port()
     outputs = run_together([(automodel_cmd(config, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
-                                           "--master-addr", "127.0.0.1", "--master-port", port), {})
-                            for node in range(2)], port=int(port))
+                                           "--master-addr", "127.0.0.1", "--master-port", str(port)), {})
+                            for node in range(2)], port=port)
     assert "strategy ddp, data parallel 2 x tensor parallel 1" in outputs[0]
     assert_same_training(tmp_path / "ckpt", reference(True), stories_tokenizer)
 

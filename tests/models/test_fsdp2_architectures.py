@@ -13,7 +13,6 @@ Dropout is switched off in both layouts (see fsdp2_worker.no_dropout); MoE routi
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,7 @@ from safetensors.torch import load_file
 
 from automodel.models.registry import BY_NAME, FSDP2_VERIFIED
 from automodel.training.recipe import FinetuneRecipe
-from tests.conftest import REPO_ROOT
-from tests.distributed_helpers import clean_env, free_port, losses, wait_until_listening
+from tests.distributed_helpers import free_port, losses, start_job
 from tests.models.fsdp2_worker import STEPS, fsdp2_config
 from tests.models.test_architectures import checkpoint, one_thread  # noqa: F401 (fixtures)
 
@@ -83,18 +81,13 @@ def fsdp2_group(request, tmp_path_factory, checkpoint):  # noqa: F811
     runs_file.write_text(json.dumps(runs))
     port = free_port()
     logs = [root / f"rank{rank}.log" for rank in range(2)]
-    procs = []
-    for rank, log in enumerate(logs):  # rank 1 once rank 0's store listens (see run_together)
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.models.fsdp2_worker", str(runs_file)],
-                                      cwd=REPO_ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                      env=clean_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                                                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))))
-        if rank == 0:
-            try:
-                wait_until_listening(port, procs[0], WORKER_TIMEOUT_S)
-            except AssertionError as err:
-                procs[0].kill()
-                pytest.fail(f"{err}\n{logs[0].read_text()[-3000:]}")
+    command = [sys.executable, "-m", "tests.models.fsdp2_worker", str(runs_file)]
+    launches = [(command, dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT=str(port))) for rank in range(2)]
+    try:
+        procs = start_job(launches, port, WORKER_TIMEOUT_S, stdouts=[log.open("w") for log in logs])
+    except AssertionError as err:
+        pytest.fail(f"{err}\n{logs[0].read_text()[-3000:]}")
     group = TwoProcessGroup(procs, logs, out_dirs)
     yield group
     try:
