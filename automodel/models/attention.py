@@ -2,20 +2,22 @@
 
 Registered through transformers' own `AttentionInterface` and `AttentionMaskInterface` (no patching), so every
 architecture whose modeling code calls the interface uses it; `load_causal_lm` switches a model that transformers
-gave `sdpa` to it. Two things it adds to transformers' `sdpa_attention_forward`, which it calls for the actual math:
+gave `sdpa` to it. What it adds to transformers' `sdpa_attention_forward` (which it calls for the masked math):
 
-- Causal block skipping (CPU) where a mask is given (padded batches, sliding windows). PyTorch's CPU flash kernel
-  walks keys in blocks of 512, so a masked row of up to 512 tokens computes (then masks) the whole square.
-  Splitting the queries into blocks of `QUERY_BLOCK` and giving block [a, b) only the keys [0, b) skips the upper
-  triangle: measured 1.3-1.45x transformers' `sdpa` on stories260K's padded batches (head_dim 8, 512-token rows).
-  Without a mask (a padding-free example, an unpadded batch) one `is_causal` call runs instead: against it the
-  blocks measured 0.96x the time for a 512-token example but 1.06-1.18x for 300-400 tokens (head dims 8 and 64,
-  2 threads; the kernel's cost per score grows for short query blocks), and their masks, saved for the backward,
-  were ~23 MB of stories260K's 118 MB of activations. CUDA kernels skip masked blocks themselves, so nothing
-  changes there.
+- Causal block skipping (CPU). PyTorch's CPU flash kernel walks keys in blocks of 512, so a row of up to 512
+  tokens computes (then masks) the whole square, `is_causal` or not.
+  - Without a mask (an unpadded batch, the examples of a padding-free row), `causal_attention`
+    (automodel/models/causal_attention.py) gives the kernel two half triangles and a rectangle instead: 3/4 of
+    the square for rows of at least `SPLIT_MIN` tokens, one `is_causal` call for shorter rows.
+  - Where a mask is given (padded batches, sliding windows), the queries go in blocks of `QUERY_BLOCK`, block
+    [a, b) seeing only the keys [0, b): measured 1.3-1.45x transformers' `sdpa` on stories260K's padded batches
+    (head_dim 8, 512-token rows). (Without a mask these blocks measured no faster than one `is_causal` call, and
+    their masks, saved for the backward, were ~23 MB of stories260K's 118 MB of activations.)
+  CUDA kernels skip masked blocks themselves, so nothing changes there.
 - Padding-free batches. A flattened micro-batch (one row, examples back to back, `cu_seq_lens_q` the example
-  boundaries, transformers' names for them) attends example by example: no padding is computed and no
-  [tokens x tokens] block-diagonal mask is built.
+  boundaries, transformers' names for them) attends example by example: no [tokens x tokens] block-diagonal mask
+  is built. Without a mask, examples of similar length run as one batch (`padding_free_causal`, at most 10% of
+  padded scores); with one (sliding windows), each example gets its diagonal block of it.
 
 - Only the rows the loss reads, in the last layer: given `OUTPUT_ROWS` (a bool batch x seq mask passed through the
   model's forward as a keyword), the last layer's attention computes those query rows alone and leaves zeros
@@ -28,6 +30,8 @@ to float rounding (tests/models/test_attention.py).
 from __future__ import annotations
 
 import torch
+
+from automodel.models.causal_attention import SPLIT_MIN, causal_attention, padding_free_causal, supported
 
 AUTOMODEL_SDPA = "automodel_sdpa"
 # The forward keyword that carries the positions whose last-layer output is read (see the module docstring).
@@ -69,12 +73,20 @@ def automodel_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value
         return _output_rows_only(module, query, key, value, attention_mask, automodel_output_rows, cu_seq_lens_q,
                                  **kwargs), None
     if cu_seq_lens_q is None:
+        if _plain_causal(module, query, key, value, attention_mask, kwargs) and query.shape[2] >= SPLIT_MIN:
+            from transformers.integrations.sdpa_attention import repeat_kv
+
+            groups = query.shape[1] // key.shape[1]
+            output = causal_attention(query, repeat_kv(key, groups), repeat_kv(value, groups), kwargs.get("scaling"))
+            return output.transpose(1, 2).contiguous(), None
         return _causal_blocks(module, query, key, value, attention_mask, **kwargs), None
     if query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         raise ValueError(f"a padding-free batch is one row of examples without a KV cache; got query "
                          f"{tuple(query.shape)}, key {tuple(key.shape)}")
     bounds = cu_seq_lens_q.tolist()
     sizes = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    if _plain_causal(module, query, key, value, attention_mask, kwargs):
+        return padding_free_causal(query, key, value, sizes, kwargs.get("scaling")), None
     outputs = []
     # split, not one slice per example: the backward of a split is one concatenation, while each slice's backward
     # fills a zero tensor the size of the whole row.
@@ -84,6 +96,14 @@ def automodel_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value
         mask = None if attention_mask is None else attention_mask[..., start:end, start:end]
         outputs.append(_causal_blocks(module, q, k, v, mask, **kwargs))
     return torch.cat(outputs, dim=1), None
+
+
+def _plain_causal(module, query, key, value, attention_mask, kwargs) -> bool:
+    """Whether `sdpa` would compute plain causal self-attention here, which `causal_attention` computes faster on
+    CPU: no mask, a causal module, and nothing `sdpa` adds on top (dropout, a position bias; it refuses soft-capping)."""
+    return (attention_mask is None and kwargs.get("is_causal", getattr(module, "is_causal", True))
+            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+            and supported(query, key, value, kwargs.get("dropout", 0.0)))
 
 
 def _causal_blocks(module, query, key, value, attention_mask, **kwargs) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from automodel.data.collate import FlatCollator, model_inputs, pad_collate
 from automodel.models import load_causal_lm
 from automodel.models.attention import AUTOMODEL_SDPA, QUERY_BLOCK, automodel_sdpa_forward, register
+from automodel.models.causal_attention import SPLIT_MIN
 from tests.conftest import STORIES
 
 LONG, SHORT = 3 * QUERY_BLOCK + 17, QUERY_BLOCK + 5  # several query blocks, and fewer than two (one SDPA call)
@@ -91,8 +92,9 @@ def test_the_upper_triangle_of_a_masked_row_is_skipped():
 @pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("mistral", {"sliding_window": 100})],
                          ids=["llama-gqa", "mistral-sliding-window"])
 def test_padding_free_long_examples_equal_each_example_alone(model_type, overrides):
-    """Each example of a flattened row attends to itself only (one causal call); sliding-window layers hand the
-    attention a mask over the whole row, of which each example uses its diagonal block (in query blocks)."""
+    """Each example of a flattened row attends to itself only (batched by length, causal_attention.py);
+    sliding-window layers hand the attention a mask over the whole row, of which each example uses its diagonal
+    block (in query blocks)."""
     model = tiny(model_type, **overrides).eval()
     model.set_attn_implementation(AUTOMODEL_SDPA)
     _, rows = padded_batch([LONG, 40, 2 * QUERY_BLOCK + 1])  # a last block of one query row, too
@@ -130,13 +132,17 @@ def test_the_loader_picks_it_where_transformers_picks_sdpa_and_saves_a_plain_con
     assert done.stdout.strip() == "sdpa"
 
 
-def test_an_unmasked_example_is_one_causal_call():
-    """No mask (a padding-free example, an unpadded batch): one `is_causal` SDPA call per example, no block masks."""
+def test_unmasked_examples_are_causal_calls_without_masks():
+    """No mask (a padding-free row): an example shorter than `SPLIT_MIN` is one `is_causal` call; a longer one
+    (padded by one token to an even length) is its two half triangles in one call and a rectangle; no masks."""
     model = tiny("llama").eval()
     model.set_attn_implementation(AUTOMODEL_SDPA)
-    _, rows = padded_batch([LONG, 2 * QUERY_BLOCK + 1])
+    short = 2 * QUERY_BLOCK + 1
+    _, rows = padded_batch([LONG, short])
+    assert short < SPLIT_MIN <= LONG and LONG % 2 == 1
     with torch.no_grad(), FlashCalls() as calls:
         model(**model_inputs(FlatCollator()([{"input_ids": r, "labels": r} for r in rows])), use_cache=False)
-    layers = model.config.num_hidden_layers
-    assert sorted(calls.shapes) == sorted([(n, n) for n in (LONG, 2 * QUERY_BLOCK + 1)] * layers)
+    half = (LONG + 1) // 2
+    per_layer = [(short, short), (2 * half, half), (half, half)]  # (batch x queries, keys)
+    assert sorted(calls.shapes) == sorted(per_layer * model.config.num_hidden_layers)
     assert not any(calls.masked)
