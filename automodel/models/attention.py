@@ -100,7 +100,8 @@ def automodel_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value
 
 def _plain_causal(module, query, key, value, attention_mask, kwargs) -> bool:
     """Whether `sdpa` would compute plain causal self-attention here, which `causal_attention` computes faster on
-    CPU: no mask, a causal module, and nothing `sdpa` adds on top (dropout, a position bias; it refuses soft-capping)."""
+    CPU: no mask, a causal module, and nothing `sdpa` adds on top (dropout, a position bias; it refuses
+    soft-capping)."""
     return (attention_mask is None and kwargs.get("is_causal", getattr(module, "is_causal", True))
             and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
             and supported(query, key, value, kwargs.get("dropout", 0.0)))

@@ -133,9 +133,17 @@ def _unhalves(t: torch.Tensor) -> torch.Tensor:
 # Padding-free rows: examples grouped by length.
 
 @dataclass(frozen=True)
+class _Group:
+    examples: int
+    length: int  # padded
+    query_index: torch.Tensor  # the (token, head) row of each padded query position
+    key_index: torch.Tensor  # the (token, key/value head) row of each padded key position, heads repeated
+    padding: torch.Tensor  # bool (examples, 1, length, 1): True past an example's end
+
+
+@dataclass(frozen=True)
 class _Plan:
-    # (examples, padded length, (token, head) row of each padded query position, of each key/value position)
-    groups: tuple[tuple[int, int, torch.Tensor, torch.Tensor], ...]
+    groups: tuple[_Group, ...]
     order: torch.Tensor  # for each token of the row, its position in the groups' concatenated output
 
 
@@ -146,41 +154,51 @@ def padding_free_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     head_dim), transformers' attention output layout."""
     plan = _plan(tuple(sizes), query.device, query.shape[1] // key.shape[1], key.shape[1])
     rows = [t[0].transpose(0, 1).reshape(-1, t.shape[-1]) for t in (query, key, value)]  # (tokens x heads, dim)
-    outputs = [_GatheredCausalAttention.apply(*rows, query_index, key_index, examples, length, scale)
-               .transpose(1, 2).flatten(0, 1) for examples, length, query_index, key_index in plan.groups]
-    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-    return output.index_select(0, plan.order).unsqueeze(0)
+    return _PaddingFreeCausal.apply(*rows, plan, scale).unsqueeze(0)
 
 
-class _GatheredCausalAttention(torch.autograd.Function):
-    """`causal_attention` of a group of examples gathered from (tokens x heads, head_dim) rows: one gather pads
-    them to a batch and, for grouped-query attention, repeats each key/value head for its query heads. The rows
-    are saved, not the gathered copies (with grouped-query attention twice the keys' and values' size or more);
-    the backward gathers again and scatter-adds the gradients back (summing a head's repeats)."""
+class _PaddingFreeCausal(torch.autograd.Function):
+    """`causal_attention` of each group of examples, gathered from (tokens x heads, head_dim) rows: one gather pads
+    a group to a batch and, for grouped-query attention, repeats each key/value head for its query heads.
 
-    @staticmethod
-    def forward(ctx, query_rows, key_rows, value_rows, query_index, key_index, examples, length, scale):
-        q, k, v = _gather(query_rows, key_rows, value_rows, query_index, key_index, examples, length)
-        out, lse = _forward(q, k, v, scale)
-        ctx.save_for_backward(query_rows, key_rows, value_rows, query_index, key_index, out, lse)
-        ctx.shape, ctx.scale = (examples, length), scale
-        return out
+    Saved for the backward: the rows and the unpadded output, which the output projection saves anyway (the same
+    tensor), not the gathered copies (with grouped-query attention twice the keys' and values' size or more) nor
+    the padded output. The backward gathers again; the padding rows' output gradient is zero, so their outputs
+    (gathered copies of another row's) do not matter."""
 
     @staticmethod
-    def backward(ctx, grad_out):
-        query_rows, key_rows, value_rows, query_index, key_index, out, lse = ctx.saved_tensors
-        q, k, v = _gather(query_rows, key_rows, value_rows, query_index, key_index, *ctx.shape)
-        grads = _backward(_token_major(grad_out), q, k, v, out, lse, ctx.scale)
-        return (*(torch.zeros_like(rows).index_add_(0, index, grad.transpose(1, 2).reshape(-1, grad.shape[-1]))
-                  for rows, index, grad in zip((query_rows, key_rows, value_rows),
-                                               (query_index, key_index, key_index), grads)),
-                None, None, None, None, None)
+    def forward(ctx, query_rows, key_rows, value_rows, plan, scale):
+        outputs, lses = [], []
+        for group in plan.groups:
+            out, lse = _forward(*_gather(query_rows, key_rows, value_rows, group), scale)
+            outputs.append(out.transpose(1, 2).flatten(0, 1))  # (examples x length, heads, head_dim), a view
+            lses.append(lse)
+        output = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).index_select(0, plan.order)
+        ctx.save_for_backward(query_rows, key_rows, value_rows, output, *lses)
+        ctx.plan, ctx.scale = plan, scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query_rows, key_rows, value_rows, output, *lses = ctx.saved_tensors
+        grads = [torch.zeros_like(rows) for rows in (query_rows, key_rows, value_rows)]
+        dim = output.shape[-1]
+        for group, lse in zip(ctx.plan.groups, lses):
+            out, grad_out = (rows.reshape(-1, dim).index_select(0, group.query_index)
+                             .view(group.examples, group.length, -1, dim).transpose(1, 2)
+                             for rows in (output, grad_output))
+            grad_out.masked_fill_(group.padding, 0)
+            pieces = _backward(grad_out, *_gather(query_rows, key_rows, value_rows, group), out, lse, ctx.scale)
+            for grad, piece, index in zip(grads, pieces, (group.query_index, group.key_index, group.key_index)):
+                grad.index_add_(0, index, piece.transpose(1, 2).reshape(-1, dim))
+        return (*grads, None, None)
 
 
-def _gather(query_rows, key_rows, value_rows, query_index, key_index, examples, length):
-    """(batch, heads, length, head_dim) token-major views of the gathered rows."""
-    return (rows.index_select(0, index).view(examples, length, -1, rows.shape[-1]).transpose(1, 2)
-            for rows, index in ((query_rows, query_index), (key_rows, key_index), (value_rows, key_index)))
+def _gather(query_rows, key_rows, value_rows, group: _Group):
+    """(batch, heads, length, head_dim) token-major views of a group's gathered rows."""
+    return (rows.index_select(0, index).view(group.examples, group.length, -1, rows.shape[-1]).transpose(1, 2)
+            for rows, index in ((query_rows, group.query_index), (key_rows, group.key_index),
+                                (value_rows, group.key_index)))
 
 
 def padded_length(length: int) -> int:
@@ -227,7 +245,9 @@ def _plan(sizes: tuple[int, ...], device: torch.device, groups: int, kv_heads: i
                 order[start + position] = offset + slot * length + position
         offset += len(group) * length
         tokens = torch.tensor(tokens, device=device)
-        query_index = (tokens[:, None] * len(heads) + torch.arange(len(heads), device=device)).flatten()
-        key_index = (tokens[:, None] * kv_heads + heads).flatten()
-        plan.append((len(group), length, query_index, key_index))
+        ends = torch.tensor([sizes[i] for i in group], device=device)
+        padding = torch.arange(length, device=device) >= ends[:, None]
+        plan.append(_Group(len(group), length,
+                           (tokens[:, None] * len(heads) + torch.arange(len(heads), device=device)).flatten(),
+                           (tokens[:, None] * kv_heads + heads).flatten(), padding[:, None, :, None]))
     return _Plan(tuple(plan), torch.tensor(order, device=device))

@@ -106,3 +106,23 @@ def test_a_model_on_a_padding_free_row_has_the_padded_batchs_loss_and_gradients(
     assert loss == pytest.approx(want_loss, rel=1e-6)
     for name, grad in want.items():
         assert torch.allclose(got[name], grad, rtol=0, atol=1e-5 * grad.abs().max()), name
+
+
+def test_the_backward_keeps_the_rows_and_the_output_not_padded_copies():
+    """Saved for the backward: the query, key and value rows and the unpadded output (which the output projection
+    keeps anyway), plus one log-sum-exp per position and head; no padded or head-repeated copy."""
+    sizes = [500, 450, 100]
+    q, k, v, _ = qkv(sum(sizes), 8, 2, dtype=torch.float32)
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = padding_free_causal(q, k, v, sizes)
+    inputs = {t.untyped_storage().data_ptr() for t in (q, k, v, out)}
+    assert inputs <= set(saved)
+    padded_positions = sum(padded_length(sizes[g[0]]) * len(g) for g in group_examples(tuple(sizes)))
+    others = sum(n for ptr, n in saved.items() if ptr not in inputs)
+    assert others <= padded_positions * 8 * 4  # float32 log-sum-exps, 8 heads
