@@ -233,23 +233,20 @@ def group_examples(sizes: tuple[int, ...]) -> list[list[int]]:
 def _plan(sizes: tuple[int, ...], device: torch.device, groups: int, kv_heads: int) -> _Plan:
     """The gather indices of `padding_free_causal` for one row layout."""
     starts = [0, *itertools.accumulate(sizes)]
-    order = [0] * sum(sizes)
     # key/value head of each query head: repeat_kv's order
     heads = torch.arange(kv_heads, device=device).repeat_interleave(groups)
-    plan, offset = [], 0
+    plan, placed, offset = [], [None] * len(sizes), 0
     for group in group_examples(sizes):
         length = padded_length(sizes[group[0]])
-        tokens = []
+        positions = torch.arange(length, device=device)
+        first = torch.tensor([starts[i] for i in group], device=device)[:, None]
+        ends = torch.tensor([sizes[i] for i in group], device=device)[:, None]
+        # each padded position reads its example's token, the padding its example's last token
+        tokens = (first + torch.minimum(positions, ends - 1)).flatten()
         for slot, example in enumerate(group):
-            start, size = starts[example], sizes[example]
-            tokens += [start + min(position, size - 1) for position in range(length)]
-            for position in range(size):
-                order[start + position] = offset + slot * length + position
+            placed[example] = offset + slot * length + positions[:sizes[example]]
         offset += len(group) * length
-        tokens = torch.tensor(tokens, device=device)
-        ends = torch.tensor([sizes[i] for i in group], device=device)
-        padding = torch.arange(length, device=device) >= ends[:, None]
         plan.append(_Group(len(group), length,
                            (tokens[:, None] * len(heads) + torch.arange(len(heads), device=device)).flatten(),
-                           (tokens[:, None] * kv_heads + heads).flatten(), padding[:, None, :, None]))
-    return _Plan(tuple(plan), torch.tensor(order, device=device))
+                           (tokens[:, None] * kv_heads + heads).flatten(), (positions >= ends)[:, None, :, None]))
+    return _Plan(tuple(plan), torch.cat(placed))
