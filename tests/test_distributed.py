@@ -24,6 +24,9 @@ pytestmark = pytest.mark.slow
 
 LOSS_RTOL = 1e-5
 LOGITS_ATOL = 1e-4
+# The start banner's loss row when every loss-path optimisation runs: each wrapping must keep the fast path.
+FAST_LOSS_PATH = ("  loss        logits at label positions only, chunked output head (1024 label tokens a chunk), "
+                  "last layer on label rows\n")
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,8 @@ def assert_same_training(ckpt: Path, ref: Path, stories_tokenizer) -> None:
 def test_fsdp2_lora_two_processes_through_the_launcher(tmp_path, reference, stories_tokenizer):
     out = run(automodel_cmd(write_config(tmp_path, dist_config(tmp_path, peft=True)), "--nproc-per-node", "2"))
     assert "strategy fsdp2, data parallel 2 x tensor parallel 1" in out.stdout
+    assert "world size 2, strategy fsdp2, data parallel 2 x tensor parallel 1, device cpu" in out.stdout
+    assert FAST_LOSS_PATH in out.stdout
     assert out.stdout.count("step 3/3 | loss") == 1, "only rank 0 prints"
     model_dir = tmp_path / "ckpt" / "step_3" / "model"
     assert sorted(p.name for p in model_dir.glob("*.safetensors")) == ["adapter_model.safetensors"]
@@ -68,6 +73,7 @@ def test_fsdp2_sft_started_by_torchrun_directly(tmp_path, reference, stories_tok
     out = run([*automodel_cmd(config, "--nproc-per-node", "2")[:1], "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", "2", "-m", "automodel", *automodel_cmd(config, "--nproc-per-node", "2")[3:]])
     assert "2 processes (torchrun, gloo backend): strategy fsdp2" in out.stdout
+    assert FAST_LOSS_PATH in out.stdout
     assert "launching" not in out.stdout
     assert_same_training(tmp_path / "ckpt", reference(False), stories_tokenizer)
 
@@ -81,6 +87,7 @@ def test_tensor_parallel_two_ranks_started_by_srun_variables(tmp_path, reference
                                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
                              for rank in range(2)], port=port)
     assert "2 processes (slurm, gloo backend): strategy none, data parallel 1 x tensor parallel 2" in outputs[0]
+    assert FAST_LOSS_PATH in outputs[0]
     assert_same_training(tmp_path / "ckpt", reference(False), stories_tokenizer)
 
 
@@ -92,6 +99,7 @@ def test_ddp_lora_on_two_nodes_of_one_machine(tmp_path, reference, stories_token
                                            "--master-addr", "127.0.0.1", "--master-port", str(port)), {})
                             for node in range(2)], port=port)
     assert "strategy ddp, data parallel 2 x tensor parallel 1" in outputs[0]
+    assert FAST_LOSS_PATH in outputs[0], "DDP must not hide the peft model's logits_to_keep"
     assert_same_training(tmp_path / "ckpt", reference(True), stories_tokenizer)
 
 

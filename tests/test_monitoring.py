@@ -199,6 +199,8 @@ def test_start_banner_and_end_summary(run):
             f"truncated to fit seq_length), {tokens:,} tokens") in console
     assert "8 per step = 4 per micro-batch x 2 accumulation x 1 data-parallel" in console
     assert "world size 1, strategy none, device cpu" in console and "precision   float32" in console
+    assert ("loss        logits at label positions only, chunked output head (1024 label tokens a chunk), last "
+            "layer on label rows") in console
     best_step = min(result.val_losses, key=result.val_losses.get)
     assert f"best loss {result.val_losses[best_step]:.4f} at step {best_step}" in console
     model_dir = ckpt_dir / "step_3" / "model"

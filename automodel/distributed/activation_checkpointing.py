@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from automodel.distributed.fsdp2 import hf_model
 from automodel.errors import UserError
+from automodel.models.unwrap import transformers_model
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
-    base = hf_model(model)
+    base = transformers_model(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
         raise UserError(f"distributed.activation_checkpointing: {type(base).__name__} does not support "
                         "gradient checkpointing in transformers; set it to false")

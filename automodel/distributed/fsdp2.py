@@ -10,20 +10,16 @@ import torch
 from torch import nn
 
 from automodel.errors import UserError
-
-
-def hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+from automodel.models.unwrap import transformers_model
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The modules whose class the model lists in `_no_split_modules`, in model order (also once FSDP2 has sharded
     them: their class is then a subclass named FSDP<name>)."""
-    names = set(getattr(hf_model(model), "_no_split_modules", None) or [])
+    names = set(getattr(transformers_model(model), "_no_split_modules", None) or [])
     layers = [module for module in model.modules() if any(c.__name__ in names for c in type(module).__mro__)]
     if not layers:
-        raise UserError(f"distributed: {type(hf_model(model)).__name__} declares no decoder layer classes "
+        raise UserError(f"distributed: {type(transformers_model(model)).__name__} declares no decoder layer classes "
                         "(_no_split_modules) that occur in the model, so FSDP2 cannot find its layers; "
                         "use distributed.strategy ddp")
     return layers

@@ -19,6 +19,7 @@ from automodel.config.instantiate import parse_section
 from automodel.distributed.config import DistEnvConfig, DistributedConfig
 from automodel.distributed.env import LaunchEnv, init_process_group, pick_device, read_launch_env
 from automodel.errors import UserError
+from automodel.models.unwrap import without_ddp
 
 logger = logging.getLogger("automodel")
 
@@ -109,9 +110,7 @@ class Parallelism:
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
         """The model without a DDP wrapper (FSDP2 and TP keep the model's own class)."""
-        from torch.nn.parallel import DistributedDataParallel
-
-        return model.module if isinstance(model, DistributedDataParallel) else model
+        return without_ddp(model)
 
     @contextmanager
     def gradient_sync(self, model: nn.Module, enabled: bool):

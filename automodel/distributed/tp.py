@@ -13,14 +13,14 @@ import re
 
 from torch import nn
 
-from automodel.distributed.fsdp2 import hf_model
 from automodel.errors import UserError
+from automodel.models.unwrap import transformers_model
 
 SUPPORTED_STYLES = ("colwise", "rowwise")
 
 
 def model_tp_plan(model: nn.Module) -> dict[str, str]:
-    base = hf_model(model)
+    base = transformers_model(model)
     plan = getattr(base.config, "base_model_tp_plan", None)
     if not plan:
         raise UserError(f"distributed.tp_size: transformers provides no tensor-parallel plan for "
@@ -30,7 +30,7 @@ def model_tp_plan(model: nn.Module) -> dict[str, str]:
 
 def check_heads_split(model: nn.Module, tp_size: int) -> None:
     """Column-wise q/k/v give each rank whole heads only when the head counts divide by tp_size."""
-    config = hf_model(model).config
+    config = transformers_model(model).config
     for name in ("num_attention_heads", "num_key_value_heads"):
         heads = getattr(config, name, None)
         if heads is not None and heads % tp_size:
@@ -61,7 +61,7 @@ def _entries(name: str, module: nn.Module, style: str) -> dict[str, object]:
 
 def build_plan(model: nn.Module) -> tuple[nn.Module, dict[str, object]]:
     """(the base model the plan is relative to, {module name: torch ParallelStyle})."""
-    root = hf_model(model).base_model
+    root = transformers_model(model).base_model
     plan = {}
     for key, style in model_tp_plan(model).items():
         if style not in SUPPORTED_STYLES:
@@ -72,7 +72,7 @@ def build_plan(model: nn.Module) -> tuple[nn.Module, dict[str, object]]:
             if pattern.match(name):
                 plan.update(_entries(name, module, style))
     if not plan:
-        raise UserError(f"distributed.tp_size: the TP plan of {type(hf_model(model)).__name__} matches none of "
+        raise UserError(f"distributed.tp_size: the TP plan of {type(transformers_model(model)).__name__} matches none of "
                         "its modules")
     return root, plan
 

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from automodel.logging.metrics import format_duration
-from automodel.logging.rank import world_size
 
 
 def _rows(title: str, rows: list[tuple[str, str]]) -> str:
@@ -33,6 +32,14 @@ def describe_dataset(dataset) -> str:
     return f"{text}, {count_tokens(dataset):,} tokens"
 
 
+def describe_processes(parallel: Any) -> str:
+    """World size and the strategy in effect (`auto` resolved), with the mesh when there are several processes."""
+    text = f"world size {parallel.world_size}, strategy {parallel.strategy}"
+    if parallel.world_size > 1:
+        text += f", data parallel {parallel.dp_size} x tensor parallel {parallel.tp_size}"
+    return f"{text}, device {parallel.device.type}"
+
+
 def format_start_banner(recipe: Any, steps_reason: str) -> str:
     """What this run trains: model and parameters, data, batch, processes, precision and output folder."""
     from automodel.peft import count_parameters
@@ -40,7 +47,6 @@ def format_start_banner(recipe: Any, steps_reason: str) -> str:
     total, trainable = count_parameters(recipe.model)
     model_cfg = recipe.cfg.get("model") or {}
     dtype = str(next(recipe.model.parameters()).dtype).removeprefix("torch.")
-    strategy = (recipe.cfg.get("distributed") or {}).get("strategy", "none")
     steps = recipe.steps
     rows = [
         ("model", f"{model_cfg.get('pretrained_model_name_or_path', '?')} "
@@ -54,8 +60,9 @@ def format_start_banner(recipe: Any, steps_reason: str) -> str:
         ("batch", f"{steps.global_batch_size} per step = {steps.local_batch_size} per micro-batch x "
                   f"{recipe.grad_acc} accumulation x {recipe.dp_size} data-parallel"),
         ("steps", f"{recipe.max_steps}: {steps_reason}"),
-        ("processes", f"world size {world_size()}, strategy {strategy}, device {recipe.device.type}"),
+        ("processes", describe_processes(recipe.parallel)),
         ("precision", dtype),
+        ("loss", recipe.loss_path()),
         ("output", str(recipe.out_dir)),
     ]
     return _rows("automodel finetune llm", rows)

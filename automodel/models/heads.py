@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from automodel.models.unwrap import transformers_model
+
 # Native class -> {transform: config attribute}. An empty dict: logits = lm_head(hidden), nothing else.
 HEAD_QUIRKS: dict[str, dict[str, str]] = {
     **{name: {} for name in (
@@ -76,10 +78,7 @@ def model_class_name(model: nn.Module) -> str:
 
 def output_head(model: nn.Module) -> tuple[OutputHead | None, str]:
     """(the model's output head, "") or (None, why the chunked head cannot be used for it)."""
-    from automodel.distributed.fsdp2 import hf_model
-    from automodel.distributed.parallel import Parallelism
-
-    base = hf_model(Parallelism.unwrap(model))  # the transformers model inside DDP and peft wrappers
+    base = transformers_model(model)
     name = model_class_name(base)
     if name not in HEAD_QUIRKS:
         return None, f"{name} is not in automodel's output-head table (automodel/models/heads.py)"

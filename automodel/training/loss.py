@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from automodel.errors import UserError
+from automodel.models.unwrap import transformers_model
 
 IGNORE_INDEX = -100
 
@@ -32,9 +33,7 @@ def count_label_tokens(labels: torch.Tensor) -> int:
 def supports_label_logits(model: torch.nn.Module) -> bool:
     """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do, including a boolean
     [batch, seq] mask), so logits need not be computed where no label is."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    base = getattr(base, "module", base)  # DDP
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return "logits_to_keep" in inspect.signature(transformers_model(model).forward).parameters
 
 
 DEFAULT_CHUNK_SIZE = 1024

@@ -164,6 +164,18 @@ class FinetuneRecipe:
         if is_main_process():
             logger.info("%s", format_start_banner(self, why))
 
+    def loss_path(self) -> str:
+        """The loss-path optimisations in effect, in the order the forward applies them (a row of the start
+        banner, so a run shows whether the fast path was taken)."""
+        if not self.label_logits_only:
+            return "logits at every position"
+        parts = ["logits at label positions only"]
+        if self.output_head is not None:
+            parts.append(f"chunked output head ({self.loss_fn.chunk_size} label tokens a chunk)")
+        if self.output_rows_only:
+            parts.append("last layer on label rows")
+        return ", ".join(parts)
+
     def _restore(self) -> TrainState:
         """Continue from `checkpoint.restore_from` (default: the newest complete checkpoint, if any)."""
         step_dir = find_restore_dir(self.ckpt_cfg.checkpoint_dir, self.ckpt_cfg.restore_from) \

@@ -23,8 +23,9 @@ import torch
 
 from automodel.data.collate import pad_collate
 from automodel.data.squad import make_squad_dataset
-from automodel.distributed.fsdp2 import decoder_layers, hf_model
+from automodel.distributed.fsdp2 import decoder_layers
 from automodel.models.registry import native_rows
+from automodel.models.unwrap import transformers_model
 from automodel.training.recipe import FinetuneRecipe
 from tests.models.test_architectures import checkpoint, one_thread, run_config  # noqa: F401 (fixtures)
 
@@ -82,8 +83,8 @@ def test_activation_checkpointing_recomputes_layers_and_keeps_gradients(row, lor
     model_dir = checkpoint(row)
     plain = build_recipe(row, model_dir, tmp_path / "plain", lora, checkpointing=False)
     ckpt = build_recipe(row, model_dir, tmp_path / "ckpt", lora, checkpointing=True)
-    assert not hf_model(plain.model).is_activation_checkpointing
-    assert hf_model(ckpt.model).is_activation_checkpointing
+    assert not transformers_model(plain.model).is_activation_checkpointing
+    assert transformers_model(ckpt.model).is_activation_checkpointing
 
     loss_plain, grads_plain, calls_plain = one_backward(plain)
     loss_ckpt, grads_ckpt, calls_ckpt = one_backward(ckpt)
