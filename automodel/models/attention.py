@@ -10,9 +10,9 @@ gave `sdpa` to it. What it adds to transformers' `sdpa_attention_forward` (which
     (automodel/models/causal_attention.py) gives the kernel two half triangles and a rectangle instead: 3/4 of
     the square for rows of at least `SPLIT_MIN` tokens, one `is_causal` call for shorter rows.
   - Where a mask is given (padded batches, sliding windows), the queries go in blocks of `QUERY_BLOCK`, block
-    [a, b) seeing only the keys [0, b): measured 1.3-1.45x transformers' `sdpa` on stories260K's padded batches
-    (head_dim 8, 512-token rows). (Without a mask these blocks measured no faster than one `is_causal` call, and
-    their masks, saved for the backward, were ~23 MB of stories260K's 118 MB of activations.)
+    [a, b) seeing only the keys [0, b): (n + 1) / 2n of the square for n blocks. (Without a mask these blocks are
+    no faster than one `is_causal` call, and their masks would be saved for the backward; measurements in
+    docs/guides/llm/performance.md.)
   CUDA kernels skip masked blocks themselves, so nothing changes there.
 - Padding-free batches. A flattened micro-batch (one row, examples back to back, `cu_seq_lens_q` the example
   boundaries, transformers' names for them) attends example by example: no [tokens x tokens] block-diagonal mask

@@ -10,11 +10,8 @@ blocks. The backward runs the kernel's own backward on each piece, given the mer
 piece's gradients need nothing else of the other pieces, so they sum to the whole triangle's, exactly.
 
 SPLIT_MIN = 384 keeps each half at >= 192 queries, where the kernel works in 64-row query blocks; below that it
-uses 32-row blocks, which cost more per score than the triangle saves. Measured (fp32, 2 threads, forward +
-backward of the kernel calls, medians of 11-15): stories260K's shape (8 heads of 8) 8 x 512 tokens 122 -> 88 ms,
-8 x 400 63 -> 55 ms, 3 x 346 no gain; 4 heads of 64, 4 x 512 45 -> 37 ms; 32 heads of 64, 512 tokens 92 -> 72 ms.
-End to end (benchmarks/peers.py, stories260K, 3-round medians): 1.15x -> 1.39-1.43x the HF Trainer's tokens/s
-(full SFT), 1.15x -> 1.41-1.51x (LoRA); docs/guides/llm/performance.md.
+uses 32-row blocks, which cost more per score than the triangle saves. The kernel timings and the end-to-end
+gain are in docs/guides/llm/performance.md.
 
 `padding_free_causal` runs the examples of a padding-free row (no mask) in groups of similar length: a group is
 one batch, right-padded to its longest example (with copies of each example's last token, which only the padding
@@ -227,8 +224,7 @@ def group_examples(sizes: tuple[int, ...]) -> list[list[int]]:
     return found
 
 
-# Every layer of a step reads the same plan; the next step has another layout. Kept to 2: a plan's indices are
-# ~0.4 MB for a stories260K step, and 16 of them raised that run's peak RSS by 15 MB.
+# Every layer of a step reads the same plan; the next step has another layout, so older plans are only memory.
 @functools.lru_cache(maxsize=2)
 def _plan(sizes: tuple[int, ...], device: torch.device, groups: int, kv_heads: int) -> _Plan:
     """The gather indices of `padding_free_causal` for one row layout."""

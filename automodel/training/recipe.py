@@ -88,7 +88,7 @@ class RunResult:
 
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's generators (every device), as transformers' `set_seed` does. Not taken
-    from there: importing it loads `transformers.trainer_utils`, and with it peft (8 MB resident in SFT runs)."""
+    from there: importing it loads `transformers.trainer_utils`, and with it peft, which full SFT never uses."""
     random.seed(seed)
     numpy.random.seed(seed)
     torch.manual_seed(seed)
@@ -409,8 +409,8 @@ class FinetuneRecipe:
         """Summed cross-entropy of one micro-batch (plus the MoE router aux loss when enabled, training).
 
         Logits are computed only at positions whose next token is a label: by default by the chunked output head
-        (training/chunked_loss.py), else through transformers' boolean `logits_to_keep`. On SQuAD that is ~2% of
-        the positions, and the output head is most of the FLOPs."""
+        (training/chunked_loss.py), else through transformers' boolean `logits_to_keep`: on answer-only data that is
+        a small share of the positions, and the output head is a large share of the FLOPs."""
         targets = shift_labels(batch["labels"])
         keep = targets != IGNORE_INDEX
         rows = {OUTPUT_ROWS: keep} if self.output_rows_only else {}
