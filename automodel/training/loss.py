@@ -14,10 +14,9 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from automodel.data.dataset import IGNORE_INDEX
 from automodel.errors import UserError
 from automodel.models.unwrap import transformers_model
-
-IGNORE_INDEX = -100
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
