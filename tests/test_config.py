@@ -15,6 +15,7 @@ from automodel.config import (
     load_config,
     parse_overrides,
     parse_section,
+    target_policy,
 )
 from automodel.errors import UserError
 from automodel.training.step_scheduler import StepSchedulerConfig
@@ -53,16 +54,18 @@ def test_build_target_recursively_with_injected_kwargs():
     opt = build(node, "optimizer", params=params)
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.param_groups[0]["lr"] == 0.01 and opt.param_groups[0]["betas"] == (0.9, 0.95)
+    stdlib = target_policy(cli=["collections.OrderedDict", "datetime.timedelta"], log=False)  # opted in
     nested = build({"_target_": "collections.OrderedDict", "inner": {"_target_": "datetime.timedelta",
-                                                                     "minutes": 2}}, "x")
+                                                                     "minutes": 2}}, "x", policy=stdlib)
     assert nested["inner"].total_seconds() == 120
 
 
 @pytest.mark.parametrize("node, message", [
     ({"_target_": "torch.optim.AdamWW"}, r"optimizer._target_: 'torch.optim.AdamWW' not found.*did you mean 'AdamW'"),
-    ({"_target_": "nosuchpkg.Thing"}, r"optimizer._target_: cannot import 'nosuchpkg.Thing'"),
+    ({"_target_": "torch.optim.nosuchmodule.Thing"}, r"optimizer._target_: 'torch.optim.nosuchmodule.Thing' not found"),
     ({"_target_": "torch.optim.AdamW", "lrr": 0.1}, r"optimizer.lrr: .*no argument 'lrr' \(did you mean 'lr'\?\)"),
-    ({"_target_": "torch.optim.AdamW", "lr": "abc"}, r"optimizer: building torch.optim.AdamW failed"),
+    ({"_target_": "torch.optim.AdamW", "lr": "abc"}, r"optimizer.lr: expected a value like the default 0.001, got 'abc'"),
+    ({"_target_": "torch.optim.AdamW", "lr": -1.0}, r"optimizer: building torch.optim.AdamW failed: Invalid learning rate"),
 ])
 def test_build_errors_name_the_key(node, message):
     with pytest.raises(UserError, match=message):

@@ -141,7 +141,8 @@ def test_killed_worker_ends_the_job_naming_the_rank(tmp_path):
 
 def _preempt_at_step(cfg: dict, step: int, micro_batches_per_step: int) -> dict:
     """SIGTERM arrives during `step` (the fault loss signals its own process on that micro-batch)."""
-    cfg = {**cfg, "loss_fn": {"_target_": "tests.faults.SignalOnCall", "call": (step - 1) * micro_batches_per_step + 1}}
+    cfg = {**cfg, "loss_fn": {"_target_": "tests.faults.SignalOnCall", "call": (step - 1) * micro_batches_per_step + 1},
+           "allow_targets": ["tests.faults"]}
     cfg["checkpoint"] = {**cfg["checkpoint"], "save_consolidated": "every"}
     return cfg
 

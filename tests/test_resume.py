@@ -24,13 +24,17 @@ from tests.helpers import tiny_squad_config
 pytestmark = pytest.mark.slow
 
 
-def resume_config(tmp_path, peft=True, max_steps=12, ckpt_every=None, **overrides):
-    """12 steps of global batch 4 over 32 examples: the run crosses an epoch boundary at step 8."""
+def resume_config(tmp_path, peft=True, max_steps=12, ckpt_every=None, allow_targets=None, **overrides):
+    """12 steps of global batch 4 over 32 examples: the run crosses an epoch boundary at step 8.
+
+    `allow_targets` opts in to `_target_`s outside the trusted packages (the fault-injecting losses of tests/)."""
     cfg = tiny_squad_config(tmp_path, peft=peft, max_steps=max_steps, train_samples=32, global_batch=4,
                             local_batch=2)
     cfg.pop("validation_dataset")
     cfg["dataset"]["seq_length"] = 128
     cfg["step_scheduler"].update(log_every_steps=1, ckpt_every_steps=ckpt_every)
+    if allow_targets is not None:
+        cfg["allow_targets"] = allow_targets
     for key, value in overrides.items():
         section, name = key.split("__")
         cfg.setdefault(section, {})[name] = value
@@ -66,7 +70,7 @@ def test_preempted_and_resumed_run_is_bit_identical(tmp_path, peft):
     straight.run()
 
     # SIGTERM during step 6 (2 micro-batches per step): the step finishes, a checkpoint is saved, the run returns.
-    interrupted = FinetuneRecipe(resume_config(tmp_path / "b", peft=peft, loss_fn___target_="tests.faults.SignalOnCall",
+    interrupted = FinetuneRecipe(resume_config(tmp_path / "b", peft=peft, allow_targets=["tests.faults"], loss_fn___target_="tests.faults.SignalOnCall",
                                                loss_fn__call=11))
     result = interrupted.run()
     assert result.preempted and result.steps == 6 and result.final_dir.name == "step_6"
@@ -104,14 +108,19 @@ def _final_adapter(ckpt_dir):
     return load_file(latest_step_dir(ckpt_dir) / "model" / "adapter_model.safetensors")
 
 
+FAULT_SITE = REPO_ROOT / "tests" / "fault_site"  # a sitecustomize that kills the child from outside the code
+
+
 def test_kill_9_inside_a_save_then_resume_matches(tmp_path):
     reference = _cli(_write(tmp_path, resume_config(tmp_path / "ref", ckpt_every=3)))
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     cfg_path = _write(tmp_path, resume_config(tmp_path / "run", ckpt_every=3), "run.yaml")
-    killed = _cli(cfg_path, env={"AUTOMODEL_TEST_KILL_IN_SAVE": "6"})
+    # SIGKILL when step 6's save has written everything and is about to publish it.
+    killed = _cli(cfg_path, env={"PYTHONPATH": str(FAULT_SITE), "AUTOMODEL_FAULT_KILL_PUBLISHING": ".step_6.partial"})
     assert killed.returncode == -signal.SIGKILL
     ckpt = tmp_path / "run" / "ckpt"
+    assert (ckpt / ".step_6.partial" / "dcp").is_dir(), "the kill did not land inside step 6's save"
     assert (ckpt / "LATEST").read_text().strip() == "step_3", "LATEST moved before the save completed"
     assert not (ckpt / "step_6").exists()
     resumed = _cli(cfg_path)
@@ -125,23 +134,31 @@ def test_kill_9_inside_a_save_then_resume_matches(tmp_path):
 
 def test_kill_9_at_a_random_moment_then_resume_matches(tmp_path):
     seed = int(time.time())
-    delay = random.Random(seed).uniform(6.0, 12.0)
     reference = _cli(_write(tmp_path, resume_config(tmp_path / "ref", ckpt_every=2)))
     assert reference.returncode == 0, reference.stderr[-2000:]
+    ckpt = tmp_path / "run" / "ckpt"
     cfg_path = _write(tmp_path, resume_config(tmp_path / "run", ckpt_every=2), "run.yaml")
     proc = subprocess.Popen([sys.executable, "-m", "automodel", "finetune", "llm", "-c", str(cfg_path)],
                             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Training has started once the first step is logged; the kill lands at a random moment of steps 1-8.
+    deadline = time.monotonic() + 120
+    while not (ckpt / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    delay = random.Random(seed).uniform(0.0, 1.0)
     time.sleep(delay)
     proc.kill()
     proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"seed {seed}: the run ended before the kill ({proc.returncode})"
+    latest = latest_step_dir(ckpt)
+    assert latest is None or latest.name != "step_12", f"seed {seed}: killed after the run's last save"
     resumed = _cli(cfg_path)
-    assert resumed.returncode == 0, f"seed {seed}, kill after {delay:.1f}s: {resumed.stderr[-2000:]}"
-    ref, got = _final_adapter(tmp_path / "ref" / "ckpt"), _final_adapter(tmp_path / "run" / "ckpt")
-    assert all(torch.equal(ref[k], got[k]) for k in ref), f"seed {seed}, kill after {delay:.1f}s"
+    assert resumed.returncode == 0, f"seed {seed}, kill after {delay:.2f}s: {resumed.stderr[-2000:]}"
+    ref, got = _final_adapter(tmp_path / "ref" / "ckpt"), _final_adapter(ckpt)
+    assert all(torch.equal(ref[k], got[k]) for k in ref), f"seed {seed}, kill after {delay:.2f}s"
 
 
 def test_sigterm_saves_exits_0_and_resume_continues(tmp_path):
-    cfg = resume_config(tmp_path, max_steps=6, loss_fn___target_="tests.faults.SignalOnCall", loss_fn__call=5)
+    cfg = resume_config(tmp_path, max_steps=6, allow_targets=["tests.faults"], loss_fn___target_="tests.faults.SignalOnCall", loss_fn__call=5)
     cfg_path = _write(tmp_path, cfg)
     first = _cli(cfg_path)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -154,7 +171,7 @@ def test_sigterm_saves_exits_0_and_resume_continues(tmp_path):
 
 
 def test_nonfinite_loss_stop_saves_nothing_new(tmp_path):
-    cfg = resume_config(tmp_path, max_steps=4, ckpt_every=1, loss_fn___target_="tests.faults.NaNOnCall",
+    cfg = resume_config(tmp_path, max_steps=4, ckpt_every=1, allow_targets=["tests.faults"], loss_fn___target_="tests.faults.NaNOnCall",
                         loss_fn__call=3)
     with pytest.raises(TrainingStopped, match=r"non-finite values at step 2 \(epoch 0, samples 4-7.*Last checkpoint"):
         FinetuneRecipe(cfg).run()
@@ -162,7 +179,7 @@ def test_nonfinite_loss_stop_saves_nothing_new(tmp_path):
 
 
 def test_nonfinite_loss_skip_leaves_weights_unchanged(tmp_path):
-    cfg = resume_config(tmp_path, peft=False, max_steps=4, loss_fn___target_="tests.faults.NaNOnCall",
+    cfg = resume_config(tmp_path, peft=False, max_steps=4, allow_targets=["tests.faults"], loss_fn___target_="tests.faults.NaNOnCall",
                         loss_fn__call=1, step_scheduler__on_nonfinite="skip")
     recipe = FinetuneRecipe(cfg)
     recipe.setup()

@@ -90,7 +90,8 @@ def test_preempted_stream_resumes_exactly_on_another_number_of_processes(tmp_pat
     straight = FinetuneRecipe(stream_config(tmp_path / "straight", streaming=True, shuffle=True,
                                             max_steps=max_steps)).run()
     cfg = stream_config(tmp_path, streaming=True, shuffle=True, max_steps=max_steps)
-    preempt = {**cfg, "loss_fn": {"_target_": "tests.faults.SignalOnCall", "call": 3}}  # 1 micro-batch per rank
+    preempt = {**cfg, "loss_fn": {"_target_": "tests.faults.SignalOnCall", "call": 3},  # 1 micro-batch per rank
+               "allow_targets": ["tests.faults"]}
     out = run(automodel_cmd(write_config(tmp_path, preempt), "--nproc-per-node", "2"))
     assert "preempted at step 3" in out.stdout
     out = run(automodel_cmd(write_config(tmp_path, cfg)))

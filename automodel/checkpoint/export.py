@@ -10,28 +10,33 @@ import os
 import shutil
 from pathlib import Path
 
+from automodel.checkpoint.provenance import check_trusted
 from automodel.checkpoint.save import save_hf_model
 from automodel.checkpoint.state import load_model_state
-from automodel.config.loader import load_yaml
+from automodel.config.redact import read_run_config
 from automodel.data.tokenizer import build_tokenizer
 from automodel.errors import UserError
+from automodel.paths import check_output_folder
 
 logger = logging.getLogger("automodel")
 
 
-def export_step(step_dir: str | Path, output: str | Path | None = None) -> Path:
+def export_step(step_dir: str | Path, output: str | Path | None = None, trust_pickled_state: bool = False,
+                allow_targets: tuple[str, ...] = ()) -> Path:
     from automodel.training.recipe import FinetuneRecipe
 
     step_dir = Path(step_dir)
     if not (step_dir / "dcp").is_dir() or not (step_dir / "config.yaml").is_file():
         raise UserError(f"export: {step_dir} is not an automodel step folder (expected dcp/ and config.yaml)")
-    cfg = load_yaml(step_dir / "config.yaml")
-    recipe = FinetuneRecipe(cfg)
-    tokenizer, model = build_tokenizer(cfg), recipe.build_model()
-    load_model_state(step_dir, model)
+    check_trusted(step_dir, trust_pickled_state, "export", "pass --trust-pickled-state")
     target = Path(output) if output else step_dir / "model"
+    check_output_folder(target, "--output", [step_dir / "dcp"])
     if target.exists():
         raise UserError(f"export: {target} already exists; remove it or pass --output DIR")
+    cfg = read_run_config(step_dir / "config.yaml")
+    recipe = FinetuneRecipe(cfg, allow_targets)
+    tokenizer, model = build_tokenizer(cfg, recipe.targets), recipe.build_model()
+    load_model_state(step_dir, model)
     partial = target.with_name(f".{target.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     save_hf_model(model, tokenizer, partial)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from automodel.checkpoint.save import latest_step_dir
+from automodel.config.redact import read_run_config, redact
 from automodel.errors import UserError
 
 # Settings that decide what the saved weights and data order mean. Everything else (max_steps, logging,
@@ -20,8 +19,15 @@ def find_restore_dir(checkpoint_dir: str, restore_from: str | None) -> Path | No
     if restore_from is None:
         return None
     if restore_from == "LATEST":
-        return latest_step_dir(checkpoint_dir)
+        found = latest_step_dir(checkpoint_dir)
+        marker = Path(checkpoint_dir) / "LATEST"
+        if found is None and marker.is_file():  # starting over silently would retrain from scratch
+            raise UserError(f"{marker} names {marker.read_text().strip()!r}, which is not a step folder there; "
+                            "fix LATEST or set checkpoint.restore_from")
+        return found
     path = Path(restore_from)
+    if path.is_file():
+        raise UserError(f"checkpoint.restore_from: {restore_from} is a file; expected a step folder")
     if not path.is_dir():
         raise UserError(f"checkpoint.restore_from: step folder not found: {restore_from}")
     return path
@@ -51,7 +57,8 @@ def check_compatible(step_dir: Path, cfg: dict[str, Any]) -> None:
     saved_file = step_dir / "config.yaml"
     if not saved_file.is_file():
         raise UserError(f"checkpoint.restore_from: {step_dir} has no config.yaml: not an automodel checkpoint")
-    saved = yaml.safe_load(saved_file.read_text())
+    # Both as written down: the saved file's `${oc.env:...}` resolved again, secret-looking values redacted in both.
+    saved, cfg = redact(read_run_config(saved_file)), redact(cfg)
     for key in MUST_MATCH:
         found = _first_difference(_get(saved, key), _get(cfg, key), key)
         if found:

@@ -12,7 +12,6 @@ import errno
 import os
 import re
 import shutil
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +20,10 @@ from typing import Literal
 import yaml
 
 from automodel.errors import UserError
+from automodel.checkpoint.provenance import record_written
+from automodel.paths import check_step_name
 
 LATEST = "LATEST"
-# Test hook: SIGKILL this process while step N is being saved (after writing, before publishing), so tests can
-# prove a run killed mid-save loses nothing. Unset in normal use.
-KILL_IN_SAVE_ENV = "AUTOMODEL_TEST_KILL_IN_SAVE"
 
 
 @dataclass
@@ -41,8 +39,17 @@ class CheckpointConfig:
     restore_from: str | None = "LATEST"
     keep_last_n: int | None = None
     save_consolidated: Literal["final", "every", "never"] = "final"
+    # Resume from a step folder your runs did not write (its dcp/ state is unpickled): checkpoint/provenance.py.
+    trust_pickled_state: bool = False
 
     def __post_init__(self):
+        existing = Path(self.checkpoint_dir)
+        while not existing.exists() and existing != existing.parent:  # the part of the path already there
+            existing = existing.parent
+        if existing.exists() and not existing.is_dir():
+            what = "" if existing == Path(self.checkpoint_dir) else f": {existing}"
+            raise ValueError(f"checkpoint_dir {self.checkpoint_dir}{what} is a file; expected a folder (it is "
+                             "created when missing)")
         if self.keep_last_n is not None and self.keep_last_n < 1:
             raise ValueError(f"keep_last_n must be >= 1 or null, got {self.keep_last_n}")
 
@@ -97,7 +104,7 @@ def save_step(checkpoint_dir: str | os.PathLike, step: int, write: Callable[[Pat
         write(tmp)
         barrier()
         if is_main:
-            _publish(root, tmp, final, step)
+            _publish(root, tmp, final)
     except BaseException as err:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -110,10 +117,10 @@ def save_step(checkpoint_dir: str | os.PathLike, step: int, write: Callable[[Pat
     return final
 
 
-def _publish(root: Path, tmp: Path, final: Path, step: int) -> None:
+def _publish(root: Path, tmp: Path, final: Path) -> None:
     _fsync_tree(tmp)
-    if os.environ.get(KILL_IN_SAVE_ENV) == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if (tmp / "dcp").is_dir():  # before the rename: a step that is published is always known as ours
+        record_written(tmp / "dcp")
     if final.exists():  # a stale folder of the same step from an earlier run: move it aside, then drop it
         stale = root / f".{final.name}.stale"
         shutil.rmtree(stale, ignore_errors=True)
@@ -157,7 +164,7 @@ def latest_step_dir(checkpoint_dir: str | os.PathLike) -> Path | None:
     marker = Path(checkpoint_dir) / LATEST
     if not marker.is_file():
         return None
-    path = Path(checkpoint_dir) / marker.read_text().strip()
+    path = Path(checkpoint_dir) / check_step_name(marker.read_text(), marker)
     return path if path.is_dir() else None
 
 

@@ -15,6 +15,9 @@ whatever the new world size, so nothing is replayed or skipped.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import pickle
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,11 +27,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from automodel.errors import UserError
 
 TRAINER_STATE = "trainer_state.json"
+# What reading a damaged or truncated torch / dcp file raises.
+UNREADABLE = (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError)
 
 
 @dataclass
@@ -99,7 +105,7 @@ def load_model_state(folder: Path, model) -> None:
     trainable = _trainable_names(model)
     model_sd = {k: v for k, v in get_state_dict(model, [], options=_options())[0].items() if k in trainable}
     state = {"model": model_sd}
-    dcp.load(state, checkpoint_id=str(folder / "dcp"))
+    load_dcp(state, folder / "dcp")
     set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={}, options=_options(loading=True))
 
 
@@ -108,13 +114,58 @@ def load_training_state(folder: Path, model, optimizer, lr_scheduler) -> TrainSt
     if not (folder / TRAINER_STATE).is_file() or not (folder / "dcp").is_dir():
         raise UserError(f"checkpoint.restore_from: {folder} is not a complete automodel checkpoint "
                         f"(expected {TRAINER_STATE} and dcp/)")
+    payload = read_trainer_state(folder / TRAINER_STATE)
     state = _model_and_optim_state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(folder / "dcp"))
+    load_dcp(state, folder / "dcp")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_options(loading=True))
-    payload = json.loads((folder / TRAINER_STATE).read_text())
     lr_scheduler.load_state_dict(payload["lr_scheduler"])
     rng_file = folder / "rng" / f"rank_{_rank()}.pt"
     if rng_file.is_file():  # absent when resuming with more ranks than saved: those ranks start fresh streams
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        try:
+            rng = torch.load(rng_file, weights_only=True)
+        except UNREADABLE as err:
+            raise UserError(f"checkpoint.restore_from: cannot read {rng_file}: {str(err).splitlines()[0]}") from err
+        set_rng_state(rng)
     return TrainState(**payload["train_state"])
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """trainer_state.json with the keys a resume needs, or a one-line error naming the file."""
+    try:
+        payload = json.loads(path.read_text())
+        TrainState(**payload["train_state"])
+        if not isinstance(payload["lr_scheduler"], dict):
+            raise TypeError("lr_scheduler is not a mapping")
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"checkpoint.restore_from: {path} is not a valid trainer state ({type(err).__name__}: "
+                        f"{err}); use another checkpoint") from None
+    return payload
+
+
+def _not_from_dcp(record: logging.LogRecord) -> bool:
+    return "torch/distributed/checkpoint" not in record.pathname.replace(os.sep, "/")
+
+
+def load_dcp(state: dict[str, Any], dcp_dir: Path) -> None:
+    """dcp.load, with a damaged or mismatched checkpoint reported as one line naming the folder.
+
+    dcp logs each failed read with its traceback on the root logger before raising; the error says it in one
+    line, so those records are dropped while loading."""
+    root = logging.getLogger()
+    root.addFilter(_not_from_dcp)
+    try:
+        dcp.load(state, checkpoint_id=str(dcp_dir))
+    except (CheckpointException, *UNREADABLE) as err:  # dcp wraps each rank's failure in a CheckpointException
+        raise UserError(f"checkpoint: cannot read {dcp_dir}: {_first_failure(err)}") from err
+    finally:
+        root.removeFilter(_not_from_dcp)
+
+
+def _first_failure(err: BaseException) -> str:
+    """The underlying error of a dcp CheckpointException ({rank: (exception, traceback)}), in one line."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        err = next(iter(failures.values()))[0]
+    text = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}"

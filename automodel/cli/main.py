@@ -13,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from automodel.cli.common import CommandParser
 from automodel.config.sections import SECTIONS
 from automodel.distributed.launcher import WorkersFailed, add_launcher_arguments, launch_if_requested, run_worker
 from automodel.errors import TrainingStopped, UserError
@@ -50,6 +51,7 @@ options:
   --section.key VALUE   override any config key (also --section.key=VALUE); values parse as YAML
   --log-level LEVEL     DEBUG, INFO (default), WARNING or ERROR
   --debug               show tracebacks for errors in your input
+  --allow-target PREFIX let config `_target_`s come from PREFIX too (your own code; repeatable; docs/security.md)
   -h, --help            this help; `automodel finetune llm --help` lists the config sections
 
 several processes (torchrun; not needed under torchrun or srun, which start the workers themselves):
@@ -77,10 +79,11 @@ see examples/llm_finetune/ for complete configs.
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="automodel", add_help=False, allow_abbrev=False)
+    parser = CommandParser(prog="automodel", add_help=False, allow_abbrev=False)
     parser.add_argument("-c", "--config")
     parser.add_argument("-h", "--help", action="store_true")
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--allow-target", action="append", default=[], metavar="PREFIX")
     parser.add_argument("--log-level", default=None, type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add_launcher_arguments(parser)
@@ -119,13 +122,21 @@ def setup_logging(level: str) -> None:
     warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
                             category=UserWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # datasets' own bars ("Generating train split") would add stderr lines around a one-line error; automodel
+    # reports what it read in its log. Its JSON reader logs a parse error that automodel reports itself, in one line.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
 
 
 def run_finetune(config_path: str, overrides: list[str], command_recipe: str | None,
-                 log_level_flag: str | None = None) -> int:
-    from automodel.config import load_config
+                 log_level_flag: str | None = None, allow_targets: tuple[str, ...] = ()) -> int:
+    from automodel.config import check_sections, interpolate, load_unresolved_config, target_policy
 
-    cfg = load_config(config_path, overrides)
+    unresolved = load_unresolved_config(config_path, overrides)
+    cfg = interpolate(unresolved)
+    check_sections(cfg)
+    # Before anything heavy is imported or built; the recipe checks again and logs what was widened.
+    target_policy(cfg, allow_targets, log=False).check_config(cfg)
     config_level = (cfg.get("logging") or {}).get("level")
     # --log-level wins over logging.level; a bad value is reported when the recipe reads the section.
     if log_level_flag is None and str(config_level).upper() in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -145,7 +156,7 @@ def run_finetune(config_path: str, overrides: list[str], command_recipe: str | N
     from automodel.training.recipe import FinetuneRecipe
 
     hf_logging.disable_progress_bar()
-    run_worker(lambda: FinetuneRecipe(cfg).run())
+    run_worker(lambda: FinetuneRecipe(cfg, allow_targets, unresolved).run())
     return 0
 
 
@@ -188,7 +199,7 @@ def dispatch(argv: list[str]) -> int:
     launched = launch_if_requested(args, argv, rest)
     if launched is not None:
         return launched
-    return run_finetune(args.config, rest, COMMANDS.get(command), args.log_level)
+    return run_finetune(args.config, rest, COMMANDS.get(command), args.log_level, tuple(args.allow_target))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,10 +10,10 @@ from automodel.errors import UserError
 
 def metrics_file_of(run_dir: Path) -> Path:
     """The run's metrics file: `logging.metrics_file` of its config.yaml, else metrics.jsonl."""
-    import yaml
+    from automodel.config.redact import read_run_config
 
     config = run_dir / "config.yaml"
-    cfg = yaml.safe_load(config.read_text()) if config.is_file() else None
+    cfg = read_run_config(config) if config.is_file() else None
     name = ((cfg or {}).get("logging") or {}).get("metrics_file", "metrics.jsonl")
     return run_dir / name
 

@@ -6,6 +6,7 @@ import os
 
 from automodel.cli.common import add_logging_arguments, new_parser, start
 from automodel.errors import UserError
+from automodel.paths import check_plain_name
 
 EXAMPLES = """examples:
   automodel serve checkpoints/stories260K_squad_peft --output serve/ --name squad-lora
@@ -33,6 +34,7 @@ def build_parser():
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    check_plain_name(args.name, "--name")  # it becomes a folder under --output
     start(args)
     from automodel.inference.sources import resolve_source
     from automodel.inference.vllm import INSTALL_HINT, prepare_for_vllm, vllm_installed

@@ -17,15 +17,19 @@ import typing
 from typing import Any, Literal, TypeVar, Union
 
 from automodel.config.loader import did_you_mean
+from automodel.config.trust import TargetPolicy
 from automodel.errors import UserError
 
 T = TypeVar("T")
 
 
-def resolve_target(dotted: str, key: str) -> Any:
-    """Import `pkg.module.attr[.attr...]`: the longest importable module prefix, then attributes."""
+def resolve_target(dotted: str, key: str, policy: TargetPolicy = TargetPolicy()) -> Any:
+    """Import `pkg.module.attr[.attr...]`: the longest importable module prefix, then attributes.
+
+    Only inside the trusted packages of `policy`, checked before importing (an import runs module code)."""
     if not isinstance(dotted, str) or not dotted:
         raise UserError(f"{key}._target_: expected a dotted path such as torch.optim.AdamW, got {dotted!r}")
+    policy.check(dotted, key)
     parts = dotted.split(".")
     for split in range(len(parts), 0, -1):
         module_name = ".".join(parts[:split])
@@ -57,22 +61,51 @@ def _accepted_keywords(fn) -> tuple[set[str], bool]:
     return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}, takes_any
 
 
-def build(node: Any, key: str, **injected: Any) -> Any:
+def _mismatch(value: Any, default: Any) -> bool:
+    """Whether a config value cannot stand where the callable's default has this type (YAML types only)."""
+    if isinstance(default, bool):
+        return not isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (bool, str, list, dict))
+    if isinstance(default, str):
+        return isinstance(value, (bool, int, float, list, dict))
+    if isinstance(default, tuple):
+        return isinstance(value, (str, dict))
+    return False
+
+
+def _check_against_defaults(target, kwargs: dict[str, Any], key: str) -> None:
+    """A value of another kind than the parameter's default (`lr: abc` where the default is 0.001) is named
+    here, instead of failing somewhere inside the callable with a message about neither."""
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return
+    for name, value in kwargs.items():
+        param = params.get(name)
+        if param is not None and param.default is not inspect.Parameter.empty and param.default is not None \
+                and value is not None and _mismatch(value, param.default):
+            raise UserError(f"{key}.{name}: expected a value like the default {param.default!r}, got {value!r}")
+
+
+def build(node: Any, key: str, *, policy: TargetPolicy = TargetPolicy(), **injected: Any) -> Any:
     """Build `node` if it is a `_target_` mapping (recursively); return plain values as they are.
 
     `injected` are keyword arguments the recipe supplies (e.g. `tokenizer=`, `params=`); the config's
     own keys win over nothing: a key given both ways is an error, so a config never silently loses.
+    `policy` says which packages a `_target_` may come from (config/trust.py).
     """
     if isinstance(node, list):
-        return [build(v, f"{key}[{i}]") for i, v in enumerate(node)]
+        return [build(v, f"{key}[{i}]", policy=policy) for i, v in enumerate(node)]
     if not isinstance(node, dict):
         return node
     if "_target_" not in node:
-        return {k: build(v, f"{key}.{k}") for k, v in node.items()}
-    target = resolve_target(node["_target_"], key)
+        return {k: build(v, f"{key}.{k}", policy=policy) for k, v in node.items()}
+    target = resolve_target(node["_target_"], key, policy)
     if dataclasses.is_dataclass(target):
         return parse_section(target, {k: v for k, v in node.items() if k != "_target_"}, key)
-    kwargs = {k: build(v, f"{key}.{k}") for k, v in node.items() if k != "_target_"}
+    kwargs = {k: build(v, f"{key}.{k}", policy=policy) for k, v in node.items() if k != "_target_"}
+    _check_against_defaults(target, kwargs, key)
     clash = sorted(kwargs.keys() & injected.keys())
     if clash:
         raise UserError(f"{key}.{clash[0]}: set by the recipe, remove it from the config")

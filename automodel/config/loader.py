@@ -33,6 +33,10 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file; expected a YAML config") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a folder; expected a YAML file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -122,8 +126,12 @@ def interpolate(value: Any) -> Any:
     return parse_scalar(resolved) if _INTERPOLATION.fullmatch(value) else resolved
 
 
+def load_unresolved_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
+    """YAML, then overrides, with `${...}` left as written: what a run writes down (config/redact.py)."""
+    cfg = load_yaml(path)
+    return apply_overrides(cfg, parse_overrides(overrides or []))
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
     """The resolved config: YAML, then overrides, then interpolation (so overrides may use `${...}` too)."""
-    cfg = load_yaml(path)
-    apply_overrides(cfg, parse_overrides(overrides or []))
-    return interpolate(cfg)
+    return interpolate(load_unresolved_config(path, overrides))

@@ -28,13 +28,23 @@ SECTIONS: dict[str, str] = {
     "checkpoint": "checkpoint_dir and what to save",
     "distributed": "strategy (auto, fsdp2, ddp, none), tp_size, activation_checkpointing, cpu_offload, mixed_precision",
     "dist_env": "backend (auto: nccl on CUDA, gloo on CPU) and timeout_minutes for torch.distributed",
+    "allow_targets": "packages beyond the trusted defaults that _target_ may name: your own code (docs/security.md)",
     "logging": "level, metrics_file, progress_bar, plot, mfu.peak_tflops; trackers: wandb, mlflow, tensorboard",
 }
 
 
+# Sections that hold a value of their own rather than a mapping of settings.
+NOT_MAPPINGS = {"recipe", "seed", "clip_grad_norm", "tokenizer", "allow_targets"}
+
+
 def check_sections(cfg: dict[str, Any]) -> None:
-    """Unknown top-level sections are typos until proven otherwise."""
-    for name in cfg:
+    """Unknown top-level sections are typos until proven otherwise; the others must be mappings (or empty)."""
+    for name, value in cfg.items():
         if name not in SECTIONS:
             raise UserError(f"unknown config section '{name}'{did_you_mean(name, SECTIONS)}; "
                             f"known sections: {', '.join(SECTIONS)}")
+        if name not in NOT_MAPPINGS and value is not None and not isinstance(value, dict):
+            raise UserError(f"{name}: expected a mapping of settings, got {value!r}")
+    seed = cfg.get("seed", 42)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"seed: expected an integer, got {seed!r}")

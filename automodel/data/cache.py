@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from automodel.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "AUTOMODEL_CACHE"
@@ -76,8 +78,12 @@ def cached(name: str, key: str, cache_dir: Path | None,
             return result
         except (OSError, ValueError, SafetensorError) as error:  # a damaged cache file is rebuilt, and said so
             logger.warning("ignoring unreadable cache %s (%s); tokenizing again", tensors_path, error)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # before tokenizing: a cache folder that cannot exist is a setting to fix
+        raise UserError(f"dataset.cache_dir / {CACHE_ENV}: cannot create the cache folder {base.parent}: "
+                        f"{error.strerror}") from None
     items, meta = build()
-    base.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(meta_path, lambda path: Path(path).write_text(json.dumps(meta), encoding="utf-8"))
     write_atomically(tensors_path, lambda path: write_items(items, path))
     logger.info("tokenized data cached in %s", tensors_path)

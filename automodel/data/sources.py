@@ -72,10 +72,13 @@ def load_file(path: Path, streaming: bool, cache_dir: str | None):
 
     # An empty CSV cell is an empty string, as in JSON, not a missing value.
     options = {"keep_default_na": False} if path.suffix == ".csv" else {}
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: the file is empty; expected {BUILDERS[path.suffix]} rows")
     try:
         return datasets.load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train",
                                      streaming=streaming, cache_dir=cache_dir, **options)
-    except (datasets.exceptions.DatasetGenerationError, ValueError, OSError, TypeError) as error:
+    # StopIteration: datasets' JSON reader finds no table at all (e.g. only whitespace).
+    except (datasets.exceptions.DatasetGenerationError, ValueError, OSError, TypeError, StopIteration) as error:
         cause = error.__cause__ or error
         raise UserError(f"{path}: cannot read it as {BUILDERS[path.suffix]}: "
                         f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}") from error

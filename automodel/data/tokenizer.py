@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from automodel.config import build
+from automodel.config import TargetPolicy, build
 from automodel.errors import UserError
 from automodel.models import load_tokenizer
 
@@ -21,8 +21,9 @@ logger = logging.getLogger(__name__)
 OPTION_KEYS = ("add_bos", "add_eos", "padding_side", "chat_template")
 
 
-def build_tokenizer(cfg: dict[str, Any]):
-    """The run's tokenizer: the model's unless `tokenizer:` or `dataset.tokenizer:` names another."""
+def build_tokenizer(cfg: dict[str, Any], policy: TargetPolicy = TargetPolicy()):
+    """The run's tokenizer: the model's unless `tokenizer:` or `dataset.tokenizer:` names another (a `_target_`
+    from the packages `policy` trusts)."""
     dataset = cfg.get("dataset") or {}
     node, key = cfg.get("tokenizer"), "tokenizer"
     if node is None:
@@ -36,7 +37,7 @@ def build_tokenizer(cfg: dict[str, Any]):
     options = {k: node[k] for k in OPTION_KEYS if k in node}
     rest = {k: v for k, v in node.items() if k not in OPTION_KEYS}
     if "_target_" in rest:
-        tokenizer = build(rest, key)
+        tokenizer = build(rest, key, policy=policy)
     else:
         model_cfg = cfg.get("model") or {}
         source = rest.pop("pretrained_model_name_or_path", model_cfg.get("pretrained_model_name_or_path"))

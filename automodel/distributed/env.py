@@ -45,6 +45,13 @@ def _int_var(environ: Mapping[str, str], name: str) -> int:
         raise UserError(f"environment variable {name}={environ[name]!r}: expected an integer") from None
 
 
+def _check_layout(rank: int, world: int, local: int, names: tuple[str, str, str]) -> None:
+    """A rank outside the job would wait for peers that never come."""
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise UserError(f"environment variables {names[0]}={rank}, {names[1]}={world}, {names[2]}={local}: expected "
+                        f"0 <= {names[0]} < {names[1]} and {names[2]} >= 0")
+
+
 def launched_by_torchrun(environ: Mapping[str, str] = os.environ) -> bool:
     return all(name in environ for name in TORCHRUN_VARS)
 
@@ -58,9 +65,11 @@ def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
     """The rank layout from torchrun's variables, else SLURM's, else a single process."""
     if launched_by_torchrun(environ):
         rank, world, local = (_int_var(environ, n) for n in TORCHRUN_VARS)
+        _check_layout(rank, world, local, TORCHRUN_VARS)
         return LaunchEnv(rank, world, local, "torchrun")
     if launched_by_slurm(environ):
         rank, world, local = (_int_var(environ, n) for n in SLURM_VARS)
+        _check_layout(rank, world, local, SLURM_VARS)
         nodes = _int_var(environ, "SLURM_STEP_NUM_NODES") if "SLURM_STEP_NUM_NODES" in environ else 1
         addr = environ.get("MASTER_ADDR")
         if addr is None:

@@ -142,14 +142,15 @@ class WorkersFailed(Exception):
     """A launched job ended with failed workers; the message names each failed rank and why."""
 
 
-def check_config(config_path: str, overrides: list[str], world_size: int) -> None:
+def check_config(config_path: str, overrides: list[str], world_size: int, allow_targets: tuple[str, ...] = ()) -> None:
     """Catch config errors once in the launcher instead of once per worker."""
-    from automodel.config import check_sections, load_config, parse_section
+    from automodel.config import check_sections, load_config, parse_section, target_policy
     from automodel.distributed.config import DistEnvConfig, DistributedConfig
     from automodel.distributed.parallel import resolve_strategy
 
     cfg = load_config(config_path, overrides)
     check_sections(cfg)
+    target_policy(cfg, allow_targets, log=False).check_config(cfg)
     dist_cfg = parse_section(DistributedConfig, cfg.get("distributed"), "distributed")
     parse_section(DistEnvConfig, cfg.get("dist_env"), "dist_env")
     if world_size % dist_cfg.tp_size:
@@ -166,7 +167,8 @@ def launch_if_requested(args: argparse.Namespace, argv: list[str], overrides: li
     if inside:
         logger.info("already one rank of a job started by %s: the launcher flags are ignored", inside)
         return None
-    check_config(args.config, overrides, (args.nproc_per_node or 1) * (args.nnodes or 1))
+    check_config(args.config, overrides, (args.nproc_per_node or 1) * (args.nnodes or 1),
+                 tuple(getattr(args, "allow_target", ())))
     return launch(args, strip_launcher_flags(argv))
 
 

@@ -15,8 +15,11 @@ from typing import Any
 
 import yaml
 
+from automodel.config.loader import load_yaml
+from automodel.config.redact import redact
 from automodel.errors import UserError
 from automodel.inference.sources import ModelSource
+from automodel.paths import check_inside
 
 logger = logging.getLogger("automodel")
 
@@ -31,6 +34,8 @@ def select_files(folder: Path) -> list[str]:
     """The file names of `folder` to upload (sorted); the model card is written separately."""
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, pattern) for pattern in UPLOAD_PATTERNS)]
+    for name in chosen:  # a link inside the folder must not upload a file from elsewhere
+        check_inside(folder / name, folder, "push")
     if not any(n.endswith(".safetensors") for n in chosen):
         raise UserError(f"{folder}: no .safetensors weights to upload")
     return chosen
@@ -57,9 +62,12 @@ def model_card(source: ModelSource, repo_id: str, scores: dict[str, Any] | None 
         tags=["automodel", "lora" if lora else "full-fine-tune", "text-generation"], pipeline_tag="text-generation")
     parts = [f"---\n{data.to_yaml()}\n---\n", f"# {repo_id.rsplit('/', 1)[-1]}\n", _summary(source, config),
              _metrics_section(source.metrics), _scores_section(scores), _usage_section(source, repo_id)]
-    if config:
-        parts.append("## Training configuration\n\nThe resolved `automodel` recipe config of the run:\n\n"
-                     f"```yaml\n{yaml.safe_dump(config, sort_keys=False)}```\n")
+    if config and source.step_dir is not None:
+        # As the run wrote it down: `${oc.env:...}` unresolved, secret-looking values redacted (config/redact.py;
+        # again here, for a config.yaml written elsewhere).
+        written = redact(load_yaml(source.step_dir / "config.yaml"))
+        parts.append("## Training configuration\n\nThe `automodel` recipe config of the run:\n\n"
+                     f"```yaml\n{yaml.safe_dump(written, sort_keys=False)}```\n")
     return "\n".join(part for part in parts if part)
 
 

@@ -14,6 +14,7 @@ import torch
 from automodel.errors import UserError
 from automodel.inference.generate import load_model_and_tokenizer
 from automodel.inference.sources import ModelSource
+from automodel.paths import check_output_folder
 
 logger = logging.getLogger("automodel")
 
@@ -42,6 +43,7 @@ def merge_lora(source: ModelSource, output_dir: str | Path, dtype: str | None = 
     if source.adapter is None:
         raise UserError(f"model: {source.base} is not a LoRA adapter or a LoRA checkpoint: nothing to merge")
     output_dir = Path(output_dir)
+    check_output_folder(output_dir, "--output", [source.adapter, Path(source.base)])
     check_output_dir(output_dir, overwrite)
     dtype = dtype or stored_dtype(source.base, trust_remote_code)
     model, tokenizer = load_model_and_tokenizer(source, dtype, trust_remote_code, device="cpu")

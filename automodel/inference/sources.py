@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from automodel.config.loader import load_yaml
+from automodel.config.redact import read_run_config
 from automodel.errors import UserError
+from automodel.paths import check_step_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass
@@ -72,14 +74,14 @@ def _resolve_one(name: str, key: str) -> ModelSource:
 
 
 def _latest(checkpoint_dir: Path) -> Path:
-    step = checkpoint_dir / (checkpoint_dir / "LATEST").read_text().strip()
+    step = checkpoint_dir / check_step_name((checkpoint_dir / "LATEST").read_text(), checkpoint_dir / "LATEST")
     if not step.is_dir():
         raise UserError(f"{checkpoint_dir}/LATEST names {step.name}, which does not exist")
     return step
 
 
 def _from_step_dir(step_dir: Path, key: str) -> ModelSource:
-    train_config = load_yaml(step_dir / "config.yaml")
+    train_config = read_run_config(step_dir / "config.yaml")
     source = _from_model_folder(step_dir / "model", key, train_config)
     source.step_dir = step_dir
     source.metrics = read_metrics(step_dir.parent / metrics_file_name(train_config), step_number(step_dir))
@@ -88,6 +90,9 @@ def _from_step_dir(step_dir: Path, key: str) -> ModelSource:
 
 def _from_model_folder(folder: Path, key: str, train_config: dict | None) -> ModelSource:
     if (folder / ADAPTER_CONFIG).is_file():
+        if not (folder / ADAPTER_WEIGHTS).is_file():  # peft would fall back to a pickled adapter_model.bin
+            raise UserError(f"{key}: {folder} holds no {ADAPTER_WEIGHTS}; adapters are read as safetensors only "
+                            "(a .bin file is a pickle, which can run code)")
         return ModelSource(base=adapter_base(folder, train_config, key), adapter=folder, train_config=train_config)
     if (folder / MODEL_CONFIG).is_file():
         return ModelSource(base=str(folder), train_config=train_config)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from automodel.config import parse_section
+from automodel.config.redact import redact
 from automodel.errors import UserError
 
 logger = logging.getLogger("automodel")
@@ -176,7 +177,8 @@ def backend_settings(log_cfg) -> dict[str, Any]:
 
 
 def build_backends(log_cfg, run_dir: Path, cfg: dict[str, Any], resume_step: int = 0) -> list[MetricsBackend]:
-    """The trackers whose `logging.<name>` sections are present, each already holding the resolved config."""
+    """The trackers whose `logging.<name>` sections are present, each holding the config as written down (before
+    `${oc.env:...}` interpolation; secret-looking values redacted again here, whoever passes `cfg`)."""
     name = run_dir.resolve().name
     settings = backend_settings(log_cfg)
     backends: list[MetricsBackend] = []
@@ -187,5 +189,5 @@ def build_backends(log_cfg, run_dir: Path, cfg: dict[str, Any], resume_step: int
     if "tensorboard" in settings:
         backends.append(TensorBoardBackend(settings["tensorboard"], run_dir, resume_step))
     for backend in backends:
-        backend.log_params(cfg)
+        backend.log_params(redact(cfg))
     return backends

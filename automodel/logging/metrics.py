@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from automodel.paths import check_plain_name
+
 logger = logging.getLogger("automodel")
 
 
@@ -28,6 +30,7 @@ class LoggingConfig:
     tensorboard: dict | None = None
 
     def __post_init__(self):
+        check_plain_name(self.metrics_file, "logging.metrics_file")  # a file inside checkpoint_dir
         # Typos and missing tracker packages stop the run before the model loads, not after.
         from automodel.config import parse_section
         from automodel.logging.backends import backend_settings

@@ -66,6 +66,7 @@ def load_causal_lm(pretrained_model_name_or_path: str, dtype: str = "float32", a
 
     `config_overrides` are applied to the model config (e.g. `use_cache: false`, `output_router_logits: true`).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     key = "model.pretrained_model_name_or_path"
@@ -80,6 +81,8 @@ def load_causal_lm(pretrained_model_name_or_path: str, dtype: str = "float32", a
         if Path(source).exists():
             raise UserError(f"{key}: cannot load {source}: {str(err).splitlines()[0]}") from err
         raise _hub_error(source, key, err) from err
+    except SafetensorError as err:  # a truncated or damaged weights file
+        raise UserError(f"{key}: {source}: damaged safetensors weights: {str(err).splitlines()[0]}") from err
     except ValueError as err:  # unknown architecture / model_type, or one that needs remote code
         raise UserError(f"{key}: {source}: {str(err).splitlines()[0]}") from err
     if attn_implementation is None and attention.use_automodel_sdpa(model):
@@ -100,6 +103,8 @@ def load_tokenizer(pretrained_model_name_or_path: str, trust_remote_code: bool =
         if Path(source).exists():
             raise UserError(f"{key}: cannot load a tokenizer from {source}: {str(err).splitlines()[0]}") from err
         raise _hub_error(source, key, err) from err
+    except ValueError as err:  # e.g. a folder without config.json: transformers cannot tell which tokenizer
+        raise UserError(f"{key}: cannot load a tokenizer from {source}: {str(err).splitlines()[0]}") from err
     if tokenizer.eos_token_id is None:
         raise UserError(f"{key}: the tokenizer of {source} has no EOS token; the model could not learn to stop")
     if tokenizer.pad_token_id is None:

@@ -29,7 +29,8 @@ from automodel.checkpoint import (
     load_training_state,
     write_config,
 )
-from automodel.config import build, check_sections, parse_section
+from automodel.checkpoint.provenance import check_trusted
+from automodel.config import build, check_sections, config_at_rest, parse_section, target_policy
 from automodel.data.collate import count_tokens, model_inputs
 from automodel.data.length_grouped import GROUP_BY_LENGTH_DEFAULT, build_train_sampler
 from automodel.data.packing import build_collator
@@ -97,9 +98,16 @@ def seed_everything(seed: int) -> None:
 class FinetuneRecipe:
     """Fine-tune a causal LM with LoRA (when a `peft` section is present) or full SFT."""
 
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, cfg: dict[str, Any], allow_targets: tuple[str, ...] = (),
+                 unresolved: dict[str, Any] | None = None):
+        """`cfg` is the resolved config; `unresolved` the same before `${oc.env:...}` interpolation (the CLI's),
+        which is what gets written down (config/redact.py: no secrets at rest)."""
         check_sections(cfg)
+        # Every `_target_` is checked before anything is built or imported (config/trust.py).
+        self.targets = target_policy(cfg, allow_targets)
+        self.targets.check_config(cfg)
         self.cfg = cfg
+        self.cfg_at_rest = config_at_rest(cfg if unresolved is None else unresolved)
         self.parallel = Parallelism.from_config(cfg)  # joins torchrun's / srun's process group when launched
         self.dp_size, self.dp_rank = self.parallel.dp_size, self.parallel.dp_rank
         self.device = self.parallel.device
@@ -126,7 +134,7 @@ class FinetuneRecipe:
     def setup(self) -> None:
         seed_everything(int(self.cfg.get("seed", 42)))
         # The model's tokenizer unless `tokenizer:` or `dataset.tokenizer` names another (with its options).
-        self.tokenizer = build_tokenizer(self.cfg)
+        self.tokenizer = build_tokenizer(self.cfg, self.targets)
         self.model = self.build_model()
         self.hf_model = self.parallel.unwrap(self.model)  # the transformers/peft model inside a DDP wrapper
         self.router_aux = RouterAuxLoss(self.hf_model)
@@ -145,9 +153,9 @@ class FinetuneRecipe:
         self.max_steps, why = self.steps.streaming_total_steps() if self.streaming \
             else self.steps.total_steps(self.steps_per_epoch)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build(with_default_target(self.cfg, "optimizer"), "optimizer", params=self.params)
+        self.optimizer = build(with_default_target(self.cfg, "optimizer"), "optimizer", policy=self.targets, params=self.params)
         self.lr_scheduler = self.lr_cfg.build(self.optimizer, self.max_steps)
-        self.loss_fn = build(with_default_target(self.cfg, "loss_fn"), "loss_fn")
+        self.loss_fn = build(with_default_target(self.cfg, "loss_fn"), "loss_fn", policy=self.targets)
         self.output_head = chunked_head_for(self.hf_model, self.loss_fn) if self.label_logits_only else None
         # The last layer computes only the label positions' rows (models/attention.py), where the loss reads no other.
         self.output_rows_only = (self.label_logits_only and not self.router_aux.enabled
@@ -158,8 +166,8 @@ class FinetuneRecipe:
         self.state = self._restore()
         self.start_step = self.last_saved_step = self.state.step
         if self.parallel.is_main:  # only rank 0 writes
-            write_config(self.cfg, self.out_dir / "config.yaml")
-        self.metrics = open_metrics(self.log_cfg, self.out_dir, self.cfg, resume_step=self.state.step)
+            write_config(self.cfg_at_rest, self.out_dir / "config.yaml")
+        self.metrics = open_metrics(self.log_cfg, self.out_dir, self.cfg_at_rest, resume_step=self.state.step)
         self.throughput = throughput_meter(self.model, self.device, self.log_cfg)
         if is_main_process():
             logger.info("%s", format_start_banner(self, why))
@@ -184,6 +192,10 @@ class FinetuneRecipe:
         if step_dir is None:
             return TrainState()
         check_compatible(step_dir, self.cfg)
+        check_trusted(step_dir, self.ckpt_cfg.trust_pickled_state, "checkpoint.restore_from",
+                      "run with --checkpoint.trust_pickled_state true")
+        if self.ckpt_cfg.trust_pickled_state:
+            logger.warning("checkpoint.trust_pickled_state: loading %s/dcp with pickle, trusted by you", step_dir)
         state = load_training_state(step_dir, self.model, self.optimizer, self.lr_scheduler)
         if state.step >= self.max_steps:
             logger.info("checkpoint %s is at step %d, max_steps is %d: nothing left to train", step_dir,
@@ -194,7 +206,7 @@ class FinetuneRecipe:
 
     def build_model(self):
         """The configured model: built from `model`, LoRA applied when `peft` is set, spread over the processes."""
-        model = build(with_default_target(self.cfg, "model"), "model")
+        model = build(with_default_target(self.cfg, "model"), "model", policy=self.targets)
         if not isinstance(model, torch.nn.Module):
             raise UserError(f"model._target_ returned {type(model).__name__}, expected a torch.nn.Module")
         if self.peft_cfg is not None:
@@ -206,7 +218,7 @@ class FinetuneRecipe:
         if "_target_" not in node:
             raise UserError(f"{section}._target_: missing; name a builder such as "
                             "automodel.data.squad.make_squad_dataset")
-        dataset = build(node, section, tokenizer=self.tokenizer)
+        dataset = build(node, section, policy=self.targets, tokenizer=self.tokenizer)
         if is_streaming(dataset):
             if section != "dataset":
                 raise UserError(f"{section}: streaming is for the training set; validation reads all its rows "
@@ -229,7 +241,7 @@ class FinetuneRecipe:
             int(self.cfg.get("seed", 42)), GROUP_BY_LENGTH_DEFAULT) if train else StatefulDistributedSampler(
             dataset, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle,
             seed=int(self.cfg.get("seed", 42)), drop_last=train)
-        return build(node, section, dataset=dataset, batch_size=self.steps.local_batch_size, sampler=sampler,
+        return build(node, section, policy=self.targets, dataset=dataset, batch_size=self.steps.local_batch_size, sampler=sampler,
                      collate_fn=collate_fn, drop_last=train)
 
     def _build_stream_loader(self, stream, node: dict, shuffle: bool, collate_fn):
@@ -242,7 +254,7 @@ class FinetuneRecipe:
                             "dataset does not have; set it to false")
         share = RankShare(stream, self.dp_rank, self.dp_size, shuffle, int(self.cfg.get("seed", 42)),
                           node.pop("shuffle_buffer_size", DEFAULT_SHUFFLE_BUFFER))
-        return build(node, "dataloader", dataset=share, batch_size=self.steps.local_batch_size,
+        return build(node, "dataloader", policy=self.targets, dataset=share, batch_size=self.steps.local_batch_size,
                      collate_fn=collate_fn, drop_last=True)
 
     # ---- training -------------------------------------------------------------------------------
@@ -448,6 +460,6 @@ class FinetuneRecipe:
         `checkpoint.save_consolidated` asks. Rank 0 publishes the step folder and gets its path."""
         consolidated = self.ckpt_cfg.save_consolidated == "every" or (
             self.ckpt_cfg.save_consolidated == "final" and step == self.max_steps)
-        return save_checkpoint(self.parallel, self.model, self.tokenizer, self.cfg, self.out_dir, step,
+        return save_checkpoint(self.parallel, self.model, self.tokenizer, self.cfg_at_rest, self.out_dir, step,
                                optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, state=self.state,
                                consolidated=consolidated, keep_last_n=self.ckpt_cfg.keep_last_n)

@@ -61,6 +61,7 @@ def run_config(row, model_dir, out_dir, lora: bool) -> dict:
         "seed": 0,
         "model": {"pretrained_model_name_or_path": str(model_dir)},
         "tokenizer": {"_target_": "tests.models.tiny.shared_tokenizer", "name": row.tokenizer},
+        "allow_targets": ["tests.models.tiny"],
         "dataset": {"_target_": "automodel.data.squad.make_squad_dataset", "dataset_name": str(SQUAD_TRAIN),
                     "seq_length": 64, "limit_dataset_samples": 2 * batch * STEPS},
         "step_scheduler": {"global_batch_size": batch, "local_batch_size": batch, "max_steps": STEPS,

@@ -1,0 +1,125 @@
+"""Paths stay where they are put, and a checkpoint from elsewhere is trusted only on purpose."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from automodel.checkpoint import latest_step_dir
+from automodel.cli.main import main
+from automodel.errors import UserError
+from automodel.inference.sources import resolve_source
+from tests.conftest import STORIES
+from tests.helpers import tiny_squad_config
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", "..", ".hidden", ""])
+def test_serve_name_cannot_leave_the_output_folder(tmp_path, capsys, name):
+    output = tmp_path / "serve"
+    assert main(["serve", str(STORIES), "--output", str(output), "--name", name]) == 2
+    assert one_error_line(capsys).startswith(f"error: --name: {name!r} must be a plain name")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_push_uploads_no_file_from_outside_the_folder(tmp_path, capsys):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(STORIES / name, folder / name)
+    private = tmp_path / "outside" / "id_rsa"
+    private.parent.mkdir()
+    private.write_text("not for the hub")
+    (folder / "model.safetensors").symlink_to(private)
+    assert main(["push", str(folder), "--repo-id", "me/model", "--dry-run"]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: push: {folder / 'model.safetensors'} leads to {private}, outside {folder}")
+
+
+def test_latest_naming_a_path_elsewhere_is_refused(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    (tmp_path / "elsewhere").mkdir()
+    ckpt.mkdir()
+    (ckpt / "LATEST").write_text("../elsewhere\n")
+    with pytest.raises(UserError, match=r"LATEST: expected the name of a step folder \(step_<N>\), got '../elsewhere'"):
+        latest_step_dir(ckpt)
+    with pytest.raises(UserError, match=r"LATEST: expected the name of a step folder"):
+        resolve_source(str(ckpt))
+
+
+def test_merge_output_may_not_be_a_link_or_its_own_input(fresh_adapter, tmp_path, capsys):
+    assert main(["merge-lora", str(STORIES), "--adapter", str(fresh_adapter), "--output", str(fresh_adapter),
+                 "--overwrite"]) == 2
+    assert one_error_line(capsys) == f"error: --output: {fresh_adapter} overlaps the input folder {fresh_adapter}; " \
+                                     "write somewhere else"
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "target", target_is_directory=True)
+    assert main(["merge-lora", str(STORIES), "--adapter", str(fresh_adapter), "--output", str(link)]) == 2
+    assert one_error_line(capsys).startswith(f"error: --output: {link} is a link to")
+    assert not (tmp_path / "target").exists()
+
+
+def test_an_adapter_without_safetensors_is_refused(fresh_adapter, capsys):
+    (fresh_adapter / "adapter_model.safetensors").rename(fresh_adapter / "adapter_model.bin")
+    assert main(["generate", str(fresh_adapter), "--prompt", "Once"]) == 2
+    assert one_error_line(capsys) == (f"error: model: {fresh_adapter} holds no adapter_model.safetensors; adapters are "
+                                      "read as safetensors only (a .bin file is a pickle, which can run code)")
+
+
+def test_a_model_folder_without_config_json_is_one_line(tmp_path, capsys):
+    folder = tmp_path / "no_config"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "model.safetensors"):
+        shutil.copy(STORIES / name, folder / name)
+    cfg = tiny_squad_config(tmp_path, max_steps=1)
+    cfg["model"]["pretrained_model_name_or_path"] = str(folder)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(__import__("yaml").safe_dump(cfg))
+    assert main(["finetune", "llm", "-c", str(path)]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: model.pretrained_model_name_or_path: ") and str(folder) in line, line
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_checkpoint_dir_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    cfg = tiny_squad_config(tmp_path, max_steps=1)
+    cfg["checkpoint"]["checkpoint_dir"] = str(tmp_path / "taken")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(__import__("yaml").safe_dump(cfg))
+    assert main(["finetune", "llm", "-c", str(path)]) == 2
+    assert one_error_line(capsys) == (f"error: checkpoint: checkpoint_dir {tmp_path / 'taken'} is a file; expected a "
+                                      "folder (it is created when missing)")
+
+
+def test_a_checkpoint_from_elsewhere_is_loaded_only_when_trusted(sft_run, tmp_path, capsys):
+    """A step folder copied in (as one downloaded would be) is refused by resume and export until accepted."""
+    step = latest_step_dir(sft_run)
+    assert sorted(p.suffix for p in (step / "model").iterdir() if p.suffix in (".bin", ".pt", ".pkl", ".pth")) == []
+    foreign = tmp_path / "downloaded" / step.name
+    shutil.copytree(step, foreign)
+    risk = "its dcp/ training state is read with Python's pickle, which can run any code the files hold"
+
+    assert main(["export", str(foreign), "--output", str(tmp_path / "out")]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: export: {foreign} was not written by your runs on this machine") and risk in line
+    assert line.endswith("if you trust where it came from, pass --trust-pickled-state")
+    assert main(["export", str(foreign), "--output", str(tmp_path / "out"), "--trust-pickled-state"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+    cfg = __import__("yaml").safe_load((step / "config.yaml").read_text())
+    cfg["checkpoint"] = {"checkpoint_dir": str(tmp_path / "new"), "restore_from": str(foreign)}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(__import__("yaml").safe_dump(cfg))
+    assert main(["finetune", "llm", "-c", str(path)]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: checkpoint.restore_from: {foreign} was not written by your runs") and risk in line
+    assert line.endswith("run with --checkpoint.trust_pickled_state true")
+    assert main(["finetune", "llm", "-c", str(path), "--checkpoint.trust_pickled_state", "true"]) == 0
+    assert "nothing left to train" in capsys.readouterr().out

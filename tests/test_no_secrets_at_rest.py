@@ -1,0 +1,87 @@
+"""A secret given through `${oc.env:VAR}` is written nowhere: not in the saved configs, the trackers' files, the
+checkpoints, the data cache, the log, nor the model card of a push dry-run."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from automodel.checkpoint import check_compatible
+from automodel.cli.main import main
+from automodel.config import REDACTED, config_at_rest, is_secret_key
+from automodel.errors import UserError
+from tests.helpers import tiny_squad_config
+
+SECRET = "planted-secret-7f3a9c71e2d04b8b"
+VAR = "AUTOMODEL_TEST_PLANTED_TOKEN"
+
+
+def files_holding(root, needle: bytes) -> list[str]:
+    return [str(p) for p in sorted(root.rglob("*")) if p.is_file() and needle in p.read_bytes()]
+
+
+def test_a_planted_secret_is_in_no_file_a_run_its_trackers_and_a_push_dry_run_write(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(VAR, SECRET)
+    monkeypatch.setenv("HF_TOKEN", SECRET)  # what a user with a token has set; nothing may copy it either
+    monkeypatch.setenv("AUTOMODEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_squad_config(tmp_path, peft=True, max_steps=2, train_samples=8, global_batch=4, local_batch=4)
+    cfg.pop("validation_dataset")
+    cfg["dataset"]["seq_length"] = 128
+    # The usual ways a token reaches a config: the hub download kwargs of the model and of the tokenizer.
+    cfg["model"]["token"] = f"${{oc.env:{VAR}}}"
+    cfg["tokenizer"] = {"pretrained_model_name_or_path": cfg["model"]["pretrained_model_name_or_path"],
+                        "token": f"${{oc.env:{VAR}}}"}
+    cfg["logging"].update(wandb={"mode": "offline", "dir": str(tmp_path / "wandb")}, mlflow={}, tensorboard={})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    assert main(["finetune", "llm", "-c", str(path), "--step_scheduler.ckpt_every_steps", "1"]) == 0
+    ckpt = tmp_path / "ckpt"
+    assert main(["push", str(ckpt), "--repo-id", "someone/tiny", "--dry-run"]) == 0
+    out = capsys.readouterr()
+
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in written) and (ckpt / "mlflow.db").is_file()
+    assert list((ckpt / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (ckpt / "step_2" / "model" / "adapter_model.safetensors").is_file()
+    assert files_holding(tmp_path, SECRET.encode()) == []
+    assert SECRET not in out.out and SECRET not in out.err
+    # The variable is named where the value would have been, so the saved config still says where it came from.
+    saved = yaml.safe_load((ckpt / "step_2" / "config.yaml").read_text())
+    assert saved["model"]["token"] == f"${{oc.env:{VAR}}}"
+    assert f"token: ${{oc.env:{VAR}}}" in out.out  # the model card's training configuration
+
+
+
+def test_resume_resolves_the_saved_expressions_again(tmp_path, monkeypatch):
+    monkeypatch.setenv(VAR, SECRET)
+    step = tmp_path / "step_3"
+    step.mkdir()
+    cfg = {"model": {"pretrained_model_name_or_path": "m", "token": f"${{oc.env:{VAR}}}"}, "seed": 1}
+    (step / "config.yaml").write_text(yaml.safe_dump(config_at_rest(cfg)))
+    check_compatible(step, {"model": {"pretrained_model_name_or_path": "m", "token": SECRET}, "seed": 1})
+    with pytest.raises(UserError, match=r"trained with model.pretrained_model_name_or_path='m' but this config has 'n'"):
+        check_compatible(step, {"model": {"pretrained_model_name_or_path": "n", "token": SECRET}, "seed": 1})
+    monkeypatch.delenv(VAR)
+    with pytest.raises(UserError, match=rf"{step / 'config.yaml'}: environment variable {VAR} is not set"):
+        check_compatible(step, {"model": {"pretrained_model_name_or_path": "m"}, "seed": 1})
+
+
+@pytest.mark.parametrize("key, secret", [
+    ("token", True), ("hf_token", True), ("api_key", True), ("WANDB_API_KEY", True), ("db_password", True),
+    ("client_secret", True), ("credentials", True), ("pad_token", False), ("eos_token", False),
+    ("tokenizer", False), ("max_tokens", False), ("keep_last_n", False), ("answer_key", False)])
+def test_secret_looking_keys(key, secret):
+    assert is_secret_key(key) is secret
+
+
+def test_literal_secrets_are_redacted_and_expressions_kept():
+    at_rest = config_at_rest({"model": {"token": "hf_abc", "path": "x"},
+                              "logging": {"wandb": {"api_key": "${oc.env:WANDB_API_KEY}"}},
+                              "data": [{"password": "p"}], "tokenizer": {"pad_token": "<pad>"}})
+    assert at_rest == {"model": {"token": REDACTED, "path": "x"},
+                       "logging": {"wandb": {"api_key": "${oc.env:WANDB_API_KEY}"}},
+                       "data": [{"password": REDACTED}], "tokenizer": {"pad_token": "<pad>"}}
