@@ -123,3 +123,31 @@ def test_a_checkpoint_from_elsewhere_is_loaded_only_when_trusted(sft_run, tmp_pa
     assert line.endswith("run with --checkpoint.trust_pickled_state true")
     assert main(["finetune", "llm", "-c", str(path), "--checkpoint.trust_pickled_state", "true"]) == 0
     assert "nothing left to train" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("trainer_state.json", "trainer_state.json is not a valid trainer state (UnicodeDecodeError"),
+    ("dcp/.metadata", "checkpoint: cannot read"),
+])
+def test_a_damaged_trusted_checkpoint_is_one_line(sft_run, tmp_path, capsys, damage, message):
+    step = latest_step_dir(sft_run)
+    copy = tmp_path / "copy" / step.name
+    shutil.copytree(step, copy)
+    (copy / damage).write_bytes(b"\x80\x04{oops")
+    cfg = __import__("yaml").safe_load((step / "config.yaml").read_text())
+    cfg["checkpoint"] = {"checkpoint_dir": str(tmp_path / "new"), "restore_from": str(copy),
+                         "trust_pickled_state": True}
+    cfg["step_scheduler"]["max_steps"] = 3
+    path = tmp_path / "cfg.yaml"
+    path.write_text(__import__("yaml").safe_dump(cfg))
+    assert main(["finetune", "llm", "-c", str(path)]) == 2
+    out = capsys.readouterr()
+    line = one_error_line_of(out.err)
+    assert message in line and "Traceback" not in out.out, line
+    assert not (tmp_path / "new" / "LATEST").exists()
+
+
+def one_error_line_of(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
