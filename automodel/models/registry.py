@@ -48,10 +48,20 @@ class Architecture:
     lora_targets: tuple[str, ...] = ()    # leaf names `all-linear` adapts (never the output head)
     notes: str = ""                       # architecture-specific handling, documented
     reason: str = ""                      # why a remote-code row is not supported yet
+    # Remote-code rows automodel reads itself (automodel/models/families): the published config.json
+    # `model_type`, the transformers class its checkpoints load into, and the route (docs).
+    published_type: str | None = None
+    loads_into: str | None = None
+    route: str = ""
 
     @property
     def status(self) -> str:
-        return TESTED if self.native_class else NOT_YET
+        return TESTED if self.native_class or self.loads_into else NOT_YET
+
+    @property
+    def model_class(self) -> str | None:
+        """The class a tiny model of the row trains as."""
+        return self.native_class or self.loads_into
 
     @property
     def test_id(self) -> str:
@@ -72,6 +82,14 @@ def _remote(architecture, models, checkpoints, reason=REMOTE_CODE) -> Architectu
     return Architecture(architecture, models, tuple(checkpoints), reason=reason)
 
 
+def _family(architecture, models, checkpoints, published_type, loads_into, tokenizer, route, notes="",
+            lora_targets=LLAMA_LIKE, **tiny) -> Architecture:
+    """A remote-code row read into a native class; `tiny` holds config fields under the family's own names."""
+    return Architecture(architecture, models, tuple(checkpoints), tokenizer=tokenizer, tiny=tiny,
+                        lora_targets=tuple(lora_targets), notes=notes, published_type=published_type,
+                        loads_into=loads_into, route=route)
+
+
 # Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): rotary runs over qk_rope_head_dim, which is head_dim.
 MLA = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
            v_head_dim=16, head_dim=8)
@@ -83,7 +101,9 @@ PEFT_MOE_REMAP = ("LoRA all-linear: peft 0.21's transformers-v4 compatibility ma
                   "and shared-expert MLPs do not (automodel logs this)")
 
 ARCHITECTURES: tuple[Architecture, ...] = (
-    _remote("AquilaForCausalLM", "Aquila, Aquila2", ["BAAI/Aquila-7B", "BAAI/AquilaChat-7B"]),
+    _family("AquilaForCausalLM", "Aquila, Aquila2", ["BAAI/Aquila-7B", "BAAI/AquilaChat-7B"], "aquila",
+            "LlamaForCausalLM", "llama2", "config only: the Llama decoder under Aquila's names (same weight names)",
+            tie_word_embeddings=False),
     _remote("BaiChuanForCausalLM", "Baichuan2, Baichuan",
             ["baichuan-inc/Baichuan2-13B-Chat", "baichuan-inc/Baichuan-7B"]),
     _native("BambaForCausalLM", "Bamba", ["ibm-ai-platform/Bamba-9B"], "bamba", "BambaForCausalLM", "llama2",
@@ -98,7 +118,12 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _native("Cohere2ForCausalLM", "Command-R7B", ["CohereForAI/c4ai-command-r7b-12-2024"], "cohere2",
             "Cohere2ForCausalLM", "llama2", sliding_window=16),
     _remote("DeciLMForCausalLM", "DeciLM", ["nvidia/Llama-3_3-Nemotron-Super-49B-v1"]),
-    _remote("DeepseekForCausalLM", "DeepSeek", ["deepseek-ai/deepseek-llm-7b-chat"]),
+    _family("DeepseekForCausalLM", "DeepSeek", ["deepseek-ai/deepseek-llm-7b-chat"], "deepseek", "LlamaForCausalLM",
+            "llama2", "config only: dense DeepSeek LLM v1 configs are the Llama decoder",
+            notes="the published deepseek-llm-7b/67b checkpoints are already `LlamaForCausalLM` configs; a "
+                  "`model_type: deepseek` config with `n_routed_experts` (deepseek-moe: shared experts, dense first "
+                  "layers) stops with a one-line error: not implemented",
+            tie_word_embeddings=False),
     _native("DeepseekV2ForCausalLM", "DeepSeek-V2", ["deepseek-ai/DeepSeek-V2-Lite"], "deepseek_v2",
             "DeepseekV2ForCausalLM", "llama2", MLA_ATTENTION + DEEPSEEK_EXPERTS, kind="moe",
             notes="multi-head latent attention; layer 0 dense, layer 1 MoE. " + PEFT_MOE_REMAP,
@@ -153,7 +178,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             kind="moe", num_local_experts=4, shared_intermediate_size=64, **TINY_MOE),
     _native("GritLM", "GritLM", ["parasail-ai/GritLM-7B-vllm"], "mistral", "MistralForCausalLM", "mistral-7b-v0.1",
             own_tokenizer=True, notes="a Mistral checkpoint; trained here as a causal LM"),
-    _remote("InternLMForCausalLM", "InternLM", ["internlm/internlm-7b", "internlm/internlm-chat-7b"]),
+    _family("InternLMForCausalLM", "InternLM", ["internlm/internlm-7b", "internlm/internlm-chat-7b"], "internlm",
+            "LlamaForCausalLM", "llama2", "config only: Llama with `attention_bias` from `bias` (q, k, v and o "
+            "biased); `rotary` {base, type origin or dynamic, scaling_factor} becomes rope_parameters",
+            tie_word_embeddings=False, bias=True, rotary={"base": 10000, "type": "dynamic"}),
     _remote("InternLM2ForCausalLM", "InternLM2", ["internlm/internlm2-7b", "internlm/internlm2-chat-7b"]),
     _native("InternLM3ForCausalLM", "InternLM3", ["internlm/internlm3-8b-instruct"], "internlm3", "LlamaForCausalLM",
             "llama2", notes="transformers loads the internlm3 config into LlamaForCausalLM", head_dim=16),
@@ -161,7 +189,12 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _native("LlamaForCausalLM", "Llama 3.1, Llama 3, Llama 2, LLaMA, Yi",
             ["meta-llama/Meta-Llama-3.1-70B", "meta-llama/Llama-2-70b-hf", "01-ai/Yi-34B"], "llama",
             "LlamaForCausalLM", "llama2", own_tokenizer=True),
-    _remote("MiniCPMForCausalLM", "MiniCPM", ["openbmb/MiniCPM-2B-sft-bf16", "openbmb/MiniCPM-2B-dpo-bf16"]),
+    _family("MiniCPMForCausalLM", "MiniCPM", ["openbmb/MiniCPM-2B-sft-bf16", "openbmb/MiniCPM-2B-dpo-bf16"],
+            "minicpm", "GraniteForCausalLM", "llama2",
+            "config only: Granite's multipliers: embedding_multiplier = `scale_emb`, residual_multiplier = "
+            "`scale_depth` / sqrt(layers), logits_scaling = hidden_size / `dim_model_base`, attention 1/sqrt(head_dim)",
+            notes="MiniCPM-MoE configs (`num_experts`) stop with a one-line error",
+            scale_emb=12, dim_model_base=16, scale_depth=1.4),
     _native("MiniCPM3ForCausalLM", "MiniCPM3", ["openbmb/MiniCPM3-4B"], "minicpm3", "MiniCPM3ForCausalLM", "llama2",
             MLA_ATTENTION + GATED_MLP, notes="multi-head latent attention; muP embedding/depth scaling", **MLA),
     _native("MistralForCausalLM", "Mistral, Mistral-Instruct",
@@ -180,7 +213,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _native("OLMoEForCausalLM", "OLMoE", ["allenai/OLMoE-1B-7B-0924", "allenai/OLMoE-1B-7B-0924-Instruct"], "olmoe",
             "OlmoeForCausalLM", "gpt2", ATTENTION, kind="moe", num_experts=4, intermediate_size=32,
             num_experts_per_tok=2),
-    _remote("OrionForCausalLM", "Orion", ["OrionStarAI/Orion-14B-Base", "OrionStarAI/Orion-14B-Chat"]),
+    _family("OrionForCausalLM", "Orion", ["OrionStarAI/Orion-14B-Base", "OrionStarAI/Orion-14B-Chat"], "orion",
+            "StableLmForCausalLM", "llama2", "config only: Llama with biased LayerNorm (eps `rms_norm_eps`) is "
+            "StableLm with full rotary, sequential residuals, no q/k norm and no q/k/v bias",
+            tie_word_embeddings=False),
     _native("PhiForCausalLM", "Phi", ["microsoft/phi-1_5", "microsoft/phi-2"], "phi", "PhiForCausalLM", "gpt2",
             ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"), notes="partial rotary; parallel attention/MLP"),
     _native("Phi3ForCausalLM", "Phi-4, Phi-3",
@@ -222,6 +258,12 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     "GPTBigCodeForCausalLM": ("sft", "lora"),
     "GPTJForCausalLM": ("sft",),
     "GPTNeoXForCausalLM": ("sft",),
+    # Remote-code families read by automodel/models/families: the saved folders are in the published layout.
+    "AquilaForCausalLM": ("sft",),
+    "DeepseekForCausalLM": ("sft",),
+    "InternLMForCausalLM": ("sft", "lora"),
+    "MiniCPMForCausalLM": ("sft",),
+    "OrionForCausalLM": ("sft",),
 }
 
 # model_type values whose padding-free batches (examples back to back in one row, automodel/data/packing.py) give
@@ -241,8 +283,19 @@ OUTPUT_ROWS_VERIFIED: frozenset[str] = PADDING_FREE_VERIFIED - {
 
 
 def native_rows() -> list[Architecture]:
+    """Rows transformers loads natively (the published model_type is transformers')."""
     return [row for row in ARCHITECTURES if row.native_class]
 
 
+def family_rows() -> list[Architecture]:
+    """Remote-code rows automodel reads into a native class itself (automodel/models/families)."""
+    return [row for row in ARCHITECTURES if row.loads_into]
+
+
+def tested_rows() -> list[Architecture]:
+    return [row for row in ARCHITECTURES if row.status == TESTED]
+
+
 def remote_rows() -> list[Architecture]:
-    return [row for row in ARCHITECTURES if not row.native_class]
+    """Rows not supported yet."""
+    return [row for row in ARCHITECTURES if row.status != TESTED]

@@ -1,0 +1,93 @@
+"""Published configs of remote-code families, translated into the config of the transformers class whose math
+is the same. Each translator reads the fields the family's own modeling code reads (described in
+docs/supported_models.md) and returns (native model_type, native config fields).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from automodel.models.families.fields import PublishedFields
+
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "max_position_embeddings")
+
+
+def _llama_core(fields: PublishedFields, norm_eps: str = "rms_norm_eps") -> dict[str, Any]:
+    """The fields every Llama-derived family shares, under the same names."""
+    native = {name: fields.take(name, required=True) for name in SIZES}
+    native["num_key_value_heads"] = fields.take("num_key_value_heads", native["num_attention_heads"])
+    native[norm_eps] = fields.take(norm_eps, 1e-6)
+    native["tie_word_embeddings"] = fields.take("tie_word_embeddings", False)
+    fields.expect("hidden_act", ("silu",), "silu")
+    for dropout in ("attention_dropout", "hidden_dropout"):
+        if fields.take(dropout):
+            native[dropout] = fields.config[dropout]
+    return native
+
+
+def _plain_rope(fields: PublishedFields) -> dict[str, Any]:
+    fields.expect("rope_scaling", (None,))
+    return {"rope_type": "default", "rope_theta": float(fields.take("rope_theta", 10000.0))}
+
+
+def aquila(fields: PublishedFields) -> tuple[str, dict]:
+    """Aquila/Aquila2: the Llama decoder under another name."""
+    native = _llama_core(fields)
+    return "llama", {**native, "rope_parameters": _plain_rope(fields), "attention_bias": False}
+
+
+def deepseek(fields: PublishedFields) -> tuple[str, dict]:
+    """DeepSeek LLM v1 (DeepseekForCausalLM): the dense configs are the Llama decoder. The MoE configs
+    (deepseek-moe: shared experts, dense first layers) are not implemented: `n_routed_experts` stops them."""
+    fields.expect("n_routed_experts", (None,))
+    fields.expect("attention_bias", (False,), False)
+    native = _llama_core(fields)
+    return "llama", {**native, "rope_parameters": _plain_rope(fields), "attention_bias": False}
+
+
+def internlm(fields: PublishedFields) -> tuple[str, dict]:
+    """InternLM (v1): Llama with a bias on q, k, v and o (`bias`), rotary described by `rotary`
+    ({"base", "type": "origin" | "dynamic", "scaling_factor"}); "dynamic" is NTK scaling past
+    max_position_embeddings, which is transformers' "dynamic" rope."""
+    native = _llama_core(fields)
+    rotary = dict(fields.take("rotary", {"base": 10000, "type": "dynamic"}))
+    kind = rotary.pop("type", "origin")
+    if kind not in ("origin", "dynamic"):
+        fields.expect("rotary", ())  # one line naming the field
+    rope = {"rope_type": "default" if kind == "origin" else "dynamic", "rope_theta": float(rotary.pop("base", 10000))}
+    if kind == "dynamic":
+        rope["factor"] = float(rotary.pop("scaling_factor", 1.0))
+    if rotary:
+        fields.expect("rotary", ())
+    return "llama", {**native, "rope_parameters": rope, "attention_bias": fields.take("bias", True)}
+
+
+def orion(fields: PublishedFields) -> tuple[str, dict]:
+    """Orion: the Llama decoder with LayerNorm (weight and bias, eps from `rms_norm_eps`) in place of RMSNorm.
+    transformers' StableLm decoder is exactly that with full rotary, sequential residuals, no q/k norm."""
+    native = _llama_core(fields)
+    native["layer_norm_eps"] = native.pop("rms_norm_eps")
+    fields.expect("attention_bias", (False,), False)
+    rope = {**_plain_rope(fields), "partial_rotary_factor": 1.0}
+    return "stablelm", {**native, "rope_parameters": rope, "use_qkv_bias": False, "qk_layernorm": False,
+                        "use_parallel_residual": False}
+
+
+def minicpm(fields: PublishedFields) -> tuple[str, dict]:
+    """MiniCPM (v1/v2 dense): Llama with muP scalings: embeddings x `scale_emb`, each residual branch x
+    `scale_depth / sqrt(num_hidden_layers)`, the final hidden state / (hidden_size / `dim_model_base`) before
+    lm_head. Granite's embedding/residual/logits multipliers are the same operations (lm_head has no bias, so
+    dividing its input or its output is equal); attention keeps 1/sqrt(head_dim)."""
+    fields.expect("num_experts", (None,))
+    native = _llama_core(fields)
+    fields.expect("attention_bias", (False,), False)
+    head_dim = native["hidden_size"] // native["num_attention_heads"]
+    return "granite", {
+        **native, "rope_parameters": _plain_rope(fields), "attention_bias": False, "mlp_bias": False,
+        "embedding_multiplier": float(fields.take("scale_emb", 1.0)),
+        "residual_multiplier": float(fields.take("scale_depth", 1.0)) / math.sqrt(native["num_hidden_layers"]),
+        "logits_scaling": native["hidden_size"] / fields.take("dim_model_base", required=True),
+        "attention_multiplier": head_dim ** -0.5,
+    }

@@ -1,0 +1,82 @@
+"""Tiny checkpoints of remote-code families, written in their PUBLISHED layout without transformers or automodel.
+
+config.json carries what the family's published checkpoints carry (its `architectures`, `model_type`, `auto_map`
+pointing at the Hub's modeling files, its own field names), and model.safetensors its own weight names and shapes,
+derived here from those fields the way the family's modeling code sizes its modules (model cards and public
+inference engines describe them; see docs/supported_models.md). Weights are random, norms near one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from automodel.models.registry import Architecture
+from tests.models.tiny import shared_tokenizer
+
+AUTO_MAP = {
+    "aquila": ("configuration_aquila.AquilaConfig", "modeling_aquila.AquilaForCausalLM"),
+    "deepseek": ("configuration_deepseek.DeepseekConfig", "modeling_deepseek.DeepseekForCausalLM"),
+    "internlm": ("configuration_internlm.InternLMConfig", "modeling_internlm.InternLMForCausalLM"),
+    "minicpm": ("configuration_minicpm.MiniCPMConfig", "modeling_minicpm.MiniCPMForCausalLM"),
+    "orion": ("configuration_orion.OrionConfig", "modeling_orion.OrionForCausalLM"),
+}
+# Families whose norms are LayerNorm with a bias (Orion) and whose q/k/v/o carry a bias (InternLM `bias`).
+LAYER_NORM = {"orion"}
+
+
+def published_config(row: Architecture, tokenizer) -> dict:
+    config_class, model_class = AUTO_MAP[row.published_type]
+    return {"architectures": [row.test_id], "model_type": row.published_type,
+            "auto_map": {"AutoConfig": config_class, "AutoModelForCausalLM": model_class},
+            **row.tiny_config(), "vocab_size": len(tokenizer), "hidden_act": "silu", "rms_norm_eps": 1e-6,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id, "torch_dtype": "float32", "use_cache": True}
+
+
+def llama_layout(config: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Llama-style names: model.embed_tokens, model.layers.N.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj,
+    input_layernorm, post_attention_layernorm}, model.norm, lm_head (absent when tied)."""
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    head_dim = hidden // config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
+    biased = config.get("bias", False) if config["model_type"] == "internlm" else False
+    layer_norm = config["model_type"] in LAYER_NORM
+
+    def rand(*shape, std=0.05):
+        return torch.randn(*shape, generator=generator) * std
+
+    def norm(prefix):
+        out = {f"{prefix}.weight": 1 + rand(hidden, std=0.1)}
+        if layer_norm:
+            out[f"{prefix}.bias"] = rand(hidden, std=0.1)
+        return out
+
+    weights = {"model.embed_tokens.weight": rand(vocab, hidden, std=0.5), **norm("model.norm")}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
+                  "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
+                  "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+        for name, shape in shapes.items():
+            weights[f"{p}.{name}.weight"] = rand(*shape, std=0.1)
+            if biased and name.startswith("self_attn"):
+                weights[f"{p}.{name}.bias"] = rand(shape[0], std=0.1)
+        weights.update(norm(f"{p}.input_layernorm"))
+        weights.update(norm(f"{p}.post_attention_layernorm"))
+    if not config.get("tie_word_embeddings", False):
+        weights["lm_head.weight"] = rand(vocab, hidden, std=0.1)
+    return weights
+
+
+def write_published_checkpoint(row: Architecture, folder: Path, seed: int = 0) -> Path:
+    tokenizer = shared_tokenizer(name=row.tokenizer)
+    config = published_config(row, tokenizer)
+    weights = llama_layout(config, torch.Generator().manual_seed(seed))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

@@ -1,0 +1,140 @@
+"""Remote-code families read into native classes (automodel/models/families), checked against the families' math.
+
+For each family row, a tiny checkpoint in the published layout (tests/models/published.py) is loaded through
+`load_causal_lm` with trust_remote_code off (the folder holds no modeling code, so remote code could not run), and:
+- our logits equal a reference forward written below from the family's published description (float64);
+- `save_hf_model` writes every tensor back bit for bit under its published name, and config.json unchanged;
+- a config field we do not translate stops the load with one line naming it (UserError: exit 2 in the CLI).
+
+Where the reference's description comes from:
+- Llama decoder (Aquila, DeepSeek LLM v1, InternLM, MiniCPM, Orion all derive from it): the LLaMA paper
+  (Touvron et al. 2023): pre-norm RMSNorm, rotary embeddings on q and k (rotating the two halves of each head),
+  SwiGLU MLP (down(silu(gate x) * up x)), causal softmax attention scaled by 1/sqrt(head_dim).
+- InternLM: its model card / config: `bias: true` puts a bias on q, k, v and o.
+- Orion: the Orion-14B technical report: LayerNorm (with bias) in place of RMSNorm, eps from `rms_norm_eps`.
+- MiniCPM: the MiniCPM paper (Hu et al. 2024, muP "model wind tunnel"): embeddings times `scale_emb`, each
+  residual branch times `scale_depth / sqrt(num_layers)`, the last hidden state divided by
+  `hidden_size / dim_model_base` before lm_head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from automodel.checkpoint import save_hf_model
+from automodel.errors import UserError
+from automodel.models import load_causal_lm
+from automodel.models.registry import family_rows
+from tests.models.published import write_published_checkpoint
+from tests.models.tiny import shared_tokenizer
+
+ROWS = family_rows()
+
+
+def rms_norm(x, weights, prefix, config):
+    if config["model_type"] == "orion":
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], weights[f"{prefix}.weight"],
+                                              weights[f"{prefix}.bias"], config["rms_norm_eps"])
+    return weights[f"{prefix}.weight"] * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + config["rms_norm_eps"])
+
+
+def rotate(x, theta):
+    """Rotary on (heads, tokens, head_dim): position t turns the pair (x[i], x[i + d/2]) by t / theta^(2i/d)."""
+    dim = x.shape[-1]
+    angles = torch.arange(x.shape[-2], dtype=x.dtype)[:, None] / theta ** (torch.arange(0, dim, 2, dtype=x.dtype) / dim)
+    cos, sin = angles.cos(), angles.sin()
+    first, second = x[..., : dim // 2], x[..., dim // 2:]
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+
+
+def linear(x, weights, name):
+    out = x @ weights[f"{name}.weight"].T
+    return out + weights[f"{name}.bias"] if f"{name}.bias" in weights else out
+
+
+def reference_logits(config: dict, weights: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """One sequence `ids` (tokens,) -> logits (tokens, vocab), float64, from the published names and fields."""
+    weights = {name: tensor.double() for name, tensor in weights.items()}
+    heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    head_dim = config["hidden_size"] // heads
+    theta = config.get("rotary", {}).get("base", config.get("rope_theta", 10000.0))
+    minicpm = config["model_type"] == "minicpm"
+    residual_scale = config["scale_depth"] / math.sqrt(layers) if minicpm else 1.0
+    tokens = len(ids)
+    causal = torch.full((tokens, tokens), float("-inf"), dtype=torch.float64).triu(1)
+
+    h = weights["model.embed_tokens.weight"][ids] * (config["scale_emb"] if minicpm else 1.0)
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        x = rms_norm(h, weights, f"{p}.input_layernorm", config)
+        q, k, v = (linear(x, weights, f"{p}.self_attn.{n}_proj").view(tokens, -1, head_dim).transpose(0, 1)
+                   for n in "qkv")
+        q, k = rotate(q, theta), rotate(k, theta)
+        k, v = (t.repeat_interleave(heads // kv_heads, dim=0) for t in (k, v))
+        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(head_dim) + causal, dim=-1) @ v
+        h = h + residual_scale * linear(attn.transpose(0, 1).reshape(tokens, -1), weights, f"{p}.self_attn.o_proj")
+        x = rms_norm(h, weights, f"{p}.post_attention_layernorm", config)
+        mlp = torch.nn.functional.silu(linear(x, weights, f"{p}.mlp.gate_proj")) * linear(x, weights, f"{p}.mlp.up_proj")
+        h = h + residual_scale * linear(mlp, weights, f"{p}.mlp.down_proj")
+    h = rms_norm(h, weights, "model.norm", config)
+    if minicpm:
+        h = h / (config["hidden_size"] / config["dim_model_base"])
+    head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    return h @ head.T
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.test_id for r in ROWS])
+def test_published_checkpoint_matches_reference_and_saves_back_bit_for_bit(row, tmp_path):
+    source = write_published_checkpoint(row, tmp_path / "published")
+    config = json.loads((source / "config.json").read_text())
+    weights = load_file(source / "model.safetensors")
+    model = load_causal_lm(str(source), dtype="float32").eval()
+    assert type(model).__name__ == row.loads_into
+
+    ids = torch.randint(0, config["vocab_size"], (20,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(input_ids=ids[None]).logits[0].double()
+    want = reference_logits(config, weights, ids)
+    assert ours.std() > 0.1, "degenerate logits would compare equal for the wrong reason"
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
+
+    save_hf_model(model, shared_tokenizer(name=row.tokenizer), tmp_path / "saved")
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    assert saved.keys() == weights.keys()
+    changed = [name for name in weights if not torch.equal(saved[name], weights[name])]
+    assert not changed, f"not written back bit for bit: {changed}"
+    assert json.loads((tmp_path / "saved" / "config.json").read_text()) == config
+
+
+def with_fields(row, tmp_path, **fields):
+    folder = write_published_checkpoint(row, tmp_path / "bad")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(fields)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+BY_TYPE = {row.published_type: row for row in ROWS}
+UNSUPPORTED = [
+    ("deepseek", {"n_routed_experts": 64}, "'n_routed_experts' = 64 is not supported"),
+    ("minicpm", {"num_experts": 8}, "'num_experts' = 8 is not supported"),
+    ("aquila", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "'rope_scaling'"),
+    ("internlm", {"rotary": {"base": 10000, "type": "xpos"}}, "'rotary'"),
+    ("orion", {"use_alibi": True}, "'use_alibi' = True is not supported"),
+    ("orion", {"hidden_act": "gelu"}, "'hidden_act' = 'gelu' is not supported"),
+]
+
+
+@pytest.mark.parametrize("family, fields, message", UNSUPPORTED, ids=[f"{f}-{next(iter(d))}" for f, d, _ in UNSUPPORTED])
+def test_unsupported_field_stops_with_one_line_naming_it(family, fields, message, tmp_path):
+    folder = with_fields(BY_TYPE[family], tmp_path, **fields)
+    with pytest.raises(UserError) as err:
+        load_causal_lm(str(folder))
+    text = str(err.value)
+    assert message in text and str(folder) in text and "\n" not in text, text
