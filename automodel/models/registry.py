@@ -104,8 +104,14 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _family("AquilaForCausalLM", "Aquila, Aquila2", ["BAAI/Aquila-7B", "BAAI/AquilaChat-7B"], "aquila",
             "LlamaForCausalLM", "llama2", "config only: the Llama decoder under Aquila's names (same weight names)",
             tie_word_embeddings=False),
-    _remote("BaiChuanForCausalLM", "Baichuan2, Baichuan",
-            ["baichuan-inc/Baichuan2-13B-Chat", "baichuan-inc/Baichuan-7B"]),
+    _family("BaiChuanForCausalLM", "Baichuan2, Baichuan",
+            ["baichuan-inc/Baichuan2-13B-Chat", "baichuan-inc/Baichuan-7B"], "baichuan", "LlamaForCausalLM", "llama2",
+            "one weight conversion: Baichuan-7B is the Llama decoder whose q, k, v are one `W_pack` (rows q, k, v); "
+            "transformers' checkpoint conversion mapping splits it on load and concatenates it on save",
+            notes="Baichuan-7B only: `BaichuanForCausalLM` configs (Baichuan2: normalised lm_head, ALiBi at 13B; "
+                  "Baichuan-13B: ALiBi) stop with a one-line error naming `architectures`; LoRA adapters name "
+                  "q_proj/k_proj/v_proj (merge-lora writes W_pack back)",
+            tie_word_embeddings=False, num_key_value_heads=None),
     _native("BambaForCausalLM", "Bamba", ["ibm-ai-platform/Bamba-9B"], "bamba", "BambaForCausalLM", "llama2",
             ATTENTION + GATED_MLP + ("in_proj", "out_proj"), kind="hybrid",
             notes="layer 0 mamba2, layer 1 attention; on CPU the mamba mixer runs transformers' pure-torch path "
@@ -260,6 +266,7 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     "GPTNeoXForCausalLM": ("sft",),
     # Remote-code families read by automodel/models/families: the saved folders are in the published layout.
     "AquilaForCausalLM": ("sft",),
+    "BaiChuanForCausalLM": ("sft",),
     "DeepseekForCausalLM": ("sft",),
     "InternLMForCausalLM": ("sft", "lora"),
     "MiniCPMForCausalLM": ("sft",),

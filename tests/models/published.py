@@ -19,6 +19,7 @@ from tests.models.tiny import shared_tokenizer
 
 AUTO_MAP = {
     "aquila": ("configuration_aquila.AquilaConfig", "modeling_aquila.AquilaForCausalLM"),
+    "baichuan": ("configuration_baichuan.BaiChuanConfig", "modeling_baichuan.BaiChuanForCausalLM"),
     "deepseek": ("configuration_deepseek.DeepseekConfig", "modeling_deepseek.DeepseekForCausalLM"),
     "internlm": ("configuration_internlm.InternLMConfig", "modeling_internlm.InternLMForCausalLM"),
     "minicpm": ("configuration_minicpm.MiniCPMConfig", "modeling_minicpm.MiniCPMForCausalLM"),
@@ -30,11 +31,12 @@ LAYER_NORM = {"orion"}
 
 def published_config(row: Architecture, tokenizer) -> dict:
     config_class, model_class = AUTO_MAP[row.published_type]
-    return {"architectures": [row.test_id], "model_type": row.published_type,
-            "auto_map": {"AutoConfig": config_class, "AutoModelForCausalLM": model_class},
-            **row.tiny_config(), "vocab_size": len(tokenizer), "hidden_act": "silu", "rms_norm_eps": 1e-6,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id, "torch_dtype": "float32", "use_cache": True}
+    config = {"architectures": [row.test_id], "model_type": row.published_type,
+              "auto_map": {"AutoConfig": config_class, "AutoModelForCausalLM": model_class},
+              **row.tiny_config(), "vocab_size": len(tokenizer), "hidden_act": "silu", "rms_norm_eps": 1e-6,
+              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "pad_token_id": tokenizer.pad_token_id, "torch_dtype": "float32", "use_cache": True}
+    return {name: value for name, value in config.items() if value is not None}  # None: a field it does not have
 
 
 def llama_layout(config: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -69,6 +71,10 @@ def llama_layout(config: dict, generator: torch.Generator) -> dict[str, torch.Te
         weights.update(norm(f"{p}.post_attention_layernorm"))
     if not config.get("tie_word_embeddings", False):
         weights["lm_head.weight"] = rand(vocab, hidden, std=0.1)
+    if config["model_type"] == "baichuan":  # Baichuan-7B: one W_pack projection, rows q then k then v
+        for i in range(config["num_hidden_layers"]):
+            p = f"model.layers.{i}.self_attn"
+            weights[f"{p}.W_pack.weight"] = torch.cat([weights.pop(f"{p}.{n}_proj.weight") for n in "qkv"])
     return weights
 
 

@@ -11,6 +11,7 @@ Where the reference's description comes from:
   (Touvron et al. 2023): pre-norm RMSNorm, rotary embeddings on q and k (rotating the two halves of each head),
   SwiGLU MLP (down(silu(gate x) * up x)), causal softmax attention scaled by 1/sqrt(head_dim).
 - InternLM: its model card / config: `bias: true` puts a bias on q, k, v and o.
+- Baichuan-7B: its model card / published weights: Llama with q, k, v fused as `W_pack` (rows q, k, v).
 - Orion: the Orion-14B technical report: LayerNorm (with bias) in place of RMSNorm, eps from `rms_norm_eps`.
 - MiniCPM: the MiniCPM paper (Hu et al. 2024, muP "model wind tunnel"): embeddings times `scale_emb`, each
   residual branch times `scale_depth / sqrt(num_layers)`, the last hidden state divided by
@@ -24,6 +25,7 @@ import math
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 
 from automodel.checkpoint import save_hf_model
@@ -60,6 +62,9 @@ def linear(x, weights, name):
 def reference_logits(config: dict, weights: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     """One sequence `ids` (tokens,) -> logits (tokens, vocab), float64, from the published names and fields."""
     weights = {name: tensor.double() for name, tensor in weights.items()}
+    for name in [n for n in weights if n.endswith("W_pack.weight")]:  # Baichuan: q, k, v stacked by rows
+        for part, tensor in zip("qkv", weights.pop(name).chunk(3)):
+            weights[name.replace("W_pack", f"{part}_proj")] = tensor
     heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
     kv_heads = config.get("num_key_value_heads", heads)
     head_dim = config["hidden_size"] // heads
@@ -80,7 +85,8 @@ def reference_logits(config: dict, weights: dict[str, torch.Tensor], ids: torch.
         attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(head_dim) + causal, dim=-1) @ v
         h = h + residual_scale * linear(attn.transpose(0, 1).reshape(tokens, -1), weights, f"{p}.self_attn.o_proj")
         x = rms_norm(h, weights, f"{p}.post_attention_layernorm", config)
-        mlp = torch.nn.functional.silu(linear(x, weights, f"{p}.mlp.gate_proj")) * linear(x, weights, f"{p}.mlp.up_proj")
+        gate, up = linear(x, weights, f"{p}.mlp.gate_proj"), linear(x, weights, f"{p}.mlp.up_proj")
+        mlp = torch.nn.functional.silu(gate) * up
         h = h + residual_scale * linear(mlp, weights, f"{p}.mlp.down_proj")
     h = rms_norm(h, weights, "model.norm", config)
     if minicpm:
@@ -95,7 +101,7 @@ def test_published_checkpoint_matches_reference_and_saves_back_bit_for_bit(row, 
     config = json.loads((source / "config.json").read_text())
     weights = load_file(source / "model.safetensors")
     model = load_causal_lm(str(source), dtype="float32").eval()
-    assert type(model).__name__ == row.loads_into
+    assert isinstance(model, getattr(transformers, row.loads_into))
 
     ids = torch.randint(0, config["vocab_size"], (20,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -127,11 +133,13 @@ UNSUPPORTED = [
     ("aquila", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "'rope_scaling'"),
     ("internlm", {"rotary": {"base": 10000, "type": "xpos"}}, "'rotary'"),
     ("orion", {"use_alibi": True}, "'use_alibi' = True is not supported"),
+    ("baichuan", {"architectures": ["BaichuanForCausalLM"]}, "'architectures' = ['BaichuanForCausalLM']"),
     ("orion", {"hidden_act": "gelu"}, "'hidden_act' = 'gelu' is not supported"),
 ]
 
 
-@pytest.mark.parametrize("family, fields, message", UNSUPPORTED, ids=[f"{f}-{next(iter(d))}" for f, d, _ in UNSUPPORTED])
+@pytest.mark.parametrize("family, fields, message", UNSUPPORTED,
+                         ids=[f"{family}-{next(iter(fields))}" for family, fields, _ in UNSUPPORTED])
 def test_unsupported_field_stops_with_one_line_naming_it(family, fields, message, tmp_path):
     folder = with_fields(BY_TYPE[family], tmp_path, **fields)
     with pytest.raises(UserError) as err:

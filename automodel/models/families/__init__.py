@@ -7,6 +7,8 @@ Two hooks, nothing else in automodel knows about these families:
   translate is a one-line error) and loads the weights into the native class;
 - `restore_published_layout` (called by automodel.checkpoint.save.save_hf_model) rewrites the saved config.json
   back to the published one, so the family's own code, vLLM and downstream tools read the output.
+Weight names that differ (Baichuan's fused W_pack) convert through transformers' checkpoint conversion mapping
+(automodel/models/families/conversions.py), which `save_pretrained` reverses.
 """
 
 from __future__ import annotations
@@ -32,10 +34,23 @@ SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 class Family:
     model_type: str                                          # published config.json `model_type`
     translate: Callable[[PublishedFields], tuple[str, dict]]  # -> (native model_type, native fields)
+    converted_class: str | None = None                       # a class of conversions.py: the weights convert
+
+
+def model_class(family: Family):
+    """The class whose `from_pretrained` reads the family's weights."""
+    if family.converted_class is None:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+    from automodel.models.families.conversions import converted_class
+
+    return converted_class(family.converted_class)
 
 
 FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("aquila", configs.aquila),
+    Family("baichuan", configs.baichuan, converted_class="BaichuanLlamaForCausalLM"),
     Family("deepseek", configs.deepseek),
     Family("internlm", configs.internlm),
     Family("orion", configs.orion),
@@ -67,7 +82,7 @@ def from_pretrained(source: str, load_kwargs: dict[str, Any], config_overrides: 
     for name, value in config_overrides.items():
         setattr(config, name, value)
     kwargs = {k: v for k, v in load_kwargs.items() if k != "trust_remote_code"}
-    model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
+    model = model_class(family).from_pretrained(source, config=config, **kwargs)
     setattr(model, PUBLISHED_CONFIG, published)
     logger.info("%s: %s checkpoint read into %s (no remote code)", source, family.model_type,
                 type(model).__name__)

@@ -91,3 +91,14 @@ def minicpm(fields: PublishedFields) -> tuple[str, dict]:
         "logits_scaling": native["hidden_size"] / fields.take("dim_model_base", required=True),
         "attention_multiplier": head_dim ** -0.5,
     }
+
+
+def baichuan(fields: PublishedFields) -> tuple[str, dict]:
+    """Baichuan-7B (`BaiChuanForCausalLM`): the Llama decoder (rotary base 10000); its fused `W_pack` is split by
+    the weight conversion of automodel/models/families/conversions.py. `BaichuanForCausalLM` is Baichuan2 (a
+    normalised lm_head; ALiBi in place of rotary at 13B) or Baichuan-13B (ALiBi): not implemented."""
+    fields.expect("architectures", (["BaiChuanForCausalLM"],))
+    native = _llama_core(fields)
+    if native["num_key_value_heads"] != native["num_attention_heads"]:
+        fields.expect("num_key_value_heads", (native["num_attention_heads"],))
+    return "llama", {**native, "rope_parameters": _plain_rope(fields), "attention_bias": False}

@@ -16,7 +16,8 @@ HARMLESS = frozenset({
     "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
     "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id", "_name_or_path", "tokenizer_class",
     "pretraining_tp", "model_max_length", "gradient_checkpointing", "return_dict", "output_attentions",
-    "output_hidden_states", "torchscript", "is_decoder", "use_return_dict", "_attn_implementation", "attn_implementation",
+    "output_hidden_states", "torchscript", "is_decoder", "use_return_dict", "_attn_implementation",
+    "attn_implementation",
     "use_flash_attn", "use_flash_attention_2", "_flash_attn_2_enabled", "max_sequence_length", "max_length",
     "unk_token_id", "sep_token_id", "user_token_id", "assistant_token_id", "generation_config", "quantization_config",
 })
