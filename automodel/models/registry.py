@@ -188,7 +188,16 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "LlamaForCausalLM", "llama2", "config only: Llama with `attention_bias` from `bias` (q, k, v and o "
             "biased); `rotary` {base, type origin or dynamic, scaling_factor} becomes rope_parameters",
             tie_word_embeddings=False, bias=True, rotary={"base": 10000, "type": "dynamic"}),
-    _remote("InternLM2ForCausalLM", "InternLM2", ["internlm/internlm2-7b", "internlm/internlm2-chat-7b"]),
+    _family("InternLM2ForCausalLM", "InternLM2", ["internlm/internlm2-7b", "internlm/internlm2-chat-7b"],
+            "internlm2", "LlamaForCausalLM", "llama2",
+            "one weight conversion: the Llama decoder under InternLM2's names (tok_embeddings, attention.wo, "
+            "feed_forward.w1/w3/w2, attention_norm, ffn_norm, output); `wqkv` holds q, k, v grouped per key/value "
+            "head and is split on load, regrouped on save (transformers' checkpoint conversion mapping); "
+            "`rope_scaling` dynamic/linear becomes rope_parameters",
+            notes="LoRA adapters name q_proj/k_proj/v_proj/o_proj/gate_proj/up_proj/down_proj (merge-lora writes "
+                  "the InternLM2 names back); `bias: true` stops with a one-line error",
+            tie_word_embeddings=False, bias=False, rope_theta=1000000.0,
+            rope_scaling={"type": "dynamic", "factor": 2.0}),
     _native("InternLM3ForCausalLM", "InternLM3", ["internlm/internlm3-8b-instruct"], "internlm3", "LlamaForCausalLM",
             "llama2", notes="transformers loads the internlm3 config into LlamaForCausalLM", head_dim=16),
     _remote("JAISLMHeadModel", "Jais", ["inceptionai/jais-13b", "inceptionai/jais-30b-v3"]),
@@ -269,6 +278,7 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     "BaiChuanForCausalLM": ("sft",),
     "DeepseekForCausalLM": ("sft",),
     "InternLMForCausalLM": ("sft", "lora"),
+    "InternLM2ForCausalLM": ("sft",),
     "MiniCPMForCausalLM": ("sft",),
     "OrionForCausalLM": ("sft",),
 }

@@ -22,6 +22,7 @@ AUTO_MAP = {
     "baichuan": ("configuration_baichuan.BaiChuanConfig", "modeling_baichuan.BaiChuanForCausalLM"),
     "deepseek": ("configuration_deepseek.DeepseekConfig", "modeling_deepseek.DeepseekForCausalLM"),
     "internlm": ("configuration_internlm.InternLMConfig", "modeling_internlm.InternLMForCausalLM"),
+    "internlm2": ("configuration_internlm2.InternLM2Config", "modeling_internlm2.InternLM2ForCausalLM"),
     "minicpm": ("configuration_minicpm.MiniCPMConfig", "modeling_minicpm.MiniCPMForCausalLM"),
     "orion": ("configuration_orion.OrionConfig", "modeling_orion.OrionForCausalLM"),
 }
@@ -75,7 +76,33 @@ def llama_layout(config: dict, generator: torch.Generator) -> dict[str, torch.Te
         for i in range(config["num_hidden_layers"]):
             p = f"model.layers.{i}.self_attn"
             weights[f"{p}.W_pack.weight"] = torch.cat([weights.pop(f"{p}.{n}_proj.weight") for n in "qkv"])
+    if config["model_type"] == "internlm2":
+        weights = internlm2_names(weights, config, rand)
     return weights
+
+
+# InternLM2's own names for the Llama tensors (its modeling code and public inference engines use these).
+INTERNLM2_NAMES = {"model.embed_tokens.": "model.tok_embeddings.", "lm_head.": "output.",
+                   ".self_attn.o_proj.": ".attention.wo.", ".mlp.gate_proj.": ".feed_forward.w1.",
+                   ".mlp.up_proj.": ".feed_forward.w3.", ".mlp.down_proj.": ".feed_forward.w2.",
+                   ".input_layernorm.": ".attention_norm.", ".post_attention_layernorm.": ".ffn_norm."}
+
+
+def internlm2_names(weights: dict, config: dict, rand) -> dict[str, torch.Tensor]:
+    """InternLM2 layout: renamed blocks and one `attention.wqkv` per layer of (heads + 2 x kv_heads) x head_dim
+    rows (drawn at random here: its row order is what the reference forward of test_families.py reads)."""
+    out = {}
+    for name, tensor in weights.items():
+        if any(f"self_attn.{n}_proj" in name for n in "qkv"):
+            continue
+        for old, new in INTERNLM2_NAMES.items():
+            name = name.replace(old, new)
+        out[name] = tensor
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    rows = (config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * head_dim
+    for i in range(config["num_hidden_layers"]):
+        out[f"model.layers.{i}.attention.wqkv.weight"] = rand(rows, config["hidden_size"], std=0.1)
+    return out
 
 
 def write_published_checkpoint(row: Architecture, folder: Path, seed: int = 0) -> Path:

@@ -11,6 +11,7 @@ Where the reference's description comes from:
   (Touvron et al. 2023): pre-norm RMSNorm, rotary embeddings on q and k (rotating the two halves of each head),
   SwiGLU MLP (down(silu(gate x) * up x)), causal softmax attention scaled by 1/sqrt(head_dim).
 - InternLM: its model card / config: `bias: true` puts a bias on q, k, v and o.
+- InternLM2: its model card / published weights: Llama under other names, q, k, v fused per key/value head.
 - Baichuan-7B: its model card / published weights: Llama with q, k, v fused as `W_pack` (rows q, k, v).
 - Orion: the Orion-14B technical report: LayerNorm (with bias) in place of RMSNorm, eps from `rms_norm_eps`.
 - MiniCPM: the MiniCPM paper (Hu et al. 2024, muP "model wind tunnel"): embeddings times `scale_emb`, each
@@ -59,12 +60,38 @@ def linear(x, weights, name):
     return out + weights[f"{name}.bias"] if f"{name}.bias" in weights else out
 
 
+def internlm2_as_llama(config: dict, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """InternLM2's names read as the Llama ones; its `wqkv` is kv_heads groups of rows, each group holding that key
+    head's query heads, then the key head, then the value head (InternLM2's model card / technical report)."""
+    from tests.models.published import INTERNLM2_NAMES
+
+    out = {}
+    for name, tensor in weights.items():
+        for llama, internlm2 in INTERNLM2_NAMES.items():
+            name = name.replace(internlm2, llama)
+        out[name] = tensor
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config["hidden_size"] // heads
+    for name in [n for n in out if n.endswith("attention.wqkv.weight")]:
+        rows = out.pop(name).split(head_dim)  # one block of head_dim rows per head slot
+        per_group = heads // kv_heads + 2
+        q = [rows[g * per_group + j] for g in range(kv_heads) for j in range(per_group - 2)]
+        k = [rows[g * per_group + per_group - 2] for g in range(kv_heads)]
+        v = [rows[g * per_group + per_group - 1] for g in range(kv_heads)]
+        prefix = name.removesuffix("attention.wqkv.weight") + "self_attn."
+        out.update({f"{prefix}q_proj.weight": torch.cat(q), f"{prefix}k_proj.weight": torch.cat(k),
+                    f"{prefix}v_proj.weight": torch.cat(v)})
+    return out
+
+
 def reference_logits(config: dict, weights: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     """One sequence `ids` (tokens,) -> logits (tokens, vocab), float64, from the published names and fields."""
     weights = {name: tensor.double() for name, tensor in weights.items()}
     for name in [n for n in weights if n.endswith("W_pack.weight")]:  # Baichuan: q, k, v stacked by rows
         for part, tensor in zip("qkv", weights.pop(name).chunk(3)):
             weights[name.replace("W_pack", f"{part}_proj")] = tensor
+    if config["model_type"] == "internlm2":
+        weights = internlm2_as_llama(config, weights)
     heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
     kv_heads = config.get("num_key_value_heads", heads)
     head_dim = config["hidden_size"] // heads
@@ -133,6 +160,7 @@ UNSUPPORTED = [
     ("aquila", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "'rope_scaling'"),
     ("internlm", {"rotary": {"base": 10000, "type": "xpos"}}, "'rotary'"),
     ("orion", {"use_alibi": True}, "'use_alibi' = True is not supported"),
+    ("internlm2", {"bias": True}, "'bias' = True is not supported"),
     ("baichuan", {"architectures": ["BaichuanForCausalLM"]}, "'architectures' = ['BaichuanForCausalLM']"),
     ("orion", {"hidden_act": "gelu"}, "'hidden_act' = 'gelu' is not supported"),
 ]

@@ -7,7 +7,7 @@ Two hooks, nothing else in automodel knows about these families:
   translate is a one-line error) and loads the weights into the native class;
 - `restore_published_layout` (called by automodel.checkpoint.save.save_hf_model) rewrites the saved config.json
   back to the published one, so the family's own code, vLLM and downstream tools read the output.
-Weight names that differ (Baichuan's fused W_pack) convert through transformers' checkpoint conversion mapping
+Weight names that differ (Baichuan's fused W_pack, InternLM2's names and grouped wqkv) convert through transformers' checkpoint conversion mapping
 (automodel/models/families/conversions.py), which `save_pretrained` reverses.
 """
 
@@ -53,6 +53,7 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("baichuan", configs.baichuan, converted_class="BaichuanLlamaForCausalLM"),
     Family("deepseek", configs.deepseek),
     Family("internlm", configs.internlm),
+    Family("internlm2", configs.internlm2, converted_class="InternLM2LlamaForCausalLM"),
     Family("orion", configs.orion),
     Family("minicpm", configs.minicpm),
 )}

@@ -102,3 +102,18 @@ def baichuan(fields: PublishedFields) -> tuple[str, dict]:
     if native["num_key_value_heads"] != native["num_attention_heads"]:
         fields.expect("num_key_value_heads", (native["num_attention_heads"],))
     return "llama", {**native, "rope_parameters": _plain_rope(fields), "attention_bias": False}
+
+
+def internlm2(fields: PublishedFields) -> tuple[str, dict]:
+    """InternLM2: the Llama decoder (grouped-query attention, no biases: `bias` false) under other weight names
+    (converted by automodel/models/families/conversions.py); `rope_scaling` {"type": "dynamic" | "linear",
+    "factor"} is transformers' dynamic-NTK / linear rope."""
+    fields.expect("bias", (False,), False)
+    native = _llama_core(fields)
+    rope = {"rope_type": "default", "rope_theta": float(fields.take("rope_theta", 10000.0))}
+    scaling = fields.take("rope_scaling")
+    if scaling is not None:
+        if set(scaling) != {"type", "factor"} or scaling["type"] not in ("dynamic", "linear"):
+            fields.expect("rope_scaling", (None,))
+        rope.update(rope_type=scaling["type"], factor=float(scaling["factor"]))
+    return "llama", {**native, "rope_parameters": rope, "attention_bias": False}

@@ -9,9 +9,10 @@ load, not at import.
 
 from __future__ import annotations
 
+import torch
 from transformers import LlamaForCausalLM
 from transformers.conversion_mapping import USER_REGISTERED_MAPPINGS, register_checkpoint_conversion_mapping
-from transformers.core_model_loading import Chunk, WeightConverter
+from transformers.core_model_loading import Chunk, ConversionOps, WeightConverter, WeightRenaming
 
 
 class BaichuanLlamaForCausalLM(LlamaForCausalLM):
@@ -25,7 +26,62 @@ def baichuan_w_pack() -> list:
                             operations=[Chunk(dim=0)])]
 
 
-CONVERTED = {"BaichuanLlamaForCausalLM": (BaichuanLlamaForCausalLM, baichuan_w_pack)}
+class InternLM2LlamaForCausalLM(LlamaForCausalLM):
+    """InternLM2: the Llama decoder under other names, with q, k, v fused per key/value head in `wqkv`."""
+
+
+def _one(tensors):
+    return tensors[0] if isinstance(tensors, list) else tensors
+
+
+def _heads(config) -> tuple[int, int, int]:
+    return config.num_attention_heads, config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+
+
+class SplitGroupedQKV(ConversionOps):
+    """InternLM2's `wqkv` rows are grouped per key/value head: for each of the kv heads, its
+    heads/kv query heads, then its key head, then its value head (head_dim rows each)."""
+
+    @torch.no_grad
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        heads, kv_heads, head_dim = _heads(kwargs["config"])
+        fused = _one(next(iter(input_dict.values())))
+        groups = fused.view(kv_heads, heads // kv_heads + 2, head_dim, fused.shape[-1])
+        q = groups[:, :-2].reshape(heads * head_dim, -1)
+        k, v = (groups[:, i].reshape(kv_heads * head_dim, -1) for i in (-2, -1))
+        return dict(zip(target_patterns, (q.contiguous(), k.contiguous(), v.contiguous())))
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        return FuseGroupedQKV()
+
+
+class FuseGroupedQKV(ConversionOps):
+    """The inverse of SplitGroupedQKV: q, k, v back into InternLM2's per-kv-head row groups."""
+
+    @torch.no_grad
+    def convert(self, input_dict, source_patterns, target_patterns, **kwargs):
+        heads, kv_heads, head_dim = _heads(kwargs["config"])
+        q, k, v = (_one(input_dict[pattern]) for pattern in source_patterns)
+        width = q.shape[-1]
+        groups = torch.cat([q.view(kv_heads, heads // kv_heads, head_dim, width),
+                            k.view(kv_heads, 1, head_dim, width), v.view(kv_heads, 1, head_dim, width)], dim=1)
+        return {target_patterns[0]: groups.reshape(-1, width)}
+
+
+def internlm2_layout() -> list:
+    renames = {r"^model\.tok_embeddings\.": "model.embed_tokens.", r"^output\.": "lm_head.",
+               r"\.attention\.wo\.": ".self_attn.o_proj.", r"\.feed_forward\.w1\.": ".mlp.gate_proj.",
+               r"\.feed_forward\.w3\.": ".mlp.up_proj.", r"\.feed_forward\.w2\.": ".mlp.down_proj.",
+               r"\.attention_norm\.": ".input_layernorm.", r"\.ffn_norm\.": ".post_attention_layernorm."}
+    return [WeightConverter("attention.wqkv.weight",
+                            ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+                            operations=[SplitGroupedQKV()]),
+            *(WeightRenaming(source, target) for source, target in renames.items())]
+
+
+CONVERTED = {"BaichuanLlamaForCausalLM": (BaichuanLlamaForCausalLM, baichuan_w_pack),
+             "InternLM2LlamaForCausalLM": (InternLM2LlamaForCausalLM, internlm2_layout)}
 
 
 def converted_class(name: str):
