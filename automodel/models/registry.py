@@ -117,8 +117,22 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             notes="layer 0 mamba2, layer 1 attention; on CPU the mamba mixer runs transformers' pure-torch path "
                   "(no mamba_ssm/causal_conv1d kernels needed)",
             attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=32),
-    _remote("ChatGLMModel / ChatGLMForConditionalGeneration", "ChatGLM",
-            ["THUDM/chatglm2-6b", "THUDM/chatglm3-6b"]),
+    _family("ChatGLMModel / ChatGLMForConditionalGeneration", "ChatGLM", ["THUDM/chatglm2-6b", "THUDM/chatglm3-6b"],
+            "chatglm", "GlmForCausalLM", "llama2",
+            "one weight conversion onto transformers' GLM (the same decoder as GLM-4-9B): `query_key_value` "
+            "([q | k | v] rows, with biases) split into q/k/v_proj, `dense_h_to_4h` ([gate | up]) is gate_up_proj, "
+            "transformer.encoder.* renamed; rotary over half of each head in interleaved pairs "
+            "(partial_rotary_factor 0.5), base 10000 x `rope_ratio`; `padded_vocab_size` is the vocabulary",
+            lora_targets=ATTENTION + ("gate_up_proj", "down_proj"),
+            notes="the saved folder omits the published `transformer.rotary_pos_emb.inv_freq` buffer (derived from "
+                  "the config; ChatGLM's code and vLLM compute it); P-tuning prefixes (`pre_seq_len`) and "
+                  "post-layernorm residuals stop with a one-line error",
+            num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, kv_channels=16,
+            multi_query_attention=True, multi_query_group_num=2, seq_length=256, layernorm_epsilon=1e-5,
+            rmsnorm=True, add_bias_linear=False, add_qkv_bias=True, apply_query_key_layer_scaling=True,
+            apply_residual_connection_post_layernorm=False, attention_softmax_in_fp32=True, bias_dropout_fusion=True,
+            fp32_residual_connection=False, original_rope=True, post_layer_norm=True, hidden_dropout=0.0,
+            attention_dropout=0.0, rope_ratio=1, tie_word_embeddings=False),
     _native("CohereForCausalLM", "Command-R", ["CohereForAI/c4ai-command-r-v01"], "cohere", "CohereForCausalLM",
             "llama2"),
     _native("Cohere2ForCausalLM", "Command-R7B", ["CohereForAI/c4ai-command-r7b-12-2024"], "cohere2",
@@ -276,6 +290,7 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     # Remote-code families read by automodel/models/families: the saved folders are in the published layout.
     "AquilaForCausalLM": ("sft",),
     "BaiChuanForCausalLM": ("sft",),
+    "ChatGLMModel / ChatGLMForConditionalGeneration": ("sft", "lora"),
     "DeepseekForCausalLM": ("sft",),
     "InternLMForCausalLM": ("sft", "lora"),
     "InternLM2ForCausalLM": ("sft",),

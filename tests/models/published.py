@@ -19,6 +19,7 @@ from tests.models.tiny import shared_tokenizer
 
 AUTO_MAP = {
     "aquila": ("configuration_aquila.AquilaConfig", "modeling_aquila.AquilaForCausalLM"),
+    "chatglm": ("configuration_chatglm.ChatGLMConfig", "modeling_chatglm.ChatGLMForConditionalGeneration"),
     "baichuan": ("configuration_baichuan.BaiChuanConfig", "modeling_baichuan.BaiChuanForCausalLM"),
     "deepseek": ("configuration_deepseek.DeepseekConfig", "modeling_deepseek.DeepseekForCausalLM"),
     "internlm": ("configuration_internlm.InternLMConfig", "modeling_internlm.InternLMForCausalLM"),
@@ -32,8 +33,12 @@ LAYER_NORM = {"orion"}
 
 def published_config(row: Architecture, tokenizer) -> dict:
     config_class, model_class = AUTO_MAP[row.published_type]
-    config = {"architectures": [row.test_id], "model_type": row.published_type,
-              "auto_map": {"AutoConfig": config_class, "AutoModelForCausalLM": model_class},
+    auto_map = {"AutoConfig": config_class, "AutoModelForCausalLM": model_class}
+    if row.published_type == "chatglm":  # its own field names throughout; no bos, no hidden_act
+        return {"architectures": [row.test_id], "model_type": "chatglm",
+                "auto_map": {**auto_map, "AutoModel": model_class}, **row.tiny, "padded_vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id, "torch_dtype": "float32", "use_cache": True}
+    config = {"architectures": [row.test_id], "model_type": row.published_type, "auto_map": auto_map,
               **row.tiny_config(), "vocab_size": len(tokenizer), "hidden_act": "silu", "rms_norm_eps": 1e-6,
               "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
               "pad_token_id": tokenizer.pad_token_id, "torch_dtype": "float32", "use_cache": True}
@@ -105,10 +110,42 @@ def internlm2_names(weights: dict, config: dict, rand) -> dict[str, torch.Tensor
     return out
 
 
+def chatglm_layout(config: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """ChatGLM2/3 names: transformer.embedding.word_embeddings, transformer.rotary_pos_emb.inv_freq (the rotary
+    frequencies of the first half of each head), transformer.encoder.layers.N.{input_layernorm,
+    self_attention.query_key_value (weight and bias: heads + 2 x groups head blocks), self_attention.dense,
+    post_attention_layernorm, mlp.dense_h_to_4h (2 x ffn rows), mlp.dense_4h_to_h}, transformer.encoder.final_layernorm,
+    transformer.output_layer."""
+    hidden, ffn, d = config["hidden_size"], config["ffn_hidden_size"], config["kv_channels"]
+    vocab = config["padded_vocab_size"]
+    qkv = (config["num_attention_heads"] + 2 * config["multi_query_group_num"]) * d
+
+    def rand(*shape, std=0.1):
+        return torch.randn(*shape, generator=generator) * std
+
+    rotary = d // 2
+    base = 10000 * config["rope_ratio"]
+    weights = {"transformer.embedding.word_embeddings.weight": rand(vocab, hidden, std=0.5),
+               "transformer.rotary_pos_emb.inv_freq": 1.0 / base ** (torch.arange(0, rotary, 2).float() / rotary),
+               "transformer.encoder.final_layernorm.weight": 1 + rand(hidden),
+               "transformer.output_layer.weight": rand(vocab, hidden)}
+    for i in range(config["num_layers"]):
+        p = f"transformer.encoder.layers.{i}"
+        weights.update({f"{p}.input_layernorm.weight": 1 + rand(hidden),
+                        f"{p}.self_attention.query_key_value.weight": rand(qkv, hidden),
+                        f"{p}.self_attention.query_key_value.bias": rand(qkv),
+                        f"{p}.self_attention.dense.weight": rand(hidden, config["num_attention_heads"] * d),
+                        f"{p}.post_attention_layernorm.weight": 1 + rand(hidden),
+                        f"{p}.mlp.dense_h_to_4h.weight": rand(2 * ffn, hidden),
+                        f"{p}.mlp.dense_4h_to_h.weight": rand(hidden, ffn)})
+    return weights
+
+
 def write_published_checkpoint(row: Architecture, folder: Path, seed: int = 0) -> Path:
     tokenizer = shared_tokenizer(name=row.tokenizer)
     config = published_config(row, tokenizer)
-    weights = llama_layout(config, torch.Generator().manual_seed(seed))
+    layout = chatglm_layout if row.published_type == "chatglm" else llama_layout
+    weights = layout(config, torch.Generator().manual_seed(seed))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})

@@ -12,6 +12,8 @@ Where the reference's description comes from:
   SwiGLU MLP (down(silu(gate x) * up x)), causal softmax attention scaled by 1/sqrt(head_dim).
 - InternLM: its model card / config: `bias: true` puts a bias on q, k, v and o.
 - InternLM2: its model card / published weights: Llama under other names, q, k, v fused per key/value head.
+- ChatGLM2/3: the ChatGLM2-6B model card and the GLM-4 technical report (GLM-4-9B keeps ChatGLM's decoder):
+  RMSNorm, q/k/v bias only, multi-query groups, rotary on half of each head in interleaved pairs, SwiGLU.
 - Baichuan-7B: its model card / published weights: Llama with q, k, v fused as `W_pack` (rows q, k, v).
 - Orion: the Orion-14B technical report: LayerNorm (with bias) in place of RMSNorm, eps from `rms_norm_eps`.
 - MiniCPM: the MiniCPM paper (Hu et al. 2024, muP "model wind tunnel"): embeddings times `scale_emb`, each
@@ -32,6 +34,7 @@ from safetensors.torch import load_file
 from automodel.checkpoint import save_hf_model
 from automodel.errors import UserError
 from automodel.models import load_causal_lm
+from automodel.models.families import FAMILIES
 from automodel.models.registry import family_rows
 from tests.models.published import write_published_checkpoint
 from tests.models.tiny import shared_tokenizer
@@ -122,6 +125,49 @@ def reference_logits(config: dict, weights: dict[str, torch.Tensor], ids: torch.
     return h @ head.T
 
 
+def rotate_interleaved_half(x, theta):
+    """ChatGLM's rotary on (heads, tokens, head_dim): only the first half of each head turns, in adjacent pairs
+    (x[2i], x[2i + 1]) by t / theta^(2i / (head_dim / 2)); the second half passes through."""
+    rotary = x.shape[-1] // 2
+    angles = torch.arange(x.shape[-2], dtype=x.dtype)[:, None] / theta ** (
+        torch.arange(0, rotary, 2, dtype=x.dtype) / rotary)
+    cos, sin = angles.cos(), angles.sin()
+    even, odd = x[..., 0:rotary:2], x[..., 1:rotary:2]
+    turned = torch.stack([even * cos - odd * sin, odd * cos + even * sin], dim=-1).flatten(-2)
+    return torch.cat([turned, x[..., rotary:]], dim=-1)
+
+
+def reference_chatglm_logits(config: dict, weights: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """ChatGLM2/3 from its published names and fields: RMSNorm; `query_key_value` rows [q heads | k groups |
+    v groups] with bias; half-head interleaved rotary (base 10000 x rope_ratio); grouped-query attention;
+    `dense_h_to_4h` rows [gate | up] with SwiGLU."""
+    w = {name: tensor.double() for name, tensor in weights.items()}
+    heads, groups, d = config["num_attention_heads"], config["multi_query_group_num"], config["kv_channels"]
+    tokens, eps = len(ids), config["layernorm_epsilon"]
+    causal = torch.full((tokens, tokens), float("-inf"), dtype=torch.float64).triu(1)
+
+    def rms(x, name):
+        return w[name] * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+    h = w["transformer.embedding.word_embeddings.weight"][ids]
+    for i in range(config["num_layers"]):
+        p = f"transformer.encoder.layers.{i}"
+        x = rms(h, f"{p}.input_layernorm.weight")
+        qkv = x @ w[f"{p}.self_attention.query_key_value.weight"].T + w[f"{p}.self_attention.query_key_value.bias"]
+        q, k, v = qkv.split([heads * d, groups * d, groups * d], dim=-1)
+        q, k, v = (t.view(tokens, -1, d).transpose(0, 1) for t in (q, k, v))
+        theta = 10000.0 * config["rope_ratio"]
+        q, k = rotate_interleaved_half(q, theta), rotate_interleaved_half(k, theta)
+        k, v = (t.repeat_interleave(heads // groups, dim=0) for t in (k, v))
+        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d) + causal, dim=-1) @ v
+        h = h + attn.transpose(0, 1).reshape(tokens, -1) @ w[f"{p}.self_attention.dense.weight"].T
+        x = rms(h, f"{p}.post_attention_layernorm.weight")
+        gate, up = (x @ w[f"{p}.mlp.dense_h_to_4h.weight"].T).chunk(2, dim=-1)
+        h = h + (torch.nn.functional.silu(gate) * up) @ w[f"{p}.mlp.dense_4h_to_h.weight"].T
+    h = rms(h, "transformer.encoder.final_layernorm.weight")
+    return h @ w["transformer.output_layer.weight"].T
+
+
 @pytest.mark.parametrize("row", ROWS, ids=[r.test_id for r in ROWS])
 def test_published_checkpoint_matches_reference_and_saves_back_bit_for_bit(row, tmp_path):
     source = write_published_checkpoint(row, tmp_path / "published")
@@ -130,15 +176,19 @@ def test_published_checkpoint_matches_reference_and_saves_back_bit_for_bit(row, 
     model = load_causal_lm(str(source), dtype="float32").eval()
     assert isinstance(model, getattr(transformers, row.loads_into))
 
-    ids = torch.randint(0, config["vocab_size"], (20,), generator=torch.Generator().manual_seed(1))
+    chatglm = row.published_type == "chatglm"
+    vocab = config["padded_vocab_size" if chatglm else "vocab_size"]
+    ids = torch.randint(0, vocab, (20,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model(input_ids=ids[None]).logits[0].double()
-    want = reference_logits(config, weights, ids)
+    want = (reference_chatglm_logits if chatglm else reference_logits)(config, weights, ids)
     assert ours.std() > 0.1, "degenerate logits would compare equal for the wrong reason"
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
 
     save_hf_model(model, shared_tokenizer(name=row.tokenizer), tmp_path / "saved")
     saved = load_file(tmp_path / "saved" / "model.safetensors")
+    for name in FAMILIES[row.published_type].derived_buffers:  # recomputed from the config, not written
+        assert torch.equal(weights.pop(name), model.model.rotary_emb.inv_freq.float())
     assert saved.keys() == weights.keys()
     changed = [name for name in weights if not torch.equal(saved[name], weights[name])]
     assert not changed, f"not written back bit for bit: {changed}"
@@ -161,6 +211,8 @@ UNSUPPORTED = [
     ("internlm", {"rotary": {"base": 10000, "type": "xpos"}}, "'rotary'"),
     ("orion", {"use_alibi": True}, "'use_alibi' = True is not supported"),
     ("internlm2", {"bias": True}, "'bias' = True is not supported"),
+    ("chatglm", {"pre_seq_len": 128}, "'pre_seq_len' = 128 is not supported"),
+    ("chatglm", {"apply_residual_connection_post_layernorm": True}, "'apply_residual_connection_post_layernorm'"),
     ("baichuan", {"architectures": ["BaichuanForCausalLM"]}, "'architectures' = ['BaichuanForCausalLM']"),
     ("orion", {"hidden_act": "gelu"}, "'hidden_act' = 'gelu' is not supported"),
 ]

@@ -5,10 +5,11 @@ Two hooks, nothing else in automodel knows about these families:
 - `from_pretrained` (called by automodel.models.loader.load_causal_lm) reads config.json; for a published
   `model_type` listed in FAMILIES it builds the native config from the family's fields (a field it does not
   translate is a one-line error) and loads the weights into the native class;
-- `restore_published_layout` (called by automodel.checkpoint.save.save_hf_model) rewrites the saved config.json
-  back to the published one, so the family's own code, vLLM and downstream tools read the output.
-Weight names that differ (Baichuan's fused W_pack, InternLM2's names and grouped wqkv) convert through transformers' checkpoint conversion mapping
-(automodel/models/families/conversions.py), which `save_pretrained` reverses.
+- `save_pretrained` (called by automodel.checkpoint.save.save_hf_model) saves, then rewrites config.json back to
+  the published one, so the family's own code, vLLM and downstream tools read the output.
+Weight names that differ (Baichuan's fused W_pack, InternLM2's names and grouped wqkv, ChatGLM's layout) convert
+through transformers' checkpoint conversion mapping (automodel/models/families/conversions.py), which
+`save_pretrained` reverses.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class Family:
     model_type: str                                          # published config.json `model_type`
     translate: Callable[[PublishedFields], tuple[str, dict]]  # -> (native model_type, native fields)
     converted_class: str | None = None                       # a class of conversions.py: the weights convert
+    vocab_field: str = "vocab_size"                          # the published name of the vocabulary size
+    # Buffers the published checkpoints carry that the native class recomputes: read and ignored on load, not
+    # written on save (the family's own code recomputes them at init too).
+    derived_buffers: tuple[str, ...] = ()
 
 
 def model_class(family: Family):
@@ -51,6 +56,8 @@ def model_class(family: Family):
 FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("aquila", configs.aquila),
     Family("baichuan", configs.baichuan, converted_class="BaichuanLlamaForCausalLM"),
+    Family("chatglm", configs.chatglm, converted_class="ChatGLMGlmForCausalLM", vocab_field="padded_vocab_size",
+           derived_buffers=("transformer.rotary_pos_emb.inv_freq",)),
     Family("deepseek", configs.deepseek),
     Family("internlm", configs.internlm),
     Family("internlm2", configs.internlm2, converted_class="InternLM2LlamaForCausalLM"),
@@ -90,6 +97,20 @@ def from_pretrained(source: str, load_kwargs: dict[str, Any], config_overrides: 
     return model
 
 
+def save_pretrained(model, folder: Path, state_dict: dict | None = None) -> None:
+    """`model.save_pretrained` in safetensors, then the published config.json back (restore_published_layout).
+
+    PEFT decides whether the vocabulary was resized by reading the base folder's config.json with the native config
+    class; a family that names the vocabulary otherwise (ChatGLM's `padded_vocab_size`) would read as resized and
+    write the whole embedding into the adapter. automodel never resizes it, so those adapters say so."""
+    published = getattr(model, PUBLISHED_CONFIG, None)
+    options = {}
+    if published and hasattr(model, "peft_config") and FAMILIES[published["model_type"]].vocab_field != "vocab_size":
+        options["save_embedding_layers"] = False
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict, **options)
+    restore_published_layout(model, folder)
+
+
 def restore_published_layout(model, folder: Path) -> None:
     """After `save_pretrained` of a model `from_pretrained` translated: config.json becomes the published one
     again (its `vocab_size` and dtype updated), so the output has the input's layout. Adapter-only folders
@@ -99,7 +120,7 @@ def restore_published_layout(model, folder: Path) -> None:
     if published is None or not config_file.is_file():
         return
     saved = json.loads(config_file.read_text())
-    restored = {**published, "vocab_size": saved["vocab_size"]}
+    restored = {**published, FAMILIES[published["model_type"]].vocab_field: saved["vocab_size"]}
     if "torch_dtype" in published and saved.get("dtype"):
         restored["torch_dtype"] = saved["dtype"]
     config_file.write_text(json.dumps(restored, indent=2) + "\n")

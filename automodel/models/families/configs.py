@@ -117,3 +117,37 @@ def internlm2(fields: PublishedFields) -> tuple[str, dict]:
             fields.expect("rope_scaling", (None,))
         rope.update(rope_type=scaling["type"], factor=float(scaling["factor"]))
     return "llama", {**native, "rope_parameters": rope, "attention_bias": False}
+
+
+def chatglm(fields: PublishedFields) -> tuple[str, dict]:
+    """ChatGLM2/3 (`ChatGLMModel`, model_type chatglm) onto transformers' GLM: RMSNorm, q/k/v bias
+    (`add_qkv_bias`), no other linear bias, grouped-query attention (`multi_query_group_num` groups), rotary over
+    the first half of each head in interleaved pairs with base 10000 x `rope_ratio`, SwiGLU `dense_h_to_4h`
+    ([gate | up]). Fields that only pick kernels or fp32 casts (`apply_query_key_layer_scaling`,
+    `attention_softmax_in_fp32`, `bias_dropout_fusion`, `fp32_residual_connection`) do not change the math."""
+    for name, allowed, default in (("rmsnorm", (True,), True), ("add_bias_linear", (False,), False),
+                                   ("apply_residual_connection_post_layernorm", (False,), False),
+                                   ("post_layer_norm", (True,), True), ("original_rope", (True,), True),
+                                   ("pre_seq_len", (None,), None), ("prefix_projection", (False,), False),
+                                   ("hidden_dropout", (0.0, 0), 0.0)):
+        fields.expect(name, allowed, default)
+    for name in ("apply_query_key_layer_scaling", "attention_softmax_in_fp32", "bias_dropout_fusion",
+                 "fp32_residual_connection", "classifier_dropout"):
+        fields.take(name)
+    heads = fields.take("num_attention_heads", required=True)
+    groups = fields.take("multi_query_group_num", 1) if fields.take("multi_query_attention", False) else heads
+    return "glm", {
+        "vocab_size": fields.take("padded_vocab_size", required=True),
+        "hidden_size": fields.take("hidden_size", required=True),
+        "intermediate_size": fields.take("ffn_hidden_size", required=True),
+        "num_hidden_layers": fields.take("num_layers", required=True),
+        "num_attention_heads": heads, "num_key_value_heads": groups,
+        "head_dim": fields.take("kv_channels", required=True),
+        "max_position_embeddings": fields.take("seq_length", 2048),
+        "rms_norm_eps": fields.take("layernorm_epsilon", 1e-5),
+        "attention_dropout": fields.take("attention_dropout", 0.0) or 0.0,
+        "attention_bias": fields.take("add_qkv_bias", False),
+        "tie_word_embeddings": fields.take("tie_word_embeddings", False),
+        "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5,
+                            "rope_theta": 10000.0 * float(fields.take("rope_ratio", 1))},
+    }

@@ -10,9 +10,9 @@ load, not at import.
 from __future__ import annotations
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import GlmForCausalLM, LlamaForCausalLM
 from transformers.conversion_mapping import USER_REGISTERED_MAPPINGS, register_checkpoint_conversion_mapping
-from transformers.core_model_loading import Chunk, ConversionOps, WeightConverter, WeightRenaming
+from transformers.core_model_loading import Chunk, ConversionOps, Split, WeightConverter, WeightRenaming
 
 
 class BaichuanLlamaForCausalLM(LlamaForCausalLM):
@@ -80,7 +80,27 @@ def internlm2_layout() -> list:
             *(WeightRenaming(source, target) for source, target in renames.items())]
 
 
-CONVERTED = {"BaichuanLlamaForCausalLM": (BaichuanLlamaForCausalLM, baichuan_w_pack),
+class ChatGLMGlmForCausalLM(GlmForCausalLM):
+    """ChatGLM2/3: transformers' GLM decoder (the same math: q/k/v biases, half-dimension interleaved rotary,
+    fused gate-up MLP) under ChatGLM's names, with q, k, v fused as `query_key_value` ([q | k | v] rows)."""
+
+    # The published checkpoints store the rotary frequencies, which GLM recomputes (non-persistent buffer).
+    _keys_to_ignore_on_load_unexpected = [r"rotary_pos_emb\.inv_freq$"]
+
+
+def chatglm_layout() -> list:
+    renames = {r"^transformer\.embedding\.word_embeddings\.": "model.embed_tokens.",
+               r"^transformer\.encoder\.layers\.": "model.layers.",
+               r"^transformer\.encoder\.final_layernorm\.": "model.norm.", r"^transformer\.output_layer\.": "lm_head.",
+               r"\.self_attention\.dense\.": ".self_attn.o_proj.", r"\.mlp\.dense_h_to_4h\.": ".mlp.gate_up_proj.",
+               r"\.mlp\.dense_4h_to_h\.": ".mlp.down_proj."}
+    return [*(WeightRenaming(source, target) for source, target in renames.items()),
+            WeightConverter("self_attention.query_key_value",
+                            ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], operations=[Split(dim=0)])]
+
+
+CONVERTED = {"ChatGLMGlmForCausalLM": (ChatGLMGlmForCausalLM, chatglm_layout),
+             "BaichuanLlamaForCausalLM": (BaichuanLlamaForCausalLM, baichuan_w_pack),
              "InternLM2LlamaForCausalLM": (InternLM2LlamaForCausalLM, internlm2_layout)}
 
 
