@@ -137,7 +137,21 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "llama2"),
     _native("Cohere2ForCausalLM", "Command-R7B", ["CohereForAI/c4ai-command-r7b-12-2024"], "cohere2",
             "Cohere2ForCausalLM", "llama2", sliding_window=16),
-    _remote("DeciLMForCausalLM", "DeciLM", ["nvidia/Llama-3_3-Nemotron-Super-49B-v1"]),
+    _family("DeciLMForCausalLM", "DeciLM", ["nvidia/Llama-3_3-Nemotron-Super-49B-v1"], "nemotron-nas",
+            "LlamaForCausalLM", "llama2",
+            "a small native module (automodel/models/families/decilm.py): LlamaForCausalLM whose decoder layers "
+            "follow `block_configs`: a no_op attention or FFN is absent with its norm, n_heads_in_group sets the "
+            "layer's KV heads, ffn_mult its MLP width (2/3 x ffn_mult x hidden rounded up to 256); Llama's weight "
+            "names; `rope_scaling` llama3 becomes rope_parameters",
+            notes="`replace_with_linear`, sparsity and sink/window attention entries stop with a one-line error "
+                  "naming the block_configs entry",
+            num_hidden_layers=3, intermediate_size=None, num_key_value_heads=None, tie_word_embeddings=False,
+            block_configs=[{"attention": {"no_op": False, "n_heads_in_group": 2, "replace_with_linear": False},
+                            "ffn": {"no_op": False, "ffn_mult": 1.0, "replace_with_linear": False}},
+                           {"attention": {"no_op": True, "n_heads_in_group": None, "replace_with_linear": False},
+                            "ffn": {"no_op": False, "ffn_mult": 7.0, "replace_with_linear": False}},
+                           {"attention": {"no_op": False, "n_heads_in_group": 4, "replace_with_linear": False},
+                            "ffn": {"no_op": True, "ffn_mult": None, "replace_with_linear": False}}]),
     _family("DeepseekForCausalLM", "DeepSeek", ["deepseek-ai/deepseek-llm-7b-chat"], "deepseek", "LlamaForCausalLM",
             "llama2", "config only: dense DeepSeek LLM v1 configs are the Llama decoder",
             notes="the published deepseek-llm-7b/67b checkpoints are already `LlamaForCausalLM` configs; a "
@@ -291,6 +305,7 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     "AquilaForCausalLM": ("sft",),
     "BaiChuanForCausalLM": ("sft",),
     "ChatGLMModel / ChatGLMForConditionalGeneration": ("sft", "lora"),
+    "DeciLMForCausalLM": ("sft",),
     "DeepseekForCausalLM": ("sft",),
     "InternLMForCausalLM": ("sft", "lora"),
     "InternLM2ForCausalLM": ("sft",),

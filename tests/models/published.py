@@ -9,6 +9,7 @@ inference engines describe them; see docs/supported_models.md). Weights are rand
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ AUTO_MAP = {
     "chatglm": ("configuration_chatglm.ChatGLMConfig", "modeling_chatglm.ChatGLMForConditionalGeneration"),
     "baichuan": ("configuration_baichuan.BaiChuanConfig", "modeling_baichuan.BaiChuanForCausalLM"),
     "deepseek": ("configuration_deepseek.DeepseekConfig", "modeling_deepseek.DeepseekForCausalLM"),
+    "nemotron-nas": ("configuration_decilm.DeciLMConfig", "modeling_decilm.DeciLMForCausalLM"),
     "internlm": ("configuration_internlm.InternLMConfig", "modeling_internlm.InternLMForCausalLM"),
     "internlm2": ("configuration_internlm2.InternLM2Config", "modeling_internlm2.InternLM2ForCausalLM"),
     "minicpm": ("configuration_minicpm.MiniCPMConfig", "modeling_minicpm.MiniCPMForCausalLM"),
@@ -48,9 +50,9 @@ def published_config(row: Architecture, tokenizer) -> dict:
 def llama_layout(config: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Llama-style names: model.embed_tokens, model.layers.N.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj,
     input_layernorm, post_attention_layernorm}, model.norm, lm_head (absent when tied)."""
-    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    hidden, inter, vocab = config["hidden_size"], config.get("intermediate_size"), config["vocab_size"]
     head_dim = hidden // config["num_attention_heads"]
-    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
+    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim  # DeciLM: per layer below
     biased = config.get("bias", False) if config["model_type"] == "internlm" else False
     layer_norm = config["model_type"] in LAYER_NORM
 
@@ -66,15 +68,27 @@ def llama_layout(config: dict, generator: torch.Generator) -> dict[str, torch.Te
     weights = {"model.embed_tokens.weight": rand(vocab, hidden, std=0.5), **norm("model.norm")}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
-        shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
-                  "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden),
-                  "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+        attention, mlp = True, True
+        if "block_configs" in config:  # DeciLM: each layer its own KV heads and MLP width, or none at all
+            block = config["block_configs"][i]
+            attention, mlp = not block["attention"]["no_op"], not block["ffn"]["no_op"]
+            if attention:
+                kv = config["num_attention_heads"] // block["attention"]["n_heads_in_group"] * head_dim
+            if mlp:  # 2/3 of ffn_mult x hidden, rounded up to a multiple of 256 (DeciLM's model card)
+                inter = math.ceil(int(2 * block["ffn"]["ffn_mult"] * hidden / 3) / 256) * 256
+        shapes = {}
+        if attention:
+            shapes.update({"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
+                           "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden)})
+            weights.update(norm(f"{p}.input_layernorm"))
+        if mlp:
+            shapes.update({"mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+                           "mlp.down_proj": (hidden, inter)})
+            weights.update(norm(f"{p}.post_attention_layernorm"))
         for name, shape in shapes.items():
             weights[f"{p}.{name}.weight"] = rand(*shape, std=0.1)
             if biased and name.startswith("self_attn"):
                 weights[f"{p}.{name}.bias"] = rand(shape[0], std=0.1)
-        weights.update(norm(f"{p}.input_layernorm"))
-        weights.update(norm(f"{p}.post_attention_layernorm"))
     if not config.get("tie_word_embeddings", False):
         weights["lm_head.weight"] = rand(vocab, hidden, std=0.1)
     if config["model_type"] == "baichuan":  # Baichuan-7B: one W_pack projection, rows q then k then v

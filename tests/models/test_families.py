@@ -14,6 +14,8 @@ Where the reference's description comes from:
 - InternLM2: its model card / published weights: Llama under other names, q, k, v fused per key/value head.
 - ChatGLM2/3: the ChatGLM2-6B model card and the GLM-4 technical report (GLM-4-9B keeps ChatGLM's decoder):
   RMSNorm, q/k/v bias only, multi-query groups, rotary on half of each head in interleaved pairs, SwiGLU.
+- DeciLM / Nemotron-NAS: the Llama-3.3-Nemotron-Super-49B model card (neural architecture search: per-layer
+  `block_configs`; a no_op attention or FFN is skipped with its norm; per-layer KV heads and FFN width).
 - Baichuan-7B: its model card / published weights: Llama with q, k, v fused as `W_pack` (rows q, k, v).
 - Orion: the Orion-14B technical report: LayerNorm (with bias) in place of RMSNorm, eps from `rms_norm_eps`.
 - MiniCPM: the MiniCPM paper (Hu et al. 2024, muP "model wind tunnel"): embeddings times `scale_emb`, each
@@ -96,7 +98,6 @@ def reference_logits(config: dict, weights: dict[str, torch.Tensor], ids: torch.
     if config["model_type"] == "internlm2":
         weights = internlm2_as_llama(config, weights)
     heads, layers = config["num_attention_heads"], config["num_hidden_layers"]
-    kv_heads = config.get("num_key_value_heads", heads)
     head_dim = config["hidden_size"] // heads
     theta = config.get("rotary", {}).get("base", config.get("rope_theta", 10000.0))
     minicpm = config["model_type"] == "minicpm"
@@ -107,17 +108,21 @@ def reference_logits(config: dict, weights: dict[str, torch.Tensor], ids: torch.
     h = weights["model.embed_tokens.weight"][ids] * (config["scale_emb"] if minicpm else 1.0)
     for i in range(layers):
         p = f"model.layers.{i}"
-        x = rms_norm(h, weights, f"{p}.input_layernorm", config)
-        q, k, v = (linear(x, weights, f"{p}.self_attn.{n}_proj").view(tokens, -1, head_dim).transpose(0, 1)
-                   for n in "qkv")
-        q, k = rotate(q, theta), rotate(k, theta)
-        k, v = (t.repeat_interleave(heads // kv_heads, dim=0) for t in (k, v))
-        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(head_dim) + causal, dim=-1) @ v
-        h = h + residual_scale * linear(attn.transpose(0, 1).reshape(tokens, -1), weights, f"{p}.self_attn.o_proj")
-        x = rms_norm(h, weights, f"{p}.post_attention_layernorm", config)
-        gate, up = linear(x, weights, f"{p}.mlp.gate_proj"), linear(x, weights, f"{p}.mlp.up_proj")
-        mlp = torch.nn.functional.silu(gate) * up
-        h = h + residual_scale * linear(mlp, weights, f"{p}.mlp.down_proj")
+        if f"{p}.self_attn.q_proj.weight" in weights:  # DeciLM: a no_op attention layer has none
+            x = rms_norm(h, weights, f"{p}.input_layernorm", config)
+            q, k, v = (linear(x, weights, f"{p}.self_attn.{n}_proj").view(tokens, -1, head_dim).transpose(0, 1)
+                       for n in "qkv")
+            q, k = rotate(q, theta), rotate(k, theta)
+            kv_heads = k.shape[0]  # DeciLM: per layer
+            k, v = (t.repeat_interleave(heads // kv_heads, dim=0) for t in (k, v))
+            attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(head_dim) + causal, dim=-1) @ v
+            o = linear(attn.transpose(0, 1).reshape(tokens, -1), weights, f"{p}.self_attn.o_proj")
+            h = h + residual_scale * o
+        if f"{p}.mlp.gate_proj.weight" in weights:  # DeciLM: a no_op FFN layer has none
+            x = rms_norm(h, weights, f"{p}.post_attention_layernorm", config)
+            gate, up = linear(x, weights, f"{p}.mlp.gate_proj"), linear(x, weights, f"{p}.mlp.up_proj")
+            mlp = torch.nn.functional.silu(gate) * up
+            h = h + residual_scale * linear(mlp, weights, f"{p}.mlp.down_proj")
     h = rms_norm(h, weights, "model.norm", config)
     if minicpm:
         h = h / (config["hidden_size"] / config["dim_model_base"])
@@ -212,6 +217,9 @@ UNSUPPORTED = [
     ("orion", {"use_alibi": True}, "'use_alibi' = True is not supported"),
     ("internlm2", {"bias": True}, "'bias' = True is not supported"),
     ("chatglm", {"pre_seq_len": 128}, "'pre_seq_len' = 128 is not supported"),
+    ("nemotron-nas", {"block_configs": [{"attention": {"no_op": False, "n_heads_in_group": 2,
+                                                      "replace_with_linear": True}, "ffn": {"no_op": True}}] * 3},
+     "'block_configs[0].attention.replace_with_linear' = True is not supported"),
     ("chatglm", {"apply_residual_connection_post_layernorm": True}, "'apply_residual_connection_post_layernorm'"),
     ("baichuan", {"architectures": ["BaichuanForCausalLM"]}, "'architectures' = ['BaichuanForCausalLM']"),
     ("orion", {"hidden_act": "gelu"}, "'hidden_act' = 'gelu' is not supported"),

@@ -35,7 +35,7 @@ SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 class Family:
     model_type: str                                          # published config.json `model_type`
     translate: Callable[[PublishedFields], tuple[str, dict]]  # -> (native model_type, native fields)
-    converted_class: str | None = None                       # a class of conversions.py: the weights convert
+    converted_class: str | None = None                       # a class of conversions.py (its own class or weights)
     vocab_field: str = "vocab_size"                          # the published name of the vocabulary size
     # Buffers the published checkpoints carry that the native class recomputes: read and ignored on load, not
     # written on save (the family's own code recomputes them at init too).
@@ -59,6 +59,7 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("chatglm", configs.chatglm, converted_class="ChatGLMGlmForCausalLM", vocab_field="padded_vocab_size",
            derived_buffers=("transformer.rotary_pos_emb.inv_freq",)),
     Family("deepseek", configs.deepseek),
+    Family("nemotron-nas", configs.decilm, converted_class="DeciLMLlamaForCausalLM"),
     Family("internlm", configs.internlm),
     Family("internlm2", configs.internlm2, converted_class="InternLM2LlamaForCausalLM"),
     Family("orion", configs.orion),

@@ -151,3 +151,48 @@ def chatglm(fields: PublishedFields) -> tuple[str, dict]:
         "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5,
                             "rope_theta": 10000.0 * float(fields.take("rope_ratio", 1))},
     }
+
+
+# The keys of a DeciLM block config's parts, and the values under which a layer is a plain Llama layer part.
+DECI_ATTENTION = {"no_op": (False, True), "n_heads_in_group": None, "replace_with_linear": (False,),
+                  "sparsify": (None,), "num_sink_tokens": (None,), "use_prefill_window_in_sink_attention": (False,),
+                  "unshifted_sink": (False,), "window_length": (None,)}
+DECI_FFN = {"no_op": (False, True), "ffn_mult": None, "replace_with_linear": (False,), "sparsify": (None,)}
+
+
+def _deci_block(fields: PublishedFields, index: int, block: dict) -> dict:
+    """One entry of `block_configs`, checked: linear replacements, sparsity and sink/window attention are not
+    implemented and stop the load naming the entry."""
+    for part, known in (("attention", DECI_ATTENTION), ("ffn", DECI_FFN)):
+        for key, value in block.get(part, {}).items():
+            allowed = known.get(key, ())
+            if key not in known or (allowed is not None and value not in allowed):
+                fields.expect(f"block_configs[{index}].{part}.{key}", (), value)
+    return block
+
+
+def decilm(fields: PublishedFields) -> tuple[str, dict]:
+    """DeciLM / Nemotron-NAS: Llama with per-layer `block_configs` (automodel/models/families/decilm.py);
+    `rope_scaling` may be Llama 3's."""
+    fields.expect("attention_bias", (False,), False)
+    fields.expect("mlp_bias", (False,), False)
+    fields.take("intermediate_size")  # null in the published configs: each layer's width comes from ffn_mult
+    fields.take("num_key_value_heads")  # likewise from n_heads_in_group
+    native = {name: fields.take(name, required=True) for name in SIZES if name != "intermediate_size"}
+    native["rms_norm_eps"] = fields.take("rms_norm_eps", 1e-5)
+    native["tie_word_embeddings"] = fields.take("tie_word_embeddings", False)
+    fields.expect("hidden_act", ("silu",), "silu")
+    fields.expect("attention_dropout", (0.0, 0, None), 0.0)
+    blocks = fields.take("block_configs", required=True)
+    if len(blocks) != native["num_hidden_layers"]:
+        fields.expect("block_configs", ())
+    blocks = [_deci_block(fields, i, block) for i, block in enumerate(blocks)]
+    rope = {"rope_type": "default", "rope_theta": float(fields.take("rope_theta", 10000.0))}
+    scaling = fields.take("rope_scaling")
+    if scaling is not None:
+        if scaling.get("rope_type") != "llama3":
+            fields.expect("rope_scaling", (None,))
+        rope.update(scaling)
+    return "llama", {**native, "rope_parameters": rope, "attention_bias": False, "mlp_bias": False,
+                     "block_configs": blocks, "intermediate_size": 0,
+                     "num_key_value_heads": native["num_attention_heads"]}

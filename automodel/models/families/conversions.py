@@ -1,7 +1,8 @@
-"""Families whose published weights differ from the native class's by a reversible tensor conversion.
+"""The classes of families that are not a transformers class as is: a reversible tensor conversion of the
+published weights (Baichuan-7B, InternLM2, ChatGLM), or a small native module (DeciLM, decilm.py).
 
-Each gets a subclass of the native class that changes nothing but its name, under which transformers' checkpoint
-conversion mapping (`register_checkpoint_conversion_mapping`, looked up by class name before model_type) holds
+Each converted family gets a subclass of the native class that changes nothing but its name, under which
+transformers' checkpoint conversion mapping (`register_checkpoint_conversion_mapping`, looked up by class name before model_type) holds
 the conversion: `from_pretrained` applies it and `save_pretrained` applies its reverse, so training, FSDP2 and
 PEFT see the native modules while the files on disk keep the published names. Registration happens on the first
 load, not at import.
@@ -13,6 +14,8 @@ import torch
 from transformers import GlmForCausalLM, LlamaForCausalLM
 from transformers.conversion_mapping import USER_REGISTERED_MAPPINGS, register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Chunk, ConversionOps, Split, WeightConverter, WeightRenaming
+
+from automodel.models.families.decilm import DeciLMLlamaForCausalLM
 
 
 class BaichuanLlamaForCausalLM(LlamaForCausalLM):
@@ -99,7 +102,9 @@ def chatglm_layout() -> list:
                             ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], operations=[Split(dim=0)])]
 
 
-CONVERTED = {"ChatGLMGlmForCausalLM": (ChatGLMGlmForCausalLM, chatglm_layout),
+# Class name -> (class, its checkpoint conversion or None: the published names are the module names).
+CONVERTED = {"DeciLMLlamaForCausalLM": (DeciLMLlamaForCausalLM, None),
+             "ChatGLMGlmForCausalLM": (ChatGLMGlmForCausalLM, chatglm_layout),
              "BaichuanLlamaForCausalLM": (BaichuanLlamaForCausalLM, baichuan_w_pack),
              "InternLM2LlamaForCausalLM": (InternLM2LlamaForCausalLM, internlm2_layout)}
 
@@ -107,6 +112,6 @@ CONVERTED = {"ChatGLMGlmForCausalLM": (ChatGLMGlmForCausalLM, chatglm_layout),
 def converted_class(name: str):
     """The class, with its conversion registered once per process."""
     model_class, conversion = CONVERTED[name]
-    if name not in USER_REGISTERED_MAPPINGS:
+    if conversion is not None and name not in USER_REGISTERED_MAPPINGS:
         register_checkpoint_conversion_mapping(name, conversion())
     return model_class
