@@ -38,8 +38,9 @@ def published_config(row: Architecture, tokenizer) -> dict:
     auto_map = {"AutoConfig": config_class, "AutoModelForCausalLM": model_class}
     if row.published_type == "chatglm":  # its own field names throughout; no bos, no hidden_act
         return {"architectures": [row.test_id], "model_type": "chatglm",
-                "auto_map": {**auto_map, "AutoModel": model_class}, **row.tiny, "padded_vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
-                "pad_token_id": tokenizer.pad_token_id, "torch_dtype": "float32", "use_cache": True}
+                "auto_map": {**auto_map, "AutoModel": model_class}, **row.tiny, "padded_vocab_size": len(tokenizer),
+                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                "torch_dtype": "float32", "use_cache": True}
     config = {"architectures": [row.test_id], "model_type": row.published_type, "auto_map": auto_map,
               **row.tiny_config(), "vocab_size": len(tokenizer), "hidden_act": "silu", "rms_norm_eps": 1e-6,
               "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,

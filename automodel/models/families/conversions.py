@@ -2,10 +2,10 @@
 published weights (Baichuan-7B, InternLM2, ChatGLM), or a small native module (DeciLM, decilm.py).
 
 Each converted family gets a subclass of the native class that changes nothing but its name, under which
-transformers' checkpoint conversion mapping (`register_checkpoint_conversion_mapping`, looked up by class name before model_type) holds
-the conversion: `from_pretrained` applies it and `save_pretrained` applies its reverse, so training, FSDP2 and
-PEFT see the native modules while the files on disk keep the published names. Registration happens on the first
-load, not at import.
+transformers' checkpoint conversion mapping (`register_checkpoint_conversion_mapping`, looked up by class name
+before model_type) holds the conversion: `from_pretrained` applies it and `save_pretrained` applies its reverse,
+so training, FSDP2 and PEFT see the native modules while the files on disk keep the published names.
+Registration happens on the first load, not at import.
 """
 
 from __future__ import annotations
