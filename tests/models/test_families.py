@@ -234,3 +234,32 @@ def test_unsupported_field_stops_with_one_line_naming_it(family, fields, message
         load_causal_lm(str(folder))
     text = str(err.value)
     assert message in text and str(folder) in text and "\n" not in text, text
+
+
+def test_merge_lora_writes_the_published_layout(tmp_path):
+    """`automodel merge-lora` on an adapter of a converted family (InternLM2: renamed blocks, grouped wqkv): the
+    merged folder has the published weight names and config.json, and the logits of base + adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    from automodel.inference.merge import merge_lora
+    from automodel.inference.sources import ModelSource
+
+    row = BY_TYPE["internlm2"]
+    source = write_published_checkpoint(row, tmp_path / "published")
+    tokenizer = shared_tokenizer(name=row.tokenizer)
+    torch.manual_seed(0)
+    adapted = get_peft_model(load_causal_lm(str(source)), LoraConfig(
+        r=4, target_modules=["q_proj", "k_proj", "down_proj"], init_lora_weights=False))
+    save_hf_model(adapted, tokenizer, tmp_path / "adapter")
+
+    merged = merge_lora(ModelSource(base=str(source), adapter=tmp_path / "adapter"), tmp_path / "merged")
+    published = load_file(source / "model.safetensors")
+    saved = load_file(merged / "model.safetensors")
+    assert saved.keys() == published.keys()
+    assert not torch.equal(saved["model.layers.0.attention.wqkv.weight"],
+                           published["model.layers.0.attention.wqkv.weight"]), "the adapter was not merged"
+    assert json.loads((merged / "config.json").read_text()) == json.loads((source / "config.json").read_text())
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(load_causal_lm(str(merged)).eval()(input_ids=ids).logits,
+                                   adapted.eval()(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
