@@ -6,8 +6,8 @@ No torch import here.
 
 from __future__ import annotations
 
-from automodel.models.registry import (ARCHITECTURES, FSDP2_VERIFIED, Architecture, family_rows, remote_rows,
-                                      tested_rows)
+from automodel.models.registry import (ARCHITECTURES, FSDP2_VERIFIED, PARTLY, Architecture, family_rows,
+                                      remote_rows, tested_rows)
 
 VERIFIED = [
     "loads from a local folder in the architecture's Hugging Face layout (config.json with its `architectures` and "
@@ -81,10 +81,15 @@ def text_table() -> str:
 
     remote = remote_rows()
     out = [fmt(header), *map(fmt, lines), "",
-           f"{len(tested_rows())} tested (tiny model of each trained with LoRA and full SFT, saved and reloaded: "
-           "see docs/supported_models.md)",
+           f"{len(tested_rows())} tested{partly_text()} (tiny model of each trained with LoRA and full SFT, saved "
+           "and reloaded: see docs/supported_models.md)",
            f"{len(remote)} not yet supported: {remote[0].reason}" if remote else ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def partly_text() -> str:
+    partly = [row for row in tested_rows() if row.status == PARTLY]
+    return f", {len(partly)} of them partly ({', '.join(r.test_id for r in partly)})" if partly else ""
 
 
 def _native_line(row: Architecture) -> str:
@@ -122,7 +127,8 @@ def markdown_page() -> str:
         "",
         FAMILIES_TEXT,
         "",
-        *[f"- `{r.architecture}` ({r.published_type} -> {r.loads_into}): {r.route}" for r in family_rows()],
+        *[f"- `{r.architecture}` ({r.published_type} -> {r.loads_into}): {r.route}"
+          + (f". Partly tested: {r.untested_variants}" if r.untested_variants else "") for r in family_rows()],
         "",
         "A tokenizer marked (stand-in) is a real tokenizer of another family: the family's own one is not in the "
         "offline assets. Only the vocabulary size of the tiny model depends on it.",

@@ -11,7 +11,7 @@ import pytest
 
 from automodel.cli.main import main
 from automodel.models import registry
-from automodel.models.registry import (ARCHITECTURES, BY_NAME, FSDP2_VERIFIED, NOT_YET, TESTED, family_rows,
+from automodel.models.registry import (ARCHITECTURES, BY_NAME, FSDP2_VERIFIED, NOT_YET, PARTLY, TESTED, family_rows,
                                       native_rows, remote_rows)
 from automodel.models.table import markdown_page
 from tests.conftest import ASSETS, REPO_ROOT
@@ -67,7 +67,7 @@ def test_every_family_row_loads_into_a_native_class_automodel_translates_to():
     for row in family_rows():
         assert row.model_type is None and row.native_class is None, "transformers has no class of its own"
         assert row.published_type in FAMILIES and row.loads_into in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-        assert row.status == TESTED and row.route and row.lora_targets
+        assert row.status == (PARTLY if row.untested_variants else TESTED) and row.route and row.lora_targets
         assert (ASSETS / "tokenizers" / row.tokenizer).is_dir(), row.architecture
 
 
