@@ -314,7 +314,7 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     "ChatGLMModel / ChatGLMForConditionalGeneration": ("sft", "lora"),
     "DeciLMForCausalLM": ("sft",),
     "DeepseekForCausalLM": ("sft",),
-    "InternLMForCausalLM": ("sft", "lora"),
+    "InternLMForCausalLM": ("sft",),
     "InternLM2ForCausalLM": ("sft",),
     "MiniCPMForCausalLM": ("sft",),
     "OrionForCausalLM": ("sft",),
