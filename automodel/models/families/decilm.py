@@ -10,8 +10,6 @@ small native module on top of LlamaForCausalLM: only the decoder layers differ.
 
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -23,17 +21,28 @@ def ffn_width(ffn_mult: float, hidden: int) -> int:
     return -(-width // 256) * 256
 
 
+class LayerConfig:
+    """The model's config with a few per-layer values. Everything else is read from the model's config when asked,
+    so a later change there (set_attn_implementation switching the attention function) reaches every layer; a
+    copy taken at init would keep the old one."""
+
+    def __init__(self, config, **overrides):
+        self.__dict__.update(overrides, _model_config=config)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_model_config"], name)
+
+
 class DeciLMDecoderLayer(LlamaDecoderLayer):
     """A Llama decoder layer whose attention and/or MLP may be absent, with its own KV heads and MLP width."""
 
     def __init__(self, config, layer_idx: int):
         block = config.block_configs[layer_idx]
-        layer_config = copy.copy(config)
-        layer_config.num_key_value_heads = config.num_attention_heads // (block["attention"].get("n_heads_in_group")
-                                                                         or 1)
+        overrides = {"num_key_value_heads": config.num_attention_heads // (block["attention"].get("n_heads_in_group")
+                                                                          or 1)}
         if not block["ffn"].get("no_op"):
-            layer_config.intermediate_size = ffn_width(block["ffn"]["ffn_mult"], config.hidden_size)
-        super().__init__(layer_config, layer_idx)
+            overrides["intermediate_size"] = ffn_width(block["ffn"]["ffn_mult"], config.hidden_size)
+        super().__init__(LayerConfig(config, **overrides), layer_idx)
         self.attention_no_op = bool(block["attention"].get("no_op"))
         self.ffn_no_op = bool(block["ffn"].get("no_op"))
         if self.attention_no_op:
