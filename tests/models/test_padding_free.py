@@ -1,6 +1,7 @@
 """Padding-free batches (automodel/data/packing.py `FlatCollator` + `automodel_sdpa`) are exact where they are on.
 
-For every tested architecture (a remote-code family read from its published layout): the examples of one flattened row get the logits each gets alone (fp32, atol 1e-5),
+For every tested architecture (a remote-code family read from its published layout): the examples of one
+flattened row get the logits each gets alone (fp32, atol 1e-5),
 exactly for the model types in `PADDING_FREE_VERIFIED`, and the others really do mix examples (a hybrid's Mamba
 layers, for one), which is why they are padded. For every row of `OUTPUT_ROWS_VERIFIED`, a last layer limited to
 the label rows (`OUTPUT_ROWS`, automodel/models/output_rows.py) gives the same hidden states there and the same
