@@ -172,8 +172,11 @@ def save_hf_model(model, tokenizer, folder: Path, state_dict: dict | None = None
     """What HF loads: `PeftModel.save_pretrained` writes only the adapter, a plain model writes all weights.
 
     `state_dict` replaces the model's own tensors (gathered full copies of a sharded model)."""
+    from automodel.models import families  # imports torch: only when saving
+
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    # model.save_pretrained(safetensors), and a remote-code family's published config.json back (models/families)
+    families.save_pretrained(model, folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
 
 

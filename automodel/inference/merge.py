@@ -14,6 +14,7 @@ import torch
 from automodel.errors import UserError
 from automodel.inference.generate import load_model_and_tokenizer
 from automodel.inference.sources import ModelSource
+from automodel.models import families
 from automodel.paths import check_output_folder
 
 logger = logging.getLogger("automodel")
@@ -21,12 +22,13 @@ logger = logging.getLogger("automodel")
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def stored_dtype(base: str, trust_remote_code: bool = False) -> str:
+def stored_dtype(base: str) -> str:
     """The dtype the base model's config says its weights are in (float32 when it does not say)."""
-    from transformers import AutoConfig
+    from transformers import PretrainedConfig
 
-    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    # The plain config.json fields: also for the remote-code families automodel reads itself (models/families).
+    config, _ = PretrainedConfig.get_config_dict(base)
+    dtype = config.get("dtype") or config.get("torch_dtype")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return DTYPE_NAMES.get(dtype, "float32")
@@ -45,11 +47,11 @@ def merge_lora(source: ModelSource, output_dir: str | Path, dtype: str | None = 
     output_dir = Path(output_dir)
     check_output_folder(output_dir, "--output", [source.adapter, Path(source.base)])
     check_output_dir(output_dir, overwrite)
-    dtype = dtype or stored_dtype(source.base, trust_remote_code)
+    dtype = dtype or stored_dtype(source.base)
     model, tokenizer = load_model_and_tokenizer(source, dtype, trust_remote_code, device="cpu")
     merged = model.merge_and_unload()
     output_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(output_dir, safe_serialization=True)
+    families.save_pretrained(merged, output_dir)  # a remote-code family keeps its published layout
     tokenizer.save_pretrained(output_dir)
     logger.info("merged %s into %s (%s)", source.describe(), output_dir, dtype)
     return output_dir

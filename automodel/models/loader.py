@@ -1,7 +1,8 @@
 """Load a Hugging Face causal LM and its tokenizer from a hub id or a local folder.
 
 Everything goes through transformers' Auto classes, so any architecture transformers knows natively
-loads the same way; remote code runs only when the config says `trust_remote_code: true`.
+loads the same way; the published checkpoints of some remote-code-only families load into native classes
+(automodel/models/families); remote code runs only when the config says `trust_remote_code: true`.
 """
 
 from __future__ import annotations
@@ -67,16 +68,18 @@ def load_causal_lm(pretrained_model_name_or_path: str, dtype: str = "float32", a
     `config_overrides` are applied to the model config (e.g. `use_cache: false`, `output_router_logits: true`).
     """
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
+
+    from automodel.models import families
 
     key = "model.pretrained_model_name_or_path"
     source = check_source(pretrained_model_name_or_path, key, required_file="config.json")
     if attn_implementation == attention.AUTOMODEL_SDPA:
         attention.register()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=parse_dtype(dtype), attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code, revision=revision, **config_overrides)
+        # Checkpoints of remote-code-only families load into native classes (automodel/models/families).
+        model = families.from_pretrained(
+            source, dict(dtype=parse_dtype(dtype), attn_implementation=attn_implementation,
+                         trust_remote_code=trust_remote_code, revision=revision), config_overrides)
     except OSError as err:
         if Path(source).exists():
             raise UserError(f"{key}: cannot load {source}: {str(err).splitlines()[0]}") from err

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TESTED = "tested"
+PARTLY = "partly tested"  # some of the row's published variants load and are tested; the others stop with an error
 NOT_YET = "not yet supported"
 
 # The shape every tiny test model shares; rows override what their architecture names differently.
@@ -48,10 +49,25 @@ class Architecture:
     lora_targets: tuple[str, ...] = ()    # leaf names `all-linear` adapts (never the output head)
     notes: str = ""                       # architecture-specific handling, documented
     reason: str = ""                      # why a remote-code row is not supported yet
+    # Remote-code rows automodel reads itself (automodel/models/families): the published config.json
+    # `model_type`, the transformers class its checkpoints load into, and the route (docs).
+    published_type: str | None = None
+    loads_into: str | None = None
+    route: str = ""
+    untested_variants: str = ""           # the row's published variants that are not supported (PARTLY)
 
     @property
     def status(self) -> str:
-        return TESTED if self.native_class else NOT_YET
+        if self.native_class:
+            return TESTED
+        if self.loads_into:
+            return PARTLY if self.untested_variants else TESTED
+        return NOT_YET
+
+    @property
+    def model_class(self) -> str | None:
+        """The class a tiny model of the row trains as."""
+        return self.native_class or self.loads_into
 
     @property
     def test_id(self) -> str:
@@ -72,6 +88,14 @@ def _remote(architecture, models, checkpoints, reason=REMOTE_CODE) -> Architectu
     return Architecture(architecture, models, tuple(checkpoints), reason=reason)
 
 
+def _family(architecture, models, checkpoints, published_type, loads_into, tokenizer, route, notes="",
+            lora_targets=LLAMA_LIKE, untested_variants="", **tiny) -> Architecture:
+    """A remote-code row read into a native class; `tiny` holds config fields under the family's own names."""
+    return Architecture(architecture, models, tuple(checkpoints), tokenizer=tokenizer, tiny=tiny,
+                        lora_targets=tuple(lora_targets), notes=notes, published_type=published_type,
+                        loads_into=loads_into, route=route, untested_variants=untested_variants)
+
+
 # Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): rotary runs over qk_rope_head_dim, which is head_dim.
 MLA = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
            v_head_dim=16, head_dim=8)
@@ -83,22 +107,64 @@ PEFT_MOE_REMAP = ("LoRA all-linear: peft 0.21's transformers-v4 compatibility ma
                   "and shared-expert MLPs do not (automodel logs this)")
 
 ARCHITECTURES: tuple[Architecture, ...] = (
-    _remote("AquilaForCausalLM", "Aquila, Aquila2", ["BAAI/Aquila-7B", "BAAI/AquilaChat-7B"]),
-    _remote("BaiChuanForCausalLM", "Baichuan2, Baichuan",
-            ["baichuan-inc/Baichuan2-13B-Chat", "baichuan-inc/Baichuan-7B"]),
+    _family("AquilaForCausalLM", "Aquila, Aquila2", ["BAAI/Aquila-7B", "BAAI/AquilaChat-7B"], "aquila",
+            "LlamaForCausalLM", "llama2", "config only: the Llama decoder under Aquila's names (same weight names)",
+            tie_word_embeddings=False),
+    _family("BaiChuanForCausalLM", "Baichuan2, Baichuan",
+            ["baichuan-inc/Baichuan2-13B-Chat", "baichuan-inc/Baichuan-7B"], "baichuan", "LlamaForCausalLM", "llama2",
+            "one weight conversion: Baichuan-7B is the Llama decoder whose q, k, v are one `W_pack` (rows q, k, v); "
+            "transformers' checkpoint conversion mapping splits it on load and concatenates it on save",
+            notes="LoRA adapters name q_proj/k_proj/v_proj (merge-lora writes W_pack back)",
+            untested_variants="Baichuan2 and Baichuan-13B (`BaichuanForCausalLM`: Baichuan2's normalised lm_head, "
+                              "ALiBi at 13B) are not implemented: their configs stop with a one-line error naming "
+                              "`architectures`",
+            tie_word_embeddings=False, num_key_value_heads=None),
     _native("BambaForCausalLM", "Bamba", ["ibm-ai-platform/Bamba-9B"], "bamba", "BambaForCausalLM", "llama2",
             ATTENTION + GATED_MLP + ("in_proj", "out_proj"), kind="hybrid",
             notes="layer 0 mamba2, layer 1 attention; on CPU the mamba mixer runs transformers' pure-torch path "
                   "(no mamba_ssm/causal_conv1d kernels needed)",
             attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=32),
-    _remote("ChatGLMModel / ChatGLMForConditionalGeneration", "ChatGLM",
-            ["THUDM/chatglm2-6b", "THUDM/chatglm3-6b"]),
+    _family("ChatGLMModel / ChatGLMForConditionalGeneration", "ChatGLM", ["THUDM/chatglm2-6b", "THUDM/chatglm3-6b"],
+            "chatglm", "GlmForCausalLM", "llama2",
+            "one weight conversion onto transformers' GLM (the same decoder as GLM-4-9B): `query_key_value` "
+            "([q | k | v] rows, with biases) split into q/k/v_proj, `dense_h_to_4h` ([gate | up]) is gate_up_proj, "
+            "transformer.encoder.* renamed; rotary over half of each head in interleaved pairs "
+            "(partial_rotary_factor 0.5), base 10000 x `rope_ratio`; `padded_vocab_size` is the vocabulary",
+            lora_targets=ATTENTION + ("gate_up_proj", "down_proj"),
+            notes="the saved folder omits the published `transformer.rotary_pos_emb.inv_freq` buffer (derived from "
+                  "the config; ChatGLM's code and vLLM compute it); P-tuning prefixes (`pre_seq_len`) and "
+                  "post-layernorm residuals stop with a one-line error",
+            num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, kv_channels=16,
+            multi_query_attention=True, multi_query_group_num=2, seq_length=256, layernorm_epsilon=1e-5,
+            rmsnorm=True, add_bias_linear=False, add_qkv_bias=True, apply_query_key_layer_scaling=True,
+            apply_residual_connection_post_layernorm=False, attention_softmax_in_fp32=True, bias_dropout_fusion=True,
+            fp32_residual_connection=False, original_rope=True, post_layer_norm=True, hidden_dropout=0.0,
+            attention_dropout=0.0, rope_ratio=1, tie_word_embeddings=False),
     _native("CohereForCausalLM", "Command-R", ["CohereForAI/c4ai-command-r-v01"], "cohere", "CohereForCausalLM",
             "llama2"),
     _native("Cohere2ForCausalLM", "Command-R7B", ["CohereForAI/c4ai-command-r7b-12-2024"], "cohere2",
             "Cohere2ForCausalLM", "llama2", sliding_window=16),
-    _remote("DeciLMForCausalLM", "DeciLM", ["nvidia/Llama-3_3-Nemotron-Super-49B-v1"]),
-    _remote("DeepseekForCausalLM", "DeepSeek", ["deepseek-ai/deepseek-llm-7b-chat"]),
+    _family("DeciLMForCausalLM", "DeciLM", ["nvidia/Llama-3_3-Nemotron-Super-49B-v1"], "nemotron-nas",
+            "LlamaForCausalLM", "llama2",
+            "a small native module (automodel/models/families/decilm.py): LlamaForCausalLM whose decoder layers "
+            "follow `block_configs`: a no_op attention or FFN is absent with its norm, n_heads_in_group sets the "
+            "layer's KV heads, ffn_mult its MLP width (2/3 x ffn_mult x hidden rounded up to 256); Llama's weight "
+            "names; `rope_scaling` llama3 becomes rope_parameters",
+            notes="`replace_with_linear`, sparsity and sink/window attention entries stop with a one-line error "
+                  "naming the block_configs entry",
+            num_hidden_layers=3, intermediate_size=None, num_key_value_heads=None, tie_word_embeddings=False,
+            block_configs=[{"attention": {"no_op": False, "n_heads_in_group": 2, "replace_with_linear": False},
+                            "ffn": {"no_op": True, "ffn_mult": None, "replace_with_linear": False}},
+                           {"attention": {"no_op": True, "n_heads_in_group": None, "replace_with_linear": False},
+                            "ffn": {"no_op": False, "ffn_mult": 7.0, "replace_with_linear": False}},
+                           {"attention": {"no_op": False, "n_heads_in_group": 4, "replace_with_linear": False},
+                            "ffn": {"no_op": False, "ffn_mult": 1.0, "replace_with_linear": False}}]),
+    _family("DeepseekForCausalLM", "DeepSeek", ["deepseek-ai/deepseek-llm-7b-chat"], "deepseek", "LlamaForCausalLM",
+            "llama2", "config only: dense DeepSeek LLM v1 configs are the Llama decoder",
+            notes="the published deepseek-llm-7b/67b checkpoints are already `LlamaForCausalLM` configs",
+            untested_variants="DeepSeek-MoE (deepseek-moe-16b: shared experts, dense first layers) is not "
+                              "implemented: a config with `n_routed_experts` stops with a one-line error",
+            tie_word_embeddings=False),
     _native("DeepseekV2ForCausalLM", "DeepSeek-V2", ["deepseek-ai/DeepSeek-V2-Lite"], "deepseek_v2",
             "DeepseekV2ForCausalLM", "llama2", MLA_ATTENTION + DEEPSEEK_EXPERTS, kind="moe",
             notes="multi-head latent attention; layer 0 dense, layer 1 MoE. " + PEFT_MOE_REMAP,
@@ -153,15 +219,32 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             kind="moe", num_local_experts=4, shared_intermediate_size=64, **TINY_MOE),
     _native("GritLM", "GritLM", ["parasail-ai/GritLM-7B-vllm"], "mistral", "MistralForCausalLM", "mistral-7b-v0.1",
             own_tokenizer=True, notes="a Mistral checkpoint; trained here as a causal LM"),
-    _remote("InternLMForCausalLM", "InternLM", ["internlm/internlm-7b", "internlm/internlm-chat-7b"]),
-    _remote("InternLM2ForCausalLM", "InternLM2", ["internlm/internlm2-7b", "internlm/internlm2-chat-7b"]),
+    _family("InternLMForCausalLM", "InternLM", ["internlm/internlm-7b", "internlm/internlm-chat-7b"], "internlm",
+            "LlamaForCausalLM", "llama2", "config only: Llama with `attention_bias` from `bias` (q, k, v and o "
+            "biased); `rotary` {base, type origin or dynamic, scaling_factor} becomes rope_parameters",
+            tie_word_embeddings=False, bias=True, rotary={"base": 10000, "type": "dynamic"}),
+    _family("InternLM2ForCausalLM", "InternLM2", ["internlm/internlm2-7b", "internlm/internlm2-chat-7b"],
+            "internlm2", "LlamaForCausalLM", "llama2",
+            "one weight conversion: the Llama decoder under InternLM2's names (tok_embeddings, attention.wo, "
+            "feed_forward.w1/w3/w2, attention_norm, ffn_norm, output); `wqkv` holds q, k, v grouped per key/value "
+            "head and is split on load, regrouped on save (transformers' checkpoint conversion mapping); "
+            "`rope_scaling` dynamic/linear becomes rope_parameters",
+            notes="LoRA adapters name q_proj/k_proj/v_proj/o_proj/gate_proj/up_proj/down_proj (merge-lora writes "
+                  "the InternLM2 names back); `bias: true` stops with a one-line error",
+            tie_word_embeddings=False, bias=False, rope_theta=1000000.0,
+            rope_scaling={"type": "dynamic", "factor": 2.0}),
     _native("InternLM3ForCausalLM", "InternLM3", ["internlm/internlm3-8b-instruct"], "internlm3", "LlamaForCausalLM",
             "llama2", notes="transformers loads the internlm3 config into LlamaForCausalLM", head_dim=16),
     _remote("JAISLMHeadModel", "Jais", ["inceptionai/jais-13b", "inceptionai/jais-30b-v3"]),
     _native("LlamaForCausalLM", "Llama 3.1, Llama 3, Llama 2, LLaMA, Yi",
             ["meta-llama/Meta-Llama-3.1-70B", "meta-llama/Llama-2-70b-hf", "01-ai/Yi-34B"], "llama",
             "LlamaForCausalLM", "llama2", own_tokenizer=True),
-    _remote("MiniCPMForCausalLM", "MiniCPM", ["openbmb/MiniCPM-2B-sft-bf16", "openbmb/MiniCPM-2B-dpo-bf16"]),
+    _family("MiniCPMForCausalLM", "MiniCPM", ["openbmb/MiniCPM-2B-sft-bf16", "openbmb/MiniCPM-2B-dpo-bf16"],
+            "minicpm", "GraniteForCausalLM", "llama2",
+            "config only: Granite's multipliers: embedding_multiplier = `scale_emb`, residual_multiplier = "
+            "`scale_depth` / sqrt(layers), logits_scaling = hidden_size / `dim_model_base`, attention 1/sqrt(head_dim)",
+            notes="MiniCPM-MoE configs (`num_experts`) stop with a one-line error",
+            scale_emb=12, dim_model_base=16, scale_depth=1.4),
     _native("MiniCPM3ForCausalLM", "MiniCPM3", ["openbmb/MiniCPM3-4B"], "minicpm3", "MiniCPM3ForCausalLM", "llama2",
             MLA_ATTENTION + GATED_MLP, notes="multi-head latent attention; muP embedding/depth scaling", **MLA),
     _native("MistralForCausalLM", "Mistral, Mistral-Instruct",
@@ -180,7 +263,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _native("OLMoEForCausalLM", "OLMoE", ["allenai/OLMoE-1B-7B-0924", "allenai/OLMoE-1B-7B-0924-Instruct"], "olmoe",
             "OlmoeForCausalLM", "gpt2", ATTENTION, kind="moe", num_experts=4, intermediate_size=32,
             num_experts_per_tok=2),
-    _remote("OrionForCausalLM", "Orion", ["OrionStarAI/Orion-14B-Base", "OrionStarAI/Orion-14B-Chat"]),
+    _family("OrionForCausalLM", "Orion", ["OrionStarAI/Orion-14B-Base", "OrionStarAI/Orion-14B-Chat"], "orion",
+            "StableLmForCausalLM", "llama2", "config only: Llama with biased LayerNorm (eps `rms_norm_eps`) is "
+            "StableLm with full rotary, sequential residuals, no q/k norm and no q/k/v bias",
+            tie_word_embeddings=False),
     _native("PhiForCausalLM", "Phi", ["microsoft/phi-1_5", "microsoft/phi-2"], "phi", "PhiForCausalLM", "gpt2",
             ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"), notes="partial rotary; parallel attention/MLP"),
     _native("Phi3ForCausalLM", "Phi-4, Phi-3",
@@ -222,6 +308,16 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     "GPTBigCodeForCausalLM": ("sft", "lora"),
     "GPTJForCausalLM": ("sft",),
     "GPTNeoXForCausalLM": ("sft",),
+    # Remote-code families read by automodel/models/families: the saved folders are in the published layout.
+    "AquilaForCausalLM": ("sft",),
+    "BaiChuanForCausalLM": ("sft",),
+    "ChatGLMModel / ChatGLMForConditionalGeneration": ("sft", "lora"),
+    "DeciLMForCausalLM": ("sft",),
+    "DeepseekForCausalLM": ("sft",),
+    "InternLMForCausalLM": ("sft",),
+    "InternLM2ForCausalLM": ("sft",),
+    "MiniCPMForCausalLM": ("sft",),
+    "OrionForCausalLM": ("sft",),
 }
 
 # model_type values whose padding-free batches (examples back to back in one row, automodel/data/packing.py) give
@@ -241,8 +337,19 @@ OUTPUT_ROWS_VERIFIED: frozenset[str] = PADDING_FREE_VERIFIED - {
 
 
 def native_rows() -> list[Architecture]:
+    """Rows transformers loads natively (the published model_type is transformers')."""
     return [row for row in ARCHITECTURES if row.native_class]
 
 
+def family_rows() -> list[Architecture]:
+    """Remote-code rows automodel reads into a native class itself (automodel/models/families)."""
+    return [row for row in ARCHITECTURES if row.loads_into]
+
+
+def tested_rows() -> list[Architecture]:
+    return [row for row in ARCHITECTURES if row.status in (TESTED, PARTLY)]
+
+
 def remote_rows() -> list[Architecture]:
-    return [row for row in ARCHITECTURES if not row.native_class]
+    """Rows not supported yet."""
+    return [row for row in ARCHITECTURES if row.status == NOT_YET]

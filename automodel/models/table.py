@@ -6,7 +6,8 @@ No torch import here.
 
 from __future__ import annotations
 
-from automodel.models.registry import ARCHITECTURES, FSDP2_VERIFIED, Architecture, native_rows, remote_rows
+from automodel.models.registry import (ARCHITECTURES, FSDP2_VERIFIED, PARTLY, Architecture, family_rows,
+                                      remote_rows, tested_rows)
 
 VERIFIED = [
     "loads from a local folder in the architecture's Hugging Face layout (config.json with its `architectures` and "
@@ -27,6 +28,18 @@ FSDP2_TEXT = (
     "`tests/models/test_fsdp2_architectures.py` trains 3 steps of global batch 2 in two processes and in one, and "
     "asserts equal per-step losses (fp32, rtol 1e-5) and a consolidated `model/` folder with the same tensors "
     "(within 1e-5). Rows marked `-` have not been run under FSDP2.")
+
+FAMILIES_TEXT = (
+    "Rows loading as `model_type -> class (automodel)` are remote-code-only on the Hub: automodel reads their "
+    "published checkpoints (config.json with the family's own `architectures`, `model_type`, `auto_map` and field "
+    "names; the family's weight names) into the transformers class with the same math, with `trust_remote_code` "
+    "off (automodel/models/families), and writes config.json back in the published layout. Their tiny test "
+    "checkpoints are written in that published layout, not by transformers. On top of the list above, "
+    "`tests/models/test_families.py` checks our forward pass against a reference forward written in the test "
+    "from the family's published description, that load + save returns every tensor bit for bit and the "
+    "config.json unchanged, and that a config field automodel does not translate stops with a one-line error "
+    "naming it (exit 2). LoRA adapters of these rows name the native modules, which are the published module "
+    "names for the config-only routes below. The routes:")
 
 HANDLING = [
     "Gemma: embeddings scaled by sqrt(hidden); Granite, MiniCPM3: embedding/residual/logit multipliers; Cohere: "
@@ -56,7 +69,8 @@ def _cell(text: str) -> str:
 def text_table() -> str:
     """What `automodel models` prints: one line per row with its status."""
     header = ("ARCHITECTURE", "MODELS", "STATUS", "MODEL_TYPE", "EXAMPLE CHECKPOINT")
-    lines = [(r.architecture, r.models, r.status, r.model_type or "-", r.checkpoints[0]) for r in ARCHITECTURES]
+    lines = [(r.architecture, r.models, r.status, r.model_type or r.published_type or "-", r.checkpoints[0])
+             for r in ARCHITECTURES]
     widths = [min(max(len(row[i]) for row in [header, *lines]), 34) for i in range(4)]  # long cells are cut
 
     def fit(cell: str, width: int) -> str:
@@ -67,14 +81,22 @@ def text_table() -> str:
 
     remote = remote_rows()
     out = [fmt(header), *map(fmt, lines), "",
-           f"{len(native_rows())} tested (tiny model of each trained with LoRA and full SFT, saved and reloaded: "
-           "see docs/supported_models.md)",
+           f"{len(tested_rows())} tested{partly_text()} (tiny model of each trained with LoRA and full SFT, saved "
+           "and reloaded: see docs/supported_models.md)",
            f"{len(remote)} not yet supported: {remote[0].reason}" if remote else ""]
     return "\n".join(out).rstrip() + "\n"
 
 
+def partly_text() -> str:
+    partly = [row for row in tested_rows() if row.status == PARTLY]
+    return f", {len(partly)} of them partly ({', '.join(r.test_id for r in partly)})" if partly else ""
+
+
 def _native_line(row: Architecture) -> str:
-    loads = row.model_type if row.native_class == row.test_id else f"{row.model_type} -> {row.native_class}"
+    if row.loads_into:
+        loads = f"{row.published_type} -> {row.loads_into} (automodel)"
+    else:
+        loads = row.model_type if row.native_class == row.test_id else f"{row.model_type} -> {row.native_class}"
     tokenizer = f"{row.tokenizer}" + ("" if row.own_tokenizer else " (stand-in)")
     fsdp2 = ", ".join(mode.upper() if mode == "sft" else "LoRA" for mode in FSDP2_VERIFIED.get(row.architecture, ()))
     return (f"| `{row.architecture}` | {_cell(row.models)} | {', '.join(row.checkpoints)} | {loads} | {row.kind} | "
@@ -84,7 +106,7 @@ def _native_line(row: Architecture) -> str:
 
 def markdown_page() -> str:
     """docs/supported_models.md."""
-    native, remote = native_rows(), remote_rows()
+    native, remote = tested_rows(), remote_rows()
     parts = [
         "# Supported models",
         "",
@@ -102,6 +124,11 @@ def markdown_page() -> str:
         *[f"- {item}" for item in VERIFIED],
         "",
         FSDP2_TEXT,
+        "",
+        FAMILIES_TEXT,
+        "",
+        *[f"- `{r.architecture}` ({r.published_type} -> {r.loads_into}): {r.route}"
+          + (f". Partly tested: {r.untested_variants}" if r.untested_variants else "") for r in family_rows()],
         "",
         "A tokenizer marked (stand-in) is a real tokenizer of another family: the family's own one is not in the "
         "offline assets. Only the vocabulary size of the tiny model depends on it.",

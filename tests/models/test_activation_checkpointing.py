@@ -1,4 +1,4 @@
-"""`distributed.activation_checkpointing: true` works for every native row of the supported-models table.
+"""`distributed.activation_checkpointing: true` works for every tested row of the supported-models table.
 
 For each architecture the tiny checkpoint of test_architectures.py is built through `FinetuneRecipe` twice, with
 activation checkpointing off and on, for full SFT and for LoRA (there the only trainable weights are the adapters
@@ -24,12 +24,12 @@ import torch
 from automodel.data.collate import pad_collate
 from automodel.data.squad import make_squad_dataset
 from automodel.distributed.fsdp2 import decoder_layers
-from automodel.models.registry import native_rows
+from automodel.models.registry import tested_rows
 from automodel.models.unwrap import transformers_model
 from automodel.training.recipe import FinetuneRecipe
 from tests.models.test_architectures import checkpoint, one_thread, run_config  # noqa: F401 (fixtures)
 
-ROWS = native_rows()
+ROWS = tested_rows()
 GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-6
 
 

@@ -1,16 +1,18 @@
-"""Every native row of the supported-models table (automodel/models/registry.py) trains through the public path.
+"""Every tested row of the supported-models table (automodel/models/registry.py) trains through the public path.
 
 For each architecture a tiny model (2 layers, hidden 64, the vocabulary of a real tokenizer) is written as a
-real checkpoint folder, then `FinetuneRecipe` runs a user-style config on real SQuAD rows:
-- the folder loads into the architecture's transformers class;
+real checkpoint folder (a remote-code family's in its published layout: tests/models/published.py), then
+`FinetuneRecipe` runs a user-style config on real SQuAD rows:
+- the folder loads into the architecture's transformers class (remote-code families: with trust_remote_code off);
 - LoRA's default `all-linear` adapts exactly the row's projection layers, never the output head; after 3 steps
   every adapter weight changed and no base weight did; the saved adapter reloads with equal logits;
 - full SFT: 3 steps change every trainable parameter, losses are finite; the saved model reloads (same
-  weight names as the input checkpoint) with equal logits.
+  weight names as the input checkpoint; a remote-code family's config.json unchanged) with equal logits.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -19,13 +21,16 @@ from safetensors import safe_open
 
 from automodel.data.collate import pad_collate
 from automodel.models.quirks import NO_GRADIENT_BY_DESIGN
-from automodel.models.registry import native_rows
+from automodel.models import load_causal_lm
+from automodel.models.families import FAMILIES, PUBLISHED_CONFIG
+from automodel.models.registry import tested_rows
 from automodel.peft.lora import adapted_targets
 from automodel.training.recipe import FinetuneRecipe
 from tests.conftest import SQUAD_TRAIN
+from tests.models.published import write_published_checkpoint
 from tests.models.tiny import write_tiny_checkpoint
 
-ROWS = native_rows()
+ROWS = tested_rows()
 STEPS = 3
 
 
@@ -46,7 +51,8 @@ def checkpoint(tmp_path_factory):
 
     def get(row):
         if row.architecture not in built:
-            built[row.architecture] = write_tiny_checkpoint(row, tmp_path_factory.mktemp(row.test_id))
+            write = write_published_checkpoint if row.published_type else write_tiny_checkpoint
+            built[row.architecture] = write(row, tmp_path_factory.mktemp(row.test_id))
         return built[row.architecture]
 
     return get
@@ -95,8 +101,19 @@ def first_batch(recipe, tokens: int = 16) -> dict[str, torch.Tensor]:
 
 
 def assert_loaded_natively(recipe, row, base_model):
-    assert type(base_model).__name__ == row.native_class
-    assert base_model.config.model_type == row.model_type
+    assert row.model_class in [cls.__name__ for cls in type(base_model).__mro__]  # a converted family subclasses it
+    if row.published_type:  # read by automodel/models/families, no remote code
+        assert getattr(base_model, PUBLISHED_CONFIG)["model_type"] == row.published_type
+    else:
+        assert base_model.config.model_type == row.model_type
+
+
+def load_base(row, folder):
+    """The saved model as users reload it: transformers for native rows, automodel's loader for the families it
+    reads itself."""
+    from transformers import AutoModelForCausalLM
+
+    return load_causal_lm(str(folder)) if row.published_type else AutoModelForCausalLM.from_pretrained(folder)
 
 
 def assert_finite(result):
@@ -108,7 +125,6 @@ def assert_finite(result):
 def test_lora_all_linear_adapts_projections_and_round_trips(row, checkpoint, tmp_path):
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
-    from transformers import AutoModelForCausalLM
 
     model_dir = checkpoint(row)
     recipe = FinetuneRecipe(run_config(row, model_dir, tmp_path / "out", lora=True))
@@ -129,15 +145,13 @@ def test_lora_all_linear_adapts_projections_and_round_trips(row, checkpoint, tmp
     changed_base = [n for n in before if "lora_" not in n and not torch.equal(before[n], after[n])]
     assert not changed_base, f"LoRA changed base weights: {changed_base}"
 
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), result.final_dir / "model")
+    reloaded = PeftModel.from_pretrained(load_base(row, model_dir), result.final_dir / "model")
     batch = first_batch(recipe)
     torch.testing.assert_close(logits(reloaded, batch), logits(recipe.model, batch), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.test_id for r in ROWS])
 def test_full_sft_changes_every_parameter_and_round_trips(row, checkpoint, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     model_dir = checkpoint(row)
     recipe = FinetuneRecipe(run_config(row, model_dir, tmp_path / "out", lora=False))
     recipe.setup()
@@ -150,8 +164,11 @@ def test_full_sft_changes_every_parameter_and_round_trips(row, checkpoint, tmp_p
     assert not unchanged, f"parameters that did not train: {unchanged}"
 
     saved = result.final_dir / "model"
-    assert weight_names(saved) == weight_names(model_dir), "the saved layout differs from the input checkpoint's"
-    reloaded = AutoModelForCausalLM.from_pretrained(saved)
+    derived = set(FAMILIES[row.published_type].derived_buffers) if row.published_type else set()
+    assert weight_names(saved) == weight_names(model_dir) - derived, "the saved layout differs from the input's"
+    if row.published_type:
+        assert json.loads((saved / "config.json").read_text()) == json.loads((model_dir / "config.json").read_text())
+    reloaded = load_base(row, saved)
     batch = first_batch(recipe)
     torch.testing.assert_close(logits(reloaded, batch), logits(recipe.model, batch), rtol=1e-5, atol=1e-5)
 

@@ -123,6 +123,11 @@ def test_fsdp2_two_processes_match_one_process(architecture, mode, fsdp2_group, 
     assert len(want) == STEPS
     assert losses(sharded) == pytest.approx(want, rel=LOSS_RTOL)
 
+    if BY_NAME[architecture].published_type and mode == "sft":  # a remote-code family: its published config.json
+        config = [json.loads((out / f"step_{STEPS}" / "model" / "config.json").read_text())
+                  for out in (sharded, single)]
+        assert config[0] == config[1] and config[0]["model_type"] == BY_NAME[architecture].published_type
+
     got_tensors, want_tensors = saved_tensors(sharded), saved_tensors(single)
     assert got_tensors.keys() == want_tensors.keys()
     for name, want_tensor in want_tensors.items():

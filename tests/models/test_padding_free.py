@@ -1,6 +1,7 @@
 """Padding-free batches (automodel/data/packing.py `FlatCollator` + `automodel_sdpa`) are exact where they are on.
 
-For every native architecture: the examples of one flattened row get the logits each gets alone (fp32, atol 1e-5),
+For every tested architecture (a remote-code family read from its published layout): the examples of one
+flattened row get the logits each gets alone (fp32, atol 1e-5),
 exactly for the model types in `PADDING_FREE_VERIFIED`, and the others really do mix examples (a hybrid's Mamba
 layers, for one), which is why they are padded. For every row of `OUTPUT_ROWS_VERIFIED`, a last layer limited to
 the label rows (`OUTPUT_ROWS`, automodel/models/output_rows.py) gives the same hidden states there and the same
@@ -11,6 +12,9 @@ of padded batches on transformers' sdpa.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -20,14 +24,23 @@ from automodel.errors import UserError
 from automodel.distributed.fsdp2 import decoder_layers
 from automodel.models.attention import AUTOMODEL_SDPA, OUTPUT_ROWS, use_automodel_sdpa
 from automodel.models.output_rows import last_layer_rows
-from automodel.models.registry import OUTPUT_ROWS_VERIFIED, PADDING_FREE_VERIFIED, native_rows
+from automodel.models import load_causal_lm
+from automodel.models.registry import OUTPUT_ROWS_VERIFIED, PADDING_FREE_VERIFIED, tested_rows
 from automodel.training.loss import IGNORE_INDEX, shift_labels
 from tests.models.test_architectures import one_thread  # noqa: F401 (fixture)
 from tests.models.test_attention import FlashCalls
+from tests.models.published import write_published_checkpoint
 from tests.models.tiny import shared_tokenizer, tiny_config
 
-ROWS = native_rows()
+ROWS = tested_rows()
 LENGTHS = (23, 9, 31)
+# The model_type a remote-code family's checkpoint runs as (automodel/models/families), which the lists are about.
+RUNS_AS = {"LlamaForCausalLM": "llama", "GraniteForCausalLM": "granite", "StableLmForCausalLM": "stablelm",
+           "GlmForCausalLM": "glm"}
+
+
+def runs_as(row) -> str:
+    return row.model_type or RUNS_AS[row.loads_into]
 
 
 def tiny_model(row):
@@ -35,6 +48,12 @@ def tiny_model(row):
 
     torch.manual_seed(0)
     tokenizer = shared_tokenizer(name=row.tokenizer)
+    if row.published_type:  # written in its published layout, read by automodel's loader
+        with tempfile.TemporaryDirectory() as folder:
+            # transformers' sdpa, which the tests switch to automodel_sdpa as the loader does by default
+            model = load_causal_lm(str(write_published_checkpoint(row, Path(folder))), attn_implementation="sdpa")
+        assert model.config.model_type == runs_as(row)
+        return model.eval(), tokenizer
     model = AutoModelForCausalLM.from_config(tiny_config(row, tokenizer))  # transformers' choice, as the loader
     return model.eval(), tokenizer
 
@@ -49,15 +68,15 @@ def examples(vocab: int) -> list[dict[str, list[int]]]:
 def test_padding_free_rows_keep_examples_apart_exactly_where_verified(row, one_thread):
     model, tokenizer = tiny_model(row)
     if not use_automodel_sdpa(model):
-        assert row.model_type not in PADDING_FREE_VERIFIED, f"{row.model_type} does not run sdpa"
-        pytest.skip(f"{row.model_type}: runs {model.config._attn_implementation}, not through the attention interface")
+        assert runs_as(row) not in PADDING_FREE_VERIFIED, f"{runs_as(row)} does not run sdpa"
+        pytest.skip(f"{runs_as(row)}: runs {model.config._attn_implementation}, not through the attention interface")
     items = examples(len(tokenizer))
     with torch.no_grad():
         flat = model(**model_inputs(FlatCollator()(items)), use_cache=False).logits[0]
         alone = [model(input_ids=torch.tensor([item["input_ids"]]), use_cache=False).logits[0] for item in items]
     same = flat.shape[0] == sum(LENGTHS) and torch.allclose(flat, torch.cat(alone), rtol=0, atol=1e-5)
-    assert same == (row.model_type in PADDING_FREE_VERIFIED), (
-        f"{row.model_type}: padding-free logits {'equal' if same else 'differ from'} the examples' own "
+    assert same == (runs_as(row) in PADDING_FREE_VERIFIED), (
+        f"{runs_as(row)}: padding-free logits {'equal' if same else 'differ from'} the examples' own "
         f"(max diff {(flat - torch.cat(alone)).abs().max():.2e}); PADDING_FREE_VERIFIED must "
         f"{'list' if same else 'not list'} it")
 
@@ -82,7 +101,7 @@ def label_rows_and_grads(model, batch, keep, **rows):
     return hidden[keep].detach(), grads, sum(q * k for q, k in calls.shapes), mlp_rows
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if r.model_type in OUTPUT_ROWS_VERIFIED], ids=lambda r: r.test_id)
+@pytest.mark.parametrize("row", [r for r in ROWS if runs_as(r) in OUTPUT_ROWS_VERIFIED], ids=lambda r: r.test_id)
 @pytest.mark.parametrize("collate", ["padded", "padding-free"])
 def test_last_layer_on_the_label_rows_only_is_exact(row, collate, one_thread):
     model, tokenizer = tiny_model(row)

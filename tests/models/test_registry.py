@@ -10,7 +10,9 @@ import sys
 import pytest
 
 from automodel.cli.main import main
-from automodel.models.registry import ARCHITECTURES, BY_NAME, FSDP2_VERIFIED, NOT_YET, TESTED, native_rows
+from automodel.models import registry
+from automodel.models.registry import (ARCHITECTURES, BY_NAME, FSDP2_VERIFIED, NOT_YET, PARTLY, TESTED, family_rows,
+                                      native_rows, remote_rows)
 from automodel.models.table import markdown_page
 from tests.conftest import ASSETS, REPO_ROOT
 
@@ -51,7 +53,22 @@ def test_every_native_row_names_the_class_transformers_loads_it_with():
         assert row.tokenizer and (ASSETS / "tokenizers" / row.tokenizer).is_dir(), row.architecture
         assert row.lora_targets and row.status == TESTED
     remote = [row for row in ARCHITECTURES if row not in native_rows()]
-    assert len(remote) == 12 and all(r.status == NOT_YET and r.reason for r in remote)
+    assert len(remote) == 12 and remote == [r for r in ARCHITECTURES if r in family_rows() or r in remote_rows()]
+    assert all(r.status == NOT_YET and r.reason for r in remote_rows())
+
+
+def test_every_family_row_loads_into_a_native_class_automodel_translates_to():
+    """Remote-code rows marked tested: automodel/models/families reads their published model_type into the
+    named transformers class (tests/models/test_families.py checks the math)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from automodel.models.families import FAMILIES
+
+    for row in family_rows():
+        assert row.model_type is None and row.native_class is None, "transformers has no class of its own"
+        assert row.published_type in FAMILIES and row.loads_into in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        assert row.status == (PARTLY if row.untested_variants else TESTED) and row.route and row.lora_targets
+        assert (ASSETS / "tokenizers" / row.tokenizer).is_dir(), row.architecture
 
 
 def test_docs_page_is_generated_from_the_registry():
@@ -63,7 +80,7 @@ def test_docs_page_is_generated_from_the_registry():
 
 def test_fsdp2_verified_rows_are_native_and_cover_every_kind():
     """The list the FSDP2 test runs and the docs page shows: native rows only, known modes, every family."""
-    assert set(FSDP2_VERIFIED) <= {row.architecture for row in native_rows()}
+    assert set(FSDP2_VERIFIED) <= {row.architecture for row in registry.tested_rows()}
     assert all(modes and set(modes) <= {"sft", "lora"} for modes in FSDP2_VERIFIED.values())
     assert {BY_NAME[name].kind for name in FSDP2_VERIFIED} == {"dense", "moe", "hybrid", "gpt2-style"}
     assert sum("lora" in modes for modes in FSDP2_VERIFIED.values()) >= 2

@@ -1,0 +1,127 @@
+"""Checkpoints of remote-code-only families (table rows whose modeling code lives only on the Hub), read into
+transformers' native classes with `trust_remote_code` off and written back in their published layout.
+
+Two hooks, nothing else in automodel knows about these families:
+- `from_pretrained` (called by automodel.models.loader.load_causal_lm) reads config.json; for a published
+  `model_type` listed in FAMILIES it builds the native config from the family's fields (a field it does not
+  translate is a one-line error) and loads the weights into the native class;
+- `save_pretrained` (called by automodel.checkpoint.save.save_hf_model) saves, then rewrites config.json back to
+  the published one, so the family's own code, vLLM and downstream tools read the output.
+Weight names that differ (Baichuan's fused W_pack, InternLM2's names and grouped wqkv, ChatGLM's layout) convert
+through transformers' checkpoint conversion mapping (automodel/models/families/conversions.py), which
+`save_pretrained` reverses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from automodel.models.families import configs
+from automodel.models.families.fields import PublishedFields
+
+logger = logging.getLogger(__name__)
+
+# The attribute of a loaded model that holds its published config.json (a dict).
+PUBLISHED_CONFIG = "automodel_published_config"
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str                                          # published config.json `model_type`
+    translate: Callable[[PublishedFields], tuple[str, dict]]  # -> (native model_type, native fields)
+    converted_class: str | None = None                       # a class of conversions.py (its own class or weights)
+    vocab_field: str = "vocab_size"                          # the published name of the vocabulary size
+    # Buffers the published checkpoints carry that the native class recomputes: read and ignored on load, not
+    # written on save (the family's own code recomputes them at init too).
+    derived_buffers: tuple[str, ...] = ()
+
+
+def model_class(family: Family):
+    """The class whose `from_pretrained` reads the family's weights."""
+    if family.converted_class is None:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+    from automodel.models.families.conversions import converted_class
+
+    return converted_class(family.converted_class)
+
+
+FAMILIES: dict[str, Family] = {family.model_type: family for family in (
+    Family("aquila", configs.aquila),
+    Family("baichuan", configs.baichuan, converted_class="BaichuanLlamaForCausalLM"),
+    Family("chatglm", configs.chatglm, converted_class="ChatGLMGlmForCausalLM", vocab_field="padded_vocab_size",
+           derived_buffers=("transformer.rotary_pos_emb.inv_freq",)),
+    Family("deepseek", configs.deepseek),
+    Family("nemotron-nas", configs.decilm, converted_class="DeciLMLlamaForCausalLM"),
+    Family("internlm", configs.internlm),
+    Family("internlm2", configs.internlm2, converted_class="InternLM2LlamaForCausalLM"),
+    Family("orion", configs.orion),
+    Family("minicpm", configs.minicpm),
+)}
+
+
+def native_config(published: dict[str, Any], source: str):
+    """The transformers config whose model has the same math as the published one."""
+    from transformers import AutoConfig
+
+    fields = PublishedFields(published, source)
+    native_type, native = FAMILIES[published["model_type"]].translate(fields)
+    fields.finish()
+    specials = {name: published[name] for name in SPECIAL_TOKENS if name in published}
+    return AutoConfig.for_model(native_type, **native, **specials)
+
+
+def from_pretrained(source: str, load_kwargs: dict[str, Any], config_overrides: dict[str, Any]):
+    """`AutoModelForCausalLM.from_pretrained(source, **load_kwargs, **config_overrides)`, except that a checkpoint
+    of a family in FAMILIES loads into its native class (unless the user trusts its remote code)."""
+    from transformers import AutoModelForCausalLM, PretrainedConfig
+
+    published, _ = PretrainedConfig.get_config_dict(source, revision=load_kwargs.get("revision"))
+    family = FAMILIES.get(published.get("model_type"))
+    if family is None or load_kwargs.get("trust_remote_code"):
+        return AutoModelForCausalLM.from_pretrained(source, **load_kwargs, **config_overrides)
+    config = native_config(published, source)
+    for name, value in config_overrides.items():
+        setattr(config, name, value)
+    kwargs = {k: v for k, v in load_kwargs.items() if k != "trust_remote_code"}
+    model = model_class(family).from_pretrained(source, config=config, **kwargs)
+    setattr(model, PUBLISHED_CONFIG, published)
+    logger.info("%s: %s checkpoint read into %s (no remote code)", source, family.model_type,
+                type(model).__name__)
+    return model
+
+
+def save_pretrained(model, folder: Path, state_dict: dict | None = None) -> None:
+    """`model.save_pretrained` in safetensors, then the published config.json back (restore_published_layout).
+
+    PEFT decides whether the vocabulary was resized by reading the base folder's config.json with the native config
+    class; a family that names the vocabulary otherwise (ChatGLM's `padded_vocab_size`) would read as resized and
+    write the whole embedding into the adapter. automodel never resizes it, so those adapters say so."""
+    published = getattr(model, PUBLISHED_CONFIG, None)
+    options = {}
+    if published and hasattr(model, "peft_config") and FAMILIES[published["model_type"]].vocab_field != "vocab_size":
+        options["save_embedding_layers"] = False
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict, **options)
+    restore_published_layout(model, folder)
+
+
+def restore_published_layout(model, folder: Path) -> None:
+    """After `save_pretrained` of a model `from_pretrained` translated: config.json becomes the published one
+    again (its `vocab_size` and dtype updated), so the output has the input's layout. Adapter-only folders
+    (no config.json) are left alone: their module names are the native ones."""
+    published = getattr(model, PUBLISHED_CONFIG, None)
+    config_file = Path(folder) / "config.json"
+    if published is None or not config_file.is_file():
+        return
+    saved = json.loads(config_file.read_text())
+    restored = {**published, FAMILIES[published["model_type"]].vocab_field: saved["vocab_size"]}
+    if "torch_dtype" in published and saved.get("dtype"):
+        restored["torch_dtype"] = saved["dtype"]
+    config_file.write_text(json.dumps(restored, indent=2) + "\n")

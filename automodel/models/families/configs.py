@@ -1,0 +1,198 @@
+"""Published configs of remote-code families, translated into the config of the transformers class whose math
+is the same. Each translator reads the fields the family's own modeling code reads (described in
+docs/supported_models.md) and returns (native model_type, native config fields).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from automodel.models.families.fields import PublishedFields
+
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "max_position_embeddings")
+
+
+def _llama_core(fields: PublishedFields, norm_eps: str = "rms_norm_eps") -> dict[str, Any]:
+    """The fields every Llama-derived family shares, under the same names."""
+    native = {name: fields.take(name, required=True) for name in SIZES}
+    native["num_key_value_heads"] = fields.take("num_key_value_heads", native["num_attention_heads"])
+    native[norm_eps] = fields.take(norm_eps, 1e-6)
+    native["tie_word_embeddings"] = fields.take("tie_word_embeddings", False)
+    fields.expect("hidden_act", ("silu",), "silu")
+    for dropout in ("attention_dropout", "hidden_dropout"):
+        if fields.take(dropout):
+            native[dropout] = fields.config[dropout]
+    return native
+
+
+def _plain_rope(fields: PublishedFields) -> dict[str, Any]:
+    fields.expect("rope_scaling", (None,))
+    return {"rope_type": "default", "rope_theta": float(fields.take("rope_theta", 10000.0))}
+
+
+def aquila(fields: PublishedFields) -> tuple[str, dict]:
+    """Aquila/Aquila2: the Llama decoder under another name."""
+    native = _llama_core(fields)
+    return "llama", {**native, "rope_parameters": _plain_rope(fields), "attention_bias": False}
+
+
+def deepseek(fields: PublishedFields) -> tuple[str, dict]:
+    """DeepSeek LLM v1 (DeepseekForCausalLM): the dense configs are the Llama decoder. The MoE configs
+    (deepseek-moe: shared experts, dense first layers) are not implemented: `n_routed_experts` stops them."""
+    fields.expect("n_routed_experts", (None,))
+    fields.expect("attention_bias", (False,), False)
+    native = _llama_core(fields)
+    return "llama", {**native, "rope_parameters": _plain_rope(fields), "attention_bias": False}
+
+
+def internlm(fields: PublishedFields) -> tuple[str, dict]:
+    """InternLM (v1): Llama with a bias on q, k, v and o (`bias`), rotary described by `rotary`
+    ({"base", "type": "origin" | "dynamic", "scaling_factor"}); "dynamic" is NTK scaling past
+    max_position_embeddings, which is transformers' "dynamic" rope."""
+    native = _llama_core(fields)
+    rotary = dict(fields.take("rotary", {"base": 10000, "type": "dynamic"}))
+    kind = rotary.pop("type", "origin")
+    if kind not in ("origin", "dynamic"):
+        fields.expect("rotary", ())  # one line naming the field
+    rope = {"rope_type": "default" if kind == "origin" else "dynamic", "rope_theta": float(rotary.pop("base", 10000))}
+    if kind == "dynamic":
+        rope["factor"] = float(rotary.pop("scaling_factor", 1.0))
+    if rotary:
+        fields.expect("rotary", ())
+    return "llama", {**native, "rope_parameters": rope, "attention_bias": fields.take("bias", True)}
+
+
+def orion(fields: PublishedFields) -> tuple[str, dict]:
+    """Orion: the Llama decoder with LayerNorm (weight and bias, eps from `rms_norm_eps`) in place of RMSNorm.
+    transformers' StableLm decoder is exactly that with full rotary, sequential residuals, no q/k norm."""
+    native = _llama_core(fields)
+    native["layer_norm_eps"] = native.pop("rms_norm_eps")
+    fields.expect("attention_bias", (False,), False)
+    rope = {**_plain_rope(fields), "partial_rotary_factor": 1.0}
+    return "stablelm", {**native, "rope_parameters": rope, "use_qkv_bias": False, "qk_layernorm": False,
+                        "use_parallel_residual": False}
+
+
+def minicpm(fields: PublishedFields) -> tuple[str, dict]:
+    """MiniCPM (v1/v2 dense): Llama with muP scalings: embeddings x `scale_emb`, each residual branch x
+    `scale_depth / sqrt(num_hidden_layers)`, the final hidden state / (hidden_size / `dim_model_base`) before
+    lm_head. Granite's embedding/residual/logits multipliers are the same operations (lm_head has no bias, so
+    dividing its input or its output is equal); attention keeps 1/sqrt(head_dim)."""
+    fields.expect("num_experts", (None,))
+    native = _llama_core(fields)
+    fields.expect("attention_bias", (False,), False)
+    head_dim = native["hidden_size"] // native["num_attention_heads"]
+    return "granite", {
+        **native, "rope_parameters": _plain_rope(fields), "attention_bias": False, "mlp_bias": False,
+        "embedding_multiplier": float(fields.take("scale_emb", 1.0)),
+        "residual_multiplier": float(fields.take("scale_depth", 1.0)) / math.sqrt(native["num_hidden_layers"]),
+        "logits_scaling": native["hidden_size"] / fields.take("dim_model_base", required=True),
+        "attention_multiplier": head_dim ** -0.5,
+    }
+
+
+def baichuan(fields: PublishedFields) -> tuple[str, dict]:
+    """Baichuan-7B (`BaiChuanForCausalLM`): the Llama decoder (rotary base 10000); its fused `W_pack` is split by
+    the weight conversion of automodel/models/families/conversions.py. `BaichuanForCausalLM` is Baichuan2 (a
+    normalised lm_head; ALiBi in place of rotary at 13B) or Baichuan-13B (ALiBi): not implemented."""
+    fields.expect("architectures", (["BaiChuanForCausalLM"],))
+    native = _llama_core(fields)
+    if native["num_key_value_heads"] != native["num_attention_heads"]:
+        fields.expect("num_key_value_heads", (native["num_attention_heads"],))
+    return "llama", {**native, "rope_parameters": _plain_rope(fields), "attention_bias": False}
+
+
+def internlm2(fields: PublishedFields) -> tuple[str, dict]:
+    """InternLM2: the Llama decoder (grouped-query attention, no biases: `bias` false) under other weight names
+    (converted by automodel/models/families/conversions.py); `rope_scaling` {"type": "dynamic" | "linear",
+    "factor"} is transformers' dynamic-NTK / linear rope."""
+    fields.expect("bias", (False,), False)
+    native = _llama_core(fields)
+    rope = {"rope_type": "default", "rope_theta": float(fields.take("rope_theta", 10000.0))}
+    scaling = fields.take("rope_scaling")
+    if scaling is not None:
+        if set(scaling) != {"type", "factor"} or scaling["type"] not in ("dynamic", "linear"):
+            fields.expect("rope_scaling", (None,))
+        rope.update(rope_type=scaling["type"], factor=float(scaling["factor"]))
+    return "llama", {**native, "rope_parameters": rope, "attention_bias": False}
+
+
+def chatglm(fields: PublishedFields) -> tuple[str, dict]:
+    """ChatGLM2/3 (`ChatGLMModel`, model_type chatglm) onto transformers' GLM: RMSNorm, q/k/v bias
+    (`add_qkv_bias`), no other linear bias, grouped-query attention (`multi_query_group_num` groups), rotary over
+    the first half of each head in interleaved pairs with base 10000 x `rope_ratio`, SwiGLU `dense_h_to_4h`
+    ([gate | up]). Fields that only pick kernels or fp32 casts (`apply_query_key_layer_scaling`,
+    `attention_softmax_in_fp32`, `bias_dropout_fusion`, `fp32_residual_connection`) do not change the math."""
+    for name, allowed, default in (("rmsnorm", (True,), True), ("add_bias_linear", (False,), False),
+                                   ("apply_residual_connection_post_layernorm", (False,), False),
+                                   ("post_layer_norm", (True,), True), ("original_rope", (True,), True),
+                                   ("pre_seq_len", (None,), None), ("prefix_projection", (False,), False),
+                                   ("hidden_dropout", (0.0, 0), 0.0)):
+        fields.expect(name, allowed, default)
+    for name in ("apply_query_key_layer_scaling", "attention_softmax_in_fp32", "bias_dropout_fusion",
+                 "fp32_residual_connection", "classifier_dropout"):
+        fields.take(name)
+    heads = fields.take("num_attention_heads", required=True)
+    groups = fields.take("multi_query_group_num", 1) if fields.take("multi_query_attention", False) else heads
+    return "glm", {
+        "vocab_size": fields.take("padded_vocab_size", required=True),
+        "hidden_size": fields.take("hidden_size", required=True),
+        "intermediate_size": fields.take("ffn_hidden_size", required=True),
+        "num_hidden_layers": fields.take("num_layers", required=True),
+        "num_attention_heads": heads, "num_key_value_heads": groups,
+        "head_dim": fields.take("kv_channels", required=True),
+        "max_position_embeddings": fields.take("seq_length", 2048),
+        "rms_norm_eps": fields.take("layernorm_epsilon", 1e-5),
+        "attention_dropout": fields.take("attention_dropout", 0.0) or 0.0,
+        "attention_bias": fields.take("add_qkv_bias", False),
+        "tie_word_embeddings": fields.take("tie_word_embeddings", False),
+        "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5,
+                            "rope_theta": 10000.0 * float(fields.take("rope_ratio", 1))},
+    }
+
+
+# The keys of a DeciLM block config's parts, and the values under which a layer is a plain Llama layer part.
+DECI_ATTENTION = {"no_op": (False, True), "n_heads_in_group": None, "replace_with_linear": (False,),
+                  "sparsify": (None,), "num_sink_tokens": (None,), "use_prefill_window_in_sink_attention": (False,),
+                  "unshifted_sink": (False,), "window_length": (None,)}
+DECI_FFN = {"no_op": (False, True), "ffn_mult": None, "replace_with_linear": (False,), "sparsify": (None,)}
+
+
+def _deci_block(fields: PublishedFields, index: int, block: dict) -> dict:
+    """One entry of `block_configs`, checked: linear replacements, sparsity and sink/window attention are not
+    implemented and stop the load naming the entry."""
+    for part, known in (("attention", DECI_ATTENTION), ("ffn", DECI_FFN)):
+        for key, value in block.get(part, {}).items():
+            allowed = known.get(key, ())
+            if key not in known or (allowed is not None and value not in allowed):
+                fields.expect(f"block_configs[{index}].{part}.{key}", (), value)
+    return block
+
+
+def decilm(fields: PublishedFields) -> tuple[str, dict]:
+    """DeciLM / Nemotron-NAS: Llama with per-layer `block_configs` (automodel/models/families/decilm.py);
+    `rope_scaling` may be Llama 3's."""
+    fields.expect("attention_bias", (False,), False)
+    fields.expect("mlp_bias", (False,), False)
+    fields.take("intermediate_size")  # null in the published configs: each layer's width comes from ffn_mult
+    fields.take("num_key_value_heads")  # likewise from n_heads_in_group
+    native = {name: fields.take(name, required=True) for name in SIZES if name != "intermediate_size"}
+    native["rms_norm_eps"] = fields.take("rms_norm_eps", 1e-5)
+    native["tie_word_embeddings"] = fields.take("tie_word_embeddings", False)
+    fields.expect("hidden_act", ("silu",), "silu")
+    fields.expect("attention_dropout", (0.0, 0, None), 0.0)
+    blocks = fields.take("block_configs", required=True)
+    if len(blocks) != native["num_hidden_layers"]:
+        fields.expect("block_configs", ())
+    blocks = [_deci_block(fields, i, block) for i, block in enumerate(blocks)]
+    rope = {"rope_type": "default", "rope_theta": float(fields.take("rope_theta", 10000.0))}
+    scaling = fields.take("rope_scaling")
+    if scaling is not None:
+        if scaling.get("rope_type") != "llama3":
+            fields.expect("rope_scaling", (None,))
+        rope.update(scaling)
+    return "llama", {**native, "rope_parameters": rope, "attention_bias": False, "mlp_bias": False,
+                     "block_configs": blocks, "intermediate_size": 0,
+                     "num_key_value_heads": native["num_attention_heads"]}

@@ -1,0 +1,167 @@
+"""Tiny checkpoints of remote-code families, written in their PUBLISHED layout without transformers or automodel.
+
+config.json carries what the family's published checkpoints carry (its `architectures`, `model_type`, `auto_map`
+pointing at the Hub's modeling files, its own field names), and model.safetensors its own weight names and shapes,
+derived here from those fields the way the family's modeling code sizes its modules (model cards and public
+inference engines describe them; see docs/supported_models.md). Weights are random, norms near one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from automodel.models.registry import Architecture
+from tests.models.tiny import shared_tokenizer
+
+AUTO_MAP = {
+    "aquila": ("configuration_aquila.AquilaConfig", "modeling_aquila.AquilaForCausalLM"),
+    "chatglm": ("configuration_chatglm.ChatGLMConfig", "modeling_chatglm.ChatGLMForConditionalGeneration"),
+    "baichuan": ("configuration_baichuan.BaiChuanConfig", "modeling_baichuan.BaiChuanForCausalLM"),
+    "deepseek": ("configuration_deepseek.DeepseekConfig", "modeling_deepseek.DeepseekForCausalLM"),
+    "nemotron-nas": ("configuration_decilm.DeciLMConfig", "modeling_decilm.DeciLMForCausalLM"),
+    "internlm": ("configuration_internlm.InternLMConfig", "modeling_internlm.InternLMForCausalLM"),
+    "internlm2": ("configuration_internlm2.InternLM2Config", "modeling_internlm2.InternLM2ForCausalLM"),
+    "minicpm": ("configuration_minicpm.MiniCPMConfig", "modeling_minicpm.MiniCPMForCausalLM"),
+    "orion": ("configuration_orion.OrionConfig", "modeling_orion.OrionForCausalLM"),
+}
+# Families whose norms are LayerNorm with a bias (Orion) and whose q/k/v/o carry a bias (InternLM `bias`).
+LAYER_NORM = {"orion"}
+
+
+def published_config(row: Architecture, tokenizer) -> dict:
+    config_class, model_class = AUTO_MAP[row.published_type]
+    auto_map = {"AutoConfig": config_class, "AutoModelForCausalLM": model_class}
+    if row.published_type == "chatglm":  # its own field names throughout; no bos, no hidden_act
+        return {"architectures": [row.test_id], "model_type": "chatglm",
+                "auto_map": {**auto_map, "AutoModel": model_class}, **row.tiny, "padded_vocab_size": len(tokenizer),
+                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                "torch_dtype": "float32", "use_cache": True}
+    config = {"architectures": [row.test_id], "model_type": row.published_type, "auto_map": auto_map,
+              **row.tiny_config(), "vocab_size": len(tokenizer), "hidden_act": "silu", "rms_norm_eps": 1e-6,
+              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "pad_token_id": tokenizer.pad_token_id, "torch_dtype": "float32", "use_cache": True}
+    return {name: value for name, value in config.items() if value is not None}  # None: a field it does not have
+
+
+def llama_layout(config: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Llama-style names: model.embed_tokens, model.layers.N.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj,
+    input_layernorm, post_attention_layernorm}, model.norm, lm_head (absent when tied)."""
+    hidden, inter, vocab = config["hidden_size"], config.get("intermediate_size"), config["vocab_size"]
+    head_dim = hidden // config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim  # DeciLM: per layer below
+    biased = config.get("bias", False) if config["model_type"] == "internlm" else False
+    layer_norm = config["model_type"] in LAYER_NORM
+
+    def rand(*shape, std=0.05):
+        return torch.randn(*shape, generator=generator) * std
+
+    def norm(prefix):
+        out = {f"{prefix}.weight": 1 + rand(hidden, std=0.1)}
+        if layer_norm:
+            out[f"{prefix}.bias"] = rand(hidden, std=0.1)
+        return out
+
+    weights = {"model.embed_tokens.weight": rand(vocab, hidden, std=0.5), **norm("model.norm")}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        attention, mlp = True, True
+        if "block_configs" in config:  # DeciLM: each layer its own KV heads and MLP width, or none at all
+            block = config["block_configs"][i]
+            attention, mlp = not block["attention"]["no_op"], not block["ffn"]["no_op"]
+            if attention:
+                kv = config["num_attention_heads"] // block["attention"]["n_heads_in_group"] * head_dim
+            if mlp:  # 2/3 of ffn_mult x hidden, rounded up to a multiple of 256 (DeciLM's model card)
+                inter = math.ceil(int(2 * block["ffn"]["ffn_mult"] * hidden / 3) / 256) * 256
+        shapes = {}
+        if attention:
+            shapes.update({"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden),
+                           "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, hidden)})
+            weights.update(norm(f"{p}.input_layernorm"))
+        if mlp:
+            shapes.update({"mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+                           "mlp.down_proj": (hidden, inter)})
+            weights.update(norm(f"{p}.post_attention_layernorm"))
+        for name, shape in shapes.items():
+            weights[f"{p}.{name}.weight"] = rand(*shape, std=0.1)
+            if biased and name.startswith("self_attn"):
+                weights[f"{p}.{name}.bias"] = rand(shape[0], std=0.1)
+    if not config.get("tie_word_embeddings", False):
+        weights["lm_head.weight"] = rand(vocab, hidden, std=0.1)
+    if config["model_type"] == "baichuan":  # Baichuan-7B: one W_pack projection, rows q then k then v
+        for i in range(config["num_hidden_layers"]):
+            p = f"model.layers.{i}.self_attn"
+            weights[f"{p}.W_pack.weight"] = torch.cat([weights.pop(f"{p}.{n}_proj.weight") for n in "qkv"])
+    if config["model_type"] == "internlm2":
+        weights = internlm2_names(weights, config, rand)
+    return weights
+
+
+# InternLM2's own names for the Llama tensors (its modeling code and public inference engines use these).
+INTERNLM2_NAMES = {"model.embed_tokens.": "model.tok_embeddings.", "lm_head.": "output.",
+                   ".self_attn.o_proj.": ".attention.wo.", ".mlp.gate_proj.": ".feed_forward.w1.",
+                   ".mlp.up_proj.": ".feed_forward.w3.", ".mlp.down_proj.": ".feed_forward.w2.",
+                   ".input_layernorm.": ".attention_norm.", ".post_attention_layernorm.": ".ffn_norm."}
+
+
+def internlm2_names(weights: dict, config: dict, rand) -> dict[str, torch.Tensor]:
+    """InternLM2 layout: renamed blocks and one `attention.wqkv` per layer of (heads + 2 x kv_heads) x head_dim
+    rows (drawn at random here: its row order is what the reference forward of test_families.py reads)."""
+    out = {}
+    for name, tensor in weights.items():
+        if any(f"self_attn.{n}_proj" in name for n in "qkv"):
+            continue
+        for old, new in INTERNLM2_NAMES.items():
+            name = name.replace(old, new)
+        out[name] = tensor
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    rows = (config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * head_dim
+    for i in range(config["num_hidden_layers"]):
+        out[f"model.layers.{i}.attention.wqkv.weight"] = rand(rows, config["hidden_size"], std=0.1)
+    return out
+
+
+def chatglm_layout(config: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """ChatGLM2/3 names: transformer.embedding.word_embeddings, transformer.rotary_pos_emb.inv_freq (the rotary
+    frequencies of the first half of each head), transformer.encoder.layers.N.{input_layernorm,
+    self_attention.query_key_value (weight and bias: heads + 2 x groups head blocks), self_attention.dense,
+    post_attention_layernorm, mlp.dense_h_to_4h (2 x ffn rows), mlp.dense_4h_to_h}, transformer.encoder.final_layernorm,
+    transformer.output_layer."""
+    hidden, ffn, d = config["hidden_size"], config["ffn_hidden_size"], config["kv_channels"]
+    vocab = config["padded_vocab_size"]
+    qkv = (config["num_attention_heads"] + 2 * config["multi_query_group_num"]) * d
+
+    def rand(*shape, std=0.1):
+        return torch.randn(*shape, generator=generator) * std
+
+    rotary = d // 2
+    base = 10000 * config["rope_ratio"]
+    weights = {"transformer.embedding.word_embeddings.weight": rand(vocab, hidden, std=0.5),
+               "transformer.rotary_pos_emb.inv_freq": 1.0 / base ** (torch.arange(0, rotary, 2).float() / rotary),
+               "transformer.encoder.final_layernorm.weight": 1 + rand(hidden),
+               "transformer.output_layer.weight": rand(vocab, hidden)}
+    for i in range(config["num_layers"]):
+        p = f"transformer.encoder.layers.{i}"
+        weights.update({f"{p}.input_layernorm.weight": 1 + rand(hidden),
+                        f"{p}.self_attention.query_key_value.weight": rand(qkv, hidden),
+                        f"{p}.self_attention.query_key_value.bias": rand(qkv),
+                        f"{p}.self_attention.dense.weight": rand(hidden, config["num_attention_heads"] * d),
+                        f"{p}.post_attention_layernorm.weight": 1 + rand(hidden),
+                        f"{p}.mlp.dense_h_to_4h.weight": rand(2 * ffn, hidden),
+                        f"{p}.mlp.dense_4h_to_h.weight": rand(hidden, ffn)})
+    return weights
+
+
+def write_published_checkpoint(row: Architecture, folder: Path, seed: int = 0) -> Path:
+    tokenizer = shared_tokenizer(name=row.tokenizer)
+    config = published_config(row, tokenizer)
+    layout = chatglm_layout if row.published_type == "chatglm" else llama_layout
+    weights = layout(config, torch.Generator().manual_seed(seed))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
