@@ -184,6 +184,27 @@ def check_saved_model(step_dir: Path) -> str:
     return f"equal ({len(files)} files)"
 
 
+RUNTIME = 1.5e9  # python, torch, transformers and the data in each process, measured at --scale 0.1
+
+
+def expected_need(case: str, path: str, params: int) -> float:
+    """Bytes two processes are expected to need together: a whole-model load peaks at ~1.5x the fp32 size in
+    each process (transformers' load), then FSDP2 keeps each process's half of weights (+ gradients and AdamW
+    states for full SFT)."""
+    fp32 = 4 * params
+    per_rank = (fp32 / 2 if case == "lora3b" else 16 * params / 2) + RUNTIME
+    if path == "full":
+        per_rank = max(per_rank, 1.5 * fp32 + RUNTIME)
+    return 2 * per_rank
+
+
+def available() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return float("inf")
+
+
 def gb(value: float) -> str:
     return f"{value / 1e9:.2f}"
 
@@ -204,6 +225,11 @@ def main() -> None:
             params = write_checkpoint(case, args.scale, workdir / "hub")
             fp32, full_sft = 4 * params, 16 * params
             for path in args.paths:
+                need, free = expected_need(case, path, params), available()
+                if need > free:  # the machine may be shared: never push it into the OOM killer
+                    rows.append({"case": case, "path": path, "params": params, "fp32": fp32,
+                                 "error": f"skipped: needs ~{gb(need)} GB, {gb(free)} GB available"})
+                    continue
                 result = train(run_config(case, workdir / "hub", workdir / path, args.steps, path), workdir / path)
                 row = {"case": case, "path": path, "params": params, "fp32": fp32, **result}
                 if "error" not in result and case == "sft1b":
