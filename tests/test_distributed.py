@@ -7,6 +7,7 @@ folder, loaded by peft / transformers, gives logits within 1e-4 of the reference
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -68,13 +69,18 @@ def test_fsdp2_lora_two_processes_through_the_launcher(tmp_path, reference, stor
 
 
 def test_fsdp2_sft_started_by_torchrun_directly(tmp_path, reference, stories_tokenizer):
-    """Under torchrun the launcher flag is ignored: still 2 workers, not 2 x 2."""
-    config = write_config(tmp_path, dist_config(tmp_path, peft=False, strategy="fsdp2"))
+    """Under torchrun the launcher flag is ignored: still 2 workers, not 2 x 2. The `model/` folder is written from
+    the shards tensor by tensor, here in the hub's sharded layout (4 files and an index)."""
+    cfg = dist_config(tmp_path, peft=False, strategy="fsdp2")
+    cfg["checkpoint"]["max_shard_size"] = "300KB"
+    config = write_config(tmp_path, cfg)
     out = run([*automodel_cmd(config, "--nproc-per-node", "2")[:1], "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", "2", "-m", "automodel", *automodel_cmd(config, "--nproc-per-node", "2")[3:]])
     assert "2 processes (torchrun, gloo backend): strategy fsdp2" in out.stdout
     assert FAST_LOSS_PATH in out.stdout
     assert "launching" not in out.stdout
+    index = json.loads((tmp_path / "ckpt" / "step_3" / "model" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 4
     assert_same_training(tmp_path / "ckpt", reference(False), stories_tokenizer)
 
 

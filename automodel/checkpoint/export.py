@@ -10,12 +10,15 @@ import os
 import shutil
 from pathlib import Path
 
+from automodel.checkpoint.hf_writer import write_hf_model
 from automodel.checkpoint.provenance import check_trusted
-from automodel.checkpoint.save import save_hf_model
+from automodel.checkpoint.save import CheckpointConfig
 from automodel.checkpoint.state import load_model_state
+from automodel.config import parse_section, target_policy
 from automodel.config.redact import read_run_config
 from automodel.data.tokenizer import build_tokenizer
 from automodel.errors import UserError
+from automodel.models.build import build_model
 from automodel.paths import check_output_folder
 
 logger = logging.getLogger("automodel")
@@ -23,8 +26,6 @@ logger = logging.getLogger("automodel")
 
 def export_step(step_dir: str | Path, output: str | Path | None = None, trust_pickled_state: bool = False,
                 allow_targets: tuple[str, ...] = ()) -> Path:
-    from automodel.training.recipe import FinetuneRecipe
-
     step_dir = Path(step_dir)
     if not (step_dir / "dcp").is_dir() or not (step_dir / "config.yaml").is_file():
         raise UserError(f"export: {step_dir} is not an automodel step folder (expected dcp/ and config.yaml)")
@@ -34,12 +35,15 @@ def export_step(step_dir: str | Path, output: str | Path | None = None, trust_pi
     if target.exists():
         raise UserError(f"export: {target} already exists; remove it or pass --output DIR")
     cfg = read_run_config(step_dir / "config.yaml")
-    recipe = FinetuneRecipe(cfg, allow_targets)
-    tokenizer, model = build_tokenizer(cfg, recipe.targets), recipe.build_model()
+    policy = target_policy(cfg, allow_targets)
+    policy.check_config(cfg)
+    # One process, no process group: the model as the run built it, then its trained state (DCP reshards).
+    tokenizer, model = build_tokenizer(cfg, policy), build_model(cfg, policy=policy)
     load_model_state(step_dir, model)
     partial = target.with_name(f".{target.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    save_hf_model(model, tokenizer, partial)
+    max_shard_size = parse_section(CheckpointConfig, cfg.get("checkpoint"), "checkpoint").max_shard_size
+    write_hf_model(model, tokenizer, partial, max_shard_size=max_shard_size)
     os.replace(partial, target)  # the folder appears complete or not at all
     logger.info("exported %s to %s", step_dir, target)
     return target

@@ -32,6 +32,8 @@ class CheckpointConfig:
 
     `restore_from`: LATEST (resume from the newest complete checkpoint if there is one), a step folder, or null.
     `save_consolidated`: when to write the HF-loadable `model/` folder next to the training state.
+    `max_shard_size`: the largest safetensors file of `model/` (bytes or a size like 5GB); larger models are
+    written as `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`.
     """
 
     checkpoint_dir: str = "checkpoints"
@@ -41,8 +43,11 @@ class CheckpointConfig:
     save_consolidated: Literal["final", "every", "never"] = "final"
     # Resume from a step folder your runs did not write (its dcp/ state is unpickled): checkpoint/provenance.py.
     trust_pickled_state: bool = False
+    max_shard_size: int | str = "50GB"  # of `model/`'s safetensors files; transformers' save_pretrained default
 
     def __post_init__(self):
+        from huggingface_hub import split_state_dict_into_shards_factory
+
         existing = Path(self.checkpoint_dir)
         while not existing.exists() and existing != existing.parent:  # the part of the path already there
             existing = existing.parent
@@ -50,6 +55,14 @@ class CheckpointConfig:
             what = "" if existing == Path(self.checkpoint_dir) else f": {existing}"
             raise ValueError(f"checkpoint_dir {self.checkpoint_dir}{what} is a file; expected a folder (it is "
                              "created when missing)")
+        if isinstance(self.max_shard_size, bool) or isinstance(self.max_shard_size, int) and self.max_shard_size < 1:
+            raise ValueError(f"max_shard_size: expected a positive number of bytes, got {self.max_shard_size!r}")
+        try:  # the planner the writer uses parses the size: an empty plan checks it
+            split_state_dict_into_shards_factory({}, get_storage_size=len, filename_pattern="model{suffix}",
+                                                 max_shard_size=self.max_shard_size)
+        except ValueError as err:
+            raise ValueError(f"max_shard_size: expected a size such as 5GB or 500MB, got "
+                             f"{self.max_shard_size!r}") from err
         if self.keep_last_n is not None and self.keep_last_n < 1:
             raise ValueError(f"keep_last_n must be >= 1 or null, got {self.keep_last_n}")
 
@@ -166,18 +179,6 @@ def latest_step_dir(checkpoint_dir: str | os.PathLike) -> Path | None:
         return None
     path = Path(checkpoint_dir) / check_step_name(marker.read_text(), marker)
     return path if path.is_dir() else None
-
-
-def save_hf_model(model, tokenizer, folder: Path, state_dict: dict | None = None) -> None:
-    """What HF loads: `PeftModel.save_pretrained` writes only the adapter, a plain model writes all weights.
-
-    `state_dict` replaces the model's own tensors (gathered full copies of a sharded model)."""
-    from automodel.models import families  # imports torch: only when saving
-
-    folder.mkdir(parents=True, exist_ok=True)
-    # model.save_pretrained(safetensors), and a remote-code family's published config.json back (models/families)
-    families.save_pretrained(model, folder, state_dict=state_dict)
-    tokenizer.save_pretrained(folder)
 
 
 def write_config(cfg: dict, path: Path) -> None:

@@ -89,6 +89,11 @@ class Parallelism:
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         """Activation checkpointing, then tensor parallel over `tp`, then FSDP2 or DDP over `dp`."""
+        return self.replicate(self.shard(model))
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """Activation checkpointing, tensor parallel over `tp` and FSDP2 over `dp`: the steps that also work on a
+        model whose parameters are still on the meta device (each process then allocates only its shards)."""
         from automodel.distributed.activation_checkpointing import enable_activation_checkpointing
 
         if self.cfg.activation_checkpointing:
@@ -101,6 +106,10 @@ class Parallelism:
             from automodel.distributed.fsdp2 import apply_fsdp2
 
             return apply_fsdp2(model, self.mesh["dp"], self.device, self.cfg.mixed_precision, self.cfg.cpu_offload)
+        return model
+
+    def replicate(self, model: nn.Module) -> nn.Module:
+        """DDP over `dp` when that is the strategy; it broadcasts rank 0's parameters, so they must be real."""
         if self.strategy == "ddp":
             from automodel.distributed.ddp import apply_ddp
 

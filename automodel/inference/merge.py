@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
+from automodel.checkpoint.hf_writer import write_hf_model
 from automodel.errors import UserError
 from automodel.inference.generate import load_model_and_tokenizer
 from automodel.inference.sources import ModelSource
-from automodel.models import families
 from automodel.paths import check_output_folder
 
 logger = logging.getLogger("automodel")
@@ -51,7 +51,6 @@ def merge_lora(source: ModelSource, output_dir: str | Path, dtype: str | None = 
     model, tokenizer = load_model_and_tokenizer(source, dtype, trust_remote_code, device="cpu")
     merged = model.merge_and_unload()
     output_dir.mkdir(parents=True, exist_ok=True)
-    families.save_pretrained(merged, output_dir)  # a remote-code family keeps its published layout
-    tokenizer.save_pretrained(output_dir)
+    write_hf_model(merged, tokenizer, output_dir)
     logger.info("merged %s into %s (%s)", source.describe(), output_dir, dtype)
     return output_dir

@@ -56,6 +56,34 @@ def _hub_error(name: str, key: str, err: Exception) -> UserError:
         "point it at a local folder that holds config.json and the weights instead")
 
 
+MODEL_KEY = "model.pretrained_model_name_or_path"
+# What the meta-device build reads from a hub repository: config, safetensors weights and their index.
+HUB_WEIGHT_PATTERNS = ["*.json", "*.safetensors"]
+
+
+def model_error(source: str, err: Exception, key: str = MODEL_KEY) -> UserError:
+    """One line for transformers' failure to load `source`: a local folder's problem or an unreachable hub."""
+    if isinstance(err, OSError) and not Path(source).exists():
+        return _hub_error(source, key, err)
+    if isinstance(err, OSError):
+        return UserError(f"{key}: cannot load {source}: {str(err).splitlines()[0]}")
+    return UserError(f"{key}: {source}: {str(err).splitlines()[0]}")  # unknown architecture, remote code needed
+
+
+def resolve_model_folder(name: str, revision: str | None = None) -> Path:
+    """The local folder of a model: the folder itself, or the hub repository's config and safetensors files
+    fetched into the Hugging Face cache (weights in other formats are left to transformers' own loading)."""
+    source = check_source(name, MODEL_KEY, required_file="config.json")
+    if Path(source).exists():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, revision=revision, allow_patterns=HUB_WEIGHT_PATTERNS))
+    except Exception as err:  # huggingface_hub raises several types (offline, gated, not found): all one line
+        raise _hub_error(source, MODEL_KEY, err) from err
+
+
 def load_causal_lm(pretrained_model_name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None,
                    trust_remote_code: bool = False, revision: str | None = None, **config_overrides):
     """`AutoModelForCausalLM.from_pretrained` with the recipe's defaults and one-line errors.
@@ -71,8 +99,7 @@ def load_causal_lm(pretrained_model_name_or_path: str, dtype: str = "float32", a
 
     from automodel.models import families
 
-    key = "model.pretrained_model_name_or_path"
-    source = check_source(pretrained_model_name_or_path, key, required_file="config.json")
+    source = check_source(pretrained_model_name_or_path, MODEL_KEY, required_file="config.json")
     if attn_implementation == attention.AUTOMODEL_SDPA:
         attention.register()
     try:
@@ -80,14 +107,10 @@ def load_causal_lm(pretrained_model_name_or_path: str, dtype: str = "float32", a
         model = families.from_pretrained(
             source, dict(dtype=parse_dtype(dtype), attn_implementation=attn_implementation,
                          trust_remote_code=trust_remote_code, revision=revision), config_overrides)
-    except OSError as err:
-        if Path(source).exists():
-            raise UserError(f"{key}: cannot load {source}: {str(err).splitlines()[0]}") from err
-        raise _hub_error(source, key, err) from err
     except SafetensorError as err:  # a truncated or damaged weights file
-        raise UserError(f"{key}: {source}: damaged safetensors weights: {str(err).splitlines()[0]}") from err
-    except ValueError as err:  # unknown architecture / model_type, or one that needs remote code
-        raise UserError(f"{key}: {source}: {str(err).splitlines()[0]}") from err
+        raise UserError(f"{MODEL_KEY}: {source}: damaged safetensors weights: {str(err).splitlines()[0]}") from err
+    except (OSError, ValueError) as err:  # missing files, unknown architecture, remote code needed
+        raise model_error(source, err) from err
     if attn_implementation is None and attention.use_automodel_sdpa(model):
         logger.debug("attention: %s (transformers chose sdpa)", attention.AUTOMODEL_SDPA)
     return model

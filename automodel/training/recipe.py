@@ -27,6 +27,7 @@ from automodel.checkpoint import (
     check_compatible,
     find_restore_dir,
     load_training_state,
+    save_checkpoint,
     write_config,
 )
 from automodel.checkpoint.provenance import check_trusted
@@ -36,7 +37,6 @@ from automodel.data.length_grouped import GROUP_BY_LENGTH_DEFAULT, build_train_s
 from automodel.data.packing import build_collator
 from automodel.data.streaming import DEFAULT_SHUFFLE_BUFFER, RankShare, is_streaming
 from automodel.data.tokenizer import build_tokenizer
-from automodel.distributed.checkpoint import save_checkpoint
 from automodel.distributed.grad_norm import clip_grad_norm
 from automodel.distributed.parallel import Parallelism, mask_rows_after
 from automodel.errors import TrainingStopped, UserError
@@ -50,6 +50,7 @@ from automodel.logging import (
     throughput_meter,
 )
 from automodel.models.attention import OUTPUT_ROWS
+from automodel.models.build import build_model
 from automodel.models.output_rows import last_layer_rows, output_rows_supported
 from automodel.models.quirks import RouterAuxLoss
 from automodel.peft import LoraSettings
@@ -205,13 +206,9 @@ class FinetuneRecipe:
         return state
 
     def build_model(self):
-        """The configured model: built from `model`, LoRA applied when `peft` is set, spread over the processes."""
-        model = build(with_default_target(self.cfg, "model"), "model", policy=self.targets)
-        if not isinstance(model, torch.nn.Module):
-            raise UserError(f"model._target_ returned {type(model).__name__}, expected a torch.nn.Module")
-        if self.peft_cfg is not None:
-            model = self.peft_cfg.apply(model)
-        return self.parallel.parallelize(model.to(self.device))
+        """The configured model: built from `model`, LoRA applied when `peft` is set, spread over the processes
+        (models/build.py: on the meta device, each process then loading only its shard)."""
+        return build_model(self.cfg, self.parallel, policy=self.targets)
 
     def _build_dataset(self, section: str):
         node = {k: v for k, v in self.cfg[section].items() if k != "tokenizer"}
@@ -462,4 +459,5 @@ class FinetuneRecipe:
             self.ckpt_cfg.save_consolidated == "final" and step == self.max_steps)
         return save_checkpoint(self.parallel, self.model, self.tokenizer, self.cfg_at_rest, self.out_dir, step,
                                optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, state=self.state,
-                               consolidated=consolidated, keep_last_n=self.ckpt_cfg.keep_last_n)
+                               consolidated=consolidated, keep_last_n=self.ckpt_cfg.keep_last_n,
+                               max_shard_size=self.ckpt_cfg.max_shard_size)

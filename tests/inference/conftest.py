@@ -31,7 +31,7 @@ def sft_run(tmp_path_factory):
 @pytest.fixture
 def fresh_adapter(tmp_path):
     """A LoRA adapter folder on stories260K with non-zero B (so it changes the outputs), saved as training saves."""
-    from automodel.checkpoint import save_hf_model
+    from automodel.checkpoint import write_hf_model
     from automodel.models import load_causal_lm, load_tokenizer
     from automodel.peft import LoraSettings
 
@@ -42,5 +42,5 @@ def fresh_adapter(tmp_path):
             if "lora_B" in name:
                 param.normal_(std=0.5)
     folder = tmp_path / "adapter"
-    save_hf_model(model, load_tokenizer(str(STORIES)), folder)
+    write_hf_model(model, load_tokenizer(str(STORIES)), folder)
     return folder

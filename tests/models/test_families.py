@@ -3,7 +3,7 @@
 For each family row, a tiny checkpoint in the published layout (tests/models/published.py) is loaded through
 `load_causal_lm` with trust_remote_code off (the folder holds no modeling code, so remote code could not run), and:
 - our logits equal a reference forward written below from the family's published description (float64);
-- `save_hf_model` writes every tensor back bit for bit under its published name, and config.json unchanged;
+- `write_hf_model` writes every tensor back bit for bit under its published name, and config.json unchanged;
 - a config field we do not translate stops the load with one line naming it (UserError: exit 2 in the CLI).
 
 Where the reference's description comes from:
@@ -33,7 +33,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from automodel.checkpoint import save_hf_model
+from automodel.checkpoint import write_hf_model
 from automodel.errors import UserError
 from automodel.models import load_causal_lm
 from automodel.models.families import FAMILIES
@@ -190,7 +190,7 @@ def test_published_checkpoint_matches_reference_and_saves_back_bit_for_bit(row, 
     assert ours.std() > 0.1, "degenerate logits would compare equal for the wrong reason"
     torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
 
-    save_hf_model(model, shared_tokenizer(name=row.tokenizer), tmp_path / "saved")
+    write_hf_model(model, shared_tokenizer(name=row.tokenizer), tmp_path / "saved")
     saved = load_file(tmp_path / "saved" / "model.safetensors")
     for name in FAMILIES[row.published_type].derived_buffers:  # recomputed from the config, not written
         assert torch.equal(weights.pop(name), model.model.rotary_emb.inv_freq.float())
@@ -250,7 +250,7 @@ def test_merge_lora_writes_the_published_layout(tmp_path):
     torch.manual_seed(0)
     adapted = get_peft_model(load_causal_lm(str(source)), LoraConfig(
         r=4, target_modules=["q_proj", "k_proj", "down_proj"], init_lora_weights=False))
-    save_hf_model(adapted, tokenizer, tmp_path / "adapter")
+    write_hf_model(adapted, tokenizer, tmp_path / "adapter")
 
     merged = merge_lora(ModelSource(base=str(source), adapter=tmp_path / "adapter"), tmp_path / "merged")
     published = load_file(source / "model.safetensors")

@@ -5,7 +5,7 @@ Two hooks, nothing else in automodel knows about these families:
 - `from_pretrained` (called by automodel.models.loader.load_causal_lm) reads config.json; for a published
   `model_type` listed in FAMILIES it builds the native config from the family's fields (a field it does not
   translate is a one-line error) and loads the weights into the native class;
-- `save_pretrained` (called by automodel.checkpoint.save.save_hf_model) saves, then rewrites config.json back to
+- `save_pretrained` (called by automodel.checkpoint.hf_writer.write_hf_model) saves, then rewrites config.json back to
   the published one, so the family's own code, vLLM and downstream tools read the output.
 Weight names that differ (Baichuan's fused W_pack, InternLM2's names and grouped wqkv, ChatGLM's layout) convert
 through transformers' checkpoint conversion mapping (automodel/models/families/conversions.py), which
@@ -78,6 +78,29 @@ def native_config(published: dict[str, Any], source: str):
     return AutoConfig.for_model(native_type, **native, **specials)
 
 
+def meta_config(folder: Path, trust_remote_code: bool, config_overrides: dict[str, Any]):
+    """For the meta-device build (automodel/models/build.py): `(native config, published config.json)` of a
+    config-only family, `(None, None)` for a checkpoint of no family here, and `None` for a family whose weights
+    transformers converts on load (the whole-model load reads those)."""
+    from transformers import PretrainedConfig
+
+    published, _ = PretrainedConfig.get_config_dict(str(folder))
+    family = FAMILIES.get(published.get("model_type"))
+    if family is None or trust_remote_code:
+        return None, None
+    if family.converted_class is not None:
+        return None
+    config = native_config(published, str(folder))
+    for name, value in config_overrides.items():
+        setattr(config, name, value)
+    return config, published
+
+
+def mark_published(model, published: dict[str, Any]) -> None:
+    """Remember the published config.json, which `save_pretrained` writes back."""
+    setattr(model, PUBLISHED_CONFIG, published)
+
+
 def from_pretrained(source: str, load_kwargs: dict[str, Any], config_overrides: dict[str, Any]):
     """`AutoModelForCausalLM.from_pretrained(source, **load_kwargs, **config_overrides)`, except that a checkpoint
     of a family in FAMILIES loads into its native class (unless the user trusts its remote code)."""
@@ -92,20 +115,20 @@ def from_pretrained(source: str, load_kwargs: dict[str, Any], config_overrides: 
         setattr(config, name, value)
     kwargs = {k: v for k, v in load_kwargs.items() if k != "trust_remote_code"}
     model = model_class(family).from_pretrained(source, config=config, **kwargs)
-    setattr(model, PUBLISHED_CONFIG, published)
+    mark_published(model, published)
     logger.info("%s: %s checkpoint read into %s (no remote code)", source, family.model_type,
                 type(model).__name__)
     return model
 
 
-def save_pretrained(model, folder: Path, state_dict: dict | None = None) -> None:
+def save_pretrained(model, folder: Path, state_dict: dict | None = None, **save_options) -> None:
     """`model.save_pretrained` in safetensors, then the published config.json back (restore_published_layout).
 
     PEFT decides whether the vocabulary was resized by reading the base folder's config.json with the native config
     class; a family that names the vocabulary otherwise (ChatGLM's `padded_vocab_size`) would read as resized and
     write the whole embedding into the adapter. automodel never resizes it, so those adapters say so."""
     published = getattr(model, PUBLISHED_CONFIG, None)
-    options = {}
+    options = dict(save_options)
     if published and hasattr(model, "peft_config") and FAMILIES[published["model_type"]].vocab_field != "vocab_size":
         options["save_embedding_layers"] = False
     model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict, **options)

@@ -1,0 +1,170 @@
+"""The Hugging Face `model/` folder, written without a full copy of the model in any process.
+
+Full models go tensor by tensor: the shard plan comes from huggingface_hub (`split_state_dict_into_shards_factory`,
+what transformers' `save_pretrained` uses, with the same file names and index), each sharded parameter is gathered
+by all ranks (`DTensor.full_tensor`, a collective) and rank 0 appends its bytes to the shard file at once, so the
+most any process holds is one full tensor. The files are safetensors written by this module rather than by
+`safetensors.torch.save_file`, which takes a whole dict in memory (one shard: with transformers' default shard size
+the whole model); the format is its documented header (names, dtypes, shapes, byte offsets) followed by the raw
+little-endian bytes, and the header is known before any tensor is gathered.
+
+A LoRA run writes its adapter through peft's `save_pretrained` (adapters are small). Architectures whose weights
+transformers renames or fuses on load (its conversion mapping, which also holds the conversions of the remote-code
+families in automodel/models/families) are written by `save_pretrained` from a gathered full copy, since only
+transformers knows how to turn the names back. A remote-code family's folder gets its published config.json back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from automodel.checkpoint.save import CheckpointConfig
+from automodel.models import families
+from automodel.peft import is_peft_model
+
+logger = logging.getLogger("automodel")
+
+DEFAULT_MAX_SHARD_SIZE = CheckpointConfig.max_shard_size
+SAFE_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+               torch.bool: "BOOL"}
+SAFE_INDEX = "model.safetensors.index.json"
+
+
+def saved_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a save holds: each parameter once (a tied output head is the input embedding) and the persistent
+    buffers, by their transformers names."""
+    tensors = dict(model.named_parameters())
+    persistent = set(model.state_dict(keep_vars=True))
+    tensors.update({name: b for name, b in model.named_buffers() if name in persistent})
+    return tensors
+
+
+def shard_plan(tensors: dict[str, torch.Tensor], max_shard_size: int | str):
+    """huggingface_hub's split: file names `model-0000k-of-0000n.safetensors` (or `model.safetensors`)."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    return split_state_dict_into_shards_factory(
+        tensors, get_storage_size=lambda t: t.numel() * t.element_size(), max_shard_size=max_shard_size,
+        filename_pattern="model{suffix}.safetensors")
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (a collective for a DTensor), on the CPU."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu()
+
+
+def safetensors_header(names: list[str], tensors: dict[str, torch.Tensor]) -> bytes:
+    """8-byte length + JSON (padded with spaces to 8 bytes, as safetensors pads it)."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name in names:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFE_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    body = json.dumps(header, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
+def write_full_model(model: nn.Module, folder: Path, is_main: bool, max_shard_size: int | str) -> None:
+    """Every rank calls this (gathers are collectives); rank 0 writes the weights, index and config."""
+    tensors = saved_tensors(model)
+    plan = shard_plan(tensors, max_shard_size)
+    for filename, names in plan.filename_to_tensors.items():
+        handle = open(folder / filename, "wb") if is_main else None
+        try:
+            if handle:
+                handle.write(safetensors_header(names, tensors))
+            for name in names:
+                value = full_tensor(tensors[name])
+                if handle:
+                    handle.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                del value
+        finally:
+            if handle:
+                handle.close()
+    if is_main and plan.is_sharded:
+        total_parameters = sum(t.numel() for t in tensors.values())
+        index = {"metadata": {"total_parameters": total_parameters, **plan.metadata},
+                 "weight_map": plan.tensor_to_filename}
+        (folder / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if is_main:
+        write_model_config(model, folder)
+
+
+def write_model_config(model: nn.Module, folder: Path) -> None:
+    """config.json and generation_config.json as `save_pretrained` writes them."""
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    model.config.save_pretrained(folder)
+    if model.can_generate():
+        model.generation_config.save_pretrained(folder)
+
+
+def needs_transformers_save(model: nn.Module) -> bool:
+    """True for architectures whose saved names transformers converts back from the in-memory ones."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange
+
+    conversions = get_model_conversion_mapping(model, add_legacy=False)
+    return any(not isinstance(c, PrefixChange) for c in conversions)
+
+
+def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full copies of the trainable (adapter) parameters; peft's save_pretrained keeps the LoRA ones."""
+    return {name: full_tensor(p) for name, p in model.named_parameters() if p.requires_grad}
+
+
+def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rank 0 gets one full CPU copy of every tensor (the others nothing), shared names pointing at one tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for names in names_of.values():  # transformers' save_pretrained recognises tied weights by shared storage
+        present = [name for name in names if name in state_dict]
+        for alias in present[1:]:
+            state_dict[alias] = state_dict[present[0]]
+    return state_dict
+
+
+def write_hf_model(model: nn.Module, tokenizer, folder: Path, *, is_main: bool = True,
+                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
+    """Write what Hugging Face libraries load (`from_pretrained`) into `folder`; every rank calls this.
+
+    `model` is the transformers or peft model (not a DDP wrapper), sharded or not."""
+    from torch.distributed.tensor import DTensor
+
+    if is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    if is_peft_model(model):
+        state_dict = gather_adapter_state_dict(model) if sharded else None
+        if is_main:
+            families.save_pretrained(model, folder, state_dict=state_dict)
+    elif needs_transformers_save(model):
+        logger.info("model/: %s's weights are renamed by transformers on save: writing a gathered full copy",
+                    type(model).__name__)
+        state_dict = gather_full_state_dict(model) if sharded else None
+        if is_main:
+            families.save_pretrained(model, folder, state_dict=state_dict, max_shard_size=max_shard_size)
+    else:
+        write_full_model(model, folder, is_main, max_shard_size)
+        if is_main:  # a remote-code family's published config.json back (automodel/models/families)
+            families.restore_published_layout(model, folder)
+    if is_main:
+        tokenizer.save_pretrained(folder)

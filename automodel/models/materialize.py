@@ -1,0 +1,116 @@
+"""Filling a model that was built on the meta device: checkpoint weights, LoRA's initial values, buffers.
+
+Each process allocates only what it holds (`to_empty` after TP / FSDP2 have split the parameters) and reads only
+its slices: `torch.distributed.checkpoint.load` with its `HuggingFaceStorageReader` maps each rank's shard of
+every parameter to the matching slice of the safetensors files (read through safetensors' mmap), and copies it
+into the parameter, casting bf16/fp16 storage to the training dtype on the way. No process ever holds a full copy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PEFT_PREFIX = "base_model.model."
+
+
+def checkpoint_name(name: str, peft: bool) -> str:
+    """The safetensors name of a model state-dict entry: peft's wrapper adds a prefix and `.base_layer`."""
+    return name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".") if peft else name
+
+
+def loaded_names(model: nn.Module) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """{name: (shape, floating)} of what the checkpoint must provide: every parameter once (a tied output head is
+    the input embedding's parameter) and the persistent buffers."""
+    wanted = {name: (tuple(p.shape), p.is_floating_point()) for name, p in model.named_parameters()}
+    persistent = set(model.state_dict(keep_vars=True))
+    for name, buffer in model.named_buffers():
+        if name in persistent:
+            wanted[name] = (tuple(buffer.shape), buffer.is_floating_point())
+    return wanted
+
+
+def lora_initial_values(model: nn.Module, rng_before: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The values peft gave the adapters when it applied them to the meta model (peft moved them to the meta
+    device, so they are recomputed): the same draws from the same generator state, in the same order as peft's
+    `update_layer` made them (lora_A's and lora_B's nn.Linear init, then `reset_lora_parameters`), rounded
+    through the base layer's dtype as peft's move to it does. Full-size CPU tensors (rank x features: small)."""
+    from peft.tuners.lora import LoraLayer
+
+    rng_after = torch.get_rng_state()
+    torch.set_rng_state(rng_before)
+    values = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        base_dtype = layer.get_base_layer().weight.dtype
+        for adapter in layer.lora_A:
+            parts = {"lora_A": layer.lora_A[adapter], "lora_B": layer.lora_B[adapter]}
+            dtypes = {part: module.weight.dtype for part, module in parts.items()}
+            for module in parts.values():
+                module.to_empty(device="cpu").float().reset_parameters()
+            layer.reset_lora_parameters(adapter, True)
+            for part, module in parts.items():
+                for pname, param in module.named_parameters():
+                    values[f"{name}.{part}.{adapter}.{pname}"] = param.detach().to(base_dtype).to(dtypes[part])
+                module.to(device="meta", dtype=dtypes[part])
+    if not torch.equal(torch.get_rng_state(), rng_after):
+        raise RuntimeError("LoRA initial values could not be reproduced on the meta device (peft drew a different "
+                           "sequence of random numbers); this peft version or adapter type is not supported here")
+    return values
+
+
+def load_checkpoint_weights(model: nn.Module, folder, wanted: set[str], peft: bool) -> None:
+    """Every process reads its own slices of the checkpoint's tensors into its (possibly sharded) parameters."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    targets = {}
+    for name, tensor in get_model_state_dict(model).items():
+        key = checkpoint_name(name, peft)
+        if key in wanted and key not in targets:
+            targets[key] = tensor
+    missing = wanted - set(targets)
+    if missing:
+        raise RuntimeError(f"model parameters not found after wrapping: {sorted(missing)[:3]}")
+    dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=not dist.is_initialized())
+
+
+def fill_from_full(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Copy full tensors into the parameters of those names, each process keeping its own shard of them."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = dict(model.named_parameters())
+    for name, full in values.items():
+        param = params[name]
+        with torch.no_grad():
+            if isinstance(param, DTensor):
+                shard = distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
+                                          src_data_rank=None)
+                param.to_local().copy_(shard.to_local())
+            else:
+                param.copy_(full)
+
+
+def init_non_persistent_buffers(hf_model: nn.Module) -> None:
+    """Buffers a checkpoint does not store (rotary `inv_freq`, embedding scales) computed as transformers'
+    `from_pretrained` computes them: by the model's `_init_weights`, with every parameter marked as loaded so
+    that transformers' init functions leave the parameters alone."""
+    for module in hf_model.modules():
+        if not module._non_persistent_buffers_set:
+            continue
+        params = list(module.parameters(recurse=False))
+        for param in params:
+            param._is_hf_initialized = True
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            hf_model._init_weights(module)
+        for param in params:
+            del param._is_hf_initialized
+
+
+def check_materialized(model: nn.Module) -> None:
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"still on the meta device after loading: {left[:3]}")

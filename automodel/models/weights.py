@@ -1,0 +1,137 @@
+"""The weight files of a Hugging Face model folder, checked before anything is allocated or written.
+
+Two safetensors layouts are read: one `model.safetensors`, or shards `model-0000k-of-0000n.safetensors` listed by
+`model.safetensors.index.json`. Each file's header is read (the JSON the format puts before the data: names,
+dtypes, shapes) to catch a checkpoint that cannot load, with one line naming the file and tensor, before any
+process allocates memory: shards and index that disagree, a missing shard, a dtype no float parameter can be read
+from, a shape the model does not have. `.bin` pickles are accepted only when `torch.load(weights_only=True)` reads
+them (no code runs on load).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from automodel.errors import UserError
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# safetensors dtype names a floating-point parameter can be filled from (a copy casts to the training dtype).
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+HEADER_LIMIT = 100_000_000  # safetensors' own limit on the JSON header
+
+
+@dataclass
+class TensorEntry:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class SafetensorsCheckpoint:
+    """A model folder's safetensors files and every tensor in them (from their headers)."""
+
+    folder: Path
+    files: list[Path]
+    tensors: dict[str, TensorEntry] = field(default_factory=dict)
+
+
+def read_header(path: Path) -> dict:
+    """The JSON header of one safetensors file (8-byte little-endian length, then the JSON)."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > HEADER_LIMIT:
+                raise ValueError(f"header length {length} is not plausible")
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error) as err:
+        raise UserError(f"model weights: {path} is not a readable safetensors file ({err})") from err
+    header.pop("__metadata__", None)
+    return header
+
+
+def _shard_files(folder: Path) -> list[Path]:
+    """The files the index names, each checked to exist; a safetensors file it does not name is an error too."""
+    index_path = folder / SAFE_INDEX
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"model weights: {index_path} is not a safetensors index (expected a weight_map)") from err
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        if not (folder / name).is_file():
+            tensor = next(t for t, f in weight_map.items() if f == name)
+            raise UserError(f"model weights: {folder / name} is missing (the index puts {tensor} in it)")
+    unlisted = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in weight_map.values())
+    if unlisted:
+        raise UserError(f"model weights: {folder / unlisted[0]} is not listed in {index_path}: remove it or fix "
+                        "the index")
+    return [folder / name for name in files]
+
+
+def find_safetensors(folder: Path) -> SafetensorsCheckpoint | None:
+    """The folder's safetensors checkpoint with every tensor's file, dtype and shape; None when it has none."""
+    if (folder / SAFE_INDEX).is_file():
+        files = _shard_files(folder)
+        expected = json.loads((folder / SAFE_INDEX).read_text())["weight_map"]
+    elif (folder / SAFE_SINGLE).is_file():
+        files, expected = [folder / SAFE_SINGLE], None
+    else:
+        return None
+    checkpoint = SafetensorsCheckpoint(folder, files)
+    for path in files:
+        for name, info in read_header(path).items():
+            if name in checkpoint.tensors:
+                raise UserError(f"model weights: {name} is in both {checkpoint.tensors[name].file} and {path}")
+            if expected is not None and expected.get(name) != path.name:
+                raise UserError(f"model weights: {path} holds {name}, but {SAFE_INDEX} puts it in "
+                                f"{expected.get(name, 'no file')}")
+            checkpoint.tensors[name] = TensorEntry(path, info.get("dtype"), tuple(info.get("shape", ())))
+    if expected is not None:
+        absent = sorted(set(expected) - set(checkpoint.tensors))
+        if absent:
+            raise UserError(f"model weights: {folder / expected[absent[0]]} lacks {absent[0]}, which "
+                            f"{SAFE_INDEX} puts there")
+    return checkpoint
+
+
+def check_matches_model(checkpoint: SafetensorsCheckpoint, wanted: dict[str, tuple[tuple[int, ...], bool]]) -> None:
+    """Every tensor the model loads is present with its shape and a readable dtype. `wanted`: {name: (shape,
+    is floating point)}."""
+    for name, (shape, floating) in wanted.items():
+        entry = checkpoint.tensors.get(name)
+        if entry is None:
+            raise UserError(f"model weights: {checkpoint.folder} has no tensor {name} (looked in "
+                            f"{', '.join(p.name for p in checkpoint.files)})")
+        if floating and entry.dtype not in FLOAT_DTYPES:
+            raise UserError(f"model weights: {entry.file} stores {name} as {entry.dtype!r}; expected one of "
+                            f"{', '.join(sorted(FLOAT_DTYPES))}")
+        if entry.shape != tuple(shape):
+            raise UserError(f"model weights: {entry.file} stores {name} with shape {list(entry.shape)}; the model's "
+                            f"config gives {list(shape)}")
+
+
+def check_bin_files(folder: Path) -> bool:
+    """True when the folder holds `.bin` weights, each loadable with `weights_only=True`; a UserError otherwise
+    names the first file that is not."""
+    import torch
+
+    if (folder / BIN_INDEX).is_file():
+        names = sorted(set(json.loads((folder / BIN_INDEX).read_text()).get("weight_map", {}).values()))
+    elif (folder / BIN_SINGLE).is_file():
+        names = [BIN_SINGLE]
+    else:
+        return False
+    for name in names:
+        try:
+            torch.load(folder / name, weights_only=True, mmap=True, map_location="cpu")
+        except Exception as err:  # any failure means the pickle needs more than tensors: refuse it
+            raise UserError(f"model weights: {folder / name} does not load with weights_only=True "
+                            f"({type(err).__name__}); convert it to safetensors") from err
+    return True

@@ -1,0 +1,256 @@
+"""Memory of fine-tuning a model of a real size with 2 FSDP2 processes: the meta-device build against the old path.
+
+    python benchmarks/big_model.py [--case lora3b sft1b] [--scale 1.0] [--steps 3] [--paths meta full]
+                                   [--workdir /tmp/big_model]
+
+Each case first writes a random checkpoint of the named shape in the hub's layout (bf16, 2 GB shards with
+`model.safetensors.index.json`, the real tokenizer), then trains `--steps` steps through the CLI
+(`--nproc-per-node 2`, FSDP2) and saves the final step with its consolidated `model/` folder:
+  lora3b  LoRA on a Llama-3.2-3B shape (hidden 3072, 28 layers, 24/8 heads, intermediate 8192, Llama 3 vocab)
+  sft1b   full SFT of a TinyLlama-1.1B shape (hidden 2048, 22 layers, 32/4 heads, intermediate 5632, vocab 32000)
+`--scale` < 1 shrinks width and depth (not the vocabulary) to check the script on a small machine.
+Paths: `meta` is the default build (models/build.py); `full` is the whole-model load of every process (the same
+loader named through `model._target_`, which takes the old path). Per process it reports the peak resident set
+size (VmHWM, polled from /proc) during training and at the end (the save), as multiples of the model's fp32
+size and of 16 bytes x parameters (fp32 weights, gradients and two AdamW states); for sft1b it also checks that the
+saved `model/` folder equals the trained weights of the step's DCP state. Checkpoints are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("AUTOMODEL_ASSETS", REPO.parent / "shared" / "assets"))
+sys.path.insert(0, str(REPO))
+
+SHAPES = {
+    "lora3b": dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
+                   intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    "sft1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                  intermediate_size=5632, vocab_size=32000, tie_word_embeddings=False, rope_theta=10000.0),
+}
+
+
+def scaled(shape: dict, scale: float) -> dict:
+    """Width and depth times `scale` (head dim and head ratio kept); the vocabulary stays."""
+    if scale >= 1:
+        return dict(shape)
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    ratio = shape["num_attention_heads"] // shape["num_key_value_heads"]
+    kv = max(1, round(shape["num_key_value_heads"] * scale))
+    return {**shape, "num_attention_heads": kv * ratio, "num_key_value_heads": kv, "hidden_size": kv * ratio * head_dim,
+            "intermediate_size": round(shape["intermediate_size"] * scale / 64) * 64,
+            "num_hidden_layers": max(2, round(shape["num_hidden_layers"] * scale))}
+
+
+def write_checkpoint(case: str, scale: float, folder: Path) -> int:
+    """A random bf16 checkpoint of the shape, shard by shard (never the whole model in memory); returns params."""
+    import torch
+    from huggingface_hub import split_state_dict_into_shards_factory
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**scaled(SHAPES[case], scale), max_position_embeddings=4096, dtype="bfloat16")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    tensors = dict(model.named_parameters())
+    plan = split_state_dict_into_shards_factory(tensors, get_storage_size=lambda t: t.numel() * t.element_size(),
+                                                filename_pattern="model{suffix}.safetensors", max_shard_size="2GB")
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for filename, names in plan.filename_to_tensors.items():
+        shard = {name: (torch.ones(tensors[name].shape) if tensors[name].dim() == 1 else
+                        torch.randn(tensors[name].shape, generator=generator) * 0.02).to(torch.bfloat16)
+                 for name in names}
+        save_file(shard, folder / filename, metadata={"format": "pt"})
+        del shard
+    index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
+    if plan.is_sharded:
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(folder)
+    tokenizer(case).save_pretrained(folder)
+    return sum(t.numel() for t in tensors.values())
+
+
+def tokenizer(case: str):
+    if case == "lora3b":
+        from benchmarks.llama3_tokenizer import load_llama3_tokenizer
+
+        return load_llama3_tokenizer(ASSETS / "tokenizers" / "llama3" / "tokenizer.model")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / "llama2")
+
+
+def run_config(case: str, model_dir: Path, out: Path, steps: int, path: str) -> dict:
+    model = {"pretrained_model_name_or_path": str(model_dir), "dtype": "float32"}
+    if path == "full":
+        model["_target_"] = "automodel.models.loader.load_causal_lm"  # a custom builder: the whole-model load
+    cfg = {"recipe": "llm_finetune", "seed": 1234, "model": model,
+           "dataset": {"_target_": "automodel.data.squad.make_squad_dataset", "seq_length": 256, "split": "train",
+                       "dataset_name": str(ASSETS / "squad_v1.1" / "train-v1.1.subset.json"),
+                       "limit_dataset_samples": 2 * steps + 2},
+           "step_scheduler": {"global_batch_size": 2, "local_batch_size": 1, "max_steps": steps, "log_every_steps": 1,
+                              "ckpt_every_steps": steps},
+           "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-5},
+           "distributed": {"strategy": "fsdp2"},
+           "checkpoint": {"checkpoint_dir": str(out / "ckpt"), "restore_from": None, "max_shard_size": "2GB"},
+           "logging": {"progress_bar": False}}
+    if case == "lora3b":
+        cfg["peft"] = {"target_modules": "all-linear", "dim": 8, "alpha": 32}
+    return cfg
+
+
+def peak_rss(pid: int) -> int:
+    """VmHWM (peak resident set size) of a process in bytes, 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def workers(launcher: int) -> list[int]:
+    """Pids of the processes under the launcher that run a rank (RANK in their environment)."""
+    found, todo = [], [launcher]
+    while todo:
+        pid = todo.pop()
+        try:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            if b"\0RANK=" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes():
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def train(cfg: dict, out: Path) -> dict:
+    """Run the CLI; per-rank peak RSS during training and at the end, seconds to the first step, step time."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    metrics = out / "ckpt" / "metrics.jsonl"
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "automodel", "finetune", "llm", "-c", str(out / "cfg.yaml"),
+                             "--nproc-per-node", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    peaks, train_peaks, first_step, last_step = {}, {}, None, None
+    steps = cfg["step_scheduler"]["max_steps"]
+    while proc.poll() is None:
+        for pid in workers(proc.pid):
+            peaks[pid] = max(peaks.get(pid, 0), peak_rss(pid))
+        records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+        done = [r for r in records if r.get("kind") == "train"]
+        if done and first_step is None:
+            first_step = time.monotonic() - start
+        if len(done) >= steps and last_step is None:
+            last_step, train_peaks = time.monotonic(), dict(peaks)
+        time.sleep(0.2)
+    output = proc.stdout.read()
+    if proc.returncode:
+        return {"error": output.strip().splitlines()[-1] if output.strip() else f"exit {proc.returncode}"}
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    step_s = [r["step_s"] for r in records if r.get("kind") == "train"][1:]
+    return {"ranks": sorted(peaks.values()), "train_ranks": sorted(train_peaks.values()), "first_step_s": first_step,
+            "step_s": sum(step_s) / max(len(step_s), 1)}
+
+
+def check_saved_model(step_dir: Path) -> str:
+    """The saved model/ folder against the step's trained weights (its DCP state), one safetensors file at a time."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    files = sorted((step_dir / "model").glob("*.safetensors"))
+    for file in files:
+        saved = load_file(file)
+        trained = {"model": {name: torch.empty_like(t) for name, t in saved.items()}}
+        dcp.load(trained, checkpoint_id=str(step_dir / "dcp"), no_dist=True)
+        for name, tensor in saved.items():
+            if not torch.equal(tensor, trained["model"][name]):
+                return f"DIFFERS at {name}"
+    return f"equal ({len(files)} files)"
+
+
+RUNTIME = 1.5e9  # python, torch, transformers and the data in each process, measured at --scale 0.1
+
+
+def expected_need(case: str, path: str, params: int) -> float:
+    """Bytes two processes are expected to need together: a whole-model load peaks at ~1.5x the fp32 size in
+    each process (transformers' load), then FSDP2 keeps each process's half of weights (+ gradients and AdamW
+    states for full SFT)."""
+    fp32 = 4 * params
+    per_rank = (fp32 / 2 if case == "lora3b" else 16 * params / 2) + RUNTIME
+    if path == "full":
+        per_rank = max(per_rank, 1.5 * fp32 + RUNTIME)
+    return 2 * per_rank
+
+
+def available() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return float("inf")
+
+
+def gb(value: float) -> str:
+    return f"{value / 1e9:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
+    parser.add_argument("--paths", nargs="+", choices=["meta", "full"], default=["meta", "full"])
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--workdir", default="/tmp/big_model")
+    args = parser.parse_args()
+    workdir = Path(args.workdir)
+    rows = []
+    try:
+        for case in args.case:
+            shutil.rmtree(workdir, ignore_errors=True)
+            params = write_checkpoint(case, args.scale, workdir / "hub")
+            fp32, full_sft = 4 * params, 16 * params
+            for path in args.paths:
+                need, free = expected_need(case, path, params), available()
+                if need > free:  # the machine may be shared: never push it into the OOM killer
+                    rows.append({"case": case, "path": path, "params": params, "fp32": fp32,
+                                 "error": f"skipped: needs ~{gb(need)} GB, {gb(free)} GB available"})
+                    continue
+                result = train(run_config(case, workdir / "hub", workdir / path, args.steps, path), workdir / path)
+                row = {"case": case, "path": path, "params": params, "fp32": fp32, **result}
+                if "error" not in result and case == "sft1b":
+                    row["saved"] = check_saved_model(workdir / path / "ckpt" / f"step_{args.steps}")
+                rows.append(row)
+                shutil.rmtree(workdir / path, ignore_errors=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\n{'case':7} {'path':5} {'params':>8} {'fp32 GB':>7} {'train peak GB/rank':>19} {'end peak GB/rank':>17} "
+          f"{'sum GB':>7} {'max/fp32':>8} {'max/16B*P':>9} {'1st step s':>10} {'step s':>7}  saved model/")
+    for row in rows:
+        if "error" in row:
+            print(f"{row['case']:7} {row['path']:5} {row['params'] / 1e9:7.2f}B {gb(row['fp32']):>7}  failed: "
+                  f"{row['error'][:120]}")
+            continue
+        top = max(row["ranks"])
+        print(f"{row['case']:7} {row['path']:5} {row['params'] / 1e9:7.2f}B {gb(row['fp32']):>7} "
+              f"{' / '.join(gb(v) for v in row['train_ranks']):>19} {' / '.join(gb(v) for v in row['ranks']):>17} "
+              f"{gb(sum(row['ranks'])):>7} {top / row['fp32']:8.2f} {top / (4 * row['fp32']):9.2f} "
+              f"{row['first_step_s']:10.1f} {row['step_s']:7.2f}  {row.get('saved', '-')}")
+
+
+if __name__ == "__main__":
+    main()

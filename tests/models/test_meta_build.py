@@ -1,0 +1,219 @@
+"""The meta-device build (models/build.py) gives exactly the model the whole-model load gives, from the hub's
+checkpoint layouts, and refuses broken checkpoints with one line; the `model/` writer (checkpoint/hf_writer.py)
+writes the hub's sharded layout that transformers loads unchanged."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from automodel.checkpoint import write_hf_model
+from automodel.errors import UserError
+from automodel.models import load_tokenizer
+from automodel.models.build import build_in_full, build_model, lora_settings, model_section
+from automodel.models.registry import native_rows
+from tests.conftest import REPO_ROOT, STORIES
+from tests.distributed_helpers import clean_env
+from tests.helpers import tiny_squad_config
+from tests.models.tiny import write_tiny_checkpoint
+
+LORA = {"target_modules": "all-linear", "dim": 8, "alpha": 32}
+
+
+def both_builds(cfg: dict, seed: int = 7):
+    """(whole-model load, meta build), each after the same seed, with the generator state each left behind."""
+    torch.manual_seed(seed)
+    full = build_in_full(model_section(cfg), lora_settings(cfg), None, torch.device("cpu"))
+    full_rng = torch.get_rng_state()
+    torch.manual_seed(seed)
+    meta = build_model(cfg)
+    return full, full_rng, meta, torch.get_rng_state()
+
+
+def assert_same_model(full, meta) -> None:
+    want, got = full.state_dict(), meta.state_dict()
+    assert want.keys() == got.keys()
+    for name in want:
+        assert want[name].dtype == got[name].dtype, name
+        assert torch.equal(want[name], got[name]), name
+    buffers = dict(meta.named_buffers())
+    assert buffers and all(torch.equal(b, buffers[n]) for n, b in full.named_buffers())  # rotary inv_freq
+    hf = meta.get_base_model() if hasattr(meta, "get_base_model") else meta
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight  # stories260K ties its embeddings
+    assert full.config._attn_implementation == meta.config._attn_implementation
+
+
+@pytest.fixture(scope="module")
+def bf16_shards(tmp_path_factory):
+    """stories260K stored in bf16 as the hub stores big models: 4 shards and an index."""
+    folder = tmp_path_factory.mktemp("bf16_shards")
+    AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.bfloat16).save_pretrained(folder, max_shard_size="150KB")
+    assert len(list(folder.glob("model-*-of-00004.safetensors"))) == 4
+    return folder
+
+
+@pytest.mark.parametrize("peft", [None, LORA], ids=["sft", "lora"])
+def test_meta_build_equals_the_whole_model_load(peft, caplog):
+    """Same weights, buffers, tied embeddings and LoRA initial values, and the generator left in the same state."""
+    with caplog.at_level(logging.INFO, logger="automodel"):
+        full, full_rng, meta, meta_rng = both_builds({"model": {"pretrained_model_name_or_path": str(STORIES)},
+                                                      "peft": peft})
+    assert "built on the meta device" in caplog.text
+    assert_same_model(full, meta)
+    assert torch.equal(full_rng, meta_rng)
+    if peft:
+        lora_a = [p for n, p in meta.named_parameters() if "lora_A" in n]
+        assert lora_a and all(p.abs().sum() > 0 for p in lora_a)
+
+
+@pytest.mark.parametrize("dtype, peft", [("float32", None), ("bfloat16", LORA)], ids=["fp32-sft", "bf16-lora"])
+def test_bf16_sharded_checkpoint(bf16_shards, dtype, peft):
+    """bf16 shards read into fp32 (or bf16) parameters exactly as transformers reads them."""
+    cfg = {"model": {"pretrained_model_name_or_path": str(bf16_shards), "dtype": dtype}, "peft": peft}
+    full, full_rng, meta, meta_rng = both_builds(cfg)
+    assert_same_model(full, meta)
+    assert torch.equal(full_rng, meta_rng)
+
+
+def _copy_stories(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for item in STORIES.iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    return folder
+
+
+def _rewrite_header(path, change) -> None:
+    """Rewrite one safetensors file's header through `change(header)`; the data stays as it is."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    change(header)
+    body = json.dumps(header).encode()
+    body += b" " * (-len(body) % 8)
+    path.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + length:])
+
+
+def _set_dtype(name, dtype):
+    def change(header):
+        header[name]["dtype"] = dtype
+    return change
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("missing shard", "model-00002-of-00004.safetensors is missing (the index puts"),
+    ("index disagrees", "but model.safetensors.index.json puts it in"),
+    ("unreadable dtype", "stores model.norm.weight as 'I16'; expected one of BF16, F16, F32, F64"),
+    ("unknown dtype", "stores model.norm.weight as 'X7'"),
+    ("unlisted shard", "is not listed in"),
+], ids=lambda v: v if " " in v and len(v) < 20 else "")
+def test_broken_sharded_checkpoints_name_file_and_tensor(bf16_shards, tmp_path, breakage, message):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for item in bf16_shards.iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    norm_file = folder / index["weight_map"]["model.norm.weight"]
+    if breakage == "missing shard":
+        (folder / "model-00002-of-00004.safetensors").unlink()
+    elif breakage == "index disagrees":
+        other = next(f for f in index["weight_map"].values() if f != norm_file.name)
+        index["weight_map"]["model.norm.weight"] = other
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    elif breakage == "unlisted shard":
+        (folder / "extra.safetensors").write_bytes(norm_file.read_bytes())
+    else:
+        _rewrite_header(norm_file, _set_dtype("model.norm.weight", "I16" if breakage == "unreadable dtype" else "X7"))
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        build_model({"model": {"pretrained_model_name_or_path": str(folder)}})
+
+
+def test_wrong_shape_and_missing_tensor(tmp_path):
+    folder = _copy_stories(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(UserError, match=r"model\.safetensors stores model\.layers\.0\.mlp\.gate_proj\.weight with "
+                                        r"shape \[172, 64\]; the model's config gives \[96, 64\]"):
+        build_model({"model": {"pretrained_model_name_or_path": str(folder)}})
+    (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(UserError, match=r"has no tensor lm_head\.weight \(looked in model\.safetensors\)"):
+        build_model({"model": {"pretrained_model_name_or_path": str(folder)}})
+
+
+def test_bin_weights_load_only_when_weights_only_reads_them(tmp_path):
+    folder = _copy_stories(tmp_path)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    model = build_model({"model": {"pretrained_model_name_or_path": str(folder)}})
+    assert torch.equal(model.model.norm.weight, state["model.norm.weight"])
+    torch.save({"weights": state, "args": argparse.Namespace(lr=1)}, folder / "pytorch_model.bin")  # not only tensors
+    with pytest.raises(UserError, match=r"pytorch_model\.bin does not load with weights_only=True"):
+        build_model({"model": {"pretrained_model_name_or_path": str(folder)}})
+
+
+def test_broken_checkpoint_exits_2_with_one_line_and_writes_nothing(bf16_shards, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for item in bf16_shards.iterdir():
+        if item.name != "model-00003-of-00004.safetensors":
+            (folder / item.name).write_bytes(item.read_bytes())
+    cfg = tiny_squad_config(tmp_path, peft=True, max_steps=1)
+    cfg["model"]["pretrained_model_name_or_path"] = str(folder)
+    cfg["tokenizer"] = str(STORIES)
+    (tmp_path / "cfg.yaml").write_text(json.dumps(cfg))
+    out = subprocess.run([sys.executable, "-m", "automodel", "finetune", "llm", "-c", str(tmp_path / "cfg.yaml")],
+                         capture_output=True, text=True, cwd=REPO_ROOT, env=clean_env(), timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert f"model weights: {folder}/model-00003-of-00004.safetensors is missing (the index puts" in last
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_sharded_model_folder_loads_unchanged(tmp_path):
+    """The writer's shards, index and config: what save_pretrained writes, tensor for tensor."""
+    model = build_model({"model": {"pretrained_model_name_or_path": str(STORIES)}})
+    write_hf_model(model, load_tokenizer(str(STORIES)), tmp_path / "ours", max_shard_size="300KB")
+    model.save_pretrained(tmp_path / "theirs", max_shard_size="300KB")
+    ours, theirs = (json.loads((tmp_path / d / "model.safetensors.index.json").read_text()) for d in ("ours", "theirs"))
+    assert ours == theirs and len(set(ours["weight_map"].values())) == 4
+    for name in set(ours["weight_map"].values()):
+        mine, reference = load_file(tmp_path / "ours" / name), load_file(tmp_path / "theirs" / name)
+        assert mine.keys() == reference.keys() and all(torch.equal(mine[k], reference[k]) for k in mine)
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "ours" / name).read_text()) == json.loads((tmp_path / "theirs" / name).read_text())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+# One of each kind of structure: hybrid mamba layers, scaled embeddings (a non-persistent buffer next to a
+# parameter), soft-capped attention, GPT-2 style fused projections, parallel attention, MLA, and two whose
+# checkpoint names transformers converts (MoE experts fused; Exaone's renamed modules). All 37 pass; the subset
+# keeps the suite short.
+ARCHITECTURES = ("BambaForCausalLM", "Gemma3ForCausalLM", "Gemma2ForCausalLM", "GPTNeoXForCausalLM",
+                 "FalconForCausalLM", "MiniCPM3ForCausalLM", "MixtralForCausalLM", "ExaoneForCausalLM")
+
+
+@pytest.mark.parametrize("row", [r for r in native_rows() if r.architecture in ARCHITECTURES],
+                         ids=lambda row: row.test_id)
+def test_architectures_build_the_same_on_the_meta_device(row, tmp_path):
+    """An architecture's tiny checkpoint: the meta build (or, for checkpoints whose names transformers converts,
+    the whole-model load it hands over to) equals the whole-model load, LoRA included."""
+    folder = write_tiny_checkpoint(row, tmp_path / "model")
+    full, full_rng, meta, meta_rng = both_builds({"model": {"pretrained_model_name_or_path": str(folder)},
+                                                  "peft": {"target_modules": "all-linear", "dim": 4}})
+    want, got = full.state_dict(), meta.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want), [k for k in want if not torch.equal(want[k], got[k])]
+    buffers = dict(meta.named_buffers())
+    assert all(torch.equal(b, buffers[n]) for n, b in full.named_buffers() if not b.is_meta)
+    assert torch.equal(full_rng, meta_rng)
