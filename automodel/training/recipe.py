@@ -182,12 +182,18 @@ class FinetuneRecipe:
 
     def build_model(self):
         """The configured model: built from `model`, LoRA applied when `peft` is set, spread over the processes."""
-        model = build(with_default_target(self.cfg, "model"), "model")
+        quantization = self.peft_cfg.quantization if self.peft_cfg is not None else None
+        if quantization is None:
+            model = build(with_default_target(self.cfg, "model"), "model")
+        else:  # QLoRA: transformers loads the base in 4 bits, straight onto this process's GPU
+            quantization.check_device(self.device, self.parallel.world_size)
+            model = build(with_default_target(self.cfg, "model"), "model",
+                          quantization_config=quantization.bnb_config(), device_map={"": self.device})
         if not isinstance(model, torch.nn.Module):
             raise UserError(f"model._target_ returned {type(model).__name__}, expected a torch.nn.Module")
         if self.peft_cfg is not None:
             model = self.peft_cfg.apply(model)
-        return self.parallel.parallelize(model.to(self.device))
+        return self.parallel.parallelize(model if quantization is not None else model.to(self.device))
 
     def _build_dataset(self, section: str):
         node = {k: v for k, v in self.cfg[section].items() if k != "tokenizer"}
