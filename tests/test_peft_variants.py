@@ -88,7 +88,6 @@ def test_dora_resume_is_bit_identical(tmp_path):
 
 
 def test_qlora_trains_a_4bit_base_and_saves_an_ordinary_adapter(tmp_path, stories_tokenizer):
-    pytest.importorskip("bitsandbytes", reason="the test extra installs bitsandbytes")
     quantization = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "float32"}
     recipe = FinetuneRecipe(variant_config(tmp_path, max_steps=4, quantization=quantization))
     result = recipe.run()  # validation at step 2 runs the 4-bit layers in eval mode between training steps
