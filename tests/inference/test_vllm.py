@@ -96,6 +96,13 @@ def test_adapters_vllm_refuses_are_named(fresh_adapter, changes, message):
         check_adapter_for_vllm(fresh_adapter, "LlamaForCausalLM")
 
 
+def test_embedding_targets_follow_the_architecture(fresh_adapter):
+    edit_adapter_config(fresh_adapter, target_modules=["q_proj", "lm_head", "embed_tokens"])
+    assert check_adapter_for_vllm(fresh_adapter, "LlamaForCausalLM")["r"] == 4  # vLLM's Llama adapts embeddings
+    with pytest.raises(UserError, match="also targets embed_tokens, lm_head; use --merge"):
+        check_adapter_for_vllm(fresh_adapter, "MistralForCausalLM")  # its Mistral does not
+
+
 def test_full_names_of_supported_modules_are_accepted(fresh_adapter):
     edit_adapter_config(fresh_adapter, target_modules=["model.layers.0.self_attn.q_proj"])
     assert check_adapter_for_vllm(fresh_adapter, "LlamaForCausalLM")["r"] == 4
