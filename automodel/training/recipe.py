@@ -185,7 +185,7 @@ class FinetuneRecipe:
         quantization = self.peft_cfg.quantization if self.peft_cfg is not None else None
         if quantization is None:
             model = build(with_default_target(self.cfg, "model"), "model")
-        else:  # QLoRA: transformers loads the base in 4 bits, straight onto this process's GPU
+        else:  # QLoRA: transformers loads the base in 4 bits, straight onto this process's device
             quantization.check_device(self.device, self.parallel.world_size)
             model = build(with_default_target(self.cfg, "model"), "model",
                           quantization_config=quantization.bnb_config(), device_map={"": self.device})
