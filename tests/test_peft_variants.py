@@ -21,8 +21,6 @@ from tests.conftest import STORIES
 from tests.distributed_helpers import automodel_cmd, dist_config, eval_batch, logits_of, losses, run, write_config
 from tests.helpers import tiny_squad_config
 
-pytestmark = pytest.mark.slow
-
 DORA_RSLORA = {"use_dora": True, "use_rslora": True, "init_lora_weights": "gaussian", "dim": 4, "alpha": 8}
 
 
@@ -35,6 +33,7 @@ def variant_config(tmp_path, max_steps=3, **peft):
     return cfg
 
 
+@pytest.mark.slow
 def test_dora_rslora_adapter_loads_in_peft_and_merges(tmp_path, stories_tokenizer):
     FinetuneRecipe(variant_config(tmp_path, **DORA_RSLORA)).run()
     adapter = tmp_path / "ckpt" / "step_3" / "model"
@@ -57,6 +56,7 @@ def test_dora_rslora_adapter_loads_in_peft_and_merges(tmp_path, stories_tokenize
     assert main(["serve", str(adapter), "--output", str(tmp_path / "serve"), "--merge"]) == 0
 
 
+@pytest.mark.slow
 def test_dora_on_fsdp2_two_processes_trains_like_one(tmp_path, stories_tokenizer):
     single = dist_config(tmp_path / "one", peft=True)
     single["peft"].update(DORA_RSLORA)
@@ -72,6 +72,7 @@ def test_dora_on_fsdp2_two_processes_trains_like_one(tmp_path, stories_tokenizer
     assert (got - want).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_dora_resume_is_bit_identical(tmp_path):
     def config(root, max_steps):
         cfg = variant_config(root, max_steps=max_steps, **DORA_RSLORA)
@@ -90,6 +91,7 @@ def test_dora_resume_is_bit_identical(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_qlora_trains_a_4bit_base_and_saves_an_ordinary_adapter(tmp_path, stories_tokenizer):
     quantization = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "float32"}
     recipe = FinetuneRecipe(variant_config(tmp_path, max_steps=4, quantization=quantization))
