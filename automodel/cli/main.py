@@ -43,7 +43,7 @@ usage:
   automodel eval squad MODEL [--limit N]               exact match / F1 by generation
   automodel merge-lora MODEL --output DIR              base + LoRA adapter -> one model folder
   automodel push MODEL --repo-id USER/NAME             upload to the Hugging Face Hub with a model card
-  automodel serve MODEL --output DIR                   prepare for vLLM and print `vllm serve ...`
+  automodel serve MODEL --output DIR                   prepare for vLLM, print (or --run) its server
   (MODEL: a checkpoint_dir, step folder, model or adapter folder, or hub id; `automodel COMMAND --help`)
 
 options:

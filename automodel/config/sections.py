@@ -13,7 +13,8 @@ SECTIONS: dict[str, str] = {
     "model": "the model: pretrained_model_name_or_path, dtype, attn_implementation, trust_remote_code",
     "tokenizer": "optional tokenizer override: pretrained_model_name_or_path or _target_, add_bos, add_eos, "
                  "padding_side, chat_template (default: the model's)",
-    "peft": "LoRA settings: target_modules, exclude_modules, dim, alpha, dropout (absent: full SFT)",
+    "peft": "LoRA settings: target_modules, exclude_modules, dim, alpha, dropout, use_rslora, use_dora, "
+            "init_lora_weights, quantization (QLoRA) (absent: full SFT)",
     "dataset": "training data: _target_ builder and its arguments",
     "validation_dataset": "validation data: _target_ builder and its arguments",
     "packed_sequence": "packed_sequence_size: pack examples into rows of this many tokens (0: off, the default)",

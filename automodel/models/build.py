@@ -8,7 +8,8 @@
   4. allocates only this process's shards and reads them from the checkpoint (models/materialize.py),
   5. computes the buffers the checkpoint does not store and wraps DDP last (it needs real parameters).
 Other sources (a custom `model._target_`, `.bin` weights, names transformers converts on load) load whole
-through transformers in each process, as one info line says.
+through transformers in each process, as one info line says; so does a QLoRA base, which bitsandbytes
+quantises as it loads.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def build_model(cfg: dict[str, Any], parallel=None, device: torch.device | None 
     A `model._target_` other than automodel's loader must come from a package `policy` trusts."""
     device = parallel.device if parallel is not None else (device or torch.device("cpu"))
     node, lora = model_section(cfg), lora_settings(cfg)
+    if lora is not None and lora.quantization is not None:
+        return build_quantized(node, lora, parallel, device, policy)
     if node["_target_"] == LOAD_CAUSAL_LM:
         options = {k: v for k, v in node.items() if k != "_target_"}
         folder = resolve_model_folder(options.get("pretrained_model_name_or_path"), options.get("revision"))
@@ -79,6 +82,18 @@ def build_in_full(node: dict[str, Any], lora: LoraSettings | None, parallel, dev
     if lora is not None:
         model = lora.apply(model)
     model = model.to(device)
+    return parallel.parallelize(model) if parallel is not None else model
+
+
+def build_quantized(node: dict[str, Any], lora: LoraSettings, parallel, device: torch.device,
+                    policy: TargetPolicy) -> nn.Module:
+    """QLoRA: transformers loads the base in 4 bits (bitsandbytes), straight onto this process's device."""
+    lora.quantization.check_device(device, parallel.world_size if parallel is not None else 1)
+    model = build(node, "model", policy=policy, quantization_config=lora.quantization.bnb_config(),
+                  device_map={"": device})
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model._target_ returned {type(model).__name__}, expected a torch.nn.Module")
+    model = lora.apply(model)
     return parallel.parallelize(model) if parallel is not None else model
 
 

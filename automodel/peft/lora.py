@@ -3,6 +3,11 @@
 We resolve the user's patterns (`*_proj`, exact names, `all-linear`) to module names ourselves so that
 zero matches is a clear error listing what the model has, and so the output head is never adapted
 unless it is named explicitly. The saved adapter is plain PEFT format: `PeftModel.from_pretrained` loads it.
+
+The variants are peft's own: DoRA (`use_dora`: a learned magnitude per output row on top of the low-rank
+direction), rsLoRA (`use_rslora`: scaling alpha / sqrt(r) instead of alpha / r) and the initialisations of
+`init_lora_weights` that leave the base weights untouched. QLoRA (`quantization`) loads the frozen base in
+4 bits through bitsandbytes; the adapter it trains is an ordinary LoRA adapter for the unquantised base.
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ import dataclasses
 import fnmatch
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from automodel.errors import UserError
+from automodel.peft.quantization import QuantizationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +54,18 @@ class LoraSettings:
     alpha: float = 32
     dropout: float = 0.0
     use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    quantization: dict[str, Any] | None = None
 
     def __post_init__(self):
         if self.dim < 1:
             raise ValueError(f"dim (the LoRA rank) must be >= 1, got {self.dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_init(self.init_lora_weights)
+        if self.quantization is not None and not isinstance(self.quantization, QuantizationSettings):
+            self.quantization = QuantizationSettings.from_config(self.quantization, "peft.quantization")
 
     def select_modules(self, model: nn.Module) -> list[str]:
         """Full names of the modules to adapt; zero matches is a UserError listing what there is."""
@@ -78,6 +91,7 @@ class LoraSettings:
 
         chosen = self.select_modules(model)
         return LoraConfig(r=self.dim, lora_alpha=self.alpha, lora_dropout=self.dropout, use_rslora=self.use_rslora,
+                          use_dora=self.use_dora, init_lora_weights=self.init_lora_weights,
                           target_modules=_compact_targets(model, chosen), bias="none", task_type="CAUSAL_LM")
 
     def apply(self, model: nn.Module):
@@ -85,6 +99,8 @@ class LoraSettings:
         from peft import get_peft_model
 
         wanted = {n.rsplit(".", 1)[-1] for n in self.select_modules(model)}
+        if self.quantization is not None:
+            model = self.quantization.prepare_for_training(model)
         peft_model = get_peft_model(model, self.peft_config(model))
         adapted = adapted_targets(peft_model)
         if adapted != wanted:
@@ -96,6 +112,24 @@ class LoraSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Initialisations that leave the base weights as they are, so the saved adapter applies to the original base.
+# PiSSA, OLoRA, CorDA and LoftQ move part of the base weights into the adapter (peft can convert the adapter back
+# only against a saved copy of the initial model); EVA needs a data pass at init.
+INIT_CHOICES = (True, False, "gaussian", "orthogonal")
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+
+
+def check_init(init) -> None:
+    if isinstance(init, bool) or init in INIT_CHOICES:
+        return
+    name = str(init)
+    if name.startswith(BASE_CHANGING_INITS):
+        raise ValueError(f"init_lora_weights: {name!r} changes the base model's weights (or needs a data pass), so "
+                         "the saved adapter would not apply to the original base; use one of "
+                         f"{', '.join(repr(c) for c in INIT_CHOICES)}")
+    raise ValueError(f"init_lora_weights: expected one of {', '.join(repr(c) for c in INIT_CHOICES)}, got {init!r}")
 
 
 def _compact_targets(model: nn.Module, chosen: list[str]) -> list[str]:

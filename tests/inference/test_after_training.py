@@ -135,7 +135,9 @@ def test_merge_keeps_bfloat16(fresh_adapter, tmp_path):
 def test_serve_merged_and_full_fine_tune(lora_run, sft_run, tmp_path, capsys):
     assert main(["serve", str(lora_run), "--output", str(tmp_path / "m"), "--merge", "--name", "squad"]) == 0
     out = capsys.readouterr().out
-    assert printed(out, "vllm serve") == f"vllm serve {(tmp_path / 'm').resolve()} --served-model-name squad --port 8000"
+    command = out.split("serve it with:\n", 1)[1].splitlines()[0].split(" -m vllm.entrypoints.openai.api_server ")[1]
+    assert command.startswith(f"--model {(tmp_path / 'm').resolve()} --served-model-name squad --host 127.0.0.1 "
+                              "--port 8000")
     assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "tokenizer_config.json").is_file()
     assert main(["serve", str(sft_run / "step_2"), "--output", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "config.json").is_file() and (tmp_path / "s" / "generation_config.json").is_file()

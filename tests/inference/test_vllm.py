@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import shlex
+import socket
+import sys
 
 import pytest
 
 from automodel.cli.main import main
 from automodel.errors import UserError
 from automodel.inference.sources import resolve_source
-from automodel.inference.vllm import check_adapter_for_vllm, max_lora_rank, prepare_for_vllm, vllm_installed
+from automodel.inference.vllm import check_adapter_for_vllm, max_lora_rank, prepare_for_vllm
+from automodel.inference.vllm_runtime import INSTALL_HINT, find_vllm
 from tests.conftest import STORIES
 
 
@@ -21,27 +24,56 @@ def edit_adapter_config(folder, **changes):
     path.write_text(json.dumps(config))
 
 
+def served_command(out: str) -> list[str]:
+    return shlex.split(out.split("serve it with:\n", 1)[1].splitlines()[0])
+
+
 def test_lora_folder_and_command(fresh_adapter, tmp_path, capsys):
     code = main(["serve", str(fresh_adapter), "--output", str(tmp_path / "serve"), "--name", "squad-lora"])
     out = capsys.readouterr().out
     assert code == 0
     adapter_dir = (tmp_path / "serve" / "squad-lora").resolve()
     assert sorted(p.name for p in adapter_dir.iterdir()) == sorted(p.name for p in fresh_adapter.iterdir())
-    command = next(line.strip() for line in out.splitlines() if line.strip().startswith("vllm serve"))
-    assert shlex.split(command) == ["vllm", "serve", str(STORIES), "--enable-lora", "--lora-modules",
-                                    f"squad-lora={adapter_dir}", "--max-lora-rank", "8", "--port", "8000"]
-    if not vllm_installed():
-        assert out.splitlines()[-1] == ("note: vLLM is not installed: `pip install vllm` (Linux with an NVIDIA GPU), "
-                                        "then run the command above")
+    install = find_vllm()
+    command = served_command(out)
+    assert command[:3] == [install.python if install else "python", "-m", "vllm.entrypoints.openai.api_server"]
+    expected = ["--model", str(STORIES), "--enable-lora", "--lora-modules", f"squad-lora={adapter_dir}",
+                "--max-lora-rank", "8", "--host", "127.0.0.1", "--port", "8000"]
+    if install is not None and install.cpu_build:  # vLLM's CPU build reserves a share of host memory
+        expected += ["--gpu-memory-utilization", "0.25"]
+    assert command[3:] == expected
+    if install is None:
+        assert out.splitlines()[-1] == f"note: {INSTALL_HINT}"
 
 
-def test_run_without_vllm_is_one_line(fresh_adapter, tmp_path, capsys):
-    if vllm_installed():
-        pytest.skip("vLLM is installed here; --run would start a server")
-    code = main(["serve", str(fresh_adapter), "--output", str(tmp_path / "serve"), "--run"])
+def test_server_settings_become_vllm_arguments(tmp_path, capsys):
+    assert main(["serve", str(STORIES), "--output", str(tmp_path / "serve"), "--name", "tiny", "--device", "cpu",
+                 "--host", "0.0.0.0", "--port", "8123", "--memory-fraction", "0.1", "--dtype", "float32",
+                 "--vllm-args", "--max-model-len 512 --enforce-eager"]) == 0
+    assert served_command(capsys.readouterr().out)[3:] == [
+        "--model", str((tmp_path / "serve").resolve()), "--served-model-name", "tiny", "--host", "0.0.0.0",
+        "--port", "8123", "--gpu-memory-utilization", "0.1", "--dtype", "float32", "--max-model-len", "512",
+        "--enforce-eager"]
+
+
+def test_port_in_use_is_one_line_before_anything_is_written(fresh_adapter, tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", str(fresh_adapter), "--output", str(tmp_path / "serve"), "--run", "--port", str(port)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err == ["error: vLLM is not installed: `pip install vllm` (Linux with an NVIDIA GPU), "
-                                 "then run the command above"]
+    assert code == 2 and err == [f"error: --port: 127.0.0.1:{port} is not free (Address already in use); "
+                                 "choose another --port"]
+    assert not (tmp_path / "serve").exists()
+
+
+def test_vllm_python_without_vllm_is_one_line(fresh_adapter, tmp_path, capsys):
+    code = main(["serve", str(fresh_adapter), "--output", str(tmp_path / "serve"), "--vllm-python", sys.executable])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: --vllm-python: {sys.executable} cannot import vllm (or is not a Python "
+                                 f"interpreter); {INSTALL_HINT}"]
+    assert not (tmp_path / "serve").exists()
 
 
 @pytest.mark.parametrize("rank, expected", [(1, 1), (4, 8), (8, 8), (16, 16), (17, 32), (300, 320), (512, 512)])
@@ -50,17 +82,25 @@ def test_max_lora_rank_rounds_up_to_a_vllm_choice(rank, expected):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"use_dora": True}, "does not serve DoRA"),
+    ({"use_dora": True}, "does not serve DoRA adapters: merge it first"),
     ({"modules_to_save": ["lm_head"]}, "does not load modules_to_save"),
     ({"bias": "lora_only"}, "does not load LoRA biases"),
     ({"r": 1024}, "rank 1024 is above vLLM's largest --max-lora-rank 512"),
-    ({"target_modules": ["q_proj", "lm_head"]}, "vLLM adapts only .* also targets lm_head"),
+    ({"target_modules": ["q_proj", "score"]}, "vLLM adapts only .* also targets score"),
+    ({"lora_bias": True}, "does not load LoRA biases"),
     ({"target_modules": []}, "vLLM needs target_modules"),
 ])
 def test_adapters_vllm_refuses_are_named(fresh_adapter, changes, message):
     edit_adapter_config(fresh_adapter, **changes)
     with pytest.raises(UserError, match=message):
         check_adapter_for_vllm(fresh_adapter, "LlamaForCausalLM")
+
+
+def test_embedding_targets_follow_the_architecture(fresh_adapter):
+    edit_adapter_config(fresh_adapter, target_modules=["q_proj", "lm_head", "embed_tokens"])
+    assert check_adapter_for_vllm(fresh_adapter, "LlamaForCausalLM")["r"] == 4  # vLLM's Llama adapts embeddings
+    with pytest.raises(UserError, match="also targets embed_tokens, lm_head; use --merge"):
+        check_adapter_for_vllm(fresh_adapter, "MistralForCausalLM")  # its Mistral does not
 
 
 def test_full_names_of_supported_modules_are_accepted(fresh_adapter):
