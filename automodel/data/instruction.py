@@ -4,7 +4,8 @@ Prompt roles: `context`, `question`, `instruction`, `input`, `system`, `prompt`.
 `answer`, `output`, `completion`, `response`. Alpaca (`instruction`, `input`, `output`) needs no mapping at all;
 Dolly / GSM8K style `{"prompt", "answer"}` neither. Each example is `prefix + prompt + answer + eos` where prefix
 is what the tokenizer puts in front of a text (BOS for Llama); the loss covers the answer and EOS only unless
-`train_on_prompt: true`.
+`train_on_prompt: true`. Prompt and answer are split where the tokenizer splits their joined text
+(automodel/data/boundary.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import string
 from typing import Any
 
+from automodel.data.boundary import SPLIT_RULE, split_joined
 from automodel.data.dataset import IGNORE_INDEX
 from automodel.data.sources import DROP_REASON, column_names, encode_parts, load_parts
 from automodel.data.tokenizer import special_token_affixes
@@ -102,6 +104,7 @@ class InstructionEncoder:
         self.train_on_prompt = train_on_prompt
         self.skip_invalid_rows = skip_invalid_rows
         self.prefix_ids = special_token_affixes(tokenizer)[0]
+        self.split_rule = SPLIT_RULE  # in the fingerprint `datasets` caches the tokenized rows under
 
     def __call__(self, batch: dict[str, list], indices: list[int], label: str) -> dict[str, list]:
         prompts, answers, reasons = [], [], []
@@ -114,11 +117,9 @@ class InstructionEncoder:
             answers.append("" if reason else row[self.answer_role])
             reasons.append(f"row {index}: {reason}" if reason else "")
         out = {"input_ids": [], "labels": [], DROP_REASON: reasons}
-        prompt_ids = self.token_ids(prompts)
-        answer_ids = self.token_ids(answers)
-        for index, (prompt, answer) in enumerate(zip(prompt_ids, answer_ids)):
-            prompt = self.prefix_ids + prompt
-            answer = answer + [self.tokenizer.eos_token_id]
+        for index, split in enumerate(split_joined(self.tokenizer, prompts, answers)):
+            prompt = self.prefix_ids + split.prompt_ids
+            answer = split.answer_ids + [self.tokenizer.eos_token_id]
             if not reasons[index] and self.seq_length is not None and len(prompt) + len(answer) > self.seq_length:
                 reasons[index] = "too long"
             out["input_ids"].append(prompt + answer)
@@ -140,9 +141,6 @@ class InstructionEncoder:
         if self.template is not None:
             return self.template.format(**{role: row[role] for role in self.prompt_roles})
         return default_prompt(row, self.prompt_roles)
-
-    def token_ids(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
 
 
 def default_prompt(row: dict[str, str], roles: list[str]) -> str:

@@ -19,6 +19,7 @@ from automodel.data.dataset import (
     read_json_file,
     resolve_data_file,
 )
+from automodel.data.boundary import SPLIT_RULE, split_joined
 from automodel.data.cache import cache_key, cached, default_cache_dir
 from automodel.data.tokenizer import special_token_affixes
 from automodel.errors import UserError
@@ -66,13 +67,13 @@ def make_squad_dataset(
         raise UserError("the tokenizer has no eos token; SQuAD targets end with eos so generation knows where to stop")
     settings = dict(seq_length=seq_length, template=prompt_template, unanswerable=unanswerable_target,
                     answer_only_loss=answer_only_loss)
+    cache_settings = dict(settings, split=split, limit=limit_dataset_samples, split_rule=SPLIT_RULE)
 
     def build() -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
         return tokenize_squad(tokenizer, load_examples(dataset_name, split, limit_dataset_samples), **settings)
 
     if cache and looks_like_local_path(dataset_name):
-        key = cache_key(resolve_data_file(dataset_name, split), tokenizer,
-                        dict(settings, split=split, limit=limit_dataset_samples), __file__)
+        key = cache_key(resolve_data_file(dataset_name, split), tokenizer, cache_settings, __file__)
         items, meta = cached("squad", key, Path(cache_dir) if cache_dir else default_cache_dir(), build)
     else:
         items, meta = build()
@@ -94,19 +95,28 @@ def tokenize_squad(tokenizer, examples: list[dict[str, Any]], seq_length: int | 
         example["prompt"] = render(template, example["context"], example["question"])
         example["truncated"] = False
 
-    prompt_ids = batch_token_ids(tokenizer, [ex["prompt"] for ex in examples], add_special_tokens=True,
-                                 progress=True)
-    answer_ids = [ids + [eos_id] for ids in batch_token_ids(tokenizer, [ex["target"] for ex in examples], False)]
     keep = [True] * len(examples)
     if seq_length is not None:
+        # Contexts are shortened on separately tokenized lengths (a window needs the prompt's length alone);
+        # the joined split below is then checked against seq_length again.
+        prompt_ids = batch_token_ids(tokenizer, [ex["prompt"] for ex in examples], add_special_tokens=True,
+                                     progress=True)
+        answer_ids = [ids + [eos_id] for ids in batch_token_ids(tokenizer, [ex["target"] for ex in examples], False)]
         keep = fit_to_length(tokenizer, template, examples, prompt_ids, answer_ids, seq_length)
+    kept = [example for example, fits in zip(examples, keep) if fits]
+    prefix = special_token_affixes(tokenizer)[0]
+    splits = split_joined(tokenizer, [ex["prompt"] for ex in kept], [ex["target"] for ex in kept],
+                          progress=len(kept) >= PROGRESS_MIN_TEXTS)
 
     items, kept_examples = [], []
-    for example, prompt, answer, kept in zip(examples, prompt_ids, answer_ids, keep):
-        if kept:
-            prompt_labels = [IGNORE_INDEX] * len(prompt) if answer_only_loss else list(prompt)
-            items.append({"input_ids": prompt + answer, "labels": prompt_labels + answer})
-            kept_examples.append(example)
+    for example, split in zip(kept, splits):
+        prompt, answer = prefix + split.prompt_ids, split.answer_ids + [eos_id]
+        if seq_length is not None and len(prompt) + len(answer) > seq_length:
+            continue
+        example["prompt"] = split.prompt_text  # what generation gives the model: no trailing space
+        prompt_labels = [IGNORE_INDEX] * len(prompt) if answer_only_loss else list(prompt)
+        items.append({"input_ids": prompt + answer, "labels": prompt_labels + answer})
+        kept_examples.append(example)
     return items, {"examples": kept_examples, "num_dropped": len(examples) - len(items)}
 
 

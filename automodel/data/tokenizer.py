@@ -40,6 +40,8 @@ def build_tokenizer(cfg: dict[str, Any], policy: TargetPolicy = TargetPolicy()):
         tokenizer = build(rest, key, policy=policy)
     else:
         model_cfg = cfg.get("model") or {}
+        if "pretrained_model_name_or_path" not in rest and model_cfg.get("gguf_file") is not None:
+            rest["gguf_file"] = model_cfg["gguf_file"]  # the model's GGUF file holds its tokenizer too
         source = rest.pop("pretrained_model_name_or_path", model_cfg.get("pretrained_model_name_or_path"))
         tokenizer = load_tokenizer(source, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
                                    key=f"{key}.pretrained_model_name_or_path", **rest)

@@ -54,13 +54,16 @@ def load_model_and_tokenizer(source: ModelSource, dtype: str | None = None, trus
                              device: str | torch.device | None = None):
     """The model (base, with the adapter attached when there is one) in eval mode, and its tokenizer."""
     dtype = dtype or ((source.train_config or {}).get("model") or {}).get("dtype", "float32")
-    model = load_causal_lm(source.base, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(source.base, dtype=dtype, trust_remote_code=trust_remote_code, gguf_file=source.gguf_file)
     if source.adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(source.adapter))
-    tokenizer_source = source.adapter if _has_tokenizer(source.adapter) else source.base
-    tokenizer = load_tokenizer(str(tokenizer_source), trust_remote_code=trust_remote_code, key="model")
+    if _has_tokenizer(source.adapter):
+        tokenizer = load_tokenizer(str(source.adapter), trust_remote_code=trust_remote_code, key="model")
+    else:
+        tokenizer = load_tokenizer(source.base, trust_remote_code=trust_remote_code, key="model",
+                                   **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
     device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 
@@ -90,9 +93,14 @@ class Generator:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.no_grad()
     def generate(self, prompts: list[str], settings: GenerationSettings | None = None, streamer=None) -> list[str]:
         """Completions for `prompts`, in order, `settings.batch_size` at a time."""
+        return [text for text, _ in self.complete(prompts, settings, streamer)]
+
+    @torch.no_grad()
+    def complete(self, prompts: list[str], settings: GenerationSettings | None = None,
+                 streamer=None) -> list[tuple[str, bool]]:
+        """(completion, whether it ended with EOS) for `prompts`, in order; False means it ran to max_new_tokens."""
         settings = settings or GenerationSettings()
         if settings.temperature > 0:  # greedy needs no seed, and must not reset a training run's random state
             torch.manual_seed(settings.seed)
@@ -101,7 +109,7 @@ class Generator:
             completions += self._generate_batch(prompts[start:start + settings.batch_size], settings, streamer)
         return completions
 
-    def _generate_batch(self, prompts: list[str], settings: GenerationSettings, streamer) -> list[str]:
+    def _generate_batch(self, prompts: list[str], settings: GenerationSettings, streamer) -> list[tuple[str, bool]]:
         batch = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
         max_new_tokens = self._room(batch["input_ids"].shape[1], settings.max_new_tokens)
         # use_cache: checkpoints saved by training carry use_cache=false (no KV cache while training); without
@@ -110,7 +118,9 @@ class Generator:
             **batch, max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id, streamer=streamer, use_cache=True, **settings.generate_kwargs())
         new_tokens = output[:, batch["input_ids"].shape[1]:]
-        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        ended = (new_tokens == self.tokenizer.eos_token_id).any(dim=1).tolist()
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [(text.strip(), stopped) for text, stopped in zip(texts, ended)]
 
     def _room(self, prompt_length: int, wanted: int) -> int:
         """New tokens that still fit the model's context (positions past it were never trained); at least one."""

@@ -47,10 +47,11 @@ def merge_lora(source: ModelSource, output_dir: str | Path, dtype: str | None = 
     output_dir = Path(output_dir)
     check_output_folder(output_dir, "--output", [source.adapter, Path(source.base)])
     check_output_dir(output_dir, overwrite)
-    dtype = dtype or stored_dtype(source.base)
+    # A GGUF base is quantised: it is dequantised to the dtype the run trained in (float32 by default).
+    dtype = dtype or (None if source.gguf_file else stored_dtype(source.base))
     model, tokenizer = load_model_and_tokenizer(source, dtype, trust_remote_code, device="cpu")
     merged = model.merge_and_unload()
     output_dir.mkdir(parents=True, exist_ok=True)
     write_hf_model(merged, tokenizer, output_dir)
-    logger.info("merged %s into %s (%s)", source.describe(), output_dir, dtype)
+    logger.info("merged %s into %s (%s)", source.describe(), output_dir, merged.dtype)
     return output_dir

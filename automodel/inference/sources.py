@@ -14,6 +14,7 @@ from typing import Any
 
 from automodel.config.redact import read_run_config
 from automodel.errors import UserError
+from automodel.models import gguf
 from automodel.paths import check_step_name
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -27,6 +28,7 @@ class ModelSource:
 
     base: str
     adapter: Path | None = None
+    gguf_file: str | None = None  # the base is this GGUF file in the `base` folder or repo
     train_config: dict[str, Any] | None = None
     step_dir: Path | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
@@ -36,10 +38,11 @@ class ModelSource:
         """The folder that holds the trained weights: the adapter, or a full model folder."""
         if self.adapter is not None:
             return self.adapter
-        return Path(self.base) if Path(self.base).is_dir() else None
+        return Path(self.base) if Path(self.base).is_dir() and self.gguf_file is None else None
 
     def describe(self) -> str:
-        return f"{self.base} + adapter {self.adapter}" if self.adapter else self.base
+        base = f"{self.base} (GGUF {self.gguf_file})" if self.gguf_file else self.base
+        return f"{base} + adapter {self.adapter}" if self.adapter else base
 
 
 def resolve_source(model: str, adapter: str | None = None, key: str = "model") -> ModelSource:
@@ -54,8 +57,8 @@ def resolve_source(model: str, adapter: str | None = None, key: str = "model") -
     if source.adapter is not None:
         raise UserError(f"{key}: {model} already holds an adapter; give the base model with --model")
     # The explicit base wins over the adapter's recorded base; the run's config and metrics come from the adapter.
-    return ModelSource(base=source.base, adapter=extra.adapter, train_config=extra.train_config,
-                       step_dir=extra.step_dir, metrics=extra.metrics)
+    return ModelSource(base=source.base, adapter=extra.adapter, gguf_file=source.gguf_file,
+                       train_config=extra.train_config, step_dir=extra.step_dir, metrics=extra.metrics)
 
 
 def _resolve_one(name: str, key: str) -> ModelSource:
@@ -64,8 +67,11 @@ def _resolve_one(name: str, key: str) -> ModelSource:
         if name.startswith((".", "/", "~")) or name.count("/") > 1:
             raise UserError(f"{key}: not found: {name}")
         return ModelSource(base=name)  # a hub id
+    if path.is_file() and path.suffix == gguf.SUFFIX:
+        return ModelSource(base=str(path.parent), gguf_file=path.name)
     if not path.is_dir():
-        raise UserError(f"{key}: {path} is a file; expected a model folder, a checkpoint step folder or a checkpoint_dir")
+        raise UserError(f"{key}: {path} is a file; expected a model folder, a .gguf file, a checkpoint step folder "
+                        "or a checkpoint_dir")
     if (path / "LATEST").is_file():
         return _from_step_dir(_latest(path), key)
     if (path / "model").is_dir() and (path / "config.yaml").is_file():
@@ -93,20 +99,29 @@ def _from_model_folder(folder: Path, key: str, train_config: dict | None) -> Mod
         if not (folder / ADAPTER_WEIGHTS).is_file():  # peft would fall back to a pickled adapter_model.bin
             raise UserError(f"{key}: {folder} holds no {ADAPTER_WEIGHTS}; adapters are read as safetensors only "
                             "(a .bin file is a pickle, which can run code)")
-        return ModelSource(base=adapter_base(folder, train_config, key), adapter=folder, train_config=train_config)
+        base, gguf_file = adapter_base(folder, train_config, key)
+        return ModelSource(base=base, adapter=folder, gguf_file=gguf_file, train_config=train_config)
     if (folder / MODEL_CONFIG).is_file():
         return ModelSource(base=str(folder), train_config=train_config)
-    raise UserError(f"{key}: {folder} holds neither {MODEL_CONFIG} (a model) nor {ADAPTER_CONFIG} (a LoRA adapter), "
-                    "and is not a checkpoint step folder or checkpoint_dir")
+    if gguf.single_gguf_file(folder):
+        return ModelSource(base=str(folder), gguf_file=gguf.single_gguf_file(folder), train_config=train_config)
+    raise UserError(f"{key}: {folder} holds neither {MODEL_CONFIG} (a model) nor {ADAPTER_CONFIG} (a LoRA adapter) "
+                    f"nor one {gguf.SUFFIX} file, and is not a checkpoint step folder or checkpoint_dir")
 
 
-def adapter_base(adapter: Path, train_config: dict | None, key: str) -> str:
-    """The base model an adapter was trained on: the training config's, else adapter_config.json's."""
+def adapter_base(adapter: Path, train_config: dict | None, key: str) -> tuple[str, str | None]:
+    """The base model an adapter was trained on, and its GGUF file if it is one: the training config's, else
+    adapter_config.json's (a folder holding a single GGUF file is that file)."""
     recorded = read_json(adapter / ADAPTER_CONFIG).get("base_model_name_or_path")
-    from_config = ((train_config or {}).get("model") or {}).get("pretrained_model_name_or_path")
+    model_config = (train_config or {}).get("model") or {}
+    from_config = model_config.get("pretrained_model_name_or_path")
+    if from_config and model_config.get("gguf_file"):
+        return from_config, model_config["gguf_file"]
     for candidate in (from_config, recorded):
-        if candidate and (Path(candidate).expanduser().is_dir() or not _looks_local(candidate)):
-            return candidate
+        if candidate and Path(candidate).expanduser().is_dir():
+            return candidate, gguf.single_gguf_file(Path(candidate).expanduser())
+        if candidate and not _looks_local(candidate):
+            return candidate, None
     raise UserError(f"{key}: the base model of adapter {adapter} ({from_config or recorded or 'not recorded'}) is not "
                     "found from here; name it with --model BASE --adapter ADAPTER")
 

@@ -75,15 +75,16 @@ def load_questions(tokenizer, builder_args: dict[str, Any]) -> list[dict[str, An
 
 
 def predict(generator: Generator, questions: list[dict[str, Any]], settings: GenerationSettings,
-            unanswerable_target: str, version: str) -> dict[str, str]:
-    """id -> predicted answer; in v2.0 the trained "unanswerable" text becomes the official empty answer."""
-    completions = generator.generate([q["prompt"] for q in questions], settings)
+            unanswerable_target: str, version: str) -> tuple[dict[str, str], int]:
+    """id -> predicted answer, and how many answers ran to max_new_tokens without an EOS; in v2.0 the trained
+    "unanswerable" text becomes the official empty answer."""
+    completions = generator.complete([q["prompt"] for q in questions], settings)
     no_answer = normalize_answer(unanswerable_target)
     predictions = {}
-    for question, text in zip(questions, completions):
+    for question, (text, _) in zip(questions, completions):
         answer = text.splitlines()[0].strip() if text else ""
         predictions[question["id"]] = "" if version == "2.0" and normalize_answer(answer) == no_answer else answer
-    return predictions
+    return predictions, sum(not stopped for _, stopped in completions)
 
 
 def evaluate_squad(generator: Generator, options: SquadEvalOptions, settings: GenerationSettings,
@@ -95,9 +96,9 @@ def evaluate_squad(generator: Generator, options: SquadEvalOptions, settings: Ge
     questions = load_questions(generator.tokenizer, builder_args)
     version = options.version or ("2.0" if any(not q["answers"] for q in questions) else "1.1")
     logger.info("SQuAD v%s: generating answers for %d questions", version, len(questions))
-    predictions = predict(generator, questions, settings, builder_args["unanswerable_target"], version)
+    predictions, unstopped = predict(generator, questions, settings, builder_args["unanswerable_target"], version)
     scores = squad_scores(predictions, {q["id"]: q["answers"] for q in questions}, version)
-    report = {"version": version, **scores, "model": generator.source.describe() if generator.source else None,
+    report = {"version": version, **scores, "ran_to_max_new_tokens": unstopped, "model": generator.source.describe() if generator.source else None,
               "dataset": str(builder_args["dataset_name"]), "split": builder_args["split"],
               "prompt_template": builder_args["prompt_template"], "seq_length": builder_args["seq_length"],
               "generation": asdict(settings)}
@@ -114,7 +115,8 @@ def write_results(output_dir: Path, predictions: dict[str, str], report: dict[st
 
 def format_summary(report: dict[str, Any]) -> str:
     line = (f"SQuAD v{report['version']} | {report['total']} questions | exact match {report['exact_match']:.2f} | "
-            f"F1 {report['f1']:.2f}")
+            f"F1 {report['f1']:.2f} | {report['ran_to_max_new_tokens']} ran to max_new_tokens "
+            f"({report['generation']['max_new_tokens']}) without EOS")
     if report["version"] == "2.0":
         line += (f" | HasAns EM {report['HasAns_exact_match']:.2f} F1 {report['HasAns_f1']:.2f} "
                  f"({report['HasAns_total']}) | NoAns EM {report['NoAns_exact_match']:.2f} ({report['NoAns_total']})")
@@ -134,13 +136,13 @@ def squad_eval_during_training(model, tokenizer, dataset, step: int, metrics,
     padding_side = tokenizer.padding_side  # the generator pads on the left; training batches are padded by hand
     model.eval()
     try:
-        predictions = predict(Generator(model, tokenizer), questions, settings or GenerationSettings(max_new_tokens=32),
-                              no_answer_target, version)
+        predictions, unstopped = predict(Generator(model, tokenizer), questions,
+                                         settings or GenerationSettings(max_new_tokens=32), no_answer_target, version)
     finally:
         tokenizer.padding_side = padding_side
     scores = squad_scores(predictions, {q["id"]: q["answers"] for q in questions}, version)
     metrics.write({"kind": "generation", "step": step, "exact_match": scores["exact_match"], "f1": scores["f1"],
-                   "total": scores["total"]})
+                   "total": scores["total"], "ran_to_max_new_tokens": unstopped})
     metrics.echo(f"step {step} | SQuAD by generation: exact match {scores['exact_match']:.2f} | "
-                 f"F1 {scores['f1']:.2f} over {scores['total']} questions")
+                 f"F1 {scores['f1']:.2f} over {scores['total']} questions ({unstopped} without EOS)")
     return scores

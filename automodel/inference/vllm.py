@@ -143,6 +143,9 @@ def prepare_for_vllm(source: ModelSource, output_dir: str | Path, name: str, mer
 
     `ask`: check a LoRA adapter against this installed vLLM rather than the table."""
     output_dir = Path(output_dir).resolve()
+    if source.gguf_file and not (merge and source.adapter is not None):
+        raise UserError(f"model: the base is the GGUF file {source.gguf_file}: serve merged weights (a LoRA run: "
+                        "--merge), a full fine-tune's model folder, or the GGUF file itself with `vllm serve FILE`")
     if merge and source.adapter is not None:
         merge_lora(source, output_dir, overwrite=overwrite)
         return ServePlan(output_dir, ["--model", str(output_dir), "--served-model-name", name])

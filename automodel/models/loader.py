@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from automodel.errors import UserError
-from automodel.models import attention
+from automodel.models import attention, gguf
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ def resolve_model_folder(name: str, revision: str | None = None) -> Path:
 
 
 def load_causal_lm(pretrained_model_name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None,
-                   trust_remote_code: bool = False, revision: str | None = None, **config_overrides):
+                   trust_remote_code: bool = False, revision: str | None = None, gguf_file: str | None = None,
+                   **config_overrides):
     """`AutoModelForCausalLM.from_pretrained` with the recipe's defaults and one-line errors.
 
     `attn_implementation` unset lets transformers choose: sdpa where the architecture supports it, eager
@@ -94,12 +95,15 @@ def load_causal_lm(pretrained_model_name_or_path: str, dtype: str = "float32", a
     padding-free batches). Name `sdpa` to keep transformers' own.
 
     `config_overrides` are applied to the model config (e.g. `use_cache: false`, `output_router_logits: true`).
+    `gguf_file` names a GGUF file in the folder or repo, dequantised to `dtype` (automodel/models/gguf.py).
     """
     from safetensors import SafetensorError
 
     from automodel.models import families
 
-    source = check_source(pretrained_model_name_or_path, MODEL_KEY, required_file="config.json")
+    source = check_source(pretrained_model_name_or_path, MODEL_KEY, required_file=None if gguf_file else "config.json")
+    if gguf_file is not None:
+        source = gguf.dequantised_folder(source, gguf_file, revision)
     if attn_implementation == attention.AUTOMODEL_SDPA:
         attention.register()
     try:
@@ -122,6 +126,8 @@ def load_tokenizer(pretrained_model_name_or_path: str, trust_remote_code: bool =
     from transformers import AutoTokenizer
 
     source = check_source(pretrained_model_name_or_path, key)
+    if kwargs.get("gguf_file") is not None:
+        source = gguf.dequantised_folder(source, kwargs.pop("gguf_file"), revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision,
                                                   **kwargs)

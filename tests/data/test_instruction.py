@@ -27,8 +27,11 @@ def alpaca_prompt(row):
 
 
 def expected_item(tokenizer, prompt, answer):
+    """Prompt and answer tokenized as one text (as the model reads it), split after the prompt's own tokens."""
     prompt_ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    joined = [tokenizer.bos_token_id] + tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+    assert joined[:len(prompt_ids)] == prompt_ids  # these prompts end in a newline or ':', never inside a token
+    answer_ids = joined[len(prompt_ids):] + [tokenizer.eos_token_id]
     return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
 
 

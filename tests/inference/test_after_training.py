@@ -50,8 +50,10 @@ def test_eval_squad_base_vs_lora_on_the_same_50_questions(lora_run, tmp_path, ca
         expected = squad_scores(predictions, gold)
         assert report["exact_match"] == pytest.approx(expected["exact_match"])
         assert report["f1"] == pytest.approx(expected["f1"]) and report["total"] == 50
+        unstopped = report["ran_to_max_new_tokens"]
+        assert 0 <= unstopped <= 50
         assert summary == f"SQuAD v1.1 | 50 questions | exact match {expected['exact_match']:.2f} | " \
-                          f"F1 {expected['f1']:.2f}"
+                          f"F1 {expected['f1']:.2f} | {unstopped} ran to max_new_tokens (32) without EOS"
     assert read_json(lora_dir / "scores.json")["prompt_template"] == DEFAULT_PROMPT_TEMPLATE
 
 

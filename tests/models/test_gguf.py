@@ -1,0 +1,107 @@
+"""GGUF checkpoints as a model source, on the real SmolLM2-135M-Instruct Q4_1 file of the shared assets.
+
+The first load on a machine dequantises the file into the cache ($AUTOMODEL_CACHE/gguf, ~1 minute on 2 cores);
+these tests then read that folder, as every run does.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from automodel.errors import UserError
+from automodel.inference.sources import resolve_source
+from automodel.models import load_causal_lm, load_tokenizer
+from automodel.models.gguf import INSTALL, cache_root, file_sha256
+from tests.conftest import ASSETS, REPO_ROOT
+
+SMOL = ASSETS / "models" / "SmolLM2-135M-Instruct-GGUF"
+SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_causal_lm(str(SMOL), gguf_file=SMOL_FILE), load_tokenizer(str(SMOL), gguf_file=SMOL_FILE)
+
+
+def test_the_dequantised_model_is_the_file_and_answers(smol):
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    model, tokenizer = smol
+    assert type(model).__name__ == "LlamaForCausalLM" and model.dtype == torch.float32
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    # gguf's own reader and dequantiser, independent of transformers: the same numbers, bit for bit.
+    tensor = next(t for t in GGUFReader(SMOL / SMOL_FILE).tensors if t.name == "blk.3.ffn_down.weight")
+    expected = dequantize(tensor.data, tensor.tensor_type).reshape(model.config.hidden_size, -1)
+    assert np.array_equal(model.model.layers[3].mlp.down_proj.weight.detach().numpy(), expected)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("Answer: Denver")["input_ids"]) == ["Answer", ":", "ĠDenver"]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.input_ids.shape[1]:])
+    folders = list(cache_root().glob(f"{SMOL_FILE[:-5]}-{file_sha256(SMOL / SMOL_FILE)[:16]}"))
+    assert len(folders) == 1 and (folders[0] / "model.safetensors").is_file()
+
+
+def test_complete_says_which_answers_ended_with_eos(smol):
+    from automodel.inference.generate import GenerationSettings, Generator
+
+    model, tokenizer = smol
+    generator = Generator(model.eval(), tokenizer)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           tokenize=False, add_generation_prompt=True)
+    [(answer, ended)] = generator.complete([prompt], GenerationSettings(max_new_tokens=24))
+    [(cut, cut_ended)] = generator.complete([prompt], GenerationSettings(max_new_tokens=3))
+    assert ended and "Paris" in answer, answer
+    assert not cut_ended and answer.startswith(cut)
+    assert generator.generate([prompt], GenerationSettings(max_new_tokens=24)) == [answer]
+
+
+def test_training_dtype_is_applied():
+    model = load_causal_lm(str(SMOL), gguf_file=SMOL_FILE, dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_bad_gguf_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match=r"model.gguf_file: .* has no other.gguf \(GGUF files there: " + SMOL_FILE):
+        load_causal_lm(str(SMOL), gguf_file="other.gguf")
+    with pytest.raises(UserError, match="model.gguf_file: expected the name of a .gguf file"):
+        load_causal_lm(str(SMOL), gguf_file="model.bin")
+    with pytest.raises(UserError, match="has no config.json"):
+        load_causal_lm(str(SMOL))
+
+
+def test_missing_gguf_package_names_the_install_command():
+    # A None entry in sys.modules is how Python marks a module that cannot be imported.
+    code = ("import sys; sys.modules['gguf'] = None; from automodel.cli.main import main; "
+            f"sys.exit(main(['generate', {str(SMOL / SMOL_FILE)!r}, '--prompt', 'Hi']))")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and INSTALL in errors[0] and "gguf" in errors[0]
+
+
+def test_sources_resolve_a_gguf_file_or_folder(tmp_path):
+    by_file = resolve_source(str(SMOL / SMOL_FILE))
+    by_folder = resolve_source(str(SMOL))
+    for source in (by_file, by_folder):
+        assert (source.base, source.gguf_file, source.adapter) == (str(SMOL), SMOL_FILE, None)
+    assert by_file.describe() == f"{SMOL} (GGUF {SMOL_FILE})" and by_file.model_folder is None
+    (tmp_path / "a.gguf").write_bytes(b"")
+    (tmp_path / "b.gguf").write_bytes(b"")
+    with pytest.raises(UserError, match="nor one .gguf file"):
+        resolve_source(str(tmp_path))
+
+
+def test_serve_refuses_a_gguf_base_without_merging(tmp_path):
+    from automodel.inference.vllm import prepare_for_vllm
+
+    with pytest.raises(UserError, match="the base is the GGUF file .*--merge"):
+        prepare_for_vllm(resolve_source(str(SMOL / SMOL_FILE)), tmp_path / "out", "smol")
+    assert not (tmp_path / "out").exists()
