@@ -74,7 +74,7 @@ def build_model(cfg: dict[str, Any], parallel=None, device: torch.device | None 
 
 
 def build_in_full(node: dict[str, Any], lora: LoraSettings | None, parallel, device: torch.device,
-                  policy: TargetPolicy) -> nn.Module:
+                  policy: TargetPolicy = TargetPolicy()) -> nn.Module:
     """Every process loads the whole model through the configured builder, then it is split."""
     model = build(node, "model", policy=policy)
     if not isinstance(model, nn.Module):
@@ -86,7 +86,7 @@ def build_in_full(node: dict[str, Any], lora: LoraSettings | None, parallel, dev
 
 
 def build_quantized(node: dict[str, Any], lora: LoraSettings, parallel, device: torch.device,
-                    policy: TargetPolicy) -> nn.Module:
+                    policy: TargetPolicy = TargetPolicy()) -> nn.Module:
     """QLoRA: transformers loads the base in 4 bits (bitsandbytes), straight onto this process's device."""
     lora.quantization.check_device(device, parallel.world_size if parallel is not None else 1)
     model = build(node, "model", policy=policy, quantization_config=lora.quantization.bnb_config(),
