@@ -8,8 +8,8 @@
   4. allocates only this process's shards and reads them from the checkpoint (models/materialize.py),
   5. computes the buffers the checkpoint does not store and wraps DDP last (it needs real parameters).
 Other sources (a custom `model._target_`, a GGUF file, `.bin` weights, names transformers converts on load) load whole
-through transformers in each process, as one info line says; so does a QLoRA base, which bitsandbytes
-quantises as it loads.
+through transformers in each process, as one info line says; so do a QLoRA base, which bitsandbytes
+quantises as it loads, and a DoRA run, whose magnitudes peft computes from the loaded weights.
 """
 
 from __future__ import annotations
@@ -60,7 +60,11 @@ def build_model(cfg: dict[str, Any], parallel=None, device: torch.device | None 
     node, lora = model_section(cfg), lora_settings(cfg)
     if lora is not None and lora.quantization is not None:
         return build_quantized(node, lora, parallel, device, policy)
-    if node["_target_"] == LOAD_CAUSAL_LM and not node.get("gguf_file"):
+    if lora is not None and lora.use_dora:
+        # DoRA's magnitudes are the base weights' row norms, computed by peft when it wraps a loaded layer.
+        logger.info("model: DoRA (peft.use_dora) initialises from the loaded weights: each process loads the whole "
+                    "model")
+    elif node["_target_"] == LOAD_CAUSAL_LM and not node.get("gguf_file"):
         options = {k: v for k, v in node.items() if k != "_target_"}
         folder = resolve_model_folder(options.get("pretrained_model_name_or_path"), options.get("revision"))
         checkpoint = find_safetensors(folder)
