@@ -109,7 +109,8 @@ def test_every_shipped_recipe_uses_only_trusted_targets(monkeypatch):
         targets = list(find_targets(load_yaml(path)))
         assert targets, path
         policy.check_config(load_config(path))
-    docs = [p for p in (REPO_ROOT / "docs").rglob("*.md")] + [REPO_ROOT / "README.md"]
+    # docs/security.md shows how to allow targets of your own: every other page's targets work as they are.
+    docs = [p for p in (REPO_ROOT / "docs").rglob("*.md") if p.name != "security.md"] + [REPO_ROOT / "README.md"]
     for doc in docs:
         for dotted in re.findall(r"_target_:\s*([\w.]+)", doc.read_text()):
             policy.check(dotted, doc.name)

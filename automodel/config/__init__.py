@@ -13,6 +13,6 @@ from automodel.config.redact import REDACTED, config_at_rest, is_secret_key, rea
 from automodel.config.sections import SECTIONS, check_sections
 from automodel.config.trust import TargetPolicy, target_policy
 
-__all__ = ["SECTIONS", "apply_overrides", "build", "check_sections", "did_you_mean", "interpolate", "load_config",
-           "parse_overrides", "parse_section", "resolve_target", "TargetPolicy", "target_policy", "config_at_rest", "read_run_config", "redact", "REDACTED", "is_secret_key",
-           "load_unresolved_config"]
+__all__ = ["REDACTED", "SECTIONS", "TargetPolicy", "apply_overrides", "build", "check_sections", "config_at_rest",
+           "did_you_mean", "interpolate", "is_secret_key", "load_config", "load_unresolved_config", "parse_overrides",
+           "parse_section", "read_run_config", "redact", "resolve_target", "target_policy"]

@@ -62,10 +62,11 @@ def model_card(source: ModelSource, repo_id: str, scores: dict[str, Any] | None 
         tags=["automodel", "lora" if lora else "full-fine-tune", "text-generation"], pipeline_tag="text-generation")
     parts = [f"---\n{data.to_yaml()}\n---\n", f"# {repo_id.rsplit('/', 1)[-1]}\n", _summary(source, config),
              _metrics_section(source.metrics), _scores_section(scores), _usage_section(source, repo_id)]
-    if config and source.step_dir is not None:
+    if config:
         # As the run wrote it down: `${oc.env:...}` unresolved, secret-looking values redacted (config/redact.py;
         # again here, for a config.yaml written elsewhere).
-        written = redact(load_yaml(source.step_dir / "config.yaml"))
+        saved = source.step_dir / "config.yaml" if source.step_dir is not None else None
+        written = redact(load_yaml(saved) if saved is not None and saved.is_file() else config)
         parts.append("## Training configuration\n\nThe `automodel` recipe config of the run:\n\n"
                      f"```yaml\n{yaml.safe_dump(written, sort_keys=False)}```\n")
     return "\n".join(part for part in parts if part)

@@ -154,7 +154,8 @@ class FinetuneRecipe:
         self.max_steps, why = self.steps.streaming_total_steps() if self.streaming \
             else self.steps.total_steps(self.steps_per_epoch)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build(with_default_target(self.cfg, "optimizer"), "optimizer", policy=self.targets, params=self.params)
+        self.optimizer = build(with_default_target(self.cfg, "optimizer"), "optimizer", policy=self.targets,
+                               params=self.params)
         self.lr_scheduler = self.lr_cfg.build(self.optimizer, self.max_steps)
         self.loss_fn = build(with_default_target(self.cfg, "loss_fn"), "loss_fn", policy=self.targets)
         self.output_head = chunked_head_for(self.hf_model, self.loss_fn) if self.label_logits_only else None
@@ -238,7 +239,8 @@ class FinetuneRecipe:
             int(self.cfg.get("seed", 42)), GROUP_BY_LENGTH_DEFAULT) if train else StatefulDistributedSampler(
             dataset, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle,
             seed=int(self.cfg.get("seed", 42)), drop_last=train)
-        return build(node, section, policy=self.targets, dataset=dataset, batch_size=self.steps.local_batch_size, sampler=sampler,
+        return build(node, section, policy=self.targets, dataset=dataset, batch_size=self.steps.local_batch_size,
+                     sampler=sampler,
                      collate_fn=collate_fn, drop_last=train)
 
     def _build_stream_loader(self, stream, node: dict, shuffle: bool, collate_fn):

@@ -151,3 +151,15 @@ def one_error_line_of(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1, lines
     return lines[0]
+
+
+def test_export_output_may_not_be_a_link_or_inside_its_state(sft_run, tmp_path, capsys):
+    step = latest_step_dir(sft_run)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "target", target_is_directory=True)
+    assert main(["export", str(step), "--output", str(link)]) == 2
+    assert one_error_line(capsys).startswith(f"error: --output: {link} is a link to")
+    assert main(["export", str(step), "--output", str(step / "dcp" / "model")]) == 2
+    assert one_error_line(capsys) == (f"error: --output: {step / 'dcp' / 'model'} overlaps the input folder "
+                                      f"{step / 'dcp'}; write somewhere else")
+    assert not (tmp_path / "target").exists() and not (step / "dcp" / "model").exists()
