@@ -38,6 +38,18 @@ def test_yaml_overrides_and_types(tmp_path):
     assert cfg["checkpoint"] == {"enabled": False}
 
 
+def test_exponent_floats_without_a_dot_are_floats_in_files_and_overrides(tmp_path):
+    """`lr: 1e-4` is what users write; PyYAML's own safe_load reads it as the string '1e-4'."""
+    path = write(tmp_path, "optimizer:\n  lr: 1e-4\n  eps: 1E-8\n  betas: [9e-1, 0.95]\n"
+                           "dataset:\n  name: 1e4x\n  version: '2e5'\n")
+    cfg = load_config(path, ["--optimizer.weight_decay", "[1e-2]"])
+    assert cfg["optimizer"] == {"lr": 1e-4, "eps": 1e-8, "betas": [0.9, 0.95], "weight_decay": [0.01]}
+    assert cfg["dataset"] == {"name": "1e4x", "version": "2e5"}
+    optimizer = build({"_target_": "torch.optim.AdamW", **cfg["optimizer"], "weight_decay": 0.01}, "optimizer",
+                      params=[torch.nn.Parameter(torch.zeros(1))])
+    assert optimizer.defaults["lr"] == 1e-4
+
+
 def test_env_interpolation(tmp_path, monkeypatch):
     monkeypatch.setenv("AM_DATA", "/data/squad")
     monkeypatch.delenv("AM_UNSET", raising=False)

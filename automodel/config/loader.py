@@ -20,6 +20,20 @@ from automodel.errors import UserError
 _INTERPOLATION = re.compile(r"\$\{(?:oc\.env:)?([A-Za-z_][A-Za-z0-9_]*)(?:,([^}]*))?\}")
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `1e-4` as the float users mean (YAML 1.1, which PyYAML follows, wants a dot:
+    `1.0e-4`; YAML 1.2 and every other YAML reader take both)."""
+
+
+ConfigLoader.add_implicit_resolver(  # copies SafeLoader's resolver table: yaml.safe_load is unchanged
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def did_you_mean(word: str, choices) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
@@ -32,7 +46,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path.read_text())
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file; expected a YAML config") from None
     except IsADirectoryError:
@@ -52,16 +66,9 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def parse_scalar(text: str) -> Any:
     """Parse an override value the way YAML would: 10 -> int, 1e-4 -> float, true -> bool, [1, 2] -> list."""
     try:
-        value = yaml.safe_load(text)
+        return read_yaml(text)
     except yaml.YAMLError:
         return text
-    # PyYAML reads '1e-4' as a string (YAML 1.1 wants a dot); users mean a float.
-    if isinstance(value, str):
-        try:
-            return float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value) else value
-        except ValueError:
-            return value
-    return value
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
