@@ -38,8 +38,10 @@ FAMILIES_TEXT = (
     "`tests/models/test_families.py` checks our forward pass against a reference forward written in the test "
     "from the family's published description, that load + save returns every tensor bit for bit and the "
     "config.json unchanged, and that a config field automodel does not translate stops with a one-line error "
-    "naming it (exit 2). LoRA adapters of these rows name the native modules, which are the published module "
-    "names for the config-only routes below. The routes:")
+    "naming it (exit 2). `scripts/check_families_against_vllm.py` (manual: vLLM's CPU engine in .venv-vllm) "
+    "compares our prompt log-probabilities with vLLM's own implementation of each family. LoRA adapters of these "
+    "rows name the native modules, which are the published module names for the config-only routes below. "
+    "The routes:")
 
 HANDLING = [
     "Gemma: embeddings scaled by sqrt(hidden); Granite, MiniCPM3: embedding/residual/logit multipliers; Cohere: "

