@@ -69,17 +69,23 @@ class OutputHead:
         return [p for p in self.module.parameters() if p.requires_grad]
 
 
-def model_class_name(model: nn.Module) -> str:
-    """The model's own class name (FSDP2 replaces the class with an `FSDP<Name>` subclass)."""
+def head_class_name(model: nn.Module) -> str:
+    """The name under which HEAD_QUIRKS knows the model's head: its own class (FSDP2 replaces the class with an
+    `FSDP<Name>` subclass), or the nearest parent in the table when the classes in between inherit `forward`
+    (the remote-code families' renamed subclasses, automodel/models/families), which computes the logits."""
     from torch.distributed.fsdp import FSDPModule
 
-    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule)).__name__
+    classes = [cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule)]
+    for cls in classes:
+        if cls.__name__ in HEAD_QUIRKS or "forward" in vars(cls):
+            return cls.__name__
+    return classes[0].__name__
 
 
 def output_head(model: nn.Module) -> tuple[OutputHead | None, str]:
     """(the model's output head, "") or (None, why the chunked head cannot be used for it)."""
     base = transformers_model(model)
-    name = model_class_name(base)
+    name = head_class_name(base)
     if name not in HEAD_QUIRKS:
         return None, f"{name} is not in automodel's output-head table (automodel/models/heads.py)"
     module = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None

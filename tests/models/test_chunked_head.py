@@ -16,11 +16,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from automodel.data.collate import pad_collate
 from automodel.data.squad import make_squad_dataset
 from automodel.models.heads import HEAD_QUIRKS, output_head
-from automodel.models.registry import native_rows
+from automodel.models.loader import load_causal_lm
+from automodel.models.registry import family_rows, native_rows
 from automodel.training.chunked_loss import forward_chunked_loss
 from automodel.training.loss import IGNORE_INDEX, MaskedCrossEntropy, shift_labels
 from tests.conftest import SQUAD_DEV
 from tests.models.test_architectures import one_thread  # noqa: F401 (fixture)
+from tests.models.published import write_published_checkpoint
 from tests.models.test_label_logits import _loss_and_grads
 from tests.models.tiny import shared_tokenizer, tiny_config
 
@@ -79,6 +81,18 @@ def _tiny_model(row, tokenizer, **overrides):
 def test_chunked_head_matches_full_logits(row, one_thread):  # noqa: F811
     tokenizer = shared_tokenizer(name=row.tokenizer)
     model = _tiny_model(row, tokenizer)
+    _assert_same(model, _batch(tokenizer))
+
+
+FAMILIES = family_rows()
+
+
+@pytest.mark.parametrize("row", FAMILIES, ids=[r.test_id for r in FAMILIES])
+def test_remote_code_family_gets_the_chunked_head(row, tmp_path, one_thread):  # noqa: F811
+    """The families' classes (automodel/models/families) inherit their native parent's forward, so they share its
+    head: the chunked path is on for them and matches the full logits."""
+    tokenizer = shared_tokenizer(name=row.tokenizer)
+    model = load_causal_lm(str(write_published_checkpoint(row, tmp_path / "published"))).eval()
     _assert_same(model, _batch(tokenizer))
 
 
