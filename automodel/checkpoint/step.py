@@ -15,6 +15,7 @@ from torch import nn
 from automodel.checkpoint.hf_writer import DEFAULT_MAX_SHARD_SIZE, write_hf_model
 from automodel.checkpoint.save import prune, save_step, write_config
 from automodel.checkpoint.state import TrainState, save_training_state
+from automodel.models.unwrap import without_ddp
 
 logger = logging.getLogger("automodel")
 
@@ -24,7 +25,7 @@ def save_checkpoint(parallel, model: nn.Module, tokenizer, cfg: dict, out_dir: P
                     keep_last_n: int | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path | None:
     """Publish `<out_dir>/step_<step>/` (training state, config, and `model/` when `consolidated`); every rank
     of `parallel` (distributed/parallel.py) must call this. Returns the step folder on rank 0, None elsewhere."""
-    hf_model = parallel.unwrap(model)
+    hf_model = without_ddp(model)  # the transformers or peft model
 
     def write(folder: Path) -> None:
         save_training_state(folder, model, optimizer, lr_scheduler, state)

@@ -33,6 +33,7 @@ from automodel.models.materialize import (
     lora_initial_values,
     loaded_names,
 )
+from automodel.models.unwrap import transformers_model
 from automodel.models.weights import check_bin_files, check_matches_model, find_safetensors
 from automodel.peft import LoraSettings
 
@@ -154,7 +155,7 @@ def build_on_meta(options: dict[str, Any], checkpoint, lora: LoraSettings | None
     if parallel is not None:
         model = parallel.shard(model)
     model.to_empty(device=device)
-    hf = model.get_base_model() if lora is not None else model
+    hf = transformers_model(model)
     hf.tie_weights()
     load_checkpoint_weights(model, checkpoint.folder, set(wanted), peft=lora is not None)
     fill_from_full(model, lora_values)

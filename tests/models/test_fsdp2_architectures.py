@@ -5,7 +5,7 @@ once for the module and trains every selected (architecture, mode) in turn throu
 global batch 2 on real SQuAD rows, one example per rank per step, strategy fsdp2 (each decoder layer and the root
 sharded), fp32. Each parametrised test runs the same config in this process (two micro-batches of one) and asserts:
 - equal per-step losses (rtol 1e-5: only the order of the sums differs);
-- the consolidated `model/` folder written under FSDP2 (full state dict gathered to rank 0, or the gathered LoRA
+- the consolidated `model/` folder written under FSDP2 (gathered tensor by tensor, or the gathered LoRA
   adapter) holds the same tensor names, shapes and dtypes as the single-process one, values within 1e-5.
 Dropout is switched off in both layouts (see fsdp2_worker.no_dropout); MoE routing is deterministic.
 """
