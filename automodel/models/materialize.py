@@ -33,7 +33,8 @@ def loaded_names(model: nn.Module) -> dict[str, tuple[tuple[int, ...], bool]]:
 def lora_initial_values(model: nn.Module, rng_before: torch.Tensor) -> dict[str, torch.Tensor]:
     """The values peft gave the adapters when it applied them to the meta model (peft moved them to the meta
     device, so they are recomputed): the same draws from the same generator state, in the same order as peft's
-    `update_layer` made them (lora_A's and lora_B's nn.Linear init, then `reset_lora_parameters`), rounded
+    `update_layer` made them (lora_A's and lora_B's nn.Linear init, then `reset_lora_parameters` with the adapter's
+    `init_lora_weights`), rounded
     through the base layer's dtype as peft's move to it does. Full-size CPU tensors (rank x features: small)."""
     from peft.tuners.lora import LoraLayer
 
@@ -49,7 +50,11 @@ def lora_initial_values(model: nn.Module, rng_before: torch.Tensor) -> dict[str,
             dtypes = {part: module.weight.dtype for part, module in parts.items()}
             for module in parts.values():
                 module.to_empty(device="cpu").float().reset_parameters()
-            layer.reset_lora_parameters(adapter, True)
+            init = model.peft_config[adapter].init_lora_weights
+            if init == "orthogonal":  # peft's update_layer dispatch, for the inits LoraSettings allows
+                layer.orthogonal_init(adapter)
+            elif init:
+                layer.reset_lora_parameters(adapter, init)
             for part, module in parts.items():
                 for pname, param in module.named_parameters():
                     values[f"{name}.{part}.{adapter}.{pname}"] = param.detach().to(base_dtype).to(dtypes[part])

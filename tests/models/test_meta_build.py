@@ -75,6 +75,19 @@ def test_meta_build_equals_the_whole_model_load(peft, caplog):
         assert lora_a and all(p.abs().sum() > 0 for p in lora_a)
 
 
+@pytest.mark.parametrize("init", [False, "gaussian", "orthogonal"])
+def test_meta_build_reproduces_each_lora_initialisation(init):
+    """peft's other initialisations (`peft.init_lora_weights`) draw other values, and the meta build draws them too
+    (before it took the default's: gaussian draws as many numbers, so the generator check alone missed it)."""
+    peft = {**LORA, "init_lora_weights": init}
+    full, full_rng, meta, meta_rng = both_builds({"model": {"pretrained_model_name_or_path": str(STORIES)},
+                                                  "peft": peft})
+    assert_same_model(full, meta)
+    assert torch.equal(full_rng, meta_rng)
+    lora_b = [p for n, p in meta.named_parameters() if "lora_B" in n]
+    assert lora_b and all((p.abs().sum() > 0) == (init != "gaussian") for p in lora_b)  # gaussian: B starts at 0
+
+
 @pytest.mark.parametrize("dtype, peft", [("float32", None), ("bfloat16", LORA)], ids=["fp32-sft", "bf16-lora"])
 def test_bf16_sharded_checkpoint(bf16_shards, dtype, peft):
     """bf16 shards read into fp32 (or bf16) parameters exactly as transformers reads them."""
