@@ -110,8 +110,11 @@ CONVERTED = {"DeciLMLlamaForCausalLM": (DeciLMLlamaForCausalLM, None),
 
 
 def converted_class(name: str):
-    """The class, with its conversion registered once per process."""
+    """The class, with its conversion registered once per process: under its name and under the name FSDP2 gives
+    it (`fully_shard` swaps the class for an `FSDP<Name>` subclass, and transformers looks conversions up by class
+    name, so a sharded model saves in the published layout too)."""
     model_class, conversion = CONVERTED[name]
-    if conversion is not None and name not in USER_REGISTERED_MAPPINGS:
-        register_checkpoint_conversion_mapping(name, conversion())
+    for class_name in (name, f"FSDP{name}"):
+        if conversion is not None and class_name not in USER_REGISTERED_MAPPINGS:
+            register_checkpoint_conversion_mapping(class_name, conversion())
     return model_class
