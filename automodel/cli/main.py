@@ -124,7 +124,9 @@ def setup_logging(level: str) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # datasets' own bars ("Generating train split") would add stderr lines around a one-line error; automodel
     # reports what it read in its log. Its JSON reader logs a parse error that automodel reports itself, in one line.
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is first imported
+    if "datasets" in sys.modules:  # already imported (the CLI called in-process): switch its bars off directly
+        sys.modules["datasets"].disable_progress_bars()
     logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
 
 

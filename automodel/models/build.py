@@ -118,7 +118,11 @@ def meta_model(options: dict[str, Any], folder: Path) -> nn.Module | None:
             return None
         config, published = family
         if config is None:
-            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust, **overrides)
+            config, unused = AutoConfig.from_pretrained(folder, trust_remote_code=trust, return_unused_kwargs=True,
+                                                        **overrides)
+            if unused:  # transformers would drop them; the whole-model load refuses them too
+                raise UserError(f"model.{next(iter(unused))}: {type(config).__name__} has no such setting; remove "
+                                "the key or name one of the model config's fields")
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(options.get("dtype", "float32")),
                                                      attn_implementation=attn, trust_remote_code=trust)

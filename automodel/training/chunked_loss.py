@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from automodel.data.collate import model_inputs
 from automodel.models.heads import OutputHead, output_head
+from automodel.training.loss import at_least_fp32
 
 logger = logging.getLogger("automodel")
 
@@ -28,11 +29,12 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, targets, head, chunk_size, *params):
         wrt_hidden = hidden.requires_grad
         hidden_grads, param_grads = [], [None] * len(params)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         for start in range(0, len(hidden), chunk_size):
             chunk = hidden[start:start + chunk_size].detach().requires_grad_(wrt_hidden)
             with torch.enable_grad():
-                loss = F.cross_entropy(head(chunk).float(), targets[start:start + chunk_size], reduction="sum")
+                loss = F.cross_entropy(at_least_fp32(head(chunk)), targets[start:start + chunk_size],
+                                       reduction="sum")
             grads = torch.autograd.grad(loss, [chunk] * wrt_hidden + list(params), allow_unused=True)
             if wrt_hidden:
                 hidden_grads.append(grads[0])
@@ -58,14 +60,15 @@ def _accumulate(total: torch.Tensor | None, grad: torch.Tensor | None) -> torch.
 
 def chunked_head_cross_entropy(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor,
                                chunk_size: int) -> torch.Tensor:
-    """Sum over rows of cross-entropy(head(hidden[i]), targets[i]), in fp32; `hidden` is `[label_tokens, hidden]`."""
+    """Sum over rows of cross-entropy(head(hidden[i]), targets[i]), in fp32 (fp64 for fp64 `hidden`); `hidden` is
+    `[label_tokens, hidden]`."""
     params = head.trainable_parameters() if torch.is_grad_enabled() else []
     if not (torch.is_grad_enabled() and (hidden.requires_grad or params)):
         with torch.no_grad():
-            return sum((F.cross_entropy(head(hidden[start:start + chunk_size]).float(),
+            return sum((F.cross_entropy(at_least_fp32(head(hidden[start:start + chunk_size])),
                                         targets[start:start + chunk_size], reduction="sum")
                         for start in range(0, len(hidden), chunk_size)),
-                       torch.zeros((), dtype=torch.float32, device=hidden.device))
+                       torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device))
     return _ChunkedHeadCrossEntropy.apply(hidden, targets, head, chunk_size, *params)
 
 

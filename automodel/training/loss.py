@@ -19,6 +19,11 @@ from automodel.errors import UserError
 from automodel.models.unwrap import transformers_model
 
 
+def at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for the softmax in fp32, or fp64 where the model runs in fp64 (never narrowed)."""
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """Targets for each position: the next token's label; the last position predicts nothing."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -39,8 +44,8 @@ DEFAULT_CHUNK_SIZE = 1024
 
 
 class MaskedCrossEntropy:
-    """Sum of cross-entropy over targets that are not -100, computed in fp32. `logits` is `[..., vocab]`, `targets`
-    the matching `[...]`.
+    """Sum of cross-entropy over targets that are not -100, computed in fp32 (fp64 for an fp64 model). `logits` is
+    `[..., vocab]`, `targets` the matching `[...]`.
 
     `chunk_size` (label tokens, default 1024): the recipe applies the output head and this loss at the label
     positions only, that many label tokens at a time, so no `[label_tokens x vocab]` logits tensor ever exists
@@ -56,7 +61,7 @@ class MaskedCrossEntropy:
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         mask = targets != IGNORE_INDEX
-        return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum")
+        return F.cross_entropy(at_least_fp32(logits[mask]), targets[mask], reduction="sum")
 
     def head_loss(self, head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The same sum from the last hidden states at the label positions (`[label_tokens, hidden]`, every target a

@@ -92,6 +92,9 @@ def meta_config(folder: Path, trust_remote_code: bool, config_overrides: dict[st
         return None
     config = native_config(published, str(folder))
     for name, value in config_overrides.items():
+        if not hasattr(config, name):
+            raise ValueError(f"{type(config).__name__} (read from {family.model_type}'s config) has no setting "
+                             f"'{name}'; remove model.{name}")
         setattr(config, name, value)
     return config, published
 
