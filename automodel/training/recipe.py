@@ -268,6 +268,8 @@ class FinetuneRecipe:
         state, result = self.state, RunResult(final_dir=self.restored_from, steps=self.state.step)
         bar = progress_bar(self.max_steps, "training", self.log_cfg.progress_bar, initial=state.step, unit="step")
         with self.metrics, logging_redirect_tqdm(), PreemptionHandler() as preemption:
+            if self.steps.val_generate_at_start and state.step == 0:
+                self._generate_on_validation(0)
             while state.step < self.max_steps and not result.preempted and not self._epochs_done():
                 batches = self._epoch_batches()
                 epoch_done = False
@@ -357,14 +359,18 @@ class FinetuneRecipe:
             self.metrics.log_train(record, self.max_steps)
         if self.val_loader is not None and due(self.steps.val_every_steps, step, self.max_steps):
             result.val_losses[step] = self.validate(step)
-        if self.val_set is not None and self.steps.val_generate_every_steps and \
-                due(self.steps.val_generate_every_steps, step, self.max_steps):
-            from automodel.inference.squad_eval import squad_eval_during_training
-
-            squad_eval_during_training(self.model, self.tokenizer, self.val_set, step, self.metrics)
+        if self.steps.val_generate_every_steps and due(self.steps.val_generate_every_steps, step, self.max_steps):
+            self._generate_on_validation(step)
         if self.ckpt_cfg.enabled and due(self.steps.ckpt_every_steps, step, self.max_steps):
             result.final_dir = self.save(step)
             self.last_saved_step = step
+
+    def _generate_on_validation(self, step: int) -> None:
+        if self.val_set is None:
+            return
+        from automodel.inference.squad_eval import squad_eval_during_training
+
+        squad_eval_during_training(self.model, self.tokenizer, self.val_set, step, self.metrics)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """One optimizer step over `grad_acc` micro-batches."""

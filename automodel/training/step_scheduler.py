@@ -28,6 +28,8 @@ class StepSchedulerConfig:
     log_every_steps: int = 1
     on_nonfinite: Literal["stop", "skip"] = "stop"
     val_generate_every_steps: int | None = None
+    # Also answer the validation questions before the first step (step 0): the base model's score to compare with.
+    val_generate_at_start: bool = False
 
     def __post_init__(self):
         for name in ("global_batch_size", "local_batch_size", "log_every_steps"):

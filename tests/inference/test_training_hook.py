@@ -22,12 +22,15 @@ def short_config(tmp_path, every):
 
 
 def test_generation_scores_are_logged_and_training_is_unchanged(tmp_path):
-    with_hook = FinetuneRecipe(short_config(tmp_path / "a", every=1)).run()
+    hooked = short_config(tmp_path / "a", every=1)
+    hooked["step_scheduler"]["val_generate_at_start"] = True  # step 0: the base model's score
+    with_hook = FinetuneRecipe(hooked).run()
     without = FinetuneRecipe(short_config(tmp_path / "b", every=None)).run()
     assert with_hook.train_losses == without.train_losses  # generation neither reseeds nor changes weights
     records = [json.loads(line) for line in (tmp_path / "a" / "ckpt" / "metrics.jsonl").read_text().splitlines()]
     generation = [r for r in records if r["kind"] == "generation"]
-    assert [r["step"] for r in generation] == [1, 2] and all(r["total"] == 4 for r in generation)
+    assert [r["step"] for r in generation] == [0, 1, 2] and all(r["total"] == 4 for r in generation)
+    assert all(0 <= r["ran_to_max_new_tokens"] <= 4 for r in generation)
     assert all(0 <= r["exact_match"] <= r["f1"] + 1e-9 <= 100 + 1e-9 for r in generation)
     plain = [json.loads(line) for line in (tmp_path / "b" / "ckpt" / "metrics.jsonl").read_text().splitlines()]
     assert not [r for r in plain if r["kind"] == "generation"]
