@@ -116,6 +116,9 @@ def setup_logging(level: str) -> None:
     # Warnings that say nothing to a user of this tool: prompts longer than the model's context are
     # truncated by the dataset builder afterwards, and the deprecations are between our dependencies.
     logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
+    # peft imports bitsandbytes wherever it is installed; on a CPU it then warns at import that an optional kernel
+    # package is missing, in every run, QLoRA or not.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
     # A single process saves its training state with torch.distributed.checkpoint too; that is intended.
