@@ -90,13 +90,18 @@ def meta_config(folder: Path, trust_remote_code: bool, config_overrides: dict[st
         return None, None
     if family.converted_class is not None:
         return None
-    config = native_config(published, str(folder))
+    return with_overrides(native_config(published, str(folder)), family, config_overrides), published
+
+
+def with_overrides(config, family: Family, config_overrides: dict[str, Any]):
+    """The native config with the `model` section's overrides; a key it has no field for is an error, as
+    transformers' own loading makes it."""
     for name, value in config_overrides.items():
         if not hasattr(config, name):
             raise ValueError(f"{type(config).__name__} (read from {family.model_type}'s config) has no setting "
                              f"'{name}'; remove model.{name}")
         setattr(config, name, value)
-    return config, published
+    return config
 
 
 def mark_published(model, published: dict[str, Any]) -> None:
@@ -113,9 +118,7 @@ def from_pretrained(source: str, load_kwargs: dict[str, Any], config_overrides: 
     family = FAMILIES.get(published.get("model_type"))
     if family is None or load_kwargs.get("trust_remote_code"):
         return AutoModelForCausalLM.from_pretrained(source, **load_kwargs, **config_overrides)
-    config = native_config(published, source)
-    for name, value in config_overrides.items():
-        setattr(config, name, value)
+    config = with_overrides(native_config(published, source), family, config_overrides)
     kwargs = {k: v for k, v in load_kwargs.items() if k != "trust_remote_code"}
     model = model_class(family).from_pretrained(source, config=config, **kwargs)
     mark_published(model, published)
