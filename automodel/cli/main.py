@@ -158,9 +158,11 @@ def run_finetune(config_path: str, overrides: list[str], command_recipe: str | N
         raise UserError(f"recipe: the config says '{recipe}' but the command runs '{command_recipe}'")
     from transformers.utils import logging as hf_logging
 
+    from automodel.training.host_memory import return_freed_memory_promptly
     from automodel.training.recipe import FinetuneRecipe
 
     hf_logging.disable_progress_bar()
+    return_freed_memory_promptly()
     run_worker(lambda: FinetuneRecipe(cfg, allow_targets, unresolved).run())
     return 0
 
