@@ -1,7 +1,13 @@
-"""FSDP2 (`torch.distributed.fsdp.fully_shard`): each decoder layer is its own shard group, then the root.
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`): the units, in the order they are sharded.
 
-Decoder layers are found through the model's `_no_split_modules`, which every transformers architecture
-declares for exactly this purpose, so no model needs a hand-written list.
+1. Each decoder layer, found through the model's `_no_split_modules` (every transformers architecture declares
+   them for exactly this purpose, so no model needs a hand-written list): gathered for its forward and backward only.
+2. The input embedding, when it is trained and not tied to the output head: gathered for its own forward only,
+   instead of being held whole through the step as part of the root.
+3. The root (the rest: final norm, output head, a tied embedding). The root's parameters stay gathered from the
+   start of the forward to the end of the backward, so sharding a FROZEN root parameter (LoRA's base embedding and
+   head) saves nothing at the peak and costs a second full copy while it is gathered; those are replicated instead
+   (FSDP2's `ignored_params`), stored in the dtype the gathered copy would have had.
 """
 
 from __future__ import annotations
@@ -45,7 +51,33 @@ def apply_fsdp2(model: nn.Module, mesh, device: torch.device, mixed_precision: s
         raise UserError("distributed.cpu_offload: offloading to the CPU needs a GPU run; this one is on the CPU")
     options = {"mesh": mesh, "mp_policy": mixed_precision_policy(mixed_precision, device),
                "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    for layer in layers:
         fully_shard(layer, **options)
-    fully_shard(model, **options)
+    embedding = own_embedding_unit(model)
+    if embedding is not None:
+        fully_shard(embedding, **options)
+    replicated = frozen_root_parameters(model, [*layers, *([embedding] if embedding is not None else [])])
+    for param in replicated:  # on the meta device they are allocated on `device` later, with the model
+        param.data = param.data.to(device=param.device if param.is_meta else device,
+                                   dtype=options["mp_policy"].param_dtype or param.dtype)
+    fully_shard(model, **options, ignored_params=replicated or None)
     return model
+
+
+def own_embedding_unit(model: nn.Module) -> nn.Module | None:
+    """The input embedding when it gets a unit of its own: trained, and not the output head's weight too."""
+    base = transformers_model(model)
+    embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
+    weight = getattr(embedding, "weight", None)
+    if not isinstance(weight, nn.Parameter) or not weight.requires_grad:
+        return None
+    if head is not None and getattr(head, "weight", None) is weight:
+        return None
+    return embedding
+
+
+def frozen_root_parameters(model: nn.Module, units: list[nn.Module]) -> set[nn.Parameter]:
+    """Parameters that no inner unit holds and no optimizer updates."""
+    inner = {id(p) for unit in units for p in unit.parameters()}
+    return {p for p in model.parameters() if id(p) not in inner and not p.requires_grad}
