@@ -45,6 +45,27 @@ def fsdp2_config(architecture: str, model_dir, out_dir, lora: bool) -> dict:
     return cfg
 
 
+def fsdp2_layout(model) -> dict:
+    """How apply_fsdp2 split this model into units (automodel/distributed/fsdp2.py), for the test to check."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from automodel.distributed.fsdp2 import decoder_layers
+    from automodel.models.unwrap import transformers_model
+
+    base = transformers_model(model)
+    embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
+    in_layers = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
+    root = [(name, p) for name, p in model.named_parameters() if id(p) not in in_layers]
+    return {"tied": head is not None and head.weight is embedding.weight,
+            "embedding_trained": embedding.weight.requires_grad,
+            "embedding_own_unit": isinstance(embedding, FSDPModule),
+            "root_frozen_sharded": [n for n, p in root if not p.requires_grad and isinstance(p, DTensor)],
+            "root_frozen_replicated": [n for n, p in root if not p.requires_grad and not isinstance(p, DTensor)],
+            "trained_not_sharded": [n for n, p in model.named_parameters()
+                                    if p.requires_grad and not isinstance(p, DTensor)]}
+
+
 def main(runs_file: str) -> None:
     from automodel.training.recipe import FinetuneRecipe
 
@@ -57,6 +78,8 @@ def main(runs_file: str) -> None:
             recipe = FinetuneRecipe(fsdp2_config(run["architecture"], run["model_dir"], out_dir, run["lora"]))
             assert recipe.parallel.strategy == "fsdp2" and recipe.dp_size == 2, recipe.parallel.strategy
             recipe.setup()
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / f"layout-rank{rank}.json").write_text(json.dumps(fsdp2_layout(recipe.model)))
             recipe.train()
         except BaseException:
             out_dir.mkdir(parents=True, exist_ok=True)

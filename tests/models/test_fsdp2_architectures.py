@@ -5,6 +5,9 @@ once for the module and trains every selected (architecture, mode) in turn throu
 global batch 2 on real SQuAD rows, one example per rank per step, strategy fsdp2 (each decoder layer and the root
 sharded), fp32. Each parametrised test runs the same config in this process (two micro-batches of one) and asserts:
 - equal per-step losses (rtol 1e-5: only the order of the sums differs);
+- the units FSDP2 got (automodel/distributed/fsdp2.py): every trained parameter sharded; a trained input embedding
+  that is not the output head's weight in a unit of its own; the root's frozen parameters (LoRA's base embedding,
+  head, final norm) replicated, not sharded;
 - the consolidated `model/` folder written under FSDP2 (gathered tensor by tensor, or the gathered LoRA
   adapter) holds the same tensor names, shapes and dtypes as the single-process one, values within 1e-5.
 Dropout is switched off in both layouts (see fsdp2_worker.no_dropout); MoE routing is deterministic.
@@ -119,6 +122,11 @@ def test_fsdp2_two_processes_match_one_process(architecture, mode, fsdp2_group, 
     recipe.train()
 
     sharded = fsdp2_group.result((architecture, mode))
+    layout = json.loads((sharded / "layout-rank0.json").read_text())
+    assert layout["trained_not_sharded"] == [] and layout["root_frozen_sharded"] == []
+    assert layout["embedding_own_unit"] == (layout["embedding_trained"] and not layout["tied"])
+    if mode == "lora":
+        assert layout["root_frozen_replicated"], layout
     want = losses(single)
     assert len(want) == STEPS
     assert losses(sharded) == pytest.approx(want, rel=LOSS_RTOL)
