@@ -281,8 +281,12 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "`dense_attention_every_n_layers` does not make dense, as an exact mask over dense scores (eager/sdpa), "
             "gegelu MLP, biased LayerNorms, muP embedding/attention/logit scalings",
             lora_targets=("query_key_value", "dense", "up_proj", "down_proj"),
-            notes="the published code's -inf logits for its tokenizer's unused ids (`dummy_token_indices`, read "
-                  "from its remote tokenizer, not config.json) are not applied",
+            notes="block-sparse layers compute the dense score matrix and mask it (exact; the published Triton "
+                  "kernel skips the masked blocks), so they cost what dense layers cost and need eager or sdpa "
+                  "attention (flash and flex attention are refused at load); the published code's -inf logits for its "
+                  "tokenizer's unused ids (`dummy_token_indices`, from its remote tokenizer, not config.json) are "
+                  "not applied; reference forward and padding/cache checks: tests/models/test_family_phi3small.py "
+                  "(vLLM 0.32 dropped Phi3SmallForCausalLM after 0.9.2, so there is no vLLM comparison)",
             untested_variants="Phi-3-small-128k (`rope_scaling`: LongRoPE \"su\" factors with their own mscales) "
                               "is not implemented: its config stops with a one-line error naming `rope_scaling`",
             num_hidden_layers=2, hidden_size=64, ff_intermediate_size=128, num_attention_heads=4,

@@ -209,6 +209,11 @@ class Phi3SmallLlamaForCausalLM(LlamaForCausalLM):
     """LlamaForCausalLM (its head, loss and generation) around Phi3SmallModel; lm_head is tied to the embeddings."""
 
     _no_split_modules = ["Phi3SmallDecoderLayer"]
+    # The block-sparse layers pass a mask over the scores, which these attention functions do not take:
+    # transformers refuses them at load.
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
 
     def __init__(self, config):
         LlamaPreTrainedModel.__init__(self, config)
