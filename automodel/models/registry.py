@@ -282,7 +282,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "gegelu MLP, biased LayerNorms, muP embedding/attention/logit scalings",
             lora_targets=("query_key_value", "dense", "up_proj", "down_proj"),
             notes="block-sparse layers compute the dense score matrix and mask it (exact; the published Triton "
-                  "kernel skips the masked blocks), so they cost what dense layers cost and need eager or sdpa "
+                  "kernel skips the masked blocks), so they cost what dense layers cost, hold a batch x heads x "
+                  "tokens x tokens boolean mask (a padding-free row: its whole length squared) and need eager or sdpa "
                   "attention (flash and flex attention are refused at load); the published code's -inf logits for its "
                   "tokenizer's unused ids (`dummy_token_indices`, from its remote tokenizer, not config.json) are "
                   "not applied; reference forward and padding/cache checks: tests/models/test_family_phi3small.py "

@@ -146,6 +146,21 @@ def test_padded_batch_gives_each_sequence_its_own_logits(published):
             torch.testing.assert_close(batch[1, real], alone[1], rtol=1e-9, atol=1e-9)
 
 
+def test_eager_attention_gets_the_same_block_sparse_mask_and_flash_is_refused(published):
+    """Eager attention takes the mask as additive floats (the sparse layers convert theirs); flash attention takes no
+    score mask, so the class refuses it at load with one line."""
+    source, _, _ = published
+    ids = torch.randint(0, 1000, (2, 21), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, 15:] = 0  # row 0 right-padded after 15 tokens
+    with torch.no_grad():
+        logits = [load_causal_lm(str(source), attn_implementation=impl).eval().double()(
+            input_ids=ids, attention_mask=mask).logits for impl in ("eager", None)]
+    torch.testing.assert_close(logits[0][mask.bool()], logits[1][mask.bool()], rtol=1e-9, atol=1e-9)
+    with pytest.raises(UserError, match="does not support Flash Attention"):
+        load_causal_lm(str(source), attn_implementation="flash_attention_2")
+
+
 def test_generation_with_a_cache_matches_the_full_forward(published):
     """Greedy decoding step by step (KV cache, sparse layers masking cached keys by their positions) predicts
     what one full forward over the same tokens predicts."""
