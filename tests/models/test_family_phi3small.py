@@ -156,7 +156,8 @@ def test_eager_attention_gets_the_same_block_sparse_mask_and_flash_is_refused(pu
     with torch.no_grad():
         logits = [load_causal_lm(str(source), attn_implementation=impl).eval().double()(
             input_ids=ids, attention_mask=mask).logits for impl in ("eager", None)]
-    # 1e-6: transformers' eager softmax runs in float32 even for float64 scores (the dense layout moves the logits by more than 1e-3: see the parity test).
+    # 1e-6: transformers' eager softmax runs in float32 even for float64 scores (the dense layout moves the
+    # logits by more than 1e-3: see the parity test).
     torch.testing.assert_close(logits[0][mask.bool()], logits[1][mask.bool()], rtol=1e-6, atol=1e-6)
     with pytest.raises(UserError, match="does not support Flash Attention"):
         load_causal_lm(str(source), attn_implementation="flash_attention_2")
