@@ -175,6 +175,19 @@ def test_generation_with_a_cache_matches_the_full_forward(published):
     assert out.shape[1] == 22 and torch.equal(full, out[0, prompt.shape[1]:])
 
 
+def test_training_applies_the_published_dropouts_which_overrides_switch_off(published):
+    """embedding_dropout_prob and ffn_dropout_prob act in training, as in the published code; the `model` section's
+    overrides (native names) switch them off, which makes training and eval forwards equal."""
+    source, config, _ = published
+    assert config["embedding_dropout_prob"] and config["ffn_dropout_prob"]
+    ids = torch.arange(3, 19)[None]
+    with torch.no_grad():
+        model = load_causal_lm(str(source))
+        assert not torch.equal(model.train()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+        model = load_causal_lm(str(source), embedding_dropout_prob=0.0, ffn_dropout_prob=0.0)
+        torch.testing.assert_close(model.train()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
 def with_fields(tmp_path, **fields):
     folder = write_published_checkpoint(ROW, tmp_path / "bad")
     config = json.loads((folder / "config.json").read_text())
