@@ -273,8 +273,32 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             ["microsoft/Phi-4-mini-instruct", "microsoft/Phi-4", "microsoft/Phi-3-mini-4k-instruct"], "phi3",
             "Phi3ForCausalLM", "llama2", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
             notes="fused qkv_proj and gate_up_proj"),
-    _remote("Phi3SmallForCausalLM", "Phi-3-Small",
-            ["microsoft/Phi-3-small-8k-instruct", "microsoft/Phi-3-small-128k-instruct"]),
+    _family("Phi3SmallForCausalLM", "Phi-3-Small",
+            ["microsoft/Phi-3-small-8k-instruct", "microsoft/Phi-3-small-128k-instruct"], "phi3small",
+            "LlamaForCausalLM", "gpt2",
+            "a small native module (automodel/models/families/phi3small.py) on LlamaForCausalLM under the published "
+            "weight names: head-major fused `query_key_value` (biased), block-sparse attention on the layers "
+            "`dense_attention_every_n_layers` does not make dense, as an exact mask over dense scores (eager/sdpa), "
+            "gegelu MLP, biased LayerNorms, muP embedding/attention/logit scalings",
+            lora_targets=("query_key_value", "dense", "up_proj", "down_proj"),
+            notes="block-sparse layers compute the dense score matrix and mask it (exact; the published Triton "
+                  "kernel skips the masked blocks), so they cost what dense layers cost, hold a batch x heads x "
+                  "tokens x tokens boolean mask (a padding-free row: its whole length squared) and need eager or sdpa "
+                  "attention (flash and flex attention are refused at load); the published code's -inf logits for its "
+                  "tokenizer's unused ids (`dummy_token_indices`, from its remote tokenizer, not config.json) are "
+                  "not applied; reference forward and padding/cache checks: tests/models/test_family_phi3small.py "
+                  "(vLLM 0.32 dropped Phi3SmallForCausalLM after 0.9.2, so there is no vLLM comparison)",
+            untested_variants="Phi-3-small-128k (`rope_scaling`: LongRoPE \"su\" factors with their own mscales) "
+                              "is not implemented: its config stops with a one-line error naming `rope_scaling`",
+            num_hidden_layers=2, hidden_size=64, ff_intermediate_size=128, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, hidden_act="gegelu", gegelu_limit=0.5,
+            gegelu_pad_to_256=True, ff_dim_multiplier=None, blocksparse_homo_head_pattern=False,
+            blocksparse_block_size=4, blocksparse_num_local_blocks=2, blocksparse_vert_stride=3,
+            blocksparse_triton_kernel_block_size=4, dense_attention_every_n_layers=2, embedding_dropout_prob=0.1,
+            attention_dropout_prob=0.0, ffn_dropout_prob=0.1, layer_norm_epsilon=1e-5, mup_use_scaling=True,
+            mup_width_multiplier=8.0, mup_embedding_multiplier=10.0, mup_attn_multiplier=1.0,
+            rope_embedding_base=1000000, rope_position_scale=1.0, rope_scaling=None, reorder_and_upcast_attn=False,
+            pad_sequence_to_multiple_of_64=True, initializer_range=0.02),
     _native("Qwen2ForCausalLM", "QwQ, Qwen2", ["Qwen/QwQ-32B-Preview", "Qwen/Qwen2-7B-Instruct", "Qwen/Qwen2-7B"],
             "qwen2", "Qwen2ForCausalLM", "qwen", own_tokenizer=True),
     _native("Qwen2MoeForCausalLM", "Qwen2MoE", ["Qwen/Qwen1.5-MoE-A2.7B", "Qwen/Qwen1.5-MoE-A2.7B-Chat"],
@@ -318,6 +342,7 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     "InternLM2ForCausalLM": ("sft",),
     "MiniCPMForCausalLM": ("sft",),
     "OrionForCausalLM": ("sft",),
+    "Phi3SmallForCausalLM": ("sft",),
 }
 
 # model_type values whose padding-free batches (examples back to back in one row, automodel/data/packing.py) give

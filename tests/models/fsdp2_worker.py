@@ -25,11 +25,11 @@ GLOBAL_BATCH = 2  # one example per rank per step under FSDP2; two micro-batches
 
 
 def no_dropout(model_dir: Path) -> dict[str, float]:
-    """Config overrides that switch off every dropout of the checkpoint (GPTBigCode's default 0.1): with dropout
-    the two layouts draw different masks, so their losses could not be compared."""
+    """Config overrides that switch off every dropout of the checkpoint (GPTBigCode's default 0.1, Phi-3-Small's
+    `*_dropout_prob`): with dropout the two layouts draw different masks, so their losses could not be compared."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
     return {key: 0.0 for key, value in config.items()
-            if (key.endswith("pdrop") or key.endswith("dropout")) and isinstance(value, float) and value}
+            if key.endswith(("pdrop", "dropout", "dropout_prob")) and isinstance(value, float) and value}
 
 
 def fsdp2_config(architecture: str, model_dir, out_dir, lora: bool) -> dict:

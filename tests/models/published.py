@@ -28,6 +28,7 @@ AUTO_MAP = {
     "internlm2": ("configuration_internlm2.InternLM2Config", "modeling_internlm2.InternLM2ForCausalLM"),
     "minicpm": ("configuration_minicpm.MiniCPMConfig", "modeling_minicpm.MiniCPMForCausalLM"),
     "orion": ("configuration_orion.OrionConfig", "modeling_orion.OrionForCausalLM"),
+    "phi3small": ("configuration_phi3_small.Phi3SmallConfig", "modeling_phi3_small.Phi3SmallForCausalLM"),
 }
 # Families whose norms are LayerNorm with a bias (Orion) and whose q/k/v/o carry a bias (InternLM `bias`).
 LAYER_NORM = {"orion"}
@@ -41,6 +42,10 @@ def published_config(row: Architecture, tokenizer) -> dict:
                 "auto_map": {**auto_map, "AutoModel": model_class}, **row.tiny, "padded_vocab_size": len(tokenizer),
                 "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                 "torch_dtype": "float32", "use_cache": True}
+    if row.published_type == "phi3small":  # its own field names, nulls included; no bos of its own
+        return {"architectures": [row.test_id], "model_type": "phi3small", "auto_map": auto_map, **row.tiny,
+                "vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id,
+                "eos_token_id": tokenizer.eos_token_id, "torch_dtype": "float32", "use_cache": True}
     config = {"architectures": [row.test_id], "model_type": row.published_type, "auto_map": auto_map,
               **row.tiny_config(), "vocab_size": len(tokenizer), "hidden_act": "silu", "rms_norm_eps": 1e-6,
               "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -156,10 +161,37 @@ def chatglm_layout(config: dict, generator: torch.Generator) -> dict[str, torch.
     return weights
 
 
+def phi3small_layout(config: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Phi-3-Small names and shapes (its modeling code): model.embed_tokens, model.layers.N.{input_layernorm,
+    post_attention_layernorm} (LayerNorm weight and bias), self_attn.query_key_value ((heads + 2 x kv_heads) x
+    head_dim rows, head-major, with bias), self_attn.dense, mlp.up_proj (2 x ff_intermediate_size rows), mlp.down_proj
+    (all with bias), model.final_layernorm; no lm_head (tied to the embeddings)."""
+    hidden, inter, vocab = config["hidden_size"], config["ff_intermediate_size"], config["vocab_size"]
+    qkv = (config["num_attention_heads"] + 2 * config["num_key_value_heads"]) * hidden // config["num_attention_heads"]
+
+    def rand(*shape, std=0.1):
+        return torch.randn(*shape, generator=generator) * std
+
+    def linear(name, rows, columns):
+        return {f"{name}.weight": rand(rows, columns), f"{name}.bias": rand(rows)}
+
+    def norm(name):
+        return {f"{name}.weight": 1 + rand(hidden), f"{name}.bias": rand(hidden)}
+
+    weights = {"model.embed_tokens.weight": rand(vocab, hidden, std=0.5), **norm("model.final_layernorm")}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        weights.update({**norm(f"{p}.input_layernorm"), **norm(f"{p}.post_attention_layernorm"),
+                        **linear(f"{p}.self_attn.query_key_value", qkv, hidden),
+                        **linear(f"{p}.self_attn.dense", hidden, hidden),
+                        **linear(f"{p}.mlp.up_proj", 2 * inter, hidden), **linear(f"{p}.mlp.down_proj", hidden, inter)})
+    return weights
+
+
 def write_published_checkpoint(row: Architecture, folder: Path, seed: int = 0) -> Path:
     tokenizer = shared_tokenizer(name=row.tokenizer)
     config = published_config(row, tokenizer)
-    layout = chatglm_layout if row.published_type == "chatglm" else llama_layout
+    layout = {"chatglm": chatglm_layout, "phi3small": phi3small_layout}.get(row.published_type, llama_layout)
     weights = layout(config, torch.Generator().manual_seed(seed))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))

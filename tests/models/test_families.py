@@ -41,7 +41,8 @@ from automodel.models.registry import family_rows
 from tests.models.published import write_published_checkpoint
 from tests.models.tiny import shared_tokenizer
 
-ROWS = family_rows()
+# Families with a test file of their own: tests/models/test_family_<family>.py.
+ROWS = [row for row in family_rows() if row.published_type != "phi3small"]
 
 
 def rms_norm(x, weights, prefix, config):

@@ -23,6 +23,7 @@ from typing import Any
 
 from automodel.models.families import configs
 from automodel.models.families.fields import PublishedFields
+from automodel.models.families.phi3small_config import phi3small
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("internlm2", configs.internlm2, converted_class="InternLM2LlamaForCausalLM"),
     Family("orion", configs.orion),
     Family("minicpm", configs.minicpm),
+    Family("phi3small", phi3small, converted_class="Phi3SmallLlamaForCausalLM"),
 )}
 
 

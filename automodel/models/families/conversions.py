@@ -16,6 +16,7 @@ from transformers.conversion_mapping import USER_REGISTERED_MAPPINGS, register_c
 from transformers.core_model_loading import Chunk, ConversionOps, Split, WeightConverter, WeightRenaming
 
 from automodel.models.families.decilm import DeciLMLlamaForCausalLM
+from automodel.models.families.phi3small import Phi3SmallLlamaForCausalLM
 
 
 class BaichuanLlamaForCausalLM(LlamaForCausalLM):
@@ -106,7 +107,8 @@ def chatglm_layout() -> list:
 CONVERTED = {"DeciLMLlamaForCausalLM": (DeciLMLlamaForCausalLM, None),
              "ChatGLMGlmForCausalLM": (ChatGLMGlmForCausalLM, chatglm_layout),
              "BaichuanLlamaForCausalLM": (BaichuanLlamaForCausalLM, baichuan_w_pack),
-             "InternLM2LlamaForCausalLM": (InternLM2LlamaForCausalLM, internlm2_layout)}
+             "InternLM2LlamaForCausalLM": (InternLM2LlamaForCausalLM, internlm2_layout),
+             "Phi3SmallLlamaForCausalLM": (Phi3SmallLlamaForCausalLM, None)}
 
 
 def converted_class(name: str):
