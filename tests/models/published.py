@@ -22,6 +22,7 @@ AUTO_MAP = {
     "aquila": ("configuration_aquila.AquilaConfig", "modeling_aquila.AquilaForCausalLM"),
     "chatglm": ("configuration_chatglm.ChatGLMConfig", "modeling_chatglm.ChatGLMForConditionalGeneration"),
     "baichuan": ("configuration_baichuan.BaiChuanConfig", "modeling_baichuan.BaiChuanForCausalLM"),
+    "BaichuanForCausalLM": ("configuration_baichuan.BaichuanConfig", "modeling_baichuan.BaichuanForCausalLM"),
     "deepseek": ("configuration_deepseek.DeepseekConfig", "modeling_deepseek.DeepseekForCausalLM"),
     "nemotron-nas": ("configuration_decilm.DeciLMConfig", "modeling_decilm.DeciLMForCausalLM"),
     "internlm": ("configuration_internlm.InternLMConfig", "modeling_internlm.InternLMForCausalLM"),
@@ -34,7 +35,7 @@ LAYER_NORM = {"orion"}
 
 
 def published_config(row: Architecture, tokenizer) -> dict:
-    config_class, model_class = AUTO_MAP[row.published_type]
+    config_class, model_class = AUTO_MAP.get(row.test_id) or AUTO_MAP[row.published_type]  # Baichuan2: its own
     auto_map = {"AutoConfig": config_class, "AutoModelForCausalLM": model_class}
     if row.published_type == "chatglm":  # its own field names throughout; no bos, no hidden_act
         return {"architectures": [row.test_id], "model_type": "chatglm",
@@ -98,6 +99,30 @@ def llama_layout(config: dict, generator: torch.Generator) -> dict[str, torch.Te
             weights[f"{p}.W_pack.weight"] = torch.cat([weights.pop(f"{p}.{n}_proj.weight") for n in "qkv"])
     if config["model_type"] == "internlm2":
         weights = internlm2_names(weights, config, rand)
+    if config.get("n_routed_experts"):
+        weights = deepseek_moe_experts(weights, config, rand)
+    return weights
+
+
+def deepseek_moe_experts(weights: dict, config: dict, rand) -> dict[str, torch.Tensor]:
+    """DeepSeek-MoE layout: in layer i >= first_k_dense_replace with i % moe_layer_freq == 0, the dense MLP becomes
+    mlp.gate (n_routed_experts x hidden), mlp.experts.E.{gate,up,down}_proj (moe_intermediate_size wide) and
+    mlp.shared_experts.{gate,up,down}_proj (n_shared_experts x moe_intermediate_size wide)."""
+    hidden, width = config["hidden_size"], config["moe_intermediate_size"]
+    shared = config["n_shared_experts"] * width
+    for i in range(config["num_hidden_layers"]):
+        if i < config["first_k_dense_replace"] or i % config["moe_layer_freq"]:
+            continue
+        p = f"model.layers.{i}.mlp"
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            del weights[f"{p}.{name}.weight"]
+        weights[f"{p}.gate.weight"] = rand(config["n_routed_experts"], hidden, std=0.5)
+        experts = [f"{p}.experts.{e}" for e in range(config["n_routed_experts"])] + [f"{p}.shared_experts"]
+        for prefix in experts:
+            inner = shared if prefix.endswith("shared_experts") else width
+            weights.update({f"{prefix}.gate_proj.weight": rand(inner, hidden, std=0.1),
+                            f"{prefix}.up_proj.weight": rand(inner, hidden, std=0.1),
+                            f"{prefix}.down_proj.weight": rand(hidden, inner, std=0.1)})
     return weights
 
 

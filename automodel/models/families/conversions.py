@@ -15,12 +15,9 @@ from transformers import GlmForCausalLM, LlamaForCausalLM
 from transformers.conversion_mapping import USER_REGISTERED_MAPPINGS, register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Chunk, ConversionOps, Split, WeightConverter, WeightRenaming
 
+from automodel.models.families.baichuan import BaichuanLlamaForCausalLM
 from automodel.models.families.decilm import DeciLMLlamaForCausalLM
-
-
-class BaichuanLlamaForCausalLM(LlamaForCausalLM):
-    """Baichuan-7B: the Llama decoder whose checkpoints store q, k and v as one `self_attn.W_pack` (rows: q, then k,
-    then v; Baichuan-7B has as many key/value heads as query heads, so three equal chunks)."""
+from automodel.models.families.deepseek_moe import DeepseekMoeLlamaForCausalLM, deepseek_moe_experts
 
 
 def baichuan_w_pack() -> list:
@@ -106,7 +103,8 @@ def chatglm_layout() -> list:
 CONVERTED = {"DeciLMLlamaForCausalLM": (DeciLMLlamaForCausalLM, None),
              "ChatGLMGlmForCausalLM": (ChatGLMGlmForCausalLM, chatglm_layout),
              "BaichuanLlamaForCausalLM": (BaichuanLlamaForCausalLM, baichuan_w_pack),
-             "InternLM2LlamaForCausalLM": (InternLM2LlamaForCausalLM, internlm2_layout)}
+             "InternLM2LlamaForCausalLM": (InternLM2LlamaForCausalLM, internlm2_layout),
+             "DeepseekMoeLlamaForCausalLM": (DeepseekMoeLlamaForCausalLM, deepseek_moe_experts)}
 
 
 def converted_class(name: str):
