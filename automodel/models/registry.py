@@ -178,9 +178,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "top-k router, `norm_topk_prob` renormalisation, shared experts); per-expert weights are fused on load "
             "and split on save by transformers' MoE conversion",
             lora_targets=LLAMA_LIKE, kind="moe",
-            notes="layer 0 dense, layer 1 MoE; the router's training-time auxiliary loss (`aux_loss_alpha`, "
-                  "`seq_aux`) is not computed (as for DeepSeek-V2/V3): `model.output_router_logits` is an error. "
-                  + PEFT_MOE_REMAP,
+            notes="layer 0 dense, layer 1 MoE; the published code's training-time router auxiliary loss "
+                  "(`aux_loss_alpha`, `seq_aux`) is not computed (as for DeepSeek-V2/V3): "
+                  "`model.output_router_logits` is an error; LoRA all-linear adapts attention, the dense and "
+                  "shared-expert MLPs, not the routed experts (fused 3-D parameters) nor the router",
             tie_word_embeddings=False, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32,
             num_experts_per_tok=2, first_k_dense_replace=1, moe_layer_freq=1, scoring_func="softmax",
             norm_topk_prob=True, aux_loss_alpha=0.001, seq_aux=True, num_key_value_heads=None),
