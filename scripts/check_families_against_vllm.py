@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -94,7 +95,8 @@ def build(out_dir: Path, families: list[str]) -> dict[str, list[float]]:
             continue
         wider = {"hidden_size": 128, **({"kv_channels": 32} if row.published_type == "chatglm" else {})}
         row = dataclasses.replace(row, tiny={**row.tiny, **wider})
-        folder = write_published_checkpoint(row, out_dir / row.published_type)
+        # One folder per row: a family may have several (DeepSeek dense and MoE share model_type deepseek).
+        folder = write_published_checkpoint(row, out_dir / re.sub(r"\W+", "-", row.architecture).strip("-"))
         for file in (ASSETS / "tokenizers" / row.tokenizer).iterdir():
             shutil.copy(file, folder / file.name)
         write_config_class(folder)
@@ -114,7 +116,7 @@ def main(out_dir: str, *families: str) -> None:
     theirs = json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[7:])
     for folder, want in ours.items():
         diff = max(abs(a - b) for a, b in zip(want, theirs[folder]))
-        print(f"{Path(folder).name:14s} max |log p(ours) - log p(vLLM)| over {len(want)} prompt tokens: {diff:.2e}")
+        print(f"{Path(folder).name:28s} max |log p(ours) - log p(vLLM)| over {len(want)} prompt tokens: {diff:.2e}")
 
 
 if __name__ == "__main__":

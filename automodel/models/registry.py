@@ -331,11 +331,10 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     # Remote-code families read by automodel/models/families: the saved folders are in the published layout.
     "AquilaForCausalLM": ("sft",),
     "BaiChuanForCausalLM": ("sft",),
-    "BaichuanForCausalLM": ("sft",),
     "ChatGLMModel / ChatGLMForConditionalGeneration": ("sft", "lora"),
     "DeciLMForCausalLM": ("sft",),
     "DeepseekForCausalLM": ("sft",),
-    "DeepseekForCausalLM (MoE)": ("sft", "lora"),
+    "DeepseekForCausalLM (MoE)": ("sft",),
     "InternLMForCausalLM": ("sft",),
     "InternLM2ForCausalLM": ("sft",),
     "MiniCPMForCausalLM": ("sft",),

@@ -1,5 +1,6 @@
 """The classes of families that are not a transformers class as is: a reversible tensor conversion of the
-published weights (Baichuan-7B, InternLM2, ChatGLM), or a small native module (DeciLM, decilm.py).
+published weights (Baichuan-7B, InternLM2, ChatGLM), a small native module (DeciLM, decilm.py), or both
+(Baichuan2's normalised head, baichuan.py; DeepSeek-MoE's experts, deepseek_moe.py).
 
 Each converted family gets a subclass of the native class that changes nothing but its name, under which
 transformers' checkpoint conversion mapping (`register_checkpoint_conversion_mapping`, looked up by class name
