@@ -89,9 +89,9 @@ def _remote(architecture, models, checkpoints, reason=REMOTE_CODE) -> Architectu
 
 
 def _family(architecture, models, checkpoints, published_type, loads_into, tokenizer, route, notes="",
-            lora_targets=LLAMA_LIKE, untested_variants="", kind="dense", **tiny) -> Architecture:
+            lora_targets=LLAMA_LIKE, untested_variants="", **tiny) -> Architecture:
     """A remote-code row read into a native class; `tiny` holds config fields under the family's own names."""
-    return Architecture(architecture, models, tuple(checkpoints), tokenizer=tokenizer, tiny=tiny, kind=kind,
+    return Architecture(architecture, models, tuple(checkpoints), tokenizer=tokenizer, tiny=tiny,
                         lora_targets=tuple(lora_targets), notes=notes, published_type=published_type,
                         loads_into=loads_into, route=route, untested_variants=untested_variants)
 
@@ -110,22 +110,21 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _family("AquilaForCausalLM", "Aquila, Aquila2", ["BAAI/Aquila-7B", "BAAI/AquilaChat-7B"], "aquila",
             "LlamaForCausalLM", "llama2", "config only: the Llama decoder under Aquila's names (same weight names)",
             tie_word_embeddings=False),
-    _family("BaiChuanForCausalLM", "Baichuan", ["baichuan-inc/Baichuan-7B"], "baichuan", "LlamaForCausalLM", "llama2",
+    _family("BaiChuanForCausalLM", "Baichuan2, Baichuan",
+            ["baichuan-inc/Baichuan2-13B-Chat", "baichuan-inc/Baichuan-7B"], "baichuan", "LlamaForCausalLM", "llama2",
             "one weight conversion: Baichuan-7B is the Llama decoder whose q, k, v are one `W_pack` (rows q, k, v); "
-            "transformers' checkpoint conversion mapping splits it on load and concatenates it on save",
-            notes="LoRA adapters name q_proj/k_proj/v_proj (merge-lora writes W_pack back)",
-            tie_word_embeddings=False, num_key_value_heads=None),
-    _family("BaichuanForCausalLM", "Baichuan2, Baichuan-13B",
-            ["baichuan-inc/Baichuan2-7B-Base", "baichuan-inc/Baichuan2-7B-Chat"], "baichuan", "LlamaForCausalLM",
-            "llama2",
-            "Baichuan-7B's `W_pack` conversion plus a small native module (automodel/models/families/baichuan.py): "
-            "Baichuan2's lm_head L2-normalises its rows before the matmul (NormHead), in training and inference",
-            notes="the stored lm_head is never normalised in place (Baichuan2's own code does so on its first eval "
-                  "forward; same logits); `z_loss_weight` other than 0 stops with a one-line error",
+            "transformers' checkpoint conversion mapping splits it on load and concatenates it on save. Baichuan2-7B "
+            "(`BaichuanForCausalLM` with `max_position_embeddings`) adds a small native module "
+            "(automodel/models/families/baichuan.py): its lm_head L2-normalises each row before the matmul "
+            "(NormHead), in training and inference alike",
+            notes="LoRA adapters name q_proj/k_proj/v_proj (merge-lora writes W_pack back); Baichuan2's stored "
+                  "lm_head is never normalised in place (its own code does so on the first eval forward: same "
+                  "logits); `z_loss_weight` other than 0 stops with a one-line error; vLLM 0.32 no longer has "
+                  "Baichuan (removed after 0.23), so it is checked against the reference forward only",
             untested_variants="Baichuan2-13B and Baichuan-13B (ALiBi in place of rotary) are not implemented: a "
                               "`BaichuanForCausalLM` config without `max_position_embeddings` stops with a one-line "
                               "error naming that field",
-            tie_word_embeddings=False, num_key_value_heads=None, model_max_length=256, z_loss_weight=0),
+            tie_word_embeddings=False, num_key_value_heads=None),
     _native("BambaForCausalLM", "Bamba", ["ibm-ai-platform/Bamba-9B"], "bamba", "BambaForCausalLM", "llama2",
             ATTENTION + GATED_MLP + ("in_proj", "out_proj"), kind="hybrid",
             notes="layer 0 mamba2, layer 1 attention; on CPU the mamba mixer runs transformers' pure-torch path "
@@ -167,24 +166,18 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                            {"attention": {"no_op": False, "n_heads_in_group": 4, "replace_with_linear": False},
                             "ffn": {"no_op": False, "ffn_mult": 1.0, "replace_with_linear": False}}]),
     _family("DeepseekForCausalLM", "DeepSeek", ["deepseek-ai/deepseek-llm-7b-chat"], "deepseek", "LlamaForCausalLM",
-            "llama2", "config only: dense DeepSeek LLM v1 configs are the Llama decoder",
-            notes="the published deepseek-llm-7b/67b checkpoints are already `LlamaForCausalLM` configs",
+            "llama2", "config only: dense DeepSeek LLM v1 configs are the Llama decoder. DeepSeek-MoE "
+            "(deepseek-moe-16b, `n_routed_experts` set) loads into a small native module "
+            "(automodel/models/families/deepseek_moe.py): LlamaForCausalLM whose layers from `first_k_dense_replace` "
+            "on (every `moe_layer_freq`-th) have transformers' DeepSeek-V2 MoE block (softmax top-k router, "
+            "`norm_topk_prob` renormalisation, shared experts); per-expert weights are fused on load and split on "
+            "save by transformers' MoE conversion",
+            notes="the published deepseek-llm-7b/67b checkpoints are already `LlamaForCausalLM` configs; "
+                  "DeepSeek-MoE: the published code's training-time router auxiliary loss (`aux_loss_alpha`, "
+                  "`seq_aux`) is not computed (as for DeepSeek-V2/V3), so `model.output_router_logits` is an error; "
+                  "LoRA all-linear adapts attention and the dense and shared-expert MLPs, not the routed experts "
+                  "(fused 3-D parameters) nor the router",
             tie_word_embeddings=False),
-    _family("DeepseekForCausalLM (MoE)", "DeepSeek-MoE",
-            ["deepseek-ai/deepseek-moe-16b-base", "deepseek-ai/deepseek-moe-16b-chat"], "deepseek",
-            "LlamaForCausalLM", "llama2",
-            "a small native module (automodel/models/families/deepseek_moe.py): LlamaForCausalLM whose layers from "
-            "`first_k_dense_replace` on (every `moe_layer_freq`-th) have transformers' DeepSeek-V2 MoE block (softmax "
-            "top-k router, `norm_topk_prob` renormalisation, shared experts); per-expert weights are fused on load "
-            "and split on save by transformers' MoE conversion",
-            lora_targets=LLAMA_LIKE, kind="moe",
-            notes="layer 0 dense, layer 1 MoE; the published code's training-time router auxiliary loss "
-                  "(`aux_loss_alpha`, `seq_aux`) is not computed (as for DeepSeek-V2/V3): "
-                  "`model.output_router_logits` is an error; LoRA all-linear adapts attention, the dense and "
-                  "shared-expert MLPs, not the routed experts (fused 3-D parameters) nor the router",
-            tie_word_embeddings=False, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32,
-            num_experts_per_tok=2, first_k_dense_replace=1, moe_layer_freq=1, scoring_func="softmax",
-            norm_topk_prob=True, aux_loss_alpha=0.001, seq_aux=True, num_key_value_heads=None),
     _native("DeepseekV2ForCausalLM", "DeepSeek-V2", ["deepseek-ai/DeepSeek-V2-Lite"], "deepseek_v2",
             "DeepseekV2ForCausalLM", "llama2", MLA_ATTENTION + DEEPSEEK_EXPERTS, kind="moe",
             notes="multi-head latent attention; layer 0 dense, layer 1 MoE. " + PEFT_MOE_REMAP,
@@ -334,7 +327,6 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     "ChatGLMModel / ChatGLMForConditionalGeneration": ("sft", "lora"),
     "DeciLMForCausalLM": ("sft",),
     "DeepseekForCausalLM": ("sft",),
-    "DeepseekForCausalLM (MoE)": ("sft",),
     "InternLMForCausalLM": ("sft",),
     "InternLM2ForCausalLM": ("sft",),
     "MiniCPMForCausalLM": ("sft",),

@@ -22,7 +22,6 @@ AUTO_MAP = {
     "aquila": ("configuration_aquila.AquilaConfig", "modeling_aquila.AquilaForCausalLM"),
     "chatglm": ("configuration_chatglm.ChatGLMConfig", "modeling_chatglm.ChatGLMForConditionalGeneration"),
     "baichuan": ("configuration_baichuan.BaiChuanConfig", "modeling_baichuan.BaiChuanForCausalLM"),
-    "BaichuanForCausalLM": ("configuration_baichuan.BaichuanConfig", "modeling_baichuan.BaichuanForCausalLM"),
     "deepseek": ("configuration_deepseek.DeepseekConfig", "modeling_deepseek.DeepseekForCausalLM"),
     "nemotron-nas": ("configuration_decilm.DeciLMConfig", "modeling_decilm.DeciLMForCausalLM"),
     "internlm": ("configuration_internlm.InternLMConfig", "modeling_internlm.InternLMForCausalLM"),
@@ -35,7 +34,7 @@ LAYER_NORM = {"orion"}
 
 
 def published_config(row: Architecture, tokenizer) -> dict:
-    config_class, model_class = AUTO_MAP.get(row.test_id) or AUTO_MAP[row.published_type]  # Baichuan2: its own
+    config_class, model_class = AUTO_MAP[row.published_type]
     auto_map = {"AutoConfig": config_class, "AutoModelForCausalLM": model_class}
     if row.published_type == "chatglm":  # its own field names throughout; no bos, no hidden_act
         return {"architectures": [row.test_id], "model_type": "chatglm",

@@ -1,6 +1,8 @@
-"""Baichuan2 (normalised lm_head) and DeepSeek-MoE (automodel/models/families/baichuan.py, deepseek_moe.py): what
-the shared family tests (tests/models/test_families.py: reference logits, bit-for-bit round trip; tests/models/
-test_architectures.py: LoRA and full SFT) do not cover.
+"""Baichuan2-7B (normalised lm_head) and DeepSeek-MoE (automodel/models/families/baichuan.py, deepseek_moe.py):
+variants of the Baichuan and DeepSeek rows whose tiny checkpoints (the rows' own, tests/models/published.py) are
+Baichuan-7B and dense DeepSeek. Here each variant gets what its row gets in the shared tests: the reference forward
+and bit-for-bit round trip of tests/models/test_families.py, the LoRA and full-SFT checks of tests/models/
+test_architectures.py, and (DeepSeek-MoE) a 2-process FSDP2 run matching one process, plus its own checks.
 
 References: the Baichuan 2 technical report (Yang et al. 2023) for NormHead (each vocabulary row divided by its L2
 norm before the matmul, in training too) and ALiBi at 13B; the DeepSeekMoE paper (Dai et al. 2024) and the
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+import time
 
 import pytest
 import torch
@@ -23,12 +27,46 @@ from automodel.models import load_causal_lm
 from automodel.models.families.baichuan import NormHead
 from automodel.models.families.deepseek_moe import DeepseekMoeBlock
 from automodel.models.registry import BY_NAME
+from automodel.training.recipe import FinetuneRecipe
+from tests.distributed_helpers import free_port, losses, start_job
+from tests.models.fsdp2_worker import STEPS, fsdp2_config
 from tests.models.published import write_published_checkpoint
+from tests.models.test_architectures import one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
+from tests.models.test_architectures import test_full_sft_changes_every_parameter_and_round_trips as sft_check
+from tests.models.test_architectures import test_lora_all_linear_adapts_projections_and_round_trips as lora_check
 from tests.models.test_families import reference_logits
+from tests.models.test_families import test_published_checkpoint_matches_reference_and_saves_back_bit_for_bit as \
+    reference_check
 from tests.models.tiny import shared_tokenizer
 
-BAICHUAN2 = BY_NAME["BaichuanForCausalLM"]
-DEEPSEEK_MOE = BY_NAME["DeepseekForCausalLM (MoE)"]
+
+def variant(architecture: str, **fields):
+    row = BY_NAME[architecture]
+    return dataclasses.replace(row, tiny={**row.tiny, **fields})
+
+
+# Baichuan2-7B's config.json: its own architectures entry and auto_map, model_max_length, z_loss_weight.
+BAICHUAN2 = variant("BaiChuanForCausalLM", architectures=["BaichuanForCausalLM"], model_max_length=256,
+                    z_loss_weight=0, auto_map={"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                                               "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"})
+# deepseek-moe-16b's fields, tiny: layer 0 dense, layer 1 MoE of 4 routed experts (top 2) and 1 shared one.
+DEEPSEEK_MOE = variant("DeepseekForCausalLM", n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32,
+                       num_experts_per_tok=2, first_k_dense_replace=1, moe_layer_freq=1, scoring_func="softmax",
+                       norm_topk_prob=True, aux_loss_alpha=0.001, seq_aux=True, num_key_value_heads=None)
+VARIANTS = {"baichuan2": BAICHUAN2, "deepseek-moe": DEEPSEEK_MOE}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_matches_reference_and_saves_back_bit_for_bit(name, tmp_path):
+    reference_check(VARIANTS[name], tmp_path)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_lora_and_full_sft_train_and_round_trip(name, tmp_path):
+    row = VARIANTS[name]
+    folder = write_published_checkpoint(row, tmp_path / "published")
+    lora_check(row, lambda _: folder, tmp_path / "lora")
+    sft_check(row, lambda _: folder, tmp_path / "sft")
 
 
 def edited(row, folder, drop=(), **fields):
@@ -92,9 +130,9 @@ def test_deepseek_moe_unsupported_fields_stop_with_one_line(fields, message, tmp
 def test_deepseek_moe_layer_choice_and_plain_topk_match_the_reference(tmp_path):
     """The published deepseek-moe-16b settings (norm_topk_prob false) with every other layer MoE from layer 0:
     layers 0 and 2 route, 1 and 3 stay dense; two shared experts."""
-    row = dataclasses.replace(DEEPSEEK_MOE, tiny={**DEEPSEEK_MOE.tiny, "num_hidden_layers": 4, "norm_topk_prob": False,
-                                                  "first_k_dense_replace": 0, "moe_layer_freq": 2,
-                                                  "n_shared_experts": 2})
+    row = dataclasses.replace(DEEPSEEK_MOE, tiny={**DEEPSEEK_MOE.tiny, "num_hidden_layers": 4,
+                                                  "norm_topk_prob": False, "first_k_dense_replace": 0,
+                                                  "moe_layer_freq": 2, "n_shared_experts": 2})
     source = write_published_checkpoint(row, tmp_path / "published")
     model = load_causal_lm(str(source), dtype="float32").eval()
     assert [isinstance(layer.mlp, DeepseekMoeBlock) for layer in model.model.layers] == [True, False, True, False]
@@ -115,3 +153,42 @@ def test_deepseek_moe_router_aux_loss_is_refused(tmp_path):
     with pytest.raises((UserError, ValueError)) as err:
         RouterAuxLoss(load_causal_lm(str(source), output_router_logits=True))
     assert "output_router_logits" in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+@pytest.mark.slow
+def test_deepseek_moe_two_process_fsdp2_matches_one_process(tmp_path):
+    """tests/models/test_fsdp2_architectures.py's check for one run: full SFT of DeepSeek-MoE under 2-process
+    FSDP2 (gloo; its worker, tests/models/fsdp2_worker.py) against the same config in this process: equal losses,
+    the same consolidated tensors, written in the published layout (per-expert names) with the published config."""
+    folder = write_published_checkpoint(DEEPSEEK_MOE, tmp_path / "published")
+    sharded, single = tmp_path / "fsdp2", tmp_path / "single"
+    runs = tmp_path / "runs.json"
+    runs.write_text(json.dumps([{"architecture": "DeepseekForCausalLM", "model_dir": str(folder),
+                                 "out_dir": str(sharded), "lora": False}]))
+    port, logs = free_port(), [tmp_path / f"rank{rank}.log" for rank in range(2)]
+    command = [sys.executable, "-m", "tests.models.fsdp2_worker", str(runs)]
+    procs = start_job([(command, dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                      MASTER_PORT=str(port))) for rank in range(2)], port, 600,
+                      stdouts=[log.open("w") for log in logs])
+    try:
+        recipe = FinetuneRecipe(fsdp2_config("DeepseekForCausalLM", folder, single, lora=False))
+        assert recipe.parallel.strategy == "none"
+        recipe.setup()
+        recipe.train()
+        deadline = time.monotonic() + 600
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        for proc in procs:
+            proc.kill()
+    tails = "".join(log.read_text()[-3000:] for log in logs)
+    assert [p.returncode for p in procs] == [0, 0] and (sharded / "DONE").is_file(), tails
+
+    assert losses(sharded) == pytest.approx(losses(single), rel=1e-5) and len(losses(single)) == STEPS
+    saved = [load_file(out / f"step_{STEPS}" / "model" / "model.safetensors") for out in (sharded, single)]
+    published = load_file(folder / "model.safetensors")
+    assert saved[0].keys() == saved[1].keys() == published.keys()  # model.layers.1.mlp.experts.E.gate_proj, ...
+    for name, want in saved[1].items():
+        torch.testing.assert_close(saved[0][name], want, rtol=1e-5, atol=1e-5, msg=name)
+    configs = [json.loads((out / f"step_{STEPS}" / "model" / "config.json").read_text()) for out in (sharded, single)]
+    assert configs[0] == configs[1] == json.loads((folder / "config.json").read_text())

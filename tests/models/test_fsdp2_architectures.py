@@ -13,7 +13,6 @@ Dropout is switched off in both layouts (see fsdp2_worker.no_dropout); MoE routi
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -37,9 +36,7 @@ WORKER_TIMEOUT_S = 600
 
 
 def run_id(architecture: str, mode: str) -> str:
-    """Unique per run: a row named `Arch (Variant)` (DeepSeek's MoE row beside its dense one) keeps its variant."""
-    variant = re.search(r"\((\w+)\)$", architecture)
-    return "-".join([BY_NAME[architecture].test_id, *([variant[1]] if variant else []), mode])
+    return f"{BY_NAME[architecture].test_id}-{mode}"
 
 
 class TwoProcessGroup:
