@@ -8,6 +8,7 @@ inference engines describe them; see docs/supported_models.md). Weights are rand
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -29,6 +30,31 @@ AUTO_MAP = {
     "minicpm": ("configuration_minicpm.MiniCPMConfig", "modeling_minicpm.MiniCPMForCausalLM"),
     "orion": ("configuration_orion.OrionConfig", "modeling_orion.OrionForCausalLM"),
 }
+# Published variants of family rows beyond each row's own tiny checkpoint: (row, config fields over its tiny ones).
+# Used by tests/models/test_family_baichuan2_deepseek_moe.py and scripts/check_families_against_vllm.py.
+VARIANTS = {
+    # Baichuan2-7B's config.json: its own architectures entry and auto_map, model_max_length, z_loss_weight.
+    "baichuan2": ("BaiChuanForCausalLM", {
+        "architectures": ["BaichuanForCausalLM"], "model_max_length": 256, "z_loss_weight": 0,
+        "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                     "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"}}),
+    # deepseek-moe-16b's fields, tiny: layer 0 dense, layer 1 MoE of 4 routed experts (top 2) and 1 shared one.
+    "deepseek-moe": ("DeepseekForCausalLM", {
+        "n_routed_experts": 4, "n_shared_experts": 1, "moe_intermediate_size": 32, "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "scoring_func": "softmax", "norm_topk_prob": True,
+        "aux_loss_alpha": 0.001, "seq_aux": True, "num_key_value_heads": 4}),  # as many as heads, like 16b
+}
+
+
+def variant_row(name: str) -> Architecture:
+    """The row of VARIANTS[name], its tiny config extended by the variant's fields."""
+    from automodel.models.registry import BY_NAME
+
+    architecture, fields = VARIANTS[name]
+    row = BY_NAME[architecture]
+    return dataclasses.replace(row, tiny={**row.tiny, **fields})
+
+
 # Families whose norms are LayerNorm with a bias (Orion) and whose q/k/v/o carry a bias (InternLM `bias`).
 LAYER_NORM = {"orion"}
 

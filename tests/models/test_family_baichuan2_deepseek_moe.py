@@ -26,11 +26,10 @@ from automodel.errors import UserError
 from automodel.models import load_causal_lm
 from automodel.models.families.baichuan import NormHead
 from automodel.models.families.deepseek_moe import DeepseekMoeBlock
-from automodel.models.registry import BY_NAME
 from automodel.training.recipe import FinetuneRecipe
 from tests.distributed_helpers import free_port, losses, start_job
 from tests.models.fsdp2_worker import STEPS, fsdp2_config
-from tests.models.published import write_published_checkpoint
+from tests.models.published import variant_row, write_published_checkpoint
 from tests.models.test_architectures import one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
 from tests.models.test_architectures import test_full_sft_changes_every_parameter_and_round_trips as sft_check
 from tests.models.test_architectures import test_lora_all_linear_adapts_projections_and_round_trips as lora_check
@@ -40,19 +39,7 @@ from tests.models.test_families import test_published_checkpoint_matches_referen
 from tests.models.tiny import shared_tokenizer
 
 
-def variant(architecture: str, **fields):
-    row = BY_NAME[architecture]
-    return dataclasses.replace(row, tiny={**row.tiny, **fields})
-
-
-# Baichuan2-7B's config.json: its own architectures entry and auto_map, model_max_length, z_loss_weight.
-BAICHUAN2 = variant("BaiChuanForCausalLM", architectures=["BaichuanForCausalLM"], model_max_length=256,
-                    z_loss_weight=0, auto_map={"AutoConfig": "configuration_baichuan.BaichuanConfig",
-                                               "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"})
-# deepseek-moe-16b's fields, tiny: layer 0 dense, layer 1 MoE of 4 routed experts (top 2) and 1 shared one.
-DEEPSEEK_MOE = variant("DeepseekForCausalLM", n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32,
-                       num_experts_per_tok=2, first_k_dense_replace=1, moe_layer_freq=1, scoring_func="softmax",
-                       norm_topk_prob=True, aux_loss_alpha=0.001, seq_aux=True, num_key_value_heads=None)
+BAICHUAN2, DEEPSEEK_MOE = variant_row("baichuan2"), variant_row("deepseek-moe")
 VARIANTS = {"baichuan2": BAICHUAN2, "deepseek-moe": DEEPSEEK_MOE}
 
 
