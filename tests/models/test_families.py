@@ -17,6 +17,11 @@ Where the reference's description comes from:
 - DeciLM / Nemotron-NAS: the Llama-3.3-Nemotron-Super-49B model card (neural architecture search: per-layer
   `block_configs`; a no_op attention or FFN is skipped with its norm; per-layer KV heads and FFN width).
 - Baichuan-7B: its model card / published weights: Llama with q, k, v fused as `W_pack` (rows q, k, v).
+- Baichuan2 (`BaichuanForCausalLM`, 7B): the Baichuan 2 technical report (Yang et al. 2023, "NormHead"): Baichuan-7B
+  whose output head divides each vocabulary row by its L2 norm.
+- DeepSeek-MoE: the DeepSeekMoE paper (Dai et al. 2024): the first layers dense, then a softmax router whose top-k
+  experts' SwiGLU outputs are weighted by their probabilities (`norm_topk_prob`: divided by their sum), plus shared
+  experts that see every token.
 - Orion: the Orion-14B technical report: LayerNorm (with bias) in place of RMSNorm, eps from `rms_norm_eps`.
 - MiniCPM: the MiniCPM paper (Hu et al. 2024, muP "model wind tunnel"): embeddings times `scale_emb`, each
   residual branch times `scale_depth / sqrt(num_layers)`, the last hidden state divided by
@@ -124,11 +129,34 @@ def reference_logits(config: dict, weights: dict[str, torch.Tensor], ids: torch.
             gate, up = linear(x, weights, f"{p}.mlp.gate_proj"), linear(x, weights, f"{p}.mlp.up_proj")
             mlp = torch.nn.functional.silu(gate) * up
             h = h + residual_scale * linear(mlp, weights, f"{p}.mlp.down_proj")
+        elif f"{p}.mlp.gate.weight" in weights:  # DeepSeek-MoE: a mixture-of-experts layer
+            h = h + deepseek_moe_mlp(rms_norm(h, weights, f"{p}.post_attention_layernorm", config), weights,
+                                     f"{p}.mlp", config)
     h = rms_norm(h, weights, "model.norm", config)
     if minicpm:
         h = h / (config["hidden_size"] / config["dim_model_base"])
     head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    if config["architectures"] == ["BaichuanForCausalLM"]:  # Baichuan2's NormHead: unit-norm rows
+        head = head / head.norm(dim=-1, keepdim=True)
     return h @ head.T
+
+
+def swiglu(x, weights, prefix):
+    gate, up = linear(x, weights, f"{prefix}.gate_proj"), linear(x, weights, f"{prefix}.up_proj")
+    return linear(torch.nn.functional.silu(gate) * up, weights, f"{prefix}.down_proj")
+
+
+def deepseek_moe_mlp(x, weights, prefix, config):
+    """(tokens, hidden) -> the MoE layer's output, token by token: shared experts plus the top-k routed experts."""
+    probs = torch.softmax(x @ weights[f"{prefix}.gate.weight"].T, dim=-1)
+    top, chosen = probs.topk(config["num_experts_per_tok"], dim=-1)
+    if config["norm_topk_prob"]:
+        top = top / top.sum(dim=-1, keepdim=True)
+    out = swiglu(x, weights, f"{prefix}.shared_experts")
+    for t in range(len(x)):
+        for weight, expert in zip(top[t], chosen[t].tolist()):
+            out[t] = out[t] + weight * swiglu(x[t], weights, f"{prefix}.experts.{expert}")
+    return out
 
 
 def rotate_interleaved_half(x, theta):
@@ -211,7 +239,7 @@ def with_fields(row, tmp_path, **fields):
 
 BY_TYPE = {row.published_type: row for row in ROWS}
 UNSUPPORTED = [
-    ("deepseek", {"n_routed_experts": 64}, "'n_routed_experts' = 64 is not supported"),
+    ("deepseek", {"scoring_func": "sigmoid"}, "'scoring_func' = 'sigmoid' is not supported"),
     ("minicpm", {"num_experts": 8}, "'num_experts' = 8 is not supported"),
     ("aquila", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "'rope_scaling'"),
     ("internlm", {"rotary": {"base": 10000, "type": "xpos"}}, "'rotary'"),
@@ -222,7 +250,7 @@ UNSUPPORTED = [
                                                       "replace_with_linear": True}, "ffn": {"no_op": True}}] * 3},
      "'block_configs[0].attention.replace_with_linear' = True is not supported"),
     ("chatglm", {"apply_residual_connection_post_layernorm": True}, "'apply_residual_connection_post_layernorm'"),
-    ("baichuan", {"architectures": ["BaichuanForCausalLM"]}, "'architectures' = ['BaichuanForCausalLM']"),
+    ("baichuan", {"z_loss_weight": 0.1}, "'z_loss_weight' = 0.1 is not supported"),
     ("orion", {"hidden_act": "gelu"}, "'hidden_act' = 'gelu' is not supported"),
 ]
 

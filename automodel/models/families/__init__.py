@@ -36,22 +36,31 @@ SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 class Family:
     model_type: str                                          # published config.json `model_type`
     translate: Callable[[PublishedFields], tuple[str, dict]]  # -> (native model_type, native fields)
-    converted_class: str | None = None                       # a class of conversions.py (its own class or weights)
+    # A class of conversions.py (its own class or weights), or a function of the published config.json that
+    # names one (None: the config-only route), for a family whose variants differ (dense vs MoE DeepSeek).
+    converted_class: str | Callable[[dict], str | None] | None = None
     vocab_field: str = "vocab_size"                          # the published name of the vocabulary size
     # Buffers the published checkpoints carry that the native class recomputes: read and ignored on load, not
     # written on save (the family's own code recomputes them at init too).
     derived_buffers: tuple[str, ...] = ()
 
 
-def model_class(family: Family):
+def class_name(family: Family, published: dict[str, Any]) -> str | None:
+    """The conversions.py class a published config.json of the family loads into (None: config only)."""
+    name = family.converted_class
+    return name(published) if callable(name) else name
+
+
+def model_class(family: Family, published: dict[str, Any]):
     """The class whose `from_pretrained` reads the family's weights."""
-    if family.converted_class is None:
+    name = class_name(family, published)
+    if name is None:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM
     from automodel.models.families.conversions import converted_class
 
-    return converted_class(family.converted_class)
+    return converted_class(name)
 
 
 FAMILIES: dict[str, Family] = {family.model_type: family for family in (
@@ -59,7 +68,7 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("baichuan", configs.baichuan, converted_class="BaichuanLlamaForCausalLM"),
     Family("chatglm", configs.chatglm, converted_class="ChatGLMGlmForCausalLM", vocab_field="padded_vocab_size",
            derived_buffers=("transformer.rotary_pos_emb.inv_freq",)),
-    Family("deepseek", configs.deepseek),
+    Family("deepseek", configs.deepseek, converted_class=configs.deepseek_class),
     Family("nemotron-nas", configs.decilm, converted_class="DeciLMLlamaForCausalLM"),
     Family("internlm", configs.internlm),
     Family("internlm2", configs.internlm2, converted_class="InternLM2LlamaForCausalLM"),
@@ -90,7 +99,7 @@ def meta_config(folder: Path, trust_remote_code: bool, config_overrides: dict[st
     family = FAMILIES.get(published.get("model_type"))
     if family is None or trust_remote_code:
         return None, None
-    if family.converted_class is not None:
+    if class_name(family, published) is not None:
         return None
     return with_overrides(native_config(published, str(folder)), family, config_overrides), published
 
@@ -122,7 +131,7 @@ def from_pretrained(source: str, load_kwargs: dict[str, Any], config_overrides: 
         return AutoModelForCausalLM.from_pretrained(source, **load_kwargs, **config_overrides)
     config = with_overrides(native_config(published, source), family, config_overrides)
     kwargs = {k: v for k, v in load_kwargs.items() if k != "trust_remote_code"}
-    model = model_class(family).from_pretrained(source, config=config, **kwargs)
+    model = model_class(family, published).from_pretrained(source, config=config, **kwargs)
     mark_published(model, published)
     logger.info("%s: %s checkpoint read into %s (no remote code)", source, family.model_type,
                 type(model).__name__)

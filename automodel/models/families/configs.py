@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from automodel.errors import UserError
 from automodel.models.families.fields import PublishedFields
 
 SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -40,11 +41,40 @@ def aquila(fields: PublishedFields) -> tuple[str, dict]:
 
 def deepseek(fields: PublishedFields) -> tuple[str, dict]:
     """DeepSeek LLM v1 (DeepseekForCausalLM): the dense configs are the Llama decoder. The MoE configs
-    (deepseek-moe: shared experts, dense first layers) are not implemented: `n_routed_experts` stops them."""
-    fields.expect("n_routed_experts", (None,))
+    (deepseek-moe, `n_routed_experts` set) replace the MLP of every `moe_layer_freq`-th layer from
+    `first_k_dense_replace` on with routed plus shared experts (automodel/models/families/deepseek_moe.py)."""
     fields.expect("attention_bias", (False,), False)
     native = _llama_core(fields)
+    if fields.take("n_routed_experts") is not None:
+        native.update(_deepseek_moe(fields))
     return "llama", {**native, "rope_parameters": _plain_rope(fields), "attention_bias": False}
+
+
+def deepseek_class(published: dict[str, Any]) -> str | None:
+    """Dense DeepSeek configs are Llama's (config only); MoE ones load into the native MoE module."""
+    return "DeepseekMoeLlamaForCausalLM" if published.get("n_routed_experts") is not None else None
+
+
+def _deepseek_moe(fields: PublishedFields) -> dict[str, Any]:
+    """deepseek-moe's routing: softmax over `n_routed_experts` router logits, the top `num_experts_per_tok` experts
+    weighted by their probabilities (renormalised to sum 1 when `norm_topk_prob`), plus `n_shared_experts` always-on
+    experts fused as one MLP of n_shared_experts x moe_intermediate_size. `aux_loss_alpha` / `seq_aux` only shape
+    the published code's training loss; they are read and recorded, not applied (docs/supported_models.md)."""
+    fields.expect("scoring_func", ("softmax",), "softmax")
+    shared = fields.take("n_shared_experts")
+    if not isinstance(shared, int) or shared < 1:
+        fields.expect("n_shared_experts", ())  # one line naming the field: no shared experts is not implemented
+    moe = {"n_routed_experts": fields.config["n_routed_experts"], "num_experts": fields.config["n_routed_experts"],
+           "n_shared_experts": shared, "norm_topk_prob": bool(fields.take("norm_topk_prob", False)),
+           "first_k_dense_replace": int(fields.take("first_k_dense_replace", 0)),
+           "moe_layer_freq": int(fields.take("moe_layer_freq", 1)),
+           "aux_loss_alpha": float(fields.take("aux_loss_alpha", 0.001)), "seq_aux": fields.take("seq_aux", True),
+           # DeepSeek-V2's router and experts (transformers), as deepseek-moe uses them: plain top-k, no scaling.
+           "routed_scaling_factor": 1.0, "topk_method": "greedy", "n_group": None, "topk_group": None,
+           "mlp_bias": False}
+    for name in ("moe_intermediate_size", "num_experts_per_tok"):
+        moe[name] = fields.take(name, required=True)
+    return moe
 
 
 def internlm(fields: PublishedFields) -> tuple[str, dict]:
@@ -94,14 +124,26 @@ def minicpm(fields: PublishedFields) -> tuple[str, dict]:
 
 
 def baichuan(fields: PublishedFields) -> tuple[str, dict]:
-    """Baichuan-7B (`BaiChuanForCausalLM`): the Llama decoder (rotary base 10000); its fused `W_pack` is split by
-    the weight conversion of automodel/models/families/conversions.py. `BaichuanForCausalLM` is Baichuan2 (a
-    normalised lm_head; ALiBi in place of rotary at 13B) or Baichuan-13B (ALiBi): not implemented."""
-    fields.expect("architectures", (["BaiChuanForCausalLM"],))
+    """Baichuan-7B (`BaiChuanForCausalLM`) and Baichuan2-7B (`BaichuanForCausalLM`): the Llama decoder (rotary base
+    10000) whose fused `W_pack` is split by the weight conversion of automodel/models/families/conversions.py;
+    Baichuan2 normalises its lm_head rows (automodel/models/families/baichuan.py). A `BaichuanForCausalLM` config
+    without `max_position_embeddings` is Baichuan-13B or Baichuan2-13B (ALiBi in place of rotary; they name only
+    `model_max_length`): not implemented."""
+    architectures = fields.expect("architectures", (["BaiChuanForCausalLM"], ["BaichuanForCausalLM"]))
+    baichuan2 = architectures == ["BaichuanForCausalLM"]
+    if baichuan2 and "max_position_embeddings" not in fields.config:
+        raise UserError(f"{fields.where('max_position_embeddings')} is missing: a BaichuanForCausalLM config without "
+                        "it is Baichuan-13B or Baichuan2-13B, whose ALiBi attention automodel does not implement")
+    # Baichuan2's own training loss adds z_loss_weight x max-logit^2; automodel computes its own loss.
+    fields.expect("z_loss_weight", (0, None))
+    fields.take("_from_model_config")  # generation-config bookkeeping
+    if baichuan2:  # NormHead is its own matrix, never the embedding
+        fields.expect("tie_word_embeddings", (False,), False)
     native = _llama_core(fields)
     if native["num_key_value_heads"] != native["num_attention_heads"]:
         fields.expect("num_key_value_heads", (native["num_attention_heads"],))
-    return "llama", {**native, "rope_parameters": _plain_rope(fields), "attention_bias": False}
+    return "llama", {**native, "rope_parameters": _plain_rope(fields), "attention_bias": False,
+                     "baichuan_norm_head": baichuan2}
 
 
 def internlm2(fields: PublishedFields) -> tuple[str, dict]:

@@ -1,5 +1,6 @@
 """The classes of families that are not a transformers class as is: a reversible tensor conversion of the
-published weights (Baichuan-7B, InternLM2, ChatGLM), or a small native module (DeciLM, decilm.py).
+published weights (Baichuan-7B, InternLM2, ChatGLM), a small native module (DeciLM, decilm.py), or both
+(Baichuan2's normalised head, baichuan.py; DeepSeek-MoE's experts, deepseek_moe.py).
 
 Each converted family gets a subclass of the native class that changes nothing but its name, under which
 transformers' checkpoint conversion mapping (`register_checkpoint_conversion_mapping`, looked up by class name
@@ -15,13 +16,10 @@ from transformers import GlmForCausalLM, LlamaForCausalLM
 from transformers.conversion_mapping import USER_REGISTERED_MAPPINGS, register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Chunk, ConversionOps, Split, WeightConverter, WeightRenaming
 
+from automodel.models.families.baichuan import BaichuanLlamaForCausalLM
 from automodel.models.families.decilm import DeciLMLlamaForCausalLM
+from automodel.models.families.deepseek_moe import DeepseekMoeLlamaForCausalLM, deepseek_moe_experts
 from automodel.models.families.phi3small import Phi3SmallLlamaForCausalLM
-
-
-class BaichuanLlamaForCausalLM(LlamaForCausalLM):
-    """Baichuan-7B: the Llama decoder whose checkpoints store q, k and v as one `self_attn.W_pack` (rows: q, then k,
-    then v; Baichuan-7B has as many key/value heads as query heads, so three equal chunks)."""
 
 
 def baichuan_w_pack() -> list:
@@ -108,6 +106,7 @@ CONVERTED = {"DeciLMLlamaForCausalLM": (DeciLMLlamaForCausalLM, None),
              "ChatGLMGlmForCausalLM": (ChatGLMGlmForCausalLM, chatglm_layout),
              "BaichuanLlamaForCausalLM": (BaichuanLlamaForCausalLM, baichuan_w_pack),
              "InternLM2LlamaForCausalLM": (InternLM2LlamaForCausalLM, internlm2_layout),
+             "DeepseekMoeLlamaForCausalLM": (DeepseekMoeLlamaForCausalLM, deepseek_moe_experts),
              "Phi3SmallLlamaForCausalLM": (Phi3SmallLlamaForCausalLM, None)}
 
 
