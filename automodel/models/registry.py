@@ -235,7 +235,19 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             rope_scaling={"type": "dynamic", "factor": 2.0}),
     _native("InternLM3ForCausalLM", "InternLM3", ["internlm/internlm3-8b-instruct"], "internlm3", "LlamaForCausalLM",
             "llama2", notes="transformers loads the internlm3 config into LlamaForCausalLM", head_dim=16),
-    _remote("JAISLMHeadModel", "Jais", ["inceptionai/jais-13b", "inceptionai/jais-30b-v3"]),
+    _family("JAISLMHeadModel", "Jais", ["inceptionai/jais-13b", "inceptionai/jais-30b-v3"], "jais", "GPT2LMHeadModel",
+            "gpt2",
+            "a small native module (automodel/models/families/jais.py): GPT-2's blocks and Conv1D weight names with "
+            "a SwiGLU MLP (c_fc x silu(c_fc2)), ALiBi (an additive bias to PyTorch's SDPA, padding-free rows kept "
+            "apart by cu_seq_lens_q) and muP scalings (embeddings x `embeddings_scale`, logits x `width_scale`, "
+            "scores / head_dim with `scale_qk_dot_by_d`); jais-30b's `mup_*` field names read the same",
+            notes="`position_embedding_type` other than alibi (the later jais-family's learned/rotary positions) "
+                  "and `alibi_scaling` stop with a one-line error naming the field",
+            lora_targets=("c_attn", "c_proj", "c_fc", "c_fc2"),
+            n_embd=64, n_head=4, n_layer=2, n_inner=96, n_positions=256, activation_function="swiglu",
+            position_embedding_type="alibi", embeddings_scale=14.6, width_scale=0.0625, scale_qk_dot_by_d=True,
+            layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, scale_attn_weights=True,
+            scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False),
     _native("LlamaForCausalLM", "Llama 3.1, Llama 3, Llama 2, LLaMA, Yi",
             ["meta-llama/Meta-Llama-3.1-70B", "meta-llama/Llama-2-70b-hf", "01-ai/Yi-34B"], "llama",
             "LlamaForCausalLM", "llama2", own_tokenizer=True),
@@ -290,7 +302,17 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _native("Starcoder2ForCausalLM", "Starcoder2",
             ["bigcode/starcoder2-3b", "bigcode/starcoder2-7b", "bigcode/starcoder2-15b"], "starcoder2",
             "Starcoder2ForCausalLM", "gpt2", ATTENTION + ("c_fc", "c_proj")),
-    _remote("SolarForCausalLM", "Solar Pro", ["upstage/solar-pro-preview-instruct"]),
+    _family("SolarForCausalLM", "Solar Pro", ["upstage/solar-pro-preview-instruct"], "solar", "MistralForCausalLM",
+            "llama2",
+            "a small native module (automodel/models/families/solar.py): MistralForCausalLM (Llama's weight names, "
+            "`sliding_window`) whose decoder loop keeps the input of the `bskcn_1`/`bskcn_2` layers and blends it "
+            "into the input of the `bskcn_3`/`bskcn_4` layers, weight `bskcn_tv[0]` in training and `bskcn_tv[1]` "
+            "in inference",
+            notes="`rope_scaling`, attention/MLP biases and blend lists that blend before anything is kept stop "
+                  "with a one-line error naming the field",
+            num_hidden_layers=6, tie_word_embeddings=False, rope_theta=10000.0, attention_bias=False, mlp_bias=False,
+            attention_dropout=0.0, sliding_window=16, bskcn_1=[1, 3], bskcn_2=[2], bskcn_3=[2, 5], bskcn_4=[4],
+            bskcn_tv=[0.9, 0.8]),
 )
 
 BY_NAME: dict[str, Architecture] = {row.architecture: row for row in ARCHITECTURES}
@@ -318,6 +340,8 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     "InternLM2ForCausalLM": ("sft",),
     "MiniCPMForCausalLM": ("sft",),
     "OrionForCausalLM": ("sft",),
+    "SolarForCausalLM": ("sft", "lora"),
+    "JAISLMHeadModel": ("sft",),
 }
 
 # model_type values whose padding-free batches (examples back to back in one row, automodel/data/packing.py) give

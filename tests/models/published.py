@@ -28,6 +28,8 @@ AUTO_MAP = {
     "internlm2": ("configuration_internlm2.InternLM2Config", "modeling_internlm2.InternLM2ForCausalLM"),
     "minicpm": ("configuration_minicpm.MiniCPMConfig", "modeling_minicpm.MiniCPMForCausalLM"),
     "orion": ("configuration_orion.OrionConfig", "modeling_orion.OrionForCausalLM"),
+    "solar": ("configuration_solar.SolarConfig", "modeling_solar.SolarForCausalLM"),
+    "jais": ("configuration_jais.JAISConfig", "modeling_jais.JAISLMHeadModel"),
 }
 # Families whose norms are LayerNorm with a bias (Orion) and whose q/k/v/o carry a bias (InternLM `bias`).
 LAYER_NORM = {"orion"}
@@ -39,6 +41,12 @@ def published_config(row: Architecture, tokenizer) -> dict:
     if row.published_type == "chatglm":  # its own field names throughout; no bos, no hidden_act
         return {"architectures": [row.test_id], "model_type": "chatglm",
                 "auto_map": {**auto_map, "AutoModel": model_class}, **row.tiny, "padded_vocab_size": len(tokenizer),
+                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                "torch_dtype": "float32", "use_cache": True}
+    if row.published_type == "jais":  # GPT-2's field names (n_embd, n_head, ...) and Jais's own
+        return {"architectures": [row.test_id], "model_type": "jais",
+                "auto_map": {**auto_map, "AutoModel": "modeling_jais.JAISModel"}, **row.tiny,
+                "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                 "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                 "torch_dtype": "float32", "use_cache": True}
     config = {"architectures": [row.test_id], "model_type": row.published_type, "auto_map": auto_map,
@@ -156,10 +164,38 @@ def chatglm_layout(config: dict, generator: torch.Generator) -> dict[str, torch.
     return weights
 
 
+def jais_layout(config: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Jais names and GPT-2 Conv1D shapes (input x output): transformer.wte, transformer.relative_pe.slopes (the
+    ALiBi slopes, heads x 1: the paper's geometric sequence 2^(-8/heads)^(h+1) for 2^k heads),
+    transformer.h.N.{ln_1, attn.c_attn (hidden x 3 hidden: q | k | v), attn.c_proj, ln_2, mlp.c_fc, mlp.c_fc2
+    (hidden x n_inner), mlp.c_proj (n_inner x hidden)}, each with a bias, transformer.ln_f; lm_head tied to wte."""
+    hidden, inner, heads = config["n_embd"], config["n_inner"], config["n_head"]
+    assert math.log2(heads).is_integer(), "the slopes below are the power-of-two case"
+
+    def rand(*shape, std=0.1):
+        return torch.randn(*shape, generator=generator) * std
+
+    def layer_norm(prefix):
+        return {f"{prefix}.weight": 1 + rand(hidden), f"{prefix}.bias": rand(hidden)}
+
+    start = 2 ** (-8 / heads)
+    weights = {"transformer.wte.weight": rand(config["vocab_size"], hidden, std=0.5),
+               "transformer.relative_pe.slopes": torch.tensor([[start ** (h + 1)] for h in range(heads)]),
+               **layer_norm("transformer.ln_f")}
+    shapes = {"attn.c_attn": (hidden, 3 * hidden), "attn.c_proj": (hidden, hidden), "mlp.c_fc": (hidden, inner),
+              "mlp.c_fc2": (hidden, inner), "mlp.c_proj": (inner, hidden)}
+    for i in range(config["n_layer"]):
+        p = f"transformer.h.{i}"
+        weights.update({**layer_norm(f"{p}.ln_1"), **layer_norm(f"{p}.ln_2")})
+        for name, shape in shapes.items():
+            weights.update({f"{p}.{name}.weight": rand(*shape), f"{p}.{name}.bias": rand(shape[1])})
+    return weights
+
+
 def write_published_checkpoint(row: Architecture, folder: Path, seed: int = 0) -> Path:
     tokenizer = shared_tokenizer(name=row.tokenizer)
     config = published_config(row, tokenizer)
-    layout = chatglm_layout if row.published_type == "chatglm" else llama_layout
+    layout = {"chatglm": chatglm_layout, "jais": jais_layout}.get(row.published_type, llama_layout)
     weights = layout(config, torch.Generator().manual_seed(seed))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))

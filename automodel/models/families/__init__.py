@@ -64,6 +64,8 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("internlm2", configs.internlm2, converted_class="InternLM2LlamaForCausalLM"),
     Family("orion", configs.orion),
     Family("minicpm", configs.minicpm),
+    Family("solar", configs.solar, converted_class="SolarMistralForCausalLM"),
+    Family("jais", configs.jais, converted_class="JaisGPT2LMHeadModel"),
 )}
 
 

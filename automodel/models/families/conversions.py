@@ -16,6 +16,8 @@ from transformers.conversion_mapping import USER_REGISTERED_MAPPINGS, register_c
 from transformers.core_model_loading import Chunk, ConversionOps, Split, WeightConverter, WeightRenaming
 
 from automodel.models.families.decilm import DeciLMLlamaForCausalLM
+from automodel.models.families.jais import JaisGPT2LMHeadModel
+from automodel.models.families.solar import SolarMistralForCausalLM
 
 
 class BaichuanLlamaForCausalLM(LlamaForCausalLM):
@@ -104,6 +106,8 @@ def chatglm_layout() -> list:
 
 # Class name -> (class, its checkpoint conversion or None: the published names are the module names).
 CONVERTED = {"DeciLMLlamaForCausalLM": (DeciLMLlamaForCausalLM, None),
+             "SolarMistralForCausalLM": (SolarMistralForCausalLM, None),
+             "JaisGPT2LMHeadModel": (JaisGPT2LMHeadModel, None),
              "ChatGLMGlmForCausalLM": (ChatGLMGlmForCausalLM, chatglm_layout),
              "BaichuanLlamaForCausalLM": (BaichuanLlamaForCausalLM, baichuan_w_pack),
              "InternLM2LlamaForCausalLM": (InternLM2LlamaForCausalLM, internlm2_layout)}
