@@ -26,6 +26,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Block, GPT2PreTrainedModel
 from transformers.pytorch_utils import Conv1D
+from transformers.utils.output_capturing import capture_outputs
 
 
 class JaisConfig(GPT2Config):
@@ -151,6 +152,7 @@ class JaisModel(GPT2PreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.wte = new_embeddings
 
+    @capture_outputs  # output_hidden_states, which the chunked loss reads (automodel/training/chunked_loss.py)
     def forward(self, input_ids=None, cache=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 use_cache=None, cu_seq_lens_q=None, **kwargs) -> BaseModelOutputWithPast:
         """`position_ids` are not read: ALiBi depends on i - j only, and `cu_seq_lens_q` separates the examples
@@ -186,10 +188,11 @@ class JaisGPT2LMHeadModel(GPT2LMHeadModel):
     def forward(self, input_ids=None, cache=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
         out = self.transformer(input_ids, cache=cache, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                               use_cache=use_cache, cu_seq_lens_q=kwargs.get("cu_seq_lens_q"))
+                               use_cache=use_cache, cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
+                               output_hidden_states=kwargs.get("output_hidden_states"))
         logits = self.lm_head(slice_logits_to_keep(out.last_hidden_state, logits_to_keep))
         logits = logits * self.config.output_logits_scale
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
