@@ -340,8 +340,8 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     "InternLM2ForCausalLM": ("sft",),
     "MiniCPMForCausalLM": ("sft",),
     "OrionForCausalLM": ("sft",),
-    "SolarForCausalLM": ("sft", "lora"),
-    "JAISLMHeadModel": ("sft",),
+    "SolarForCausalLM": ("sft",),
+    "JAISLMHeadModel": ("sft", "lora"),
 }
 
 # model_type values whose padding-free batches (examples back to back in one row, automodel/data/packing.py) give
