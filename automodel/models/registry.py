@@ -242,7 +242,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "apart by cu_seq_lens_q) and muP scalings (embeddings x `embeddings_scale`, logits x `width_scale`, "
             "scores / head_dim with `scale_qk_dot_by_d`); jais-30b's `mup_*` field names read the same",
             notes="`position_embedding_type` other than alibi (the later jais-family's learned/rotary positions) "
-                  "and `alibi_scaling` stop with a one-line error naming the field",
+                  "and `alibi_scaling` stop with a one-line error naming the field. Differs from the published "
+                  "code: attention is SDPA with an additive (batch, heads, tokens, tokens) ALiBi mask, no eager or "
+                  "flash path; the muP learning-rate scalings are training-recipe choices the config does not apply. "
+                  "No vLLM comparison: vLLM 0.32 rejects JAISLMHeadModel (supported until 0.22); the reference is "
+                  "tests/models/test_family_jais.py's",
             lora_targets=("c_attn", "c_proj", "c_fc", "c_fc2"),
             n_embd=64, n_head=4, n_layer=2, n_inner=96, n_positions=256, activation_function="swiglu",
             position_embedding_type="alibi", embeddings_scale=14.6, width_scale=0.0625, scale_qk_dot_by_d=True,
@@ -309,7 +313,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "into the input of the `bskcn_3`/`bskcn_4` layers, weight `bskcn_tv[0]` in training and `bskcn_tv[1]` "
             "in inference",
             notes="`rope_scaling`, attention/MLP biases and blend lists that blend before anything is kept stop "
-                  "with a one-line error naming the field",
+                  "with a one-line error naming the field. `sliding_window` limits every attention path as in "
+                  "transformers' Mistral (a query sees its last `sliding_window` keys); vLLM 0.32's Solar attends to "
+                  "all earlier tokens, so the two differ past that many tokens. Against vLLM 0.32 (inference blend, "
+                  "window wider than the prompt): max |log p| difference 2.9e-06 over 23 prompt tokens",
             num_hidden_layers=6, tie_word_embeddings=False, rope_theta=10000.0, attention_bias=False, mlp_bias=False,
             attention_dropout=0.0, sliding_window=16, bskcn_1=[1, 3], bskcn_2=[2], bskcn_3=[2, 5], bskcn_4=[4],
             bskcn_tv=[0.9, 0.8]),
