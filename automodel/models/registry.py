@@ -347,7 +347,6 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     "InternLM2ForCausalLM": ("sft",),
     "MiniCPMForCausalLM": ("sft",),
     "OrionForCausalLM": ("sft",),
-    "SolarForCausalLM": ("sft",),
     "JAISLMHeadModel": ("sft", "lora"),
 }
 
