@@ -15,7 +15,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from automodel.checkpoint import write_hf_model
 from automodel.data.collate import FlatCollator, model_inputs
@@ -99,6 +99,14 @@ def test_jais_30b_mup_field_names_give_the_same_model(tmp_path):
     named_30b = load_causal_lm(str(folder)).eval()
     with torch.no_grad():
         torch.testing.assert_close(named_30b(input_ids=ids).logits, named_13b(input_ids=ids).logits)
+
+
+def test_a_checkpoint_without_the_alibi_slopes_gets_the_papers(tmp_path):
+    folder = write_published_checkpoint(ROW, tmp_path / "published")
+    weights = load_file(folder / "model.safetensors")
+    stored = weights.pop("transformer.relative_pe.slopes")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    assert torch.equal(load_causal_lm(str(folder)).transformer.relative_pe.slopes, stored)
 
 
 def test_alibi_slopes_for_heads_that_are_not_a_power_of_two():

@@ -68,6 +68,13 @@ class AlibiSlopes(nn.Module):
         self.register_buffer("slopes", alibi_slopes(heads))
 
 
+def init_slopes(module: nn.Module, heads: int) -> None:
+    """A checkpoint without the slopes gets the paper's (transformers initialises what a checkpoint lacks)."""
+    if isinstance(module, AlibiSlopes):
+        with torch.no_grad():
+            module.slopes.copy_(alibi_slopes(heads))
+
+
 def alibi_mask(slopes: torch.Tensor, queries: int, keys: int, attention_mask, cu_seq_lens_q,
                dtype: torch.dtype) -> torch.Tensor:
     """The additive (batch, heads, queries, keys) mask: ALiBi where a query may see a key, -inf elsewhere.
@@ -146,6 +153,10 @@ class JaisModel(GPT2PreTrainedModel):
         self.relative_pe = AlibiSlopes(config.num_attention_heads)
         self.post_init()
 
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        init_slopes(module, self.config.num_attention_heads)
+
     def get_input_embeddings(self):
         return self.wte
 
@@ -182,8 +193,7 @@ class JaisGPT2LMHeadModel(GPT2LMHeadModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, AlibiSlopes):  # a checkpoint without the slopes gets the paper's
-            module.slopes.copy_(alibi_slopes(self.config.num_attention_heads))
+        init_slopes(module, self.config.num_attention_heads)
 
     def forward(self, input_ids=None, cache=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
