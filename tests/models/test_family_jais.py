@@ -94,7 +94,8 @@ def test_jais_30b_mup_field_names_give_the_same_model(tmp_path):
     folder = write_published_checkpoint(ROW, tmp_path / "30b")
     config = json.loads((folder / "config.json").read_text())
     scales = {"mup_embeddings_scale": config.pop("embeddings_scale"), "mup_output_alpha": 2.0,
-              "mup_width_scale": config.pop("width_scale") / 2.0, "mup_scale_qk_dot_by_d": config.pop("scale_qk_dot_by_d")}
+              "mup_width_scale": config.pop("width_scale") / 2.0,
+              "mup_scale_qk_dot_by_d": config.pop("scale_qk_dot_by_d")}
     (folder / "config.json").write_text(json.dumps({**config, **scales}))
     named_30b = load_causal_lm(str(folder)).eval()
     with torch.no_grad():
