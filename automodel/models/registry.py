@@ -347,7 +347,7 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     "InternLM2ForCausalLM": ("sft",),
     "MiniCPMForCausalLM": ("sft",),
     "OrionForCausalLM": ("sft",),
-    "JAISLMHeadModel": ("sft", "lora"),
+    "JAISLMHeadModel": ("sft",),
 }
 
 # model_type values whose padding-free batches (examples back to back in one row, automodel/data/packing.py) give
