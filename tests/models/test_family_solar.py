@@ -6,7 +6,7 @@ fields the published configuration class documents: Llama layers (pre-norm RMSNo
 attention, SwiGLU), `sliding_window` (a query sees the last `sliding_window` keys), and the block skip connections
 `bskcn_1`..`bskcn_4` / `bskcn_tv`: the input of each `bskcn_1` (`bskcn_2`) layer is kept; the input of each
 `bskcn_3` (`bskcn_4`) layer becomes `w * kept + (1 - w) * input`, with w = bskcn_tv[0] in training and
-bskcn_tv[1] in inference (vLLM's and llama.cpp's Solar implementations read the fields the same way).
+bskcn_tv[1] in inference (vLLM's Solar implementation reads the fields the same way).
 """
 
 from __future__ import annotations

@@ -21,8 +21,6 @@ from transformers.models.mistral.modeling_mistral import MistralModel
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-SKIP_LISTS = ("bskcn_1", "bskcn_2", "bskcn_3", "bskcn_4")
-
 
 class SolarModel(MistralModel):
     """MistralModel whose layers' inputs are kept and blended as `bskcn_*` say (module docstring)."""
