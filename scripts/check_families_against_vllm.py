@@ -76,6 +76,16 @@ class {name}(PretrainedConfig):
 """
 
 
+# Per family, the fields that widen the tiny checkpoint to head_dim 32 (and Solar's window past the prompt: vLLM's
+# Solar attends to every earlier token, so only a window wider than the prompt compares the same math).
+WIDER = {"chatglm": {"hidden_size": 128, "kv_channels": 32}, "jais": {"n_embd": 128},
+         "solar": {"hidden_size": 128, "sliding_window": 256}}
+
+
+# Families vLLM 0.32 no longer implements (its error names the last version that did): skipped with a line.
+NOT_IN_VLLM = {"jais": "vLLM 0.32 rejects JAISLMHeadModel (supported until vLLM 0.22)"}
+
+
 def write_config_class(folder: Path) -> None:
     """The `auto_map` AutoConfig class of the folder's config.json, as a plain attribute bag."""
     config = json.loads((folder / "config.json").read_text())
@@ -99,7 +109,10 @@ def build(out_dir: Path, families: list[str]) -> dict[str, list[float]]:
         if row.published_type in NOT_IN_VLLM:
             print(f"{row.published_type:14s} skipped: {NOT_IN_VLLM[row.published_type]}")
             continue
-        wider = {"hidden_size": 128, **({"kv_channels": 32} if row.published_type == "chatglm" else {})}
+        if row.published_type in NOT_IN_VLLM:
+            print(f"{row.published_type:14s} skipped: {NOT_IN_VLLM[row.published_type]}")
+            continue
+        wider = WIDER.get(row.published_type, {"hidden_size": 128})
         row = dataclasses.replace(row, tiny={**row.tiny, **wider})
         folder = write_published_checkpoint(row, out_dir / name)
         for file in (ASSETS / "tokenizers" / row.tokenizer).iterdir():

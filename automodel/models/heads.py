@@ -9,6 +9,7 @@ native row) are:
 - Cohere / Cohere2: `logits * config.logit_scale`.
 - Granite / GraniteMoe / GraniteMoeShared: `logits / config.logits_scaling`.
 - MiniCPM3: `hidden / config.logits_scaling` before the head.
+- Jais (automodel's own class): `logits * config.output_logits_scale` (the published `width_scale`).
 
 An architecture not in `HEAD_QUIRKS` gets no chunked head: the recipe says so in one log line and computes logits
 at the label positions through the model's own forward (`logits_to_keep`) instead.
@@ -40,6 +41,7 @@ HEAD_QUIRKS: dict[str, dict[str, str]] = {
     "GraniteMoeForCausalLM": {"logit_divisor": "logits_scaling"},
     "GraniteMoeSharedForCausalLM": {"logit_divisor": "logits_scaling"},
     "MiniCPM3ForCausalLM": {"hidden_divisor": "logits_scaling"},
+    "JaisGPT2LMHeadModel": {"logit_scale": "output_logits_scale"},  # automodel/models/families/jais.py
 }
 
 

@@ -252,7 +252,23 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             rope_scaling={"type": "dynamic", "factor": 2.0}),
     _native("InternLM3ForCausalLM", "InternLM3", ["internlm/internlm3-8b-instruct"], "internlm3", "LlamaForCausalLM",
             "llama2", notes="transformers loads the internlm3 config into LlamaForCausalLM", head_dim=16),
-    _remote("JAISLMHeadModel", "Jais", ["inceptionai/jais-13b", "inceptionai/jais-30b-v3"]),
+    _family("JAISLMHeadModel", "Jais", ["inceptionai/jais-13b", "inceptionai/jais-30b-v3"], "jais", "GPT2LMHeadModel",
+            "gpt2",
+            "a small native module (automodel/models/families/jais.py): GPT-2's blocks and Conv1D weight names with "
+            "a SwiGLU MLP (c_fc x silu(c_fc2)), ALiBi (an additive bias to PyTorch's SDPA, padding-free rows kept "
+            "apart by cu_seq_lens_q) and muP scalings (embeddings x `embeddings_scale`, logits x `width_scale`, "
+            "scores / head_dim with `scale_qk_dot_by_d`); jais-30b's `mup_*` field names read the same",
+            notes="`position_embedding_type` other than alibi (the later jais-family's learned/rotary positions) "
+                  "and `alibi_scaling` stop with a one-line error naming the field. Differs from the published "
+                  "code: attention is SDPA with an additive (batch, heads, tokens, tokens) ALiBi mask, no eager or "
+                  "flash path; the muP learning-rate scalings are training-recipe choices the config does not apply. "
+                  "No vLLM comparison: vLLM 0.32 rejects JAISLMHeadModel (supported until 0.22); the reference is "
+                  "tests/models/test_family_jais.py's",
+            lora_targets=("c_attn", "c_proj", "c_fc", "c_fc2"),
+            n_embd=64, n_head=4, n_layer=2, n_inner=96, n_positions=256, activation_function="swiglu",
+            position_embedding_type="alibi", embeddings_scale=14.6, width_scale=0.0625, scale_qk_dot_by_d=True,
+            layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, scale_attn_weights=True,
+            scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False),
     _native("LlamaForCausalLM", "Llama 3.1, Llama 3, Llama 2, LLaMA, Yi",
             ["meta-llama/Meta-Llama-3.1-70B", "meta-llama/Llama-2-70b-hf", "01-ai/Yi-34B"], "llama",
             "LlamaForCausalLM", "llama2", own_tokenizer=True),
@@ -331,7 +347,20 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     _native("Starcoder2ForCausalLM", "Starcoder2",
             ["bigcode/starcoder2-3b", "bigcode/starcoder2-7b", "bigcode/starcoder2-15b"], "starcoder2",
             "Starcoder2ForCausalLM", "gpt2", ATTENTION + ("c_fc", "c_proj")),
-    _remote("SolarForCausalLM", "Solar Pro", ["upstage/solar-pro-preview-instruct"]),
+    _family("SolarForCausalLM", "Solar Pro", ["upstage/solar-pro-preview-instruct"], "solar", "MistralForCausalLM",
+            "llama2",
+            "a small native module (automodel/models/families/solar.py): MistralForCausalLM (Llama's weight names, "
+            "`sliding_window`) whose decoder loop keeps the input of the `bskcn_1`/`bskcn_2` layers and blends it "
+            "into the input of the `bskcn_3`/`bskcn_4` layers, weight `bskcn_tv[0]` in training and `bskcn_tv[1]` "
+            "in inference",
+            notes="`rope_scaling`, attention/MLP biases and blend lists that blend before anything is kept stop "
+                  "with a one-line error naming the field. `sliding_window` limits every attention path as in "
+                  "transformers' Mistral (a query sees its last `sliding_window` keys); vLLM 0.32's Solar attends to "
+                  "all earlier tokens, so the two differ past that many tokens. Against vLLM 0.32 (inference blend, "
+                  "window wider than the prompt): max |log p| difference 2.9e-06 over 23 prompt tokens",
+            num_hidden_layers=6, tie_word_embeddings=False, rope_theta=10000.0, attention_bias=False, mlp_bias=False,
+            attention_dropout=0.0, sliding_window=16, bskcn_1=[1, 3], bskcn_2=[2], bskcn_3=[2, 5], bskcn_4=[4],
+            bskcn_tv=[0.9, 0.8]),
 )
 
 BY_NAME: dict[str, Architecture] = {row.architecture: row for row in ARCHITECTURES}
@@ -360,13 +389,14 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     "MiniCPMForCausalLM": ("sft",),
     "OrionForCausalLM": ("sft",),
     "Phi3SmallForCausalLM": ("sft",),
+    "JAISLMHeadModel": ("sft",),
 }
 
 # model_type values whose padding-free batches (examples back to back in one row, automodel/data/packing.py) give
 # each example the logits it gets alone: tests/models/test_padding_free.py checks every native row and this list.
 PADDING_FREE_VERIFIED: frozenset[str] = frozenset({
     "cohere", "cohere2", "deepseek_v2", "deepseek_v3", "exaone", "exaone4", "gemma", "gemma3_text", "glm", "glm4",
-    "gpt_bigcode", "gpt_neox", "gptj", "granite", "granitemoe", "granitemoeshared", "internlm3", "llama",
+    "gpt_bigcode", "gpt_neox", "gptj", "granite", "granitemoe", "granitemoeshared", "internlm3", "jais", "llama",
     "minicpm3", "mistral", "mixtral", "olmo", "olmo2", "olmoe", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
     "qwen3_moe", "starcoder2",
 })
@@ -374,8 +404,9 @@ PADDING_FREE_VERIFIED: frozenset[str] = frozenset({
 # Where the last layer may compute only the rows the loss reads (automodel/models/attention.py `OUTPUT_ROWS`): the
 # padding-free rows except mixture-of-experts ones, whose router would still route the skipped rows (and count them
 # in its load-balancing loss). tests/models/test_padding_free.py checks each in float64.
+# Jais's ALiBi attention calls SDPA itself (automodel/models/families/jais.py), not automodel_sdpa, which limits rows.
 OUTPUT_ROWS_VERIFIED: frozenset[str] = PADDING_FREE_VERIFIED - {
-    row.model_type for row in ARCHITECTURES if row.kind == "moe"}
+    row.model_type for row in ARCHITECTURES if row.kind == "moe"} - {"jais"}
 
 
 def native_rows() -> list[Architecture]:

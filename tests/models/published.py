@@ -30,6 +30,8 @@ AUTO_MAP = {
     "minicpm": ("configuration_minicpm.MiniCPMConfig", "modeling_minicpm.MiniCPMForCausalLM"),
     "orion": ("configuration_orion.OrionConfig", "modeling_orion.OrionForCausalLM"),
     "phi3small": ("configuration_phi3_small.Phi3SmallConfig", "modeling_phi3_small.Phi3SmallForCausalLM"),
+    "solar": ("configuration_solar.SolarConfig", "modeling_solar.SolarForCausalLM"),
+    "jais": ("configuration_jais.JAISConfig", "modeling_jais.JAISLMHeadModel"),
 }
 # Published variants of family rows beyond each row's own tiny checkpoint: (row, config fields over its tiny ones).
 # Used by tests/models/test_family_baichuan2_deepseek_moe.py and scripts/check_families_against_vllm.py.
@@ -72,6 +74,12 @@ def published_config(row: Architecture, tokenizer) -> dict:
         return {"architectures": [row.test_id], "model_type": "phi3small", "auto_map": auto_map, **row.tiny,
                 "vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id,
                 "eos_token_id": tokenizer.eos_token_id, "torch_dtype": "float32", "use_cache": True}
+    if row.published_type == "jais":  # GPT-2's field names (n_embd, n_head, ...) and Jais's own
+        return {"architectures": [row.test_id], "model_type": "jais",
+                "auto_map": {**auto_map, "AutoModel": "modeling_jais.JAISModel"}, **row.tiny,
+                "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                "torch_dtype": "float32", "use_cache": True}
     config = {"architectures": [row.test_id], "model_type": row.published_type, "auto_map": auto_map,
               **row.tiny_config(), "vocab_size": len(tokenizer), "hidden_act": "silu", "rms_norm_eps": 1e-6,
               "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
@@ -238,10 +246,38 @@ def phi3small_layout(config: dict, generator: torch.Generator) -> dict[str, torc
     return weights
 
 
+def jais_layout(config: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Jais names and GPT-2 Conv1D shapes (input x output): transformer.wte, transformer.relative_pe.slopes (the
+    ALiBi slopes, heads x 1: the paper's geometric sequence 2^(-8/heads)^(h+1) for 2^k heads),
+    transformer.h.N.{ln_1, attn.c_attn (hidden x 3 hidden: q | k | v), attn.c_proj, ln_2, mlp.c_fc, mlp.c_fc2
+    (hidden x n_inner), mlp.c_proj (n_inner x hidden)}, each with a bias, transformer.ln_f; lm_head tied to wte."""
+    hidden, inner, heads = config["n_embd"], config["n_inner"], config["n_head"]
+    assert math.log2(heads).is_integer(), "the slopes below are the power-of-two case"
+
+    def rand(*shape, std=0.1):
+        return torch.randn(*shape, generator=generator) * std
+
+    def layer_norm(prefix):
+        return {f"{prefix}.weight": 1 + rand(hidden), f"{prefix}.bias": rand(hidden)}
+
+    start = 2 ** (-8 / heads)
+    weights = {"transformer.wte.weight": rand(config["vocab_size"], hidden, std=0.5),
+               "transformer.relative_pe.slopes": torch.tensor([[start ** (h + 1)] for h in range(heads)]),
+               **layer_norm("transformer.ln_f")}
+    shapes = {"attn.c_attn": (hidden, 3 * hidden), "attn.c_proj": (hidden, hidden), "mlp.c_fc": (hidden, inner),
+              "mlp.c_fc2": (hidden, inner), "mlp.c_proj": (inner, hidden)}
+    for i in range(config["n_layer"]):
+        p = f"transformer.h.{i}"
+        weights.update({**layer_norm(f"{p}.ln_1"), **layer_norm(f"{p}.ln_2")})
+        for name, shape in shapes.items():
+            weights.update({f"{p}.{name}.weight": rand(*shape), f"{p}.{name}.bias": rand(shape[1])})
+    return weights
+
+
 def write_published_checkpoint(row: Architecture, folder: Path, seed: int = 0) -> Path:
     tokenizer = shared_tokenizer(name=row.tokenizer)
     config = published_config(row, tokenizer)
-    layout = {"chatglm": chatglm_layout, "phi3small": phi3small_layout}.get(row.published_type, llama_layout)
+    layout = {"chatglm": chatglm_layout, "phi3small": phi3small_layout, "jais": jais_layout}.get(row.published_type, llama_layout)
     weights = layout(config, torch.Generator().manual_seed(seed))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -36,7 +36,7 @@ ROWS = tested_rows()
 LENGTHS = (23, 9, 31)
 # The model_type a remote-code family's checkpoint runs as (automodel/models/families), which the lists are about.
 RUNS_AS = {"LlamaForCausalLM": "llama", "GraniteForCausalLM": "granite", "StableLmForCausalLM": "stablelm",
-           "GlmForCausalLM": "glm"}
+           "GlmForCausalLM": "glm", "MistralForCausalLM": "mistral", "GPT2LMHeadModel": "jais"}
 
 
 def runs_as(row) -> str:

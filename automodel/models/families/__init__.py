@@ -75,6 +75,8 @@ FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("orion", configs.orion),
     Family("minicpm", configs.minicpm),
     Family("phi3small", phi3small, converted_class="Phi3SmallLlamaForCausalLM"),
+    Family("solar", configs.solar, converted_class="SolarMistralForCausalLM"),
+    Family("jais", configs.jais, converted_class="JaisGPT2LMHeadModel"),
 )}
 
 

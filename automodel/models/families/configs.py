@@ -238,3 +238,77 @@ def decilm(fields: PublishedFields) -> tuple[str, dict]:
     return "llama", {**native, "rope_parameters": rope, "attention_bias": False, "mlp_bias": False,
                      "block_configs": blocks, "intermediate_size": 0,
                      "num_key_value_heads": native["num_attention_heads"]}
+
+
+def solar(fields: PublishedFields) -> tuple[str, dict]:
+    """Solar Pro: the Mistral decoder (Llama's layers, `sliding_window`) plus the skip-connection blends of
+    automodel/models/families/solar.py (`bskcn_1`..`bskcn_4` layer lists, `bskcn_tv` [training, inference]
+    weights). A blend list entry needs a state kept at or before that layer, as the published code reads it."""
+    native = _llama_core(fields)
+    fields.expect("attention_bias", (False,), False)
+    fields.expect("mlp_bias", (False,), False)
+    layers = native["num_hidden_layers"]
+    skips = {}
+    for name in ("bskcn_1", "bskcn_2", "bskcn_3", "bskcn_4"):
+        value = fields.take(name, required=True)
+        if not isinstance(value, list) or not all(isinstance(i, int) and 0 <= i < layers for i in value):
+            fields.expect(name, (), value)
+        skips[name] = value
+    for kept, blended in (("bskcn_1", "bskcn_3"), ("bskcn_2", "bskcn_4")):
+        if skips[blended] and (not skips[kept] or min(skips[blended]) < min(skips[kept])):
+            fields.expect(blended, (), skips[blended])  # it would blend a state nothing kept yet
+    weights = fields.take("bskcn_tv", required=True)
+    if not isinstance(weights, list) or len(weights) != 2 or not all(isinstance(w, (int, float)) for w in weights):
+        fields.expect("bskcn_tv", (), weights)
+    head_dim = native["hidden_size"] // native["num_attention_heads"]
+    return "mistral", {**native, **skips, "bskcn_tv": [float(w) for w in weights], "head_dim": head_dim,
+                       "rope_parameters": _plain_rope(fields), "sliding_window": fields.take("sliding_window")}
+
+
+# GPT-2 config fields for its sequence-classification head (summary_*) and task presets: no effect on the LM.
+GPT2_HEAD_FIELDS = ("summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+                    "summary_first_dropout", "task_specific_params", "n_ctx")
+
+
+def _jais_mup(fields: PublishedFields, name: str, mup_name: str, default: Any) -> Any:
+    """jais-13b names a muP setting `name`, the jais-30b configs `mup_<name>`; either, not both."""
+    value, mup_value = fields.take(name), fields.take(mup_name)
+    if value is not None and mup_value is not None:
+        fields.expect(mup_name, (None,))
+    return default if value is None and mup_value is None else (value if value is not None else mup_value)
+
+
+def jais(fields: PublishedFields) -> tuple[str, dict]:
+    """Jais (automodel/models/families/jais.py): GPT-2's layout, SwiGLU, ALiBi and muP scalings. Embeddings x
+    `embeddings_scale`; logits x `width_scale` (or `mup_output_alpha` x `mup_width_scale`); scores / head_dim with
+    `scale_qk_dot_by_d`, / sqrt(head_dim) without. Learned or rotary positions and `alibi_scaling` (longer
+    contexts than trained) are not implemented and stop the load."""
+    from automodel.models.families.jais import register
+
+    register()
+    fields.expect("position_embedding_type", ("alibi",), "learned")
+    fields.expect("alibi_scaling", (None,))
+    fields.expect("activation_function", ("swiglu",), "gelu_new")
+    fields.expect("scale_attn_weights", (True,), True)
+    for name in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
+        fields.expect(name, (False,), False)
+    for name in GPT2_HEAD_FIELDS:
+        fields.take(name)
+    output_scale = fields.take("width_scale")
+    alpha, width = fields.take("mup_output_alpha"), fields.take("mup_width_scale")
+    if output_scale is not None and (alpha is not None or width is not None):
+        fields.expect("mup_width_scale", (None,))
+    if output_scale is None:
+        output_scale = (1.0 if alpha is None else alpha) * (1.0 if width is None else width)
+    qk_by_d = _jais_mup(fields, "scale_qk_dot_by_d", "mup_scale_qk_dot_by_d", False)
+    return "jais", {
+        "vocab_size": fields.take("vocab_size", required=True), "n_embd": fields.take("n_embd", required=True),
+        "n_layer": fields.take("n_layer", required=True), "n_head": fields.take("n_head", required=True),
+        "n_inner": fields.take("n_inner"), "n_positions": fields.take("n_positions", 1024),
+        "layer_norm_epsilon": fields.take("layer_norm_epsilon", 1e-5),
+        "resid_pdrop": fields.take("resid_pdrop", 0.1), "embd_pdrop": fields.take("embd_pdrop", 0.1),
+        "attn_pdrop": fields.take("attn_pdrop", 0.1), "tie_word_embeddings": fields.take("tie_word_embeddings", True),
+        "activation_function": "silu",  # the SwiGLU gate's; JaisMLP applies it
+        "embeddings_scale": float(_jais_mup(fields, "embeddings_scale", "mup_embeddings_scale", 1.0)),
+        "output_logits_scale": float(output_scale), "attention_scale_power": 1.0 if qk_by_d else 0.5,
+    }

@@ -20,6 +20,8 @@ from automodel.models.families.baichuan import BaichuanLlamaForCausalLM
 from automodel.models.families.decilm import DeciLMLlamaForCausalLM
 from automodel.models.families.deepseek_moe import DeepseekMoeLlamaForCausalLM, deepseek_moe_experts
 from automodel.models.families.phi3small import Phi3SmallLlamaForCausalLM
+from automodel.models.families.jais import JaisGPT2LMHeadModel
+from automodel.models.families.solar import SolarMistralForCausalLM
 
 
 def baichuan_w_pack() -> list:
@@ -103,6 +105,8 @@ def chatglm_layout() -> list:
 
 # Class name -> (class, its checkpoint conversion or None: the published names are the module names).
 CONVERTED = {"DeciLMLlamaForCausalLM": (DeciLMLlamaForCausalLM, None),
+             "SolarMistralForCausalLM": (SolarMistralForCausalLM, None),
+             "JaisGPT2LMHeadModel": (JaisGPT2LMHeadModel, None),
              "ChatGLMGlmForCausalLM": (ChatGLMGlmForCausalLM, chatglm_layout),
              "BaichuanLlamaForCausalLM": (BaichuanLlamaForCausalLM, baichuan_w_pack),
              "InternLM2LlamaForCausalLM": (InternLM2LlamaForCausalLM, internlm2_layout),
