@@ -50,3 +50,16 @@ def stories_tokenizer():
     from automodel.models import load_tokenizer
 
     return load_tokenizer(str(STORIES))
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """vLLM's CPU build in .venv-vllm, set up by the project's script when missing (a no-op when present). A file
+    lock keeps two xdist workers from installing it at once."""
+    import fcntl
+    import subprocess
+
+    with open(REPO_ROOT / ".setup_vllm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run(["bash", "scripts/setup_vllm.sh"], cwd=REPO_ROOT, check=True, timeout=3600)
+    return REPO_ROOT / ".venv-vllm" / "bin" / "python"

@@ -35,12 +35,14 @@ FAMILIES_TEXT = (
     "names; the family's weight names) into the transformers class with the same math, with `trust_remote_code` "
     "off (automodel/models/families), and writes config.json back in the published layout. Their tiny test "
     "checkpoints are written in that published layout, not by transformers. On top of the list above, "
-    "`tests/models/test_families.py` (Solar Pro, Jais: `test_family_<model_type>.py`) checks our forward pass "
+    "`tests/models/test_families.py` (Phi-3-Small, Solar Pro, Jais, Baichuan2 and DeepSeek-MoE: "
+    "`test_family_<model_type>.py`) checks our forward pass "
     "against a reference forward written in the test "
     "from the family's published description, that load + save returns every tensor bit for bit and the "
     "config.json unchanged, and that a config field automodel does not translate stops with a one-line error "
-    "naming it (exit 2). `scripts/check_families_against_vllm.py` (manual: vLLM's CPU engine in .venv-vllm) "
-    "compares our prompt log-probabilities with vLLM's own implementation of each family. LoRA adapters of these "
+    "naming it (exit 2). `scripts/check_families_against_vllm.py` compares our prompt log-probabilities with vLLM's "
+    "own implementation of each family it has (vLLM's CPU engine in .venv-vllm); the suite runs it for ChatGLM, "
+    "InternLM2 and Solar Pro (`tests/models/test_families_vllm.py`), the rows' notes give the other differences. LoRA adapters of these "
     "rows name the native modules, which are the published module names for the config-only routes below. "
     "The routes:")
 

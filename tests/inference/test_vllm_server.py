@@ -45,10 +45,9 @@ SERVER_START_TIMEOUT = 900
 
 
 @pytest.fixture(scope="module")
-def vllm_install():
-    """vLLM's CPU build in .venv-vllm, set up by the project's script when missing."""
-    subprocess.run(["bash", "scripts/setup_vllm.sh"], cwd=REPO_ROOT, check=True, timeout=3600)
-    install = find_vllm(str(REPO_ROOT / ".venv-vllm" / "bin" / "python"))
+def vllm_install(vllm_python):
+    """vLLM's CPU build in .venv-vllm (tests/conftest.py sets it up when missing)."""
+    install = find_vllm(str(vllm_python))
     assert install is not None and install.cpu_build
     return install
 
