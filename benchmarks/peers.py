@@ -3,8 +3,10 @@
 Work unit: the first 128 rows of the real SQuAD train subset, prompt `Context: ... Question: ... Answer: `, loss on
 answer + EOS, max length 512 (the context is cut, never the answer), global batch 8, AdamW lr 1e-4, one epoch, fp32,
 2 threads; a Llama from config (hidden 256, intermediate 1024, 4 layers, 4 heads, untied, vocab 32,000 with the real
-Llama-2 tokenizer) and the pretrained stories260K (vocab 512, 256 rows). Each contender trains in its own process,
-the contenders interleaved round by round, on the same rows in the same order.
+Llama-2 tokenizer), the pretrained stories260K (vocab 512, 256 rows) and the pretrained SmolLM2-135M-Instruct
+(the README's main model: hidden 576, 30 layers, vocab 49,152, tied; LoRA on 16 rows), read by every contender from
+the HF folder automodel dequantises its GGUF file into. Each contender trains in its own process, the contenders
+interleaved round by round, on the same rows in the same order.
 
     python benchmarks/peers.py                       # every scenario, automodel + peers (needs the `bench` extra)
     python benchmarks/peers.py --quick --contenders automodel --scenarios stories-sft    # smoke test, seconds
@@ -41,7 +43,10 @@ SCENARIOS = {
     "llama32k-lora": ("llama32k", True, 128),
     "stories-sft": ("stories", False, 256),
     "stories-lora": ("stories", True, 256),
+    "smollm2-lora": ("smollm2", True, 16),
 }
+SMOL = ASSETS / "models" / "SmolLM2-135M-Instruct-GGUF"
+SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA32K = dict(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
                 tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
@@ -64,6 +69,11 @@ def make_llama32k(folder: Path) -> Path:
 
 
 def model_folder(name: str, workdir: Path) -> Path:
+    if name == "smollm2":
+        # The dequantised HF folder automodel caches for the GGUF file: the same weights for every contender.
+        from automodel.models.gguf import dequantised_folder
+
+        return Path(dequantised_folder(str(SMOL), SMOL_FILE))
     return ASSETS / "models" / "stories260K" if name == "stories" else make_llama32k(workdir / "llama32k")
 
 
