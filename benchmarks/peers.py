@@ -98,6 +98,7 @@ def summarize(runs: list[dict]) -> dict:
     return {
         "tokens_per_s": statistics.median(r["real_tokens"] / r["seconds"] for r in runs),
         "label_tokens_per_s": statistics.median(r["label_tokens"] / r["seconds"] for r in runs),
+        "tokens_per_cpu_s": statistics.median(r["real_tokens"] / r["cpu_seconds"] for r in runs),
         "padding": 1 - first["real_tokens"] / first["positions"],
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
         "last4_loss": statistics.mean(first["losses"][-4:]),
@@ -109,14 +110,18 @@ def table(scenario: str, results: dict[str, dict]) -> str:
     peers = {name: r for name, r in results.items() if name in PEERS}
     best_speed = max((r["tokens_per_s"] for r in peers.values()), default=None)
     best_rss = min((r["peak_rss_mb"] for r in peers.values()), default=None)
+    best_cpu = max((r["tokens_per_cpu_s"] for r in peers.values()), default=None)
     lines = [f"### {scenario}", "",
              "| contender | real tokens/s | label tokens/s | padding | peak RSS | loss (last 4 steps) | "
-             "speed vs best peer | RSS vs best peer |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "speed vs best peer | RSS vs best peer | real tokens per CPU s | per CPU s vs best peer |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         speed = f"{r['tokens_per_s'] / best_speed:.2f}x" if best_speed else "-"
         rss = f"{r['peak_rss_mb'] / best_rss:.2f}x" if best_rss else "-"
+        cpu = f"{r['tokens_per_cpu_s'] / best_cpu:.2f}x" if best_cpu else "-"
         lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['label_tokens_per_s']:,.0f} | {r['padding']:.1%} | "
-                     f"{r['peak_rss_mb'] / 1024:.2f} GB | {r['last4_loss']:.4f} | {speed} | {rss} |")
+                     f"{r['peak_rss_mb'] / 1024:.2f} GB | {r['last4_loss']:.4f} | {speed} | {rss} | "
+                     f"{r['tokens_per_cpu_s']:,.0f} | {cpu} |")
     counts = {(r["real_tokens"], r["label_tokens"]) for r in results.values()}
     lines += ["", f"same rows for every contender: {'yes' if len(counts) == 1 else 'NO: ' + str(counts)}; "
                   f"{next(iter(results.values()))['steps']} steps", ""]
@@ -187,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
                     run = run_contender(contender, model_dir, rows, lora, Path(tmp), args.threads)
                     runs[contender].append(run)
                     print(f"  {scenario} {contender}: {run['real_tokens'] / run['seconds']:,.0f} real tokens/s, "
-                          f"{run['seconds']:.0f} s, load {os.getloadavg()[0]:.2f}", flush=True)
+                          f"{run['seconds']:.0f} s ({run['cpu_seconds']:.0f} CPU s), load {os.getloadavg()[0]:.2f}",
+                          flush=True)
             everything[scenario] = {c: summarize(r) for c, r in runs.items()}
             print(table(f"{scenario} ({rows} rows, {'LoRA r=8' if lora else 'full SFT'})", everything[scenario]),
                   flush=True)
