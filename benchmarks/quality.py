@@ -68,15 +68,15 @@ def start_finetune(command: list[str], log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT)
 
 
-def finish_finetune(process: subprocess.Popen, command: list[str], log: Path, start: float) -> tuple[float, float]:
-    """Wait for a fine-tune; (wall seconds, CPU seconds). On a shared machine the CPU seconds are the steadier
-    measure: the wall time also holds the waits for other processes."""
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"{shlex.join(command)} failed (exit {process.returncode}); its output: {log}\n"
-                         + log.read_text()[-3000:])
-    return time.monotonic() - start, usage.ru_utime + usage.ru_stime
+def wait_for_one(running: dict[int, tuple[str, float, Path]]) -> tuple[str, float, float]:
+    """Wait for whichever fine-tune ends first; (its name, wall seconds, CPU seconds). On a shared machine the
+    CPU seconds are the steadier measure: the wall time also holds the waits for other processes."""
+    pid, status, usage = os.wait4(-1, 0)
+    name, start, log = running.pop(pid)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"the {name} fine-tune failed (exit {code}); its output: {log}\n" + log.read_text()[-3000:])
+    return name, time.monotonic() - start, usage.ru_utime + usage.ru_stime
 
 
 def metrics_records(command: list[str]) -> list[dict]:
@@ -95,11 +95,13 @@ def quality_rows(questions: int | None, steps: int | None, workdir: Path, parall
     logs = {name: workdir / f"{name.replace(' ', '-')}.log" for name in commands}
     timings, running = {}, {}
     for name, command in commands.items():
-        running[name] = (start_finetune(command, logs[name]), time.monotonic())
-        if not parallel:
-            timings[name] = finish_finetune(*running.pop(name), command, logs[name])
-    for name, (process, start) in running.items():
-        timings[name] = finish_finetune(process, commands[name], logs[name], start)
+        running[start_finetune(command, logs[name]).pid] = (name, time.monotonic(), logs[name])
+        while running and not parallel:
+            name, *timing = wait_for_one(running)
+            timings[name] = tuple(timing)
+    while running:
+        name, *timing = wait_for_one(running)
+        timings[name] = tuple(timing)
     rows = []
     for name, command in commands.items():
         (seconds, cpu_seconds), records, log = timings[name], metrics_records(command), logs[name]
