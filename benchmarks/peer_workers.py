@@ -67,8 +67,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def report(counts: dict, seconds: float, losses: list[float]) -> dict:
-    result = {**counts, "seconds": seconds, "losses": losses, "peak_rss_mb": peak_rss_mb()}
+class Timer:
+    """Wall and CPU seconds of the timed region. On a shared machine the CPU seconds (this process's, all its
+    threads) are the steadier measure of the work: the wall time also holds the waits for other processes."""
+
+    def __enter__(self):
+        synchronize()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        synchronize()
+        self.seconds = time.perf_counter() - self.start
+        self.cpu_seconds = time.process_time() - self.cpu_start
+
+
+def report(counts: dict, timer: Timer, losses: list[float]) -> dict:
+    result = {**counts, "seconds": timer.seconds, "cpu_seconds": timer.cpu_seconds, "losses": losses,
+              "peak_rss_mb": peak_rss_mb()}
     if torch.cuda.is_available():
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
@@ -125,11 +141,9 @@ def run_automodel(work: Work, variant: str) -> dict:
     recipe.setup()
     recipe.train_loader.sampler.set_epoch(0)
     counts = batch_counts(recipe.train_loader)
-    synchronize()
-    start = time.perf_counter()
-    result = recipe.train()
-    synchronize()
-    return report(counts, time.perf_counter() - start, result.train_losses)
+    with Timer() as timer:
+        result = recipe.train()
+    return report(counts, timer, result.train_losses)
 
 
 # ---- HF Trainer and TRL ---------------------------------------------------------------------------
@@ -170,13 +184,10 @@ def common_args(work: Work) -> dict:
 
 def train_peer(trainer) -> dict:
     counts = batch_counts(trainer.get_train_dataloader())
-    synchronize()
-    start = time.perf_counter()
-    trainer.train()
-    synchronize()
-    seconds = time.perf_counter() - start
+    with Timer() as timer:
+        trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return report(counts, seconds, losses)
+    return report(counts, timer, losses)
 
 
 def run_hf_trainer(work: Work) -> dict:

@@ -3,8 +3,10 @@
 Work unit: the first 128 rows of the real SQuAD train subset, prompt `Context: ... Question: ... Answer: `, loss on
 answer + EOS, max length 512 (the context is cut, never the answer), global batch 8, AdamW lr 1e-4, one epoch, fp32,
 2 threads; a Llama from config (hidden 256, intermediate 1024, 4 layers, 4 heads, untied, vocab 32,000 with the real
-Llama-2 tokenizer) and the pretrained stories260K (vocab 512, 256 rows). Each contender trains in its own process,
-the contenders interleaved round by round, on the same rows in the same order.
+Llama-2 tokenizer), the pretrained stories260K (vocab 512, 256 rows) and the pretrained SmolLM2-135M-Instruct
+(the README's main model: hidden 576, 30 layers, vocab 49,152, tied; LoRA on 16 rows), read by every contender from
+the HF folder automodel dequantises its GGUF file into. Each contender trains in its own process, the contenders
+interleaved round by round, on the same rows in the same order.
 
     python benchmarks/peers.py                       # every scenario, automodel + peers (needs the `bench` extra)
     python benchmarks/peers.py --quick --contenders automodel --scenarios stories-sft    # smoke test, seconds
@@ -41,7 +43,10 @@ SCENARIOS = {
     "llama32k-lora": ("llama32k", True, 128),
     "stories-sft": ("stories", False, 256),
     "stories-lora": ("stories", True, 256),
+    "smollm2-lora": ("smollm2", True, 16),
 }
+SMOL = ASSETS / "models" / "SmolLM2-135M-Instruct-GGUF"
+SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA32K = dict(vocab_size=32000, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
                 tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
@@ -64,6 +69,11 @@ def make_llama32k(folder: Path) -> Path:
 
 
 def model_folder(name: str, workdir: Path) -> Path:
+    if name == "smollm2":
+        # The dequantised HF folder automodel caches for the GGUF file: the same weights for every contender.
+        from automodel.models.gguf import dequantised_folder
+
+        return Path(dequantised_folder(str(SMOL), SMOL_FILE))
     return ASSETS / "models" / "stories260K" if name == "stories" else make_llama32k(workdir / "llama32k")
 
 
@@ -88,6 +98,7 @@ def summarize(runs: list[dict]) -> dict:
     return {
         "tokens_per_s": statistics.median(r["real_tokens"] / r["seconds"] for r in runs),
         "label_tokens_per_s": statistics.median(r["label_tokens"] / r["seconds"] for r in runs),
+        "tokens_per_cpu_s": statistics.median(r["real_tokens"] / r["cpu_seconds"] for r in runs),
         "padding": 1 - first["real_tokens"] / first["positions"],
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
         "last4_loss": statistics.mean(first["losses"][-4:]),
@@ -99,14 +110,18 @@ def table(scenario: str, results: dict[str, dict]) -> str:
     peers = {name: r for name, r in results.items() if name in PEERS}
     best_speed = max((r["tokens_per_s"] for r in peers.values()), default=None)
     best_rss = min((r["peak_rss_mb"] for r in peers.values()), default=None)
+    best_cpu = max((r["tokens_per_cpu_s"] for r in peers.values()), default=None)
     lines = [f"### {scenario}", "",
              "| contender | real tokens/s | label tokens/s | padding | peak RSS | loss (last 4 steps) | "
-             "speed vs best peer | RSS vs best peer |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "speed vs best peer | RSS vs best peer | real tokens per CPU s | per CPU s vs best peer |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         speed = f"{r['tokens_per_s'] / best_speed:.2f}x" if best_speed else "-"
         rss = f"{r['peak_rss_mb'] / best_rss:.2f}x" if best_rss else "-"
+        cpu = f"{r['tokens_per_cpu_s'] / best_cpu:.2f}x" if best_cpu else "-"
         lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['label_tokens_per_s']:,.0f} | {r['padding']:.1%} | "
-                     f"{r['peak_rss_mb'] / 1024:.2f} GB | {r['last4_loss']:.4f} | {speed} | {rss} |")
+                     f"{r['peak_rss_mb'] / 1024:.2f} GB | {r['last4_loss']:.4f} | {speed} | {rss} | "
+                     f"{r['tokens_per_cpu_s']:,.0f} | {cpu} |")
     counts = {(r["real_tokens"], r["label_tokens"]) for r in results.values()}
     lines += ["", f"same rows for every contender: {'yes' if len(counts) == 1 else 'NO: ' + str(counts)}; "
                   f"{next(iter(results.values()))['steps']} steps", ""]
@@ -177,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
                     run = run_contender(contender, model_dir, rows, lora, Path(tmp), args.threads)
                     runs[contender].append(run)
                     print(f"  {scenario} {contender}: {run['real_tokens'] / run['seconds']:,.0f} real tokens/s, "
-                          f"{run['seconds']:.0f} s, load {os.getloadavg()[0]:.2f}", flush=True)
+                          f"{run['seconds']:.0f} s ({run['cpu_seconds']:.0f} CPU s), load {os.getloadavg()[0]:.2f}",
+                          flush=True)
             everything[scenario] = {c: summarize(r) for c, r in runs.items()}
             print(table(f"{scenario} ({rows} rows, {'LoRA r=8' if lora else 'full SFT'})", everything[scenario]),
                   flush=True)

@@ -269,7 +269,7 @@ class FinetuneRecipe:
         bar = progress_bar(self.max_steps, "training", self.log_cfg.progress_bar, initial=state.step, unit="step")
         with self.metrics, logging_redirect_tqdm(), PreemptionHandler() as preemption:
             if self.steps.val_generate_at_start and state.step == 0:
-                self._generate_on_validation(0)
+                self._score_the_base_model(result)
             while state.step < self.max_steps and not result.preempted and not self._epochs_done():
                 batches = self._epoch_batches()
                 epoch_done = False
@@ -364,6 +364,12 @@ class FinetuneRecipe:
         if self.ckpt_cfg.enabled and due(self.steps.ckpt_every_steps, step, self.max_steps):
             result.final_dir = self.save(step)
             self.last_saved_step = step
+
+    def _score_the_base_model(self, result: RunResult) -> None:
+        """Step 0, before any update: the validation loss and the generation scores the run is compared with."""
+        if self.val_loader is not None:
+            result.val_losses[0] = self.validate(0)
+        self._generate_on_validation(0)
 
     def _generate_on_validation(self, step: int) -> None:
         if self.val_set is None:

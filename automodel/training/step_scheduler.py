@@ -28,7 +28,8 @@ class StepSchedulerConfig:
     log_every_steps: int = 1
     on_nonfinite: Literal["stop", "skip"] = "stop"
     val_generate_every_steps: int | None = None
-    # Also answer the validation questions before the first step (step 0): the base model's score to compare with.
+    # Also score the validation set before the first step (step 0): the base model's validation loss and, with a
+    # SQuAD validation set, its generation scores, to compare the trained model with.
     val_generate_at_start: bool = False
 
     def __post_init__(self):
