@@ -1,7 +1,7 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`): each decoder layer is its own shard group, then the root.
 
-Decoder layers are found through the model's `_no_split_modules`, which every transformers architecture
-declares for exactly this purpose, so no model needs a hand-written list.
+Decoder layers are found through the model's `_no_split_modules` (automodel/models/decoder_layers.py), so no model
+needs a hand-written list.
 """
 
 from __future__ import annotations
@@ -10,19 +10,7 @@ import torch
 from torch import nn
 
 from automodel.errors import UserError
-from automodel.models.unwrap import transformers_model
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The modules whose class the model lists in `_no_split_modules`, in model order (also once FSDP2 has sharded
-    them: their class is then a subclass named FSDP<name>)."""
-    names = set(getattr(transformers_model(model), "_no_split_modules", None) or [])
-    layers = [module for module in model.modules() if any(c.__name__ in names for c in type(module).__mro__)]
-    if not layers:
-        raise UserError(f"distributed: {type(transformers_model(model)).__name__} declares no decoder layer classes "
-                        "(_no_split_modules) that occur in the model, so FSDP2 cannot find its layers; "
-                        "use distributed.strategy ddp")
-    return layers
+from automodel.models.decoder_layers import decoder_layers
 
 
 def mixed_precision_policy(choice: str, device: torch.device):
