@@ -1,7 +1,7 @@
 """Memory of fine-tuning a model of a real size with 2 FSDP2 processes: the meta-device build against the old path.
 
     python benchmarks/big_model.py [--case lora3b sft1b] [--scale 1.0] [--steps 3] [--paths meta full]
-                                   [--workdir /tmp/big_model]
+                                   [--activation-checkpointing] [--workdir /tmp/big_model]
 
 Each case first writes a random checkpoint of the named shape in the hub's layout (bf16, 2 GB shards with
 `model.safetensors.index.json`, the real tokenizer), then trains `--steps` steps through the CLI
@@ -9,6 +9,7 @@ Each case first writes a random checkpoint of the named shape in the hub's layou
   lora3b  LoRA on a Llama-3.2-3B shape (hidden 3072, 28 layers, 24/8 heads, intermediate 8192, Llama 3 vocab)
   sft1b   full SFT of a TinyLlama-1.1B shape (hidden 2048, 22 layers, 32/4 heads, intermediate 5632, vocab 32000)
 `--scale` < 1 shrinks width and depth (not the vocabulary) to check the script on a small machine.
+`--activation-checkpointing` sets `distributed.activation_checkpointing: true` (the path column then ends in `+ac`).
 Paths: `meta` is the default build (models/build.py); `full` is the whole-model load of every process (the same
 loader named through `model._target_`, which takes the old path). Per process it reports the peak resident set
 size (VmHWM, polled from /proc) during training and at the end (the save), as multiples of the model's fp32
@@ -92,7 +93,7 @@ def tokenizer(case: str):
     return AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / "llama2")
 
 
-def run_config(case: str, model_dir: Path, out: Path, steps: int, path: str) -> dict:
+def run_config(case: str, model_dir: Path, out: Path, steps: int, path: str, checkpointing: bool = False) -> dict:
     model = {"pretrained_model_name_or_path": str(model_dir), "dtype": "float32"}
     if path == "full":
         model["_target_"] = "automodel.models.loader.load_causal_lm"  # a custom builder: the whole-model load
@@ -103,7 +104,7 @@ def run_config(case: str, model_dir: Path, out: Path, steps: int, path: str) -> 
            "step_scheduler": {"global_batch_size": 2, "local_batch_size": 1, "max_steps": steps, "log_every_steps": 1,
                               "ckpt_every_steps": steps},
            "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-5},
-           "distributed": {"strategy": "fsdp2"},
+           "distributed": {"strategy": "fsdp2", "activation_checkpointing": checkpointing},
            "checkpoint": {"checkpoint_dir": str(out / "ckpt"), "restore_from": None, "max_shard_size": "2GB"},
            "logging": {"progress_bar": False}}
     if case == "lora3b":
@@ -163,7 +164,9 @@ def train(cfg: dict, out: Path) -> dict:
         return {"error": output.strip().splitlines()[-1] if output.strip() else f"exit {proc.returncode}"}
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     step_s = [r["step_s"] for r in records if r.get("kind") == "train"][1:]
-    return {"ranks": sorted(peaks.values()), "train_ranks": sorted(train_peaks.values()), "first_step_s": first_step,
+    ranks = 2  # --nproc-per-node; children a rank starts inherit RANK too, and are smaller
+    return {"ranks": sorted(peaks.values())[-ranks:], "train_ranks": sorted(train_peaks.values())[-ranks:],
+            "first_step_s": first_step,
             "step_s": sum(step_s) / max(len(step_s), 1)}
 
 
@@ -215,6 +218,7 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", choices=["meta", "full"], default=["meta", "full"])
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--workdir", default="/tmp/big_model")
     args = parser.parse_args()
     workdir = Path(args.workdir)
@@ -230,23 +234,25 @@ def main() -> None:
                     rows.append({"case": case, "path": path, "params": params, "fp32": fp32,
                                  "error": f"skipped: needs ~{gb(need)} GB, {gb(free)} GB available"})
                     continue
-                result = train(run_config(case, workdir / "hub", workdir / path, args.steps, path), workdir / path)
-                row = {"case": case, "path": path, "params": params, "fp32": fp32, **result}
+                cfg = run_config(case, workdir / "hub", workdir / path, args.steps, path, args.activation_checkpointing)
+                result = train(cfg, workdir / path)
+                label = path + ("+ac" if args.activation_checkpointing else "")
+                row = {"case": case, "path": label, "params": params, "fp32": fp32, **result}
                 if "error" not in result and case == "sft1b":
                     row["saved"] = check_saved_model(workdir / path / "ckpt" / f"step_{args.steps}")
                 rows.append(row)
                 shutil.rmtree(workdir / path, ignore_errors=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\n{'case':7} {'path':5} {'params':>8} {'fp32 GB':>7} {'train peak GB/rank':>19} {'end peak GB/rank':>17} "
+    print(f"\n{'case':7} {'path':7} {'params':>8} {'fp32 GB':>7} {'train peak GB/rank':>19} {'end peak GB/rank':>17} "
           f"{'sum GB':>7} {'max/fp32':>8} {'max/16B*P':>9} {'1st step s':>10} {'step s':>7}  saved model/")
     for row in rows:
         if "error" in row:
-            print(f"{row['case']:7} {row['path']:5} {row['params'] / 1e9:7.2f}B {gb(row['fp32']):>7}  failed: "
+            print(f"{row['case']:7} {row['path']:7} {row['params'] / 1e9:7.2f}B {gb(row['fp32']):>7}  failed: "
                   f"{row['error'][:120]}")
             continue
         top = max(row["ranks"])
-        print(f"{row['case']:7} {row['path']:5} {row['params'] / 1e9:7.2f}B {gb(row['fp32']):>7} "
+        print(f"{row['case']:7} {row['path']:7} {row['params'] / 1e9:7.2f}B {gb(row['fp32']):>7} "
               f"{' / '.join(gb(v) for v in row['train_ranks']):>19} {' / '.join(gb(v) for v in row['ranks']):>17} "
               f"{gb(sum(row['ranks'])):>7} {top / row['fp32']:8.2f} {top / (4 * row['fp32']):9.2f} "
               f"{row['first_step_s']:10.1f} {row['step_s']:7.2f}  {row.get('saved', '-')}")

@@ -23,6 +23,11 @@ LAUNCH_ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROU
                    "TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE")
 
 
+# The loss path when every optimisation runs (automodel/training/forward.py), and the start banner's row showing it.
+FAST = "logits at label positions only, chunked output head (1024 label tokens a chunk), last layer on label rows"
+FAST_LOSS_PATH = f"  loss        {FAST}\n"
+
+
 def dist_config(tmp_path, peft: bool, max_steps: int = 3, **distributed) -> dict:
     """3 steps of global batch 8 (2 x 2 micro-batches per rank on 2 ranks, 4 x 2 in one process), seq_length 128."""
     cfg = tiny_squad_config(tmp_path, peft=peft, max_steps=max_steps, train_samples=32, global_batch=8, local_batch=2)

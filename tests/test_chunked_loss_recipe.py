@@ -31,7 +31,7 @@ def _run(tmp_path, peft: bool, chunk_size):
 def test_chunked_loss_trains_like_the_unchunked_loss(tmp_path, peft):
     chunked_recipe, chunked = _run(tmp_path / "chunked", peft, 3)
     plain_recipe, plain = _run(tmp_path / "plain", peft, None)
-    assert chunked_recipe.output_head is not None and plain_recipe.output_head is None
+    assert chunked_recipe.forward_loss.output_head is not None and plain_recipe.forward_loss.output_head is None
     assert len(chunked.train_losses) == 4
     assert chunked.train_losses == pytest.approx(plain.train_losses, rel=1e-5)
     assert chunked.val_losses == pytest.approx(plain.val_losses, rel=1e-5)
@@ -44,12 +44,12 @@ def test_chunked_head_is_the_default():
 def test_unknown_architecture_falls_back_with_one_log_line(caplog):
     import torch
 
-    from automodel.training.chunked_loss import chunked_head_for
+    from automodel.training.forward import chunked_head_for
 
     with caplog.at_level(logging.INFO, logger="automodel"):
         assert chunked_head_for(torch.nn.Linear(2, 2), MaskedCrossEntropy()) is None
     assert [r.getMessage() for r in caplog.records] == [
-        "chunked output head off: Linear is not in automodel's output-head table (automodel/models/heads.py); "
+        "chunked output head off: Linear is not in automodel's output-head table (automodel/models/output_head.py); "
         "computing logits at the label positions with logits_to_keep"]
 
 
@@ -58,7 +58,7 @@ def test_a_loss_that_overrides_only_call_is_not_bypassed(caplog):
     calls it, and says why the chunked head is off."""
     from transformers import AutoModelForCausalLM
 
-    from automodel.training.chunked_loss import chunked_head_for
+    from automodel.training.forward import chunked_head_for
 
     class Smoothed(MaskedCrossEntropy):
         def __call__(self, logits, targets):

@@ -18,16 +18,16 @@ import pytest
 
 from automodel.training.recipe import FinetuneRecipe
 from tests.conftest import STORIES
-from tests.distributed_helpers import (automodel_cmd, clean_env, dist_config, eval_batch, free_port, logits_of,
-                                       losses, run, run_together, train_records, val_losses, write_config)
+from tests.distributed_helpers import (FAST, FAST_LOSS_PATH, automodel_cmd, clean_env, dist_config, eval_batch,
+                                       free_port, logits_of, losses, run, run_together, train_records, val_losses,
+                                       write_config)
 
 pytestmark = pytest.mark.slow
 
 LOSS_RTOL = 1e-5
 LOGITS_ATOL = 1e-4
-# The start banner's loss row when every loss-path optimisation runs: each wrapping must keep the fast path.
-FAST_LOSS_PATH = ("  loss        logits at label positions only, chunked output head (1024 label tokens a chunk), "
-                  "last layer on label rows\n")
+# Every wrapping (none, DDP, FSDP2, TP; each with and without LoRA) must keep the fast loss path (FAST_LOSS_PATH):
+# DDP full SFT is asserted in tests/test_streaming.py's two-process run, TP with LoRA in the killed-worker run below.
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,9 @@ def reference(tmp_path_factory):
     def get(peft: bool) -> Path:
         if peft not in done:
             folder = tmp_path_factory.mktemp("lora" if peft else "sft")
-            FinetuneRecipe(dist_config(folder, peft=peft)).run()
+            recipe = FinetuneRecipe(dist_config(folder, peft=peft))
+            recipe.run()
+            assert recipe.forward_loss.describe() == FAST, "no wrapping: the fast path"
             done[peft] = folder / "ckpt"
         return done[peft]
 
@@ -124,7 +126,8 @@ def _worker_pids(launcher_pid: int) -> dict[int, int]:
 
 
 def test_killed_worker_ends_the_job_naming_the_rank(tmp_path):
-    cfg = dist_config(tmp_path, peft=True, max_steps=10_000)
+    """Tensor parallel with LoRA (2 TP peers); the banner printed before the kill shows its loss path."""
+    cfg = dist_config(tmp_path, peft=True, max_steps=10_000, tp_size=2)
     metrics = tmp_path / "ckpt" / "metrics.jsonl"
     launcher = subprocess.Popen(automodel_cmd(write_config(tmp_path, cfg), "--nproc-per-node", "2"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
@@ -135,9 +138,11 @@ def test_killed_worker_ends_the_job_naming_the_rank(tmp_path):
             time.sleep(0.5)
         os.kill(_worker_pids(launcher.pid)[1], signal.SIGKILL)
         killed_at = time.monotonic()
-        _, stderr = launcher.communicate(timeout=120)
+        stdout, stderr = launcher.communicate(timeout=120)
     finally:
         launcher.kill()
+    assert "strategy none, data parallel 1 x tensor parallel 2" in stdout
+    assert FAST_LOSS_PATH in stdout, "TP + LoRA keeps the fast path"
     assert launcher.returncode == 1
     assert time.monotonic() - killed_at < 120
     last = stderr.strip().splitlines()[-1]

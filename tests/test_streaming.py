@@ -15,7 +15,7 @@ from automodel.data.streaming import RankShare
 from automodel.errors import UserError
 from automodel.training.recipe import FinetuneRecipe
 from tests.conftest import ASSETS, STORIES
-from tests.distributed_helpers import automodel_cmd, losses, run, train_records, write_config
+from tests.distributed_helpers import FAST_LOSS_PATH, automodel_cmd, losses, run, train_records, write_config
 
 GSM8K = ASSETS / "instruct" / "gsm8k_test_1319.jsonl"
 GLOBAL_BATCH = 4
@@ -91,9 +91,11 @@ def test_preempted_stream_resumes_exactly_on_another_number_of_processes(tmp_pat
                                             max_steps=max_steps)).run()
     cfg = stream_config(tmp_path, streaming=True, shuffle=True, max_steps=max_steps)
     preempt = {**cfg, "loss_fn": {"_target_": "tests.faults.SignalOnCall", "call": 3},  # 1 micro-batch per rank
-               "allow_targets": ["tests.faults"]}
+               "allow_targets": ["tests.faults"], "distributed": {"strategy": "ddp"}}
     out = run(automodel_cmd(write_config(tmp_path, preempt), "--nproc-per-node", "2"))
     assert "preempted at step 3" in out.stdout
+    assert "strategy ddp, data parallel 2" in out.stdout
+    assert FAST_LOSS_PATH in out.stdout, "DDP full SFT keeps the fast path"
     out = run(automodel_cmd(write_config(tmp_path, cfg)))
     assert "resuming from" in out.stdout
     assert losses(tmp_path / "ckpt") == pytest.approx(straight.train_losses, rel=1e-5)

@@ -25,12 +25,12 @@ def save_checkpoint(parallel, model: nn.Module, tokenizer, cfg: dict, out_dir: P
                     keep_last_n: int | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path | None:
     """Publish `<out_dir>/step_<step>/` (training state, config, and `model/` when `consolidated`); every rank
     of `parallel` (distributed/parallel.py) must call this. Returns the step folder on rank 0, None elsewhere."""
-    hf_model = without_ddp(model)  # the transformers or peft model
+    peft_or_base_model = without_ddp(model)  # what `model/` holds: peft's adapter or the transformers model
 
     def write(folder: Path) -> None:
         save_training_state(folder, model, optimizer, lr_scheduler, state)
         if consolidated:
-            write_hf_model(hf_model, tokenizer, folder / "model", is_main=parallel.is_main,
+            write_hf_model(peft_or_base_model, tokenizer, folder / "model", is_main=parallel.is_main,
                            max_shard_size=max_shard_size)
         if parallel.is_main:
             write_config(cfg, folder / "config.yaml")

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 
-from automodel.cli.common import CommandParser
+from automodel.cli.common import CommandParser, setup_logging
 from automodel.config.sections import SECTIONS
 from automodel.distributed.launcher import WorkersFailed, add_launcher_arguments, launch_if_requested, run_worker
 from automodel.errors import TrainingStopped, UserError
@@ -96,41 +94,6 @@ def _split_command(rest: list[str]) -> tuple[tuple[str, ...], list[str]]:
     while rest and not rest[0].startswith("-") and not rest[0].endswith((".yaml", ".yml")):
         words.append(rest.pop(0))
     return tuple(words), rest
-
-
-class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever sys.stdout is when a record comes (tqdm's redirection and pytest swap it)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stdout
-        super().emit(record)
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        handlers=[_StdoutHandler()], force=True)
-    # Third-party libraries speak only when something is wrong.
-    for noisy in ("transformers", "datasets", "torch.distributed", "httpx", "huggingface_hub", "filelock",
-                  "matplotlib", "mlflow", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Warnings that say nothing to a user of this tool: prompts longer than the model's context are
-    # truncated by the dataset builder afterwards, and the deprecations are between our dependencies.
-    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
-    # peft imports bitsandbytes wherever it is installed; on a CPU it then warns at import that an optional kernel
-    # package is missing, in every run, QLoRA or not.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
-    warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
-    # A single process saves its training state with torch.distributed.checkpoint too; that is intended.
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized",
-                            category=UserWarning)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # datasets' own bars ("Generating train split") would add stderr lines around a one-line error; automodel
-    # reports what it read in its log. Its JSON reader logs a parse error that automodel reports itself, in one line.
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is first imported
-    if "datasets" in sys.modules:  # already imported (the CLI called in-process): switch its bars off directly
-        sys.modules["datasets"].disable_progress_bars()
-    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
 
 
 def run_finetune(config_path: str, overrides: list[str], command_recipe: str | None,

@@ -49,7 +49,13 @@ class FlatCollator:
     the example boundaries, which the attention (`automodel_sdpa`) uses to keep examples apart. Each example's
     first label is -100: it would be predicted from the previous example's last token. A padded batch never uses
     that label either (its shift drops it), so the loss is the padded batch's. The all-ones `attention_mask` tells
-    transformers there is no padding (it would otherwise build a block-diagonal mask from the restarts)."""
+    transformers there is no padding (it would otherwise build a block-diagonal mask from the restarts).
+
+    `position_ids_only`: for transformers' own attention (on CUDA), which finds the examples from the restarting
+    `position_ids` alone when no `attention_mask` is given (flash-attention varlen, SDPA with a block-diagonal mask);
+    the batch then carries no mask and no boundaries, and `padding_mask` (all ones) counts its tokens."""
+
+    position_ids_only: bool = False
 
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         if not batch:
@@ -65,14 +71,15 @@ class FlatCollator:
         labels[starts[:-1]] = IGNORE_INDEX
         total = int(starts[-1])
         boundaries = starts.to(torch.int32)
-        return {
+        flat = {
             "input_ids": torch.cat([torch.tensor(item["input_ids"], dtype=torch.long) for item in batch]).unsqueeze(0),
             "labels": labels.unsqueeze(0),
             "position_ids": (torch.arange(total) - starts[:-1].repeat_interleave(lengths)).unsqueeze(0),
-            "attention_mask": torch.ones(1, total, dtype=torch.long),
-            "cu_seq_lens_q": boundaries,
-            "cu_seq_lens_k": boundaries,
         }
+        if self.position_ids_only:
+            return {**flat, "padding_mask": torch.ones(1, total, dtype=torch.long)}
+        return {**flat, "attention_mask": torch.ones(1, total, dtype=torch.long), "cu_seq_lens_q": boundaries,
+                "cu_seq_lens_k": boundaries}
 
 
 # What the model's forward takes from a collated batch (the rest, labels and padding_mask, is the loss's).
@@ -87,3 +94,13 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Real (non-padding) tokens of a collated batch, padded (2D mask) or packed (`padding_mask`)."""
     return int(batch.get("padding_mask", batch["attention_mask"]).sum())
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Targets for each position: the next token's label; the last position predicts nothing."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def count_label_tokens(labels: torch.Tensor) -> int:
+    """Label tokens that contribute to the loss (after the shift)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 # Attention implementations that take a 4D boolean mask as given.
 PACKING_ATTENTION = ("sdpa", AUTOMODEL_SDPA)
+# transformers' own attention that keeps the examples of a flattened row apart when told only by restarting
+# position ids (and no attention mask): flash-attention as varlen, SDPA through a block-diagonal mask. Used on CUDA,
+# where `automodel_sdpa` is not the default (automodel/models/attention.py `automodel_sdpa_by_default`).
+POSITION_IDS_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
 
 
 @dataclass
@@ -51,7 +55,7 @@ class PackedSequenceConfig:
 
 
 def build_collator(node: dict[str, Any] | None, pad_token_id: int, attn_implementation: str | None = None,
-                   model_type: str | None = None, train: bool = True):
+                   model_type: str | None = None, train: bool = True, device_type: str = "cpu"):
     """The recipe's collate function: `PackingCollator` when `packed_sequence.packed_sequence_size` > 0, else
     `FlatCollator` for padding-free training batches (see `PackedSequenceConfig`), else `PadCollator`. Validation
     batches are padded (their rows are counted one by one)."""
@@ -62,17 +66,21 @@ def build_collator(node: dict[str, Any] | None, pad_token_id: int, attn_implemen
                             f"{' or '.join(PACKING_ATTENTION)} (it passes a block-diagonal mask), got "
                             f"{attn_implementation!r}")
         return PackingCollator(pad_token_id, cfg.packed_sequence_size)
-    if train and padding_free(cfg.padding_free, attn_implementation, model_type):
-        return FlatCollator()
+    if train and padding_free(cfg.padding_free, attn_implementation, model_type, device_type):
+        return FlatCollator(position_ids_only=attn_implementation != AUTOMODEL_SDPA)
     return PadCollator(pad_token_id)
 
 
-def padding_free(requested: bool | None, attn_implementation: str | None, model_type: str | None) -> bool:
-    """Whether training batches are flattened: `requested` (None: wherever it is known to be exact)."""
+def padding_free(requested: bool | None, attn_implementation: str | None, model_type: str | None,
+                 device_type: str = "cpu") -> bool:
+    """Whether training batches are flattened: `requested` (None: wherever it is known to be exact). On CUDA,
+    transformers' own attention (`POSITION_IDS_ATTENTION`) reads the examples from the position ids; on CPU only
+    `automodel_sdpa` does it (the measured path)."""
     if requested is False:
         return False
     problem = None
-    if attn_implementation != AUTOMODEL_SDPA:
+    own_attention = device_type == "cuda" and attn_implementation in POSITION_IDS_ATTENTION
+    if attn_implementation != AUTOMODEL_SDPA and not own_attention:
         problem = (f"needs model.attn_implementation {AUTOMODEL_SDPA} (the default where transformers picks sdpa), "
                    f"got {attn_implementation!r}")
     elif model_type not in PADDING_FREE_VERIFIED:

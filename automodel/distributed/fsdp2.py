@@ -1,7 +1,7 @@
 """FSDP2 (`torch.distributed.fsdp.fully_shard`): the units, in the order they are sharded.
 
-1. Each decoder layer, found through the model's `_no_split_modules` (every transformers architecture declares
-   them for exactly this purpose, so no model needs a hand-written list): gathered for its forward and backward only.
+1. Each decoder layer, found through the model's `_no_split_modules` (automodel/models/decoder_layers.py), so no
+   model needs a hand-written list: gathered for its forward and backward only.
 2. The input embedding, when it is trained and not tied to the output head: gathered for its own forward only,
    instead of being held whole through the step as part of the root.
 3. The root (the rest: final norm, output head, a tied embedding). The root's parameters stay gathered from the
@@ -16,19 +16,7 @@ import torch
 from torch import nn
 
 from automodel.errors import UserError
-from automodel.models.unwrap import transformers_model
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The modules whose class the model lists in `_no_split_modules`, in model order (also once FSDP2 has sharded
-    them: their class is then a subclass named FSDP<name>)."""
-    names = set(getattr(transformers_model(model), "_no_split_modules", None) or [])
-    layers = [module for module in model.modules() if any(c.__name__ in names for c in type(module).__mro__)]
-    if not layers:
-        raise UserError(f"distributed: {type(transformers_model(model)).__name__} declares no decoder layer classes "
-                        "(_no_split_modules) that occur in the model, so FSDP2 cannot find its layers; "
-                        "use distributed.strategy ddp")
-    return layers
+from automodel.models.decoder_layers import decoder_layers
 
 
 def mixed_precision_policy(choice: str, device: torch.device):

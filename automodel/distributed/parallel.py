@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from automodel.config.instantiate import parse_section
+from automodel.data.dataset import IGNORE_INDEX
 from automodel.distributed.config import DistEnvConfig, DistributedConfig
 from automodel.distributed.env import LaunchEnv, init_process_group, pick_device, read_launch_env
 from automodel.errors import UserError
-from automodel.models.unwrap import without_ddp
 
 logger = logging.getLogger("automodel")
 
@@ -116,11 +116,6 @@ class Parallelism:
             return apply_ddp(model, self.device, self.dp_group)
         return model
 
-    @staticmethod
-    def unwrap(model: nn.Module) -> nn.Module:
-        """The model without a DDP wrapper (FSDP2 and TP keep the model's own class)."""
-        return without_ddp(model)
-
     @contextmanager
     def gradient_sync(self, model: nn.Module, enabled: bool):
         """Reduce gradients over `dp` only when `enabled` (the last micro-batch of a step)."""
@@ -164,8 +159,6 @@ class Parallelism:
 
 def mask_rows_after(batch: dict[str, torch.Tensor], keep: int) -> dict[str, torch.Tensor]:
     """`batch` with the labels of every row from `keep` on set to ignore (padding rows of a sampler)."""
-    from automodel.training.loss import IGNORE_INDEX
-
     if keep >= len(batch["labels"]):
         return batch
     labels = batch["labels"].clone()

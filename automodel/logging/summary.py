@@ -62,7 +62,7 @@ def format_start_banner(recipe: Any, steps_reason: str) -> str:
         ("steps", f"{recipe.max_steps}: {steps_reason}"),
         ("processes", describe_processes(recipe.parallel)),
         ("precision", dtype),
-        ("loss", recipe.loss_path()),
+        ("loss", recipe.forward_loss.describe()),
         ("output", str(recipe.out_dir)),
     ]
     return _rows("automodel finetune llm", rows)

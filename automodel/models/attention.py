@@ -13,15 +13,16 @@ gave `sdpa` to it. What it adds to transformers' `sdpa_attention_forward` (which
     [a, b) seeing only the keys [0, b): (n + 1) / 2n of the square for n blocks. (Without a mask these blocks are
     no faster than one `is_causal` call, and their masks would be saved for the backward; measurements in
     docs/guides/llm/performance.md.)
-  CUDA kernels skip masked blocks themselves, so nothing changes there.
+  CUDA kernels skip masked blocks themselves, so nothing changes there. (On CUDA, `automodel_sdpa` is not the
+  default: `automodel_sdpa_by_default` below says why.)
 - Padding-free batches. A flattened micro-batch (one row, examples back to back, `cu_seq_lens_q` the example
   boundaries, transformers' names for them) attends example by example: no [tokens x tokens] block-diagonal mask
   is built. Without a mask, examples of similar length run as one batch (`padding_free_causal`, at most 10% of
   padded scores); with one (sliding windows), each example gets its diagonal block of it.
 
-- Only the rows the loss reads, in the last layer: given `OUTPUT_ROWS` (a bool batch x seq mask passed through the
-  model's forward as a keyword), the last layer's attention computes those query rows alone and leaves zeros
-  elsewhere (automodel/models/output_rows.py says why that is exact).
+- Only the rows the loss reads, in the last layer: given `LAST_LAYER_ROWS` (a bool batch x seq mask passed through
+  the model's forward as a keyword), the last layer's attention computes those query rows alone and leaves zeros
+  elsewhere (automodel/models/last_layer_rows.py says why that is exact).
 
 The softmax of every computed query row sees exactly the keys `sdpa` would let it see, so results equal `sdpa` up
 to float rounding (tests/models/test_attention.py).
@@ -35,7 +36,7 @@ from automodel.models.causal_attention import SPLIT_MIN, causal_attention, paddi
 
 AUTOMODEL_SDPA = "automodel_sdpa"
 # The forward keyword that carries the positions whose last-layer output is read (see the module docstring).
-OUTPUT_ROWS = "automodel_output_rows"
+LAST_LAYER_ROWS = "automodel_last_layer_rows"
 # Query rows per block: small enough to skip most of a 512-token triangle, large enough to keep the kernel efficient.
 QUERY_BLOCK = 128
 
@@ -50,9 +51,28 @@ def register() -> None:
     AttentionMaskInterface.register(AUTOMODEL_SDPA, sdpa_mask)
 
 
-def use_automodel_sdpa(model) -> bool:
-    """Switch a model that transformers loaded with `sdpa` to `automodel_sdpa`; True when it did."""
+def automodel_sdpa_by_default(device_type: str) -> bool:
+    """Whether a model transformers gave `sdpa` runs `automodel_sdpa` when `model.attn_implementation` is unset.
+
+    On CPU, yes: that is where it is measured (docs/guides/llm/performance.md). On CUDA, no, until
+    benchmarks/gpu_peers.py has run on a GPU: nothing of it is measured there, and its padding-free path would run
+    one SDPA call per example; CUDA runs transformers' own attention, with padding-free batches marked by restarting
+    position ids (automodel/data/packing.py), which flash-attention reads as varlen and SDPA as a block-diagonal
+    mask."""
+    return device_type == "cpu"
+
+
+def training_device_type() -> str:
+    """The device type a run trains on: CUDA where there is one (automodel/distributed/env.py `pick_device`)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def use_automodel_sdpa(model, device_type: str | None = None) -> bool:
+    """Switch a model that transformers loaded with `sdpa` to `automodel_sdpa` where that is the default for
+    `device_type` (the training device when None); True when it did."""
     if model.config._attn_implementation != "sdpa" or not model._can_set_attn_implementation():
+        return False
+    if not automodel_sdpa_by_default(device_type or training_device_type()):
         return False
     register()
     model.set_attn_implementation(AUTOMODEL_SDPA)
@@ -61,17 +81,18 @@ def use_automodel_sdpa(model) -> bool:
 
 def automodel_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, cu_seq_lens_q: torch.Tensor | None = None,
-                           automodel_output_rows: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                           automodel_last_layer_rows: torch.Tensor | None = None,
+                           **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: (batch, heads, seq, head_dim) in, (batch, seq, heads, head_dim)
-    out. `cu_seq_lens_q` (a padding-free batch) splits the single row into its examples; `automodel_output_rows`
-    (`OUTPUT_ROWS`) limits the last layer to the rows the loss reads."""
+    out. `cu_seq_lens_q` (a padding-free batch) splits the single row into its examples; `automodel_last_layer_rows`
+    (`LAST_LAYER_ROWS`) limits the last layer to the rows the loss reads."""
     kwargs.pop("cu_seq_lens_k", None)
     kwargs.pop("max_length_q", None)
     kwargs.pop("max_length_k", None)
-    if automodel_output_rows is not None and _is_last_layer(module) and query.shape[2] == key.shape[2] and (
+    if automodel_last_layer_rows is not None and _is_last_layer(module) and query.shape[2] == key.shape[2] and (
             attention_mask is None or attention_mask.dtype == torch.bool):
-        return _output_rows_only(module, query, key, value, attention_mask, automodel_output_rows, cu_seq_lens_q,
-                                 **kwargs), None
+        return _last_layer_rows_only(module, query, key, value, attention_mask, automodel_last_layer_rows,
+                                     cu_seq_lens_q, **kwargs), None
     if cu_seq_lens_q is None:
         if _plain_causal(module, query, key, value, attention_mask, kwargs) and query.shape[2] >= SPLIT_MIN:
             from transformers.integrations.sdpa_attention import repeat_kv
@@ -149,7 +170,7 @@ def _is_last_layer(module) -> bool:
     return config is not None and getattr(module, "layer_idx", None) == config.num_hidden_layers - 1
 
 
-def _output_rows_only(module, query, key, value, attention_mask, rows: torch.Tensor,
+def _last_layer_rows_only(module, query, key, value, attention_mask, rows: torch.Tensor,
                       cu_seq_lens_q: torch.Tensor | None, **kwargs) -> torch.Tensor:
     """Attention for the query positions `rows` (bool, batch x seq) only, zeros at the others. Each picked query
     sees the keys up to itself (and, in a padding-free row, of its own example), as far as `attention_mask` allows."""

@@ -90,7 +90,7 @@ def load_causal_lm(pretrained_model_name_or_path: str, dtype: str = "float32", a
     """`AutoModelForCausalLM.from_pretrained` with the recipe's defaults and one-line errors.
 
     `attn_implementation` unset lets transformers choose: sdpa where the architecture supports it, eager
-    otherwise (Gemma 2, whose attention soft-capping SDPA cannot do; see automodel/models/quirks.py); a model
+    otherwise (Gemma 2, whose attention soft-capping SDPA cannot do, so asking it for `sdpa` is an error); a model
     given sdpa then runs `automodel_sdpa` (automodel/models/attention.py: the same math, faster on CPU, and
     padding-free batches). Name `sdpa` to keep transformers' own.
 

@@ -99,18 +99,18 @@ def fill_from_full(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
                 param.copy_(full)
 
 
-def init_non_persistent_buffers(hf_model: nn.Module) -> None:
+def init_non_persistent_buffers(base_model: nn.Module) -> None:
     """Buffers a checkpoint does not store (rotary `inv_freq`, embedding scales) computed as transformers'
-    `from_pretrained` computes them: by the model's `_init_weights`, with every parameter marked as loaded so
-    that transformers' init functions leave the parameters alone."""
-    for module in hf_model.modules():
+    `from_pretrained` computes them: by `base_model`'s `_init_weights` (the transformers model, no peft wrapper),
+    with every parameter marked as loaded so that transformers' init functions leave the parameters alone."""
+    for module in base_model.modules():
         if not module._non_persistent_buffers_set:
             continue
         params = list(module.parameters(recurse=False))
         for param in params:
             param._is_hf_initialized = True
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            hf_model._init_weights(module)
+            base_model._init_weights(module)
         for param in params:
             del param._is_hf_initialized
 

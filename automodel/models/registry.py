@@ -204,7 +204,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             head_dim=16),
     _native("Gemma2ForCausalLM", "Gemma 2", ["google/gemma-2-9b"], "gemma2", "Gemma2ForCausalLM", "llama2",
             notes="attention and final-logit soft-capping; SDPA cannot soft-cap, so the default attention is "
-                  "eager (see automodel/models/quirks.py)",
+                  "eager (see automodel/models/loader.py)",
             head_dim=16, query_pre_attn_scalar=16, sliding_window=16),
     _native("Gemma3ForCausalLM", "Gemma 3", ["google/gemma-3-1b-it"], "gemma3_text", "Gemma3ForCausalLM", "llama2",
             notes="sliding-window and global layers; q/k norms", head_dim=16, query_pre_attn_scalar=16,
@@ -401,11 +401,11 @@ PADDING_FREE_VERIFIED: frozenset[str] = frozenset({
     "qwen3_moe", "starcoder2",
 })
 
-# Where the last layer may compute only the rows the loss reads (automodel/models/attention.py `OUTPUT_ROWS`): the
+# Where the last layer may compute only the rows the loss reads (automodel/models/last_layer_rows.py): the
 # padding-free rows except mixture-of-experts ones, whose router would still route the skipped rows (and count them
 # in its load-balancing loss). tests/models/test_padding_free.py checks each in float64.
 # Jais's ALiBi attention calls SDPA itself (automodel/models/families/jais.py), not automodel_sdpa, which limits rows.
-OUTPUT_ROWS_VERIFIED: frozenset[str] = PADDING_FREE_VERIFIED - {
+LAST_LAYER_ROWS_VERIFIED: frozenset[str] = PADDING_FREE_VERIFIED - {
     row.model_type for row in ARCHITECTURES if row.kind == "moe"} - {"jais"}
 
 

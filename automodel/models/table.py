@@ -54,7 +54,7 @@ HANDLING = [
     "supports it and eager otherwise (asking for `sdpa` on Gemma 2 is a one-line error).",
     "MoE router auxiliary loss: with `model.output_router_logits: true` the recipe adds `router_aux_loss_coef x "
     "aux_loss` (the coefficient from the model config, overridable as `model.router_aux_loss_coef`) to the training "
-    "loss and logs `router_aux_loss` per step (automodel/models/quirks.py). Mixtral, Qwen2MoE, Qwen3MoE, OLMoE, "
+    "loss and logs `router_aux_loss` per step (automodel/models/router_aux_loss.py). Mixtral, Qwen2MoE, Qwen3MoE, OLMoE, "
     "GraniteMoe and GraniteMoeShared compute one; DeepSeek-V2/V3 in transformers do not (V3 balances with a bias), "
     "so enabling it there is an error.",
     "MoE experts: transformers 5 stores routed experts as fused 3-D parameters, not `nn.Linear` modules, so "

@@ -1,46 +1,32 @@
-"""Masked next-token cross-entropy, summed over label tokens.
+"""Masked next-token cross-entropy, summed over label tokens, and its chunked form from the last hidden states.
 
 The recipe divides the sum by the label-token count of the whole optimizer step (all micro-batches,
 all ranks), so gradient accumulation and data parallelism give the gradient of one large batch.
 
 A loss function takes `(logits, targets)` already aligned: targets are the labels shifted by one
-(`shift_labels`), and when the model computed logits only at label positions, just those targets.
+(`automodel.data.collate.shift_labels`), and when the model computed logits only at label positions, just those
+targets. `head_loss` takes the last hidden states at the label positions instead and applies the output head
+(automodel/models/output_head.py) and the cross-entropy `chunk_size` label tokens at a time: each chunk's gradients
+(for the hidden states and the head's trainable parameters) are computed right away and its logits freed, so at most
+one chunk's `[chunk_size x vocab]` logits exist at any time, and the head costs 3 matmuls per chunk as unchunked
+(no recomputation in backward).
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 import torch.nn.functional as F
 
 from automodel.data.dataset import IGNORE_INDEX
 from automodel.errors import UserError
-from automodel.models.unwrap import transformers_model
+from automodel.models.output_head import OutputHead
+
+DEFAULT_CHUNK_SIZE = 1024
 
 
 def at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
     """Logits for the softmax in fp32, or fp64 where the model runs in fp64 (never narrowed)."""
     return logits if logits.dtype == torch.float64 else logits.float()
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Targets for each position: the next token's label; the last position predicts nothing."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-
-
-def count_label_tokens(labels: torch.Tensor) -> int:
-    """Label tokens that contribute to the loss (after the shift)."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def supports_label_logits(model: torch.nn.Module) -> bool:
-    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do, including a boolean
-    [batch, seq] mask), so logits need not be computed where no label is."""
-    return "logits_to_keep" in inspect.signature(transformers_model(model).forward).parameters
-
-
-DEFAULT_CHUNK_SIZE = 1024
 
 
 class MaskedCrossEntropy:
@@ -49,8 +35,8 @@ class MaskedCrossEntropy:
 
     `chunk_size` (label tokens, default 1024): the recipe applies the output head and this loss at the label
     positions only, that many label tokens at a time, so no `[label_tokens x vocab]` logits tensor ever exists
-    (automodel/training/chunked_loss.py). `null` computes the label positions' logits in one piece through the
-    model's forward (`logits_to_keep`)."""
+    (`head_loss`, automodel/training/forward.py). `null` computes the label positions' logits in one piece through
+    the model's forward (`logits_to_keep`)."""
 
     def __init__(self, chunk_size: int | None = DEFAULT_CHUNK_SIZE):
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -63,9 +49,57 @@ class MaskedCrossEntropy:
         mask = targets != IGNORE_INDEX
         return F.cross_entropy(at_least_fp32(logits[mask]), targets[mask], reduction="sum")
 
-    def head_loss(self, head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def head_loss(self, head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The same sum from the last hidden states at the label positions (`[label_tokens, hidden]`, every target a
         label): the output head applied `chunk_size` rows at a time."""
-        from automodel.training.chunked_loss import chunked_head_cross_entropy
-
         return chunked_head_cross_entropy(head, hidden, targets, self.chunk_size)
+
+
+class _ChunkedHeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `head(hidden)` against `targets`; gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, head, chunk_size, *params):
+        wrt_hidden = hidden.requires_grad
+        hidden_grads, param_grads = [], [None] * len(params)
+        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+        for start in range(0, len(hidden), chunk_size):
+            chunk = hidden[start:start + chunk_size].detach().requires_grad_(wrt_hidden)
+            with torch.enable_grad():
+                loss = F.cross_entropy(at_least_fp32(head(chunk)), targets[start:start + chunk_size],
+                                       reduction="sum")
+            grads = torch.autograd.grad(loss, [chunk] * wrt_hidden + list(params), allow_unused=True)
+            if wrt_hidden:
+                hidden_grads.append(grads[0])
+            param_grads = [_accumulate(total_grad, grad) for total_grad, grad in zip(param_grads, grads[wrt_hidden:])]
+            total += loss.detach()
+        # Every trainable head parameter gets a gradient, zero when no label reached it (DDP expects one).
+        param_grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(param_grads, params)]
+        hidden_grad = (torch.cat(hidden_grads) if hidden_grads else torch.zeros_like(hidden)) if wrt_hidden else None
+        ctx.save_for_backward(hidden_grad, *param_grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        scaled = [g * grad_output if g is not None else None for g in ctx.saved_tensors]
+        return scaled[0], None, None, None, *scaled[1:]
+
+
+def _accumulate(total: torch.Tensor | None, grad: torch.Tensor | None) -> torch.Tensor | None:
+    if grad is None:
+        return total
+    return grad if total is None else total.add_(grad)
+
+
+def chunked_head_cross_entropy(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor,
+                               chunk_size: int) -> torch.Tensor:
+    """Sum over rows of cross-entropy(head(hidden[i]), targets[i]), in fp32 (fp64 for fp64 `hidden`); `hidden` is
+    `[label_tokens, hidden]`."""
+    params = head.trainable_parameters() if torch.is_grad_enabled() else []
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or params)):
+        with torch.no_grad():
+            return sum((F.cross_entropy(at_least_fp32(head(hidden[start:start + chunk_size])),
+                                        targets[start:start + chunk_size], reduction="sum")
+                        for start in range(0, len(hidden), chunk_size)),
+                       torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device))
+    return _ChunkedHeadCrossEntropy.apply(hidden, targets, head, chunk_size, *params)

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy
 import torch
-from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from automodel.checkpoint import (
@@ -32,10 +31,9 @@ from automodel.checkpoint import (
 )
 from automodel.checkpoint.provenance import check_trusted
 from automodel.config import build, check_sections, config_at_rest, parse_section, target_policy
-from automodel.data.collate import count_tokens, model_inputs
-from automodel.data.length_grouped import GROUP_BY_LENGTH_DEFAULT, build_train_sampler
-from automodel.data.packing import build_collator
-from automodel.data.streaming import DEFAULT_SHUFFLE_BUFFER, RankShare, is_streaming
+from automodel.data.collate import count_label_tokens, count_tokens
+from automodel.data.loaders import RankBatches, build_dataset, build_loader
+from automodel.data.streaming import is_streaming
 from automodel.data.tokenizer import build_tokenizer
 from automodel.distributed.grad_norm import clip_grad_norm
 from automodel.distributed.parallel import Parallelism, mask_rows_after
@@ -49,13 +47,10 @@ from automodel.logging import (
     progress_bar,
     throughput_meter,
 )
-from automodel.models.attention import OUTPUT_ROWS
 from automodel.models.build import build_model
-from automodel.models.output_rows import last_layer_rows, output_rows_supported
-from automodel.models.quirks import RouterAuxLoss
+from automodel.models.unwrap import transformers_model
 from automodel.peft import LoraSettings
-from automodel.training.chunked_loss import chunked_head_for, forward_chunked_loss
-from automodel.training.loss import IGNORE_INDEX, count_label_tokens, shift_labels, supports_label_logits
+from automodel.training.forward import ForwardLoss
 from automodel.training.lr_scheduler import LRSchedulerConfig
 from automodel.training.preemption import PreemptionHandler
 from automodel.training.step_scheduler import StepSchedulerConfig
@@ -66,8 +61,6 @@ DEFAULT_TARGETS = {
     "model": "automodel.models.load_causal_lm",
     "optimizer": "torch.optim.AdamW",
     "loss_fn": "automodel.training.loss.MaskedCrossEntropy",
-    "dataloader": "torchdata.stateful_dataloader.StatefulDataLoader",
-    "validation_dataloader": "torchdata.stateful_dataloader.StatefulDataLoader",
 }
 
 
@@ -137,15 +130,12 @@ class FinetuneRecipe:
         # The model's tokenizer unless `tokenizer:` or `dataset.tokenizer` names another (with its options).
         self.tokenizer = build_tokenizer(self.cfg, self.targets)
         self.model = self.build_model()
-        self.hf_model = self.parallel.unwrap(self.model)  # the transformers/peft model inside a DDP wrapper
-        self.router_aux = RouterAuxLoss(self.hf_model)
-        self.label_logits_only = supports_label_logits(self.model)
-        if not self.label_logits_only:
-            logger.info("%s.forward takes no logits_to_keep: computing logits at every position",
-                        type(self.model).__name__)
-        self.train_set = self._build_dataset("dataset")
+        self.loss_fn = build(with_default_target(self.cfg, "loss_fn"), "loss_fn", policy=self.targets)
+        self.forward_loss = ForwardLoss(self.model, self.loss_fn)  # decides the loss path's optimisations once
+        self.train_set = build_dataset(self.cfg, "dataset", self.targets, self.tokenizer)
         self.streaming = is_streaming(self.train_set)
-        self.val_set = self._build_dataset("validation_dataset") if self.cfg.get("validation_dataset") else None
+        self.val_set = build_dataset(self.cfg, "validation_dataset", self.targets, self.tokenizer) \
+            if self.cfg.get("validation_dataset") else None
         self.train_loader = self._build_loader(self.train_set, "dataloader", train=True)
         self.val_loader = self._build_loader(self.val_set, "validation_dataloader", train=False) \
             if self.val_set is not None else None
@@ -157,13 +147,6 @@ class FinetuneRecipe:
         self.optimizer = build(with_default_target(self.cfg, "optimizer"), "optimizer", policy=self.targets,
                                params=self.params)
         self.lr_scheduler = self.lr_cfg.build(self.optimizer, self.max_steps)
-        self.loss_fn = build(with_default_target(self.cfg, "loss_fn"), "loss_fn", policy=self.targets)
-        self.output_head = chunked_head_for(self.hf_model, self.loss_fn) if self.label_logits_only else None
-        # The last layer computes only the label positions' rows (models/attention.py), where the loss reads no other.
-        self.output_rows_only = (self.label_logits_only and not self.router_aux.enabled
-                                 and output_rows_supported(self.hf_model.config))
-        if self.output_rows_only:
-            last_layer_rows(self.model)
         self.out_dir = Path(self.ckpt_cfg.checkpoint_dir)
         self.state = self._restore()
         self.start_step = self.last_saved_step = self.state.step
@@ -173,18 +156,6 @@ class FinetuneRecipe:
         self.throughput = throughput_meter(self.model, self.device, self.log_cfg)
         if is_main_process():
             logger.info("%s", format_start_banner(self, why))
-
-    def loss_path(self) -> str:
-        """The loss-path optimisations in effect, in the order the forward applies them (a row of the start
-        banner, so a run shows whether the fast path was taken)."""
-        if not self.label_logits_only:
-            return "logits at every position"
-        parts = ["logits at label positions only"]
-        if self.output_head is not None:
-            parts.append(f"chunked output head ({self.loss_fn.chunk_size} label tokens a chunk)")
-        if self.output_rows_only:
-            parts.append("last layer on label rows")
-        return ", ".join(parts)
 
     def _restore(self) -> TrainState:
         """Continue from `checkpoint.restore_from` (default: the newest complete checkpoint, if any)."""
@@ -211,50 +182,11 @@ class FinetuneRecipe:
         (models/build.py: on the meta device, each process then loading only its shard)."""
         return build_model(self.cfg, self.parallel, policy=self.targets)
 
-    def _build_dataset(self, section: str):
-        node = {k: v for k, v in self.cfg[section].items() if k != "tokenizer"}
-        if "_target_" not in node:
-            raise UserError(f"{section}._target_: missing; name a builder such as "
-                            "automodel.data.squad.make_squad_dataset")
-        dataset = build(node, section, policy=self.targets, tokenizer=self.tokenizer)
-        if is_streaming(dataset):
-            if section != "dataset":
-                raise UserError(f"{section}: streaming is for the training set; validation reads all its rows "
-                                "each time, so set streaming: false (and limit_dataset_samples to cap it)")
-            return dataset
-        if len(dataset) == 0:
-            raise UserError(f"{section}: the dataset is empty after filtering")
-        return dataset
-
     def _build_loader(self, dataset, section: str, train: bool):
-        node = with_default_target(self.cfg, section)
-        shuffle = bool(node.pop("shuffle", train))
-        config = self.hf_model.config
-        collate_fn = build_collator(self.cfg.get("packed_sequence"), self.tokenizer.pad_token_id,
-                                    getattr(config, "_attn_implementation", None), config.model_type, train)
-        if train and self.streaming:
-            return self._build_stream_loader(dataset, node, shuffle, collate_fn)
-        sampler = build_train_sampler(
-            dataset, node, self.steps.global_batch_size, self.dp_size, self.dp_rank, shuffle,
-            int(self.cfg.get("seed", 42)), GROUP_BY_LENGTH_DEFAULT) if train else StatefulDistributedSampler(
-            dataset, num_replicas=self.dp_size, rank=self.dp_rank, shuffle=shuffle,
-            seed=int(self.cfg.get("seed", 42)), drop_last=train)
-        return build(node, section, policy=self.targets, dataset=dataset, batch_size=self.steps.local_batch_size,
-                     sampler=sampler,
-                     collate_fn=collate_fn, drop_last=train)
-
-    def _build_stream_loader(self, stream, node: dict, shuffle: bool, collate_fn):
-        """A loader over this rank's round-robin share of the stream (automodel/data/streaming.py)."""
-        if node.get("num_workers", 0):
-            raise UserError("dataloader.num_workers: a streaming dataset is read in the training process; "
-                            "set num_workers: 0")
-        if node.pop("group_by_length", False):
-            raise UserError("dataloader.group_by_length: needs every example's length up front, which a streaming "
-                            "dataset does not have; set it to false")
-        share = RankShare(stream, self.dp_rank, self.dp_size, shuffle, int(self.cfg.get("seed", 42)),
-                          node.pop("shuffle_buffer_size", DEFAULT_SHUFFLE_BUFFER))
-        return build(node, "dataloader", policy=self.targets, dataset=share, batch_size=self.steps.local_batch_size,
-                     collate_fn=collate_fn, drop_last=True)
+        batches = RankBatches(self.steps.local_batch_size, self.steps.global_batch_size, self.dp_size, self.dp_rank,
+                              int(self.cfg.get("seed", 42)))
+        return build_loader(self.cfg, section, dataset, train, self.targets, self.tokenizer.pad_token_id,
+                            transformers_model(self.model).config, batches, self.device.type)
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -396,7 +328,7 @@ class FinetuneRecipe:
         seconds = time.perf_counter() - start
         return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "tokens": int(tokens),
                 "label_tokens": label_tokens, "tokens_per_s": tokens / seconds, "step_s": seconds,
-                **self.router_aux.pop_metrics()}
+                **self.forward_loss.router_aux.pop_metrics()}
 
     def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
         """`skip`: drop this update (the schedule still advances); `stop`: end the run, saving nothing new."""
@@ -422,30 +354,11 @@ class FinetuneRecipe:
         for index, batch in enumerate(micro_batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.parallel.gradient_sync(self.model, enabled=index == len(micro_batches) - 1):
-                summed = self.forward_loss(batch)
+                summed, _ = self.forward_loss(batch)
                 (summed * scale).backward()
             loss_sum += summed.detach()
         (loss_sum,) = self.parallel.all_reduce_sum(loss_sum.item())
         return loss_sum, int(label_tokens)
-
-    def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed cross-entropy of one micro-batch (plus the MoE router aux loss when enabled, training).
-
-        Logits are computed only at positions whose next token is a label: by default by the chunked output head
-        (training/chunked_loss.py), else through transformers' boolean `logits_to_keep`: on answer-only data that is
-        a small share of the positions, and the output head is a large share of the FLOPs."""
-        targets = shift_labels(batch["labels"])
-        keep = targets != IGNORE_INDEX
-        rows = {OUTPUT_ROWS: keep} if self.output_rows_only else {}
-        if self.output_head is not None:  # head + loss at the label positions, chunk by chunk
-            summed, output = forward_chunked_loss(self.model, self.output_head, self.loss_fn, batch,
-                                                  targets, keep, **rows)
-            return self.router_aux.add(summed, output, batch["labels"]) if self.model.training else summed
-        # No KV cache while training (it only costs memory); the saved config keeps the model's own setting.
-        kwargs = {"logits_to_keep": keep, **rows} if self.label_logits_only else {}
-        output = self.model(**model_inputs(batch), use_cache=False, **kwargs)
-        summed = self.loss_fn(output.logits, targets[keep] if self.label_logits_only else targets)
-        return self.router_aux.add(summed, output, batch["labels"]) if self.model.training else summed
 
     @torch.no_grad()
     def validate(self, step: int) -> float:
@@ -458,8 +371,8 @@ class FinetuneRecipe:
             # The sampler pads the last ranks with repeated rows so all run the same batches; they do not count.
             batch, seen = mask_rows_after(batch, real_rows - seen), seen + len(batch["labels"])
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            loss_sum += self.forward_loss(batch).item()
-            tokens += count_label_tokens(batch["labels"])
+            summed, label_tokens = self.forward_loss(batch)
+            loss_sum, tokens = loss_sum + summed.item(), tokens + label_tokens
         loss_sum, tokens = self.parallel.all_reduce_sum(loss_sum, tokens)
         tokens = int(tokens)
         val_loss = loss_sum / max(tokens, 1)

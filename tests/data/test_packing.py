@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from automodel.data import PadCollator, make_squad_dataset
 from automodel.data.packing import PackingCollator, build_collator, pack_rows
 from automodel.errors import UserError
-from automodel.training.loss import MaskedCrossEntropy, shift_labels
+from automodel.data.collate import shift_labels
+from automodel.training.loss import MaskedCrossEntropy
 from tests.conftest import SQUAD_DEV, STORIES
 
 # fp32 on CPU: packed and unpacked runs differ only in summation order inside attention.

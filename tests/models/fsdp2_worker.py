@@ -50,7 +50,7 @@ def fsdp2_layout(model) -> dict:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    from automodel.distributed.fsdp2 import decoder_layers
+    from automodel.models.decoder_layers import decoder_layers
     from automodel.models.unwrap import transformers_model
 
     base = transformers_model(model)

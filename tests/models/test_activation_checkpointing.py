@@ -23,7 +23,7 @@ import torch
 
 from automodel.data.collate import pad_collate
 from automodel.data.squad import make_squad_dataset
-from automodel.distributed.fsdp2 import decoder_layers
+from automodel.models.decoder_layers import decoder_layers
 from automodel.models.registry import tested_rows
 from automodel.models.unwrap import transformers_model
 from automodel.training.recipe import FinetuneRecipe

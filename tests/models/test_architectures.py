@@ -20,7 +20,6 @@ import torch
 from safetensors import safe_open
 
 from automodel.data.collate import pad_collate
-from automodel.models.quirks import NO_GRADIENT_BY_DESIGN
 from automodel.models import load_causal_lm
 from automodel.models.families import FAMILIES, PUBLISHED_CONFIG
 from automodel.models.registry import tested_rows
@@ -32,6 +31,10 @@ from tests.models.tiny import write_tiny_checkpoint
 
 ROWS = tested_rows()
 STEPS = 3
+
+# Parameter-name suffixes that legitimately receive no gradient (updated by other rules, if at all); none among the
+# tested rows today: DeepSeek-V3's routing-bias `e_score_correction_bias` is a buffer, not a parameter.
+NO_GRADIENT_BY_DESIGN: tuple[str, ...] = ()
 
 
 @pytest.fixture(scope="module", autouse=True)

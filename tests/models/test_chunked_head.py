@@ -1,4 +1,4 @@
-"""The chunked output head (automodel/training/chunked_loss.py) gives the full-logits loss and gradients.
+"""The chunked output head (automodel/training/loss.py `head_loss`, automodel/training/forward.py) gives the full-logits loss and gradients.
 
 For every native architecture (tied heads; untied for Llama and the architectures with a final transform: Gemma 2/3
 soft-capping, Cohere logit scale, Granite logits scaling, MiniCPM3 hidden scaling) and for a LoRA-adapted lm_head:
@@ -15,11 +15,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from automodel.data.collate import pad_collate
 from automodel.data.squad import make_squad_dataset
-from automodel.models.heads import HEAD_QUIRKS, output_head
+from automodel.models.output_head import LOGIT_TRANSFORMS, find_output_head
 from automodel.models.loader import load_causal_lm
 from automodel.models.registry import family_rows, native_rows
-from automodel.training.chunked_loss import forward_chunked_loss
-from automodel.training.loss import IGNORE_INDEX, MaskedCrossEntropy, shift_labels
+from automodel.training.forward import forward_chunked_loss
+from automodel.data.collate import shift_labels
+from automodel.data.dataset import IGNORE_INDEX
+from automodel.training.loss import MaskedCrossEntropy
 from tests.conftest import SQUAD_DEV
 from tests.models.test_architectures import one_thread  # noqa: F401 (fixture)
 from tests.models.published import write_published_checkpoint
@@ -30,7 +32,7 @@ ROWS = native_rows()
 # Chunk boundaries change the matmuls' row counts, hence their fp32 blocking and rounding: measured worst case over
 # all rows 2.3e-5 x the largest gradient (in float64 the difference is ~1e-15, test below).
 GRAD_ATOL = 5e-5
-UNTIED = [r for r in ROWS if HEAD_QUIRKS.get(r.native_class) or r.native_class == "LlamaForCausalLM"]
+UNTIED = [r for r in ROWS if LOGIT_TRANSFORMS.get(r.native_class) or r.native_class == "LlamaForCausalLM"]
 
 
 def _batch(tokenizer, rows: int = 2, seq_length: int = 48):
@@ -47,7 +49,7 @@ def _chunk_size_with_partial_last(label_tokens: int) -> int:
 
 def _chunked_loss_and_grads(model, batch, chunk_size: int):
     model.zero_grad(set_to_none=True)
-    head, why = output_head(model)
+    head, why = find_output_head(model)
     assert head is not None, why
     targets = shift_labels(batch["labels"])
     loss, _ = forward_chunked_loss(model, head, MaskedCrossEntropy(chunk_size), batch, targets,
@@ -119,13 +121,13 @@ def test_chunked_head_with_lora_on_lm_head_matches_full_logits(one_thread):  # n
     tokenizer = shared_tokenizer(name=row.tokenizer)
     model = get_peft_model(_tiny_model(row, tokenizer, tie_word_embeddings=False),
                            LoraConfig(r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False))
-    assert type(output_head(model)[0].module).__module__.startswith("peft.")
+    assert type(find_output_head(model)[0].module).__module__.startswith("peft.")
     _assert_same(model, _batch(tokenizer))
 
 
 def test_unknown_architecture_has_no_chunked_head():
     model = torch.nn.Linear(2, 2)
-    head, why = output_head(model)
+    head, why = find_output_head(model)
     assert head is None and "Linear is not in automodel's output-head table" in why
 
 
@@ -163,7 +165,7 @@ def test_chunked_head_never_materialises_label_tokens_x_vocab(one_thread):  # no
         MaskedCrossEntropy()(logits, targets[keep]).backward()
     chunked = _WidestVocabRows(len(tokenizer))
     with chunked:
-        loss, _ = forward_chunked_loss(model, output_head(model)[0], MaskedCrossEntropy(chunk_size), batch,
+        loss, _ = forward_chunked_loss(model, find_output_head(model)[0], MaskedCrossEntropy(chunk_size), batch,
                                        targets, keep)
         loss.backward()
     assert unchunked.rows >= label_tokens
@@ -172,8 +174,8 @@ def test_chunked_head_never_materialises_label_tokens_x_vocab(one_thread):  # no
 
 def test_micro_batch_without_labels_gives_zero_loss_and_zero_head_gradients():
     """Every trainable head parameter still gets a gradient (zeros), as DDP expects of every step."""
-    from automodel.models.heads import OutputHead
-    from automodel.training.chunked_loss import chunked_head_cross_entropy
+    from automodel.models.output_head import OutputHead
+    from automodel.training.loss import chunked_head_cross_entropy
 
     head = OutputHead(torch.nn.Linear(4, 10))
     hidden = torch.zeros(0, 4, requires_grad=True)

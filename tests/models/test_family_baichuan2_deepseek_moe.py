@@ -134,7 +134,7 @@ def test_deepseek_moe_layer_choice_and_plain_topk_match_the_reference(tmp_path):
 def test_deepseek_moe_router_aux_loss_is_refused(tmp_path):
     """The published code adds aux_loss_alpha x its balance loss while training; automodel computes none for this
     row (as for DeepSeek-V2/V3), so asking for it is an error rather than a silent no-op."""
-    from automodel.models.quirks import RouterAuxLoss
+    from automodel.models.router_aux_loss import RouterAuxLoss
 
     source = write_published_checkpoint(DEEPSEEK_MOE, tmp_path / "published")
     with pytest.raises((UserError, ValueError)) as err:

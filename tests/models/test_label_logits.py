@@ -11,7 +11,10 @@ import torch
 from automodel.data.collate import pad_collate
 from automodel.data.squad import make_squad_dataset
 from automodel.models.registry import native_rows
-from automodel.training.loss import IGNORE_INDEX, MaskedCrossEntropy, shift_labels, supports_label_logits
+from automodel.data.collate import shift_labels
+from automodel.data.dataset import IGNORE_INDEX
+from automodel.training.forward import supports_label_logits
+from automodel.training.loss import MaskedCrossEntropy
 from tests.conftest import SQUAD_DEV
 from tests.models.test_architectures import one_thread  # noqa: F401 (fixture)
 from tests.models.tiny import shared_tokenizer, tiny_config

@@ -3,8 +3,8 @@
 For every tested architecture (a remote-code family read from its published layout): the examples of one
 flattened row get the logits each gets alone (fp32, atol 1e-5),
 exactly for the model types in `PADDING_FREE_VERIFIED`, and the others really do mix examples (a hybrid's Mamba
-layers, for one), which is why they are padded. For every row of `OUTPUT_ROWS_VERIFIED`, a last layer limited to
-the label rows (`OUTPUT_ROWS`, automodel/models/output_rows.py) gives the same hidden states there and the same
+layers, for one), which is why they are padded. For every row of `LAST_LAYER_ROWS_VERIFIED`, a last layer limited to
+the label rows (`LAST_LAYER_ROWS`, automodel/models/last_layer_rows.py) gives the same hidden states there and the same
 gradients, in float64 (1e-9; fp32 rounding differs by up to ~1e-3 of a gradient on this squared-sum loss), padded
 and padding-free, while its attention computes fewer query rows and its MLP only the label rows. Plus: the recipe picks both by default where verified, and its run gives the per-step losses
 of padded batches on transformers' sdpa.
@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from automodel.data.collate import FlatCollator, model_inputs, pad_collate
+from automodel.data.collate import FlatCollator, model_inputs, pad_collate, shift_labels
+from automodel.data.dataset import IGNORE_INDEX
 from automodel.data.packing import build_collator, padding_free
 from automodel.errors import UserError
-from automodel.distributed.fsdp2 import decoder_layers
-from automodel.models.attention import AUTOMODEL_SDPA, OUTPUT_ROWS, use_automodel_sdpa
-from automodel.models.output_rows import last_layer_rows
 from automodel.models import load_causal_lm
-from automodel.models.registry import OUTPUT_ROWS_VERIFIED, PADDING_FREE_VERIFIED, tested_rows
-from automodel.training.loss import IGNORE_INDEX, shift_labels
+from automodel.models.attention import AUTOMODEL_SDPA, LAST_LAYER_ROWS, automodel_sdpa_by_default, use_automodel_sdpa
+from automodel.models.decoder_layers import decoder_layers
+from automodel.models.last_layer_rows import install_last_layer_rows
+from automodel.models.registry import BY_NAME, LAST_LAYER_ROWS_VERIFIED, PADDING_FREE_VERIFIED, tested_rows
 from tests.models.test_architectures import one_thread  # noqa: F401 (fixture)
 from tests.models.test_attention import FlashCalls
 from tests.models.published import write_published_checkpoint
@@ -74,11 +74,16 @@ def test_padding_free_rows_keep_examples_apart_exactly_where_verified(row, one_t
     with torch.no_grad():
         flat = model(**model_inputs(FlatCollator()(items)), use_cache=False).logits[0]
         alone = [model(input_ids=torch.tensor([item["input_ids"]]), use_cache=False).logits[0] for item in items]
+        # The CUDA default: transformers' own sdpa, told the examples by the restarting position ids only.
+        model.set_attn_implementation("sdpa")
+        by_position_ids = model(**model_inputs(FlatCollator(position_ids_only=True)(items)), use_cache=False).logits[0]
     same = flat.shape[0] == sum(LENGTHS) and torch.allclose(flat, torch.cat(alone), rtol=0, atol=1e-5)
     assert same == (runs_as(row) in PADDING_FREE_VERIFIED), (
         f"{runs_as(row)}: padding-free logits {'equal' if same else 'differ from'} the examples' own "
         f"(max diff {(flat - torch.cat(alone)).abs().max():.2e}); PADDING_FREE_VERIFIED must "
         f"{'list' if same else 'not list'} it")
+    if same:
+        torch.testing.assert_close(by_position_ids, torch.cat(alone), rtol=0, atol=1e-5)
 
 
 def answer_examples(vocab: int) -> list[dict[str, list[int]]]:
@@ -101,7 +106,7 @@ def label_rows_and_grads(model, batch, keep, **rows):
     return hidden[keep].detach(), grads, sum(q * k for q, k in calls.shapes), mlp_rows
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if runs_as(r) in OUTPUT_ROWS_VERIFIED], ids=lambda r: r.test_id)
+@pytest.mark.parametrize("row", [r for r in ROWS if runs_as(r) in LAST_LAYER_ROWS_VERIFIED], ids=lambda r: r.test_id)
 @pytest.mark.parametrize("collate", ["padded", "padding-free"])
 def test_last_layer_on_the_label_rows_only_is_exact(row, collate, one_thread):
     model, tokenizer = tiny_model(row)
@@ -111,9 +116,9 @@ def test_last_layer_on_the_label_rows_only_is_exact(row, collate, one_thread):
     batch = pad_collate(items, tokenizer.pad_token_id) if collate == "padded" else FlatCollator()(items)
     keep = shift_labels(batch["labels"]) != IGNORE_INDEX
     hidden, grads, area, _ = label_rows_and_grads(model, batch, keep)
-    hooks = last_layer_rows(model)
+    hooks = install_last_layer_rows(model)
     assert hooks is not None, f"{row.model_type}: its last layer has no per-token mlp"
-    hidden_rows, grads_rows, area_rows, mlp_rows = label_rows_and_grads(model, batch, keep, **{OUTPUT_ROWS: keep})
+    hidden_rows, grads_rows, area_rows, mlp_rows = label_rows_and_grads(model, batch, keep, **{LAST_LAYER_ROWS: keep})
     hooks.remove()
     assert torch.allclose(hidden_rows, hidden, rtol=0, atol=1e-9)
     assert grads_rows.keys() == grads.keys()
@@ -136,6 +141,24 @@ def test_padding_free_is_the_default_where_verified_and_refused_where_not():
     assert not isinstance(build_collator(None, 0, AUTOMODEL_SDPA, "llama", train=False), FlatCollator)
     with pytest.raises(UserError, match="choose one"):
         build_collator({"padding_free": True, "packed_sequence_size": 64}, 0, AUTOMODEL_SDPA, "llama")
+
+
+def test_cuda_runs_transformers_own_attention_with_position_ids_until_measured_there():
+    """No GPU here: the decisions a CUDA run takes, on the real model and collator objects."""
+    assert automodel_sdpa_by_default("cpu") and not automodel_sdpa_by_default("cuda")
+    model, _ = tiny_model(BY_NAME["LlamaForCausalLM"])
+    assert model.config._attn_implementation == "sdpa"  # transformers' choice
+    assert not use_automodel_sdpa(model, "cuda") and model.config._attn_implementation == "sdpa"
+    for attention in ("sdpa", "flash_attention_2"):
+        assert padding_free(None, attention, "llama", "cuda")
+        assert build_collator(None, 0, attention, "llama", device_type="cuda") == FlatCollator(position_ids_only=True)
+    assert not padding_free(None, "sdpa", "bamba", "cuda") and not padding_free(None, "eager", "llama", "cuda")
+    assert not padding_free(None, "sdpa", "llama", "cpu")  # on CPU, transformers' sdpa stays padded as measured
+    batch = FlatCollator(position_ids_only=True)([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
+                                                  {"input_ids": [8, 9], "labels": [8, 9]}])
+    assert sorted(model_inputs(batch)) == ["input_ids", "position_ids"]  # no mask: transformers reads the restarts
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]] and int(batch["padding_mask"].sum()) == 5
+    assert use_automodel_sdpa(model, "cpu") and model.config._attn_implementation == AUTOMODEL_SDPA
 
 
 def test_flat_collator_rows():

@@ -1,4 +1,4 @@
-"""Architecture-specific handling (automodel/models/quirks.py): MoE router aux loss, Gemma 2 attention."""
+"""Architecture-specific handling: the MoE router aux loss (automodel/models/router_aux_loss.py), Gemma 2 attention."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from automodel.errors import UserError
 from automodel.models import load_causal_lm
 from automodel.models.registry import BY_NAME, native_rows
-from automodel.training.loss import shift_labels
+from automodel.data.collate import shift_labels
 from automodel.training.recipe import FinetuneRecipe
 from tests.models.test_architectures import first_batch, one_thread, run_config  # noqa: F401 (fixture)
 from tests.models.tiny import write_tiny_checkpoint
@@ -48,7 +48,7 @@ def test_router_aux_loss_is_added_and_its_gradient_reaches_the_router(row, tmp_p
     recipe.model.train()
     output = recipe.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     cross_entropy = recipe.loss_fn(output.logits, shift_labels(batch["labels"]))
-    total = recipe.router_aux.add(cross_entropy, output, batch["labels"])
+    total = recipe.forward_loss.router_aux.add(cross_entropy, output, batch["labels"])
     label_tokens = int((batch["labels"][:, 1:] != -100).sum())
     assert output.aux_loss > 0
     torch.testing.assert_close(total - cross_entropy, 0.5 * output.aux_loss * label_tokens)

@@ -1,30 +1,11 @@
-"""Architecture-specific needs, one place per concern.
-
-Most architectures need nothing from us: transformers' own modeling code handles them, and the recipe
-only sees `model(input_ids, attention_mask).logits`. What does need handling, and where:
-
-- Gemma's embedding scaling (x sqrt(hidden)), Granite's and MiniCPM3's multipliers, Cohere's logit scale:
-  inside the transformers model; nothing to do here.
-- Attention soft-capping (Gemma 2): SDPA cannot soft-cap, so Gemma2ForCausalLM does not offer it.
-  `load_causal_lm` leaves `attn_implementation` unset by default, which lets transformers pick SDPA where
-  the architecture supports it and eager otherwise (Gemma 2). Asking for `sdpa` explicitly on Gemma 2 is an
-  error that says so.
-- Mixture-of-experts router auxiliary (load-balancing) loss: `RouterAuxLoss` below, used by the recipe.
-- Bamba's mamba2 layers on CPU: transformers runs its pure-torch path when the mamba_ssm / causal_conv1d
-  CUDA kernels are absent, so nothing to do; the architecture tests train it on CPU.
-- Parameters no gradient reaches by design: listed in `NO_GRADIENT_BY_DESIGN` (none among the tested rows
-  today: DeepSeek-V3's routing-bias `e_score_correction_bias` is a buffer, not a parameter).
-"""
+"""The mixture-of-experts router auxiliary (load-balancing) loss, which the recipe adds to its own loss."""
 
 from __future__ import annotations
 
 import torch
 
+from automodel.data.collate import count_label_tokens
 from automodel.errors import UserError
-from automodel.training.loss import count_label_tokens
-
-# Parameter-name suffixes that legitimately receive no gradient (updated by other rules, if at all).
-NO_GRADIENT_BY_DESIGN: tuple[str, ...] = ()
 
 
 class RouterAuxLoss:

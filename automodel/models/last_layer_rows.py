@@ -1,11 +1,11 @@
-"""The last decoder layer on the rows the loss reads only.
+"""The last decoder layer computed only at the label rows, the rows the loss reads.
 
-The loss reads the last hidden state at the label positions alone (~2% of a SQuAD batch), and nothing after the
-last layer's attention mixes positions. So, given `OUTPUT_ROWS` (a bool batch x seq mask the recipe passes through
-the model's forward as a keyword), the last layer computes only those rows wherever it can without changing them:
-its attention runs those query rows alone (automodel/models/attention.py) and its MLP, most of a layer's matmuls,
-runs on those rows only (`LastLayerRows`, forward hooks on the layer). The other rows of the last hidden state are
-left as garbage that nothing reads; their gradient is zero. The keys and values still come from every position.
+The loss reads the last hidden state at the label positions alone, and nothing after the last layer's attention
+mixes positions. So, given `LAST_LAYER_ROWS` (a bool batch x seq mask passed through the model's forward as a
+keyword), the last layer computes only those rows wherever it can without changing them: its attention runs those
+query rows alone (automodel/models/attention.py) and its MLP, most of a layer's matmuls, runs on those rows only
+(`LastLayerRows`, forward hooks on the layer). The other rows of the last hidden state are left as garbage that
+nothing reads; their gradient is zero. The keys and values still come from every position.
 """
 
 from __future__ import annotations
@@ -13,18 +13,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from automodel.models.attention import AUTOMODEL_SDPA, OUTPUT_ROWS
+from automodel.models.attention import AUTOMODEL_SDPA, LAST_LAYER_ROWS
+from automodel.models.decoder_layers import decoder_layers
+from automodel.models.registry import LAST_LAYER_ROWS_VERIFIED
 
 
-def output_rows_supported(config) -> bool:
-    """Whether the model's last layer may compute only the rows the loss reads (`OUTPUT_ROWS`)."""
-    from automodel.models.registry import OUTPUT_ROWS_VERIFIED
-
-    return config._attn_implementation == AUTOMODEL_SDPA and config.model_type in OUTPUT_ROWS_VERIFIED
+def last_layer_rows_supported(config) -> bool:
+    """Whether the model's last layer may compute only the rows the loss reads (`LAST_LAYER_ROWS`)."""
+    return config._attn_implementation == AUTOMODEL_SDPA and config.model_type in LAST_LAYER_ROWS_VERIFIED
 
 
 class LastLayerRows:
-    """Forward hooks that run the last decoder layer's `mlp` on the `OUTPUT_ROWS` rows only.
+    """Forward hooks that run the last decoder layer's `mlp` on the `LAST_LAYER_ROWS` rows only.
 
     The layer's pre-hook reads the rows from the layer's keyword arguments (so an activation-checkpointing
     recompute, which calls the layer again with them, sees the same rows); the MLP's hooks gather those rows
@@ -41,7 +41,7 @@ class LastLayerRows:
             handle.remove()
 
     def _read_rows(self, module, args, kwargs):
-        self.rows = kwargs.get(OUTPUT_ROWS)
+        self.rows = kwargs.get(LAST_LAYER_ROWS)
 
     def _gather(self, module, args):
         (hidden,) = args
@@ -58,9 +58,7 @@ class LastLayerRows:
         return full
 
 
-def last_layer_rows(model: nn.Module) -> LastLayerRows | None:
+def install_last_layer_rows(model: nn.Module) -> LastLayerRows | None:
     """Install `LastLayerRows` on the model's last decoder layer when it has a per-token `mlp`; None otherwise."""
-    from automodel.distributed.fsdp2 import decoder_layers
-
     layer = decoder_layers(model)[-1]
     return LastLayerRows(layer) if isinstance(getattr(layer, "mlp", None), nn.Module) else None

@@ -1,6 +1,6 @@
-"""What each causal LM does between its decoder's last hidden state and the logits: one table.
+"""The output head (the projection to the vocabulary, `lm_head`) and what each causal LM does around it: one table.
 
-The chunked loss (automodel/training/chunked_loss.py) applies the output head itself, at label positions only, so it
+The chunked loss (`head_loss`, automodel/training/loss.py) applies the output head itself, at label positions only, so it
 must reproduce the transformers `...ForCausalLM.forward` exactly. For most architectures that is just `lm_head`;
 the exceptions (checked against transformers 5's modeling code, and by tests/models/test_chunked_head.py for every
 native row) are:
@@ -11,7 +11,7 @@ native row) are:
 - MiniCPM3: `hidden / config.logits_scaling` before the head.
 - Jais (automodel's own class): `logits * config.output_logits_scale` (the published `width_scale`).
 
-An architecture not in `HEAD_QUIRKS` gets no chunked head: the recipe says so in one log line and computes logits
+An architecture not in `LOGIT_TRANSFORMS` gets no chunked head: the recipe says so in one log line and computes logits
 at the label positions through the model's own forward (`logits_to_keep`) instead.
 """
 
@@ -21,11 +21,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from automodel.models.unwrap import transformers_model
 
 # Native class -> {transform: config attribute}. An empty dict: logits = lm_head(hidden), nothing else.
-HEAD_QUIRKS: dict[str, dict[str, str]] = {
+LOGIT_TRANSFORMS: dict[str, dict[str, str]] = {
     **{name: {} for name in (
         "BambaForCausalLM", "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Exaone4ForCausalLM",
         "FalconForCausalLM", "GemmaForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM", "GPTBigCodeForCausalLM",
@@ -72,26 +73,24 @@ class OutputHead:
 
 
 def head_class_name(model: nn.Module) -> str:
-    """The name under which HEAD_QUIRKS knows the model's head: its own class (FSDP2 replaces the class with an
+    """The name under which LOGIT_TRANSFORMS knows the model's head: its own class (FSDP2 replaces the class with an
     `FSDP<Name>` subclass), or the nearest parent in the table when the classes in between inherit `forward`
     (the remote-code families' renamed subclasses, automodel/models/families), which computes the logits."""
-    from torch.distributed.fsdp import FSDPModule
-
     classes = [cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule)]
     for cls in classes:
-        if cls.__name__ in HEAD_QUIRKS or "forward" in vars(cls):
+        if cls.__name__ in LOGIT_TRANSFORMS or "forward" in vars(cls):
             return cls.__name__
     return classes[0].__name__
 
 
-def output_head(model: nn.Module) -> tuple[OutputHead | None, str]:
+def find_output_head(model: nn.Module) -> tuple[OutputHead | None, str]:
     """(the model's output head, "") or (None, why the chunked head cannot be used for it)."""
     base = transformers_model(model)
     name = head_class_name(base)
-    if name not in HEAD_QUIRKS:
-        return None, f"{name} is not in automodel's output-head table (automodel/models/heads.py)"
+    if name not in LOGIT_TRANSFORMS:
+        return None, f"{name} is not in automodel's output-head table (automodel/models/output_head.py)"
     module = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if not isinstance(module, nn.Module):
         return None, f"{name} has no output embeddings module"
-    values = {key: getattr(base.config, attribute, None) for key, attribute in HEAD_QUIRKS[name].items()}
+    values = {key: getattr(base.config, attribute, None) for key, attribute in LOGIT_TRANSFORMS[name].items()}
     return OutputHead(module, **{k: float(v) for k, v in values.items() if v is not None}), ""
