@@ -27,7 +27,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import LlamaForCausalLM
-from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer, LlamaModel,
@@ -38,6 +37,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
+
+from automodel.models.families.decoder_inputs import decoder_inputs
 
 # Attention functions that take the mask as a tensor over the score matrix (the block-sparse layout needs one).
 MASKED_ATTENTION = ("eager", "sdpa", "automodel_sdpa")
@@ -178,15 +179,8 @@ class Phi3SmallModel(LlamaModel):
     @capture_outputs  # output_hidden_states / output_attentions, as LlamaModel's forward
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, **kwargs):
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        past = cache.get_seq_length() if cache is not None else 0
-        if position_ids is None:
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past).unsqueeze(0)
+        inputs_embeds, cache, position_ids, past = decoder_inputs(self, input_ids, inputs_embeds, cache, use_cache,
+                                                                  position_ids)
         position_ids = position_ids.expand(inputs_embeds.shape[0], -1)
         dense_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                         cache=cache, position_ids=position_ids)

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import torch
 from transformers import MistralForCausalLM
-from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.mistral.modeling_mistral import MistralModel
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
+
+from automodel.models.families.decoder_inputs import decoder_inputs
 
 
 class SolarModel(MistralModel):
@@ -33,16 +34,8 @@ class SolarModel(MistralModel):
     @capture_outputs
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
                 use_cache=None, **kwargs) -> BaseModelOutputWithPast:
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
-        if position_ids is None:
-            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
-                            + past_seen_tokens).unsqueeze(0)
+        inputs_embeds, cache, position_ids, _ = decoder_inputs(self, input_ids, inputs_embeds, cache, use_cache,
+                                                               position_ids)
         mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
         causal_mask = mask_function(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                     cache=cache, position_ids=position_ids)
