@@ -17,6 +17,7 @@ from torch import nn
 
 from automodel.errors import UserError
 from automodel.models.decoder_layers import decoder_layers
+from automodel.models.unwrap import transformers_model
 
 
 def mixed_precision_policy(choice: str, device: torch.device):
