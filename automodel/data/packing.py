@@ -23,7 +23,7 @@ from automodel.data.collate import FlatCollator, PadCollator
 from automodel.data.dataset import IGNORE_INDEX
 from automodel.errors import UserError
 from automodel.models.attention import AUTOMODEL_SDPA
-from automodel.models.registry import PADDING_FREE_VERIFIED
+from automodel.models.registry import PADDING_FREE_VERIFIED, POSITION_IDS_PACKING_VERIFIED
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,9 @@ def padding_free(requested: bool | None, attn_implementation: str | None, model_
     elif model_type not in PADDING_FREE_VERIFIED:
         problem = (f"is not verified for model_type {model_type!r} (tests/models/test_padding_free.py checks "
                    "that examples in one row do not see each other); set it to false")
+    elif own_attention and attn_implementation != AUTOMODEL_SDPA and model_type not in POSITION_IDS_PACKING_VERIFIED:
+        problem = (f"with transformers' own attention is not verified for model_type {model_type!r} (its rows "
+                   "carry only restarting position ids); set it to false")
     if problem and requested:
         raise UserError(f"packed_sequence.padding_free: {problem}")
     if problem:

@@ -26,7 +26,8 @@ from automodel.models import load_causal_lm
 from automodel.models.attention import AUTOMODEL_SDPA, LAST_LAYER_ROWS, automodel_sdpa_by_default, use_automodel_sdpa
 from automodel.models.decoder_layers import decoder_layers
 from automodel.models.last_layer_rows import install_last_layer_rows
-from automodel.models.registry import BY_NAME, LAST_LAYER_ROWS_VERIFIED, PADDING_FREE_VERIFIED, tested_rows
+from automodel.models.registry import (BY_NAME, LAST_LAYER_ROWS_VERIFIED, PADDING_FREE_VERIFIED,
+                                       POSITION_IDS_PACKING_VERIFIED, tested_rows)
 from tests.models.test_architectures import one_thread  # noqa: F401 (fixture)
 from tests.models.test_attention import FlashCalls
 from tests.models.published import write_published_checkpoint
@@ -82,8 +83,12 @@ def test_padding_free_rows_keep_examples_apart_exactly_where_verified(row, one_t
         f"{runs_as(row)}: padding-free logits {'equal' if same else 'differ from'} the examples' own "
         f"(max diff {(flat - torch.cat(alone)).abs().max():.2e}); PADDING_FREE_VERIFIED must "
         f"{'list' if same else 'not list'} it")
-    if same:
-        torch.testing.assert_close(by_position_ids, torch.cat(alone), rtol=0, atol=1e-5)
+    if not same:
+        return
+    apart = torch.allclose(by_position_ids, torch.cat(alone), rtol=0, atol=1e-5)
+    assert apart == (runs_as(row) in POSITION_IDS_PACKING_VERIFIED), (
+        f"{runs_as(row)}: rows with position ids only {'keep' if apart else 'do not keep'} the examples apart under "
+        f"transformers' sdpa; POSITION_IDS_PACKING_VERIFIED must {'list' if apart else 'not list'} it")
 
 
 def answer_examples(vocab: int) -> list[dict[str, list[int]]]:
@@ -153,6 +158,7 @@ def test_cuda_runs_transformers_own_attention_with_position_ids_until_measured_t
         assert padding_free(None, attention, "llama", "cuda")
         assert build_collator(None, 0, attention, "llama", device_type="cuda") == FlatCollator(position_ids_only=True)
     assert not padding_free(None, "sdpa", "bamba", "cuda") and not padding_free(None, "eager", "llama", "cuda")
+    assert padding_free(None, "automodel_sdpa", "jais", "cuda") and not padding_free(None, "sdpa", "jais", "cuda")
     assert not padding_free(None, "sdpa", "llama", "cpu")  # on CPU, transformers' sdpa stays padded as measured
     batch = FlatCollator(position_ids_only=True)([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
                                                   {"input_ids": [8, 9], "labels": [8, 9]}])
