@@ -86,7 +86,7 @@ def padding_free(requested: bool | None, attn_implementation: str | None, model_
     elif model_type not in PADDING_FREE_VERIFIED:
         problem = (f"is not verified for model_type {model_type!r} (tests/models/test_padding_free.py checks "
                    "that examples in one row do not see each other); set it to false")
-    elif own_attention and attn_implementation != AUTOMODEL_SDPA and model_type not in POSITION_IDS_PACKING_VERIFIED:
+    elif own_attention and model_type not in POSITION_IDS_PACKING_VERIFIED:
         problem = (f"with transformers' own attention is not verified for model_type {model_type!r} (its rows "
                    "carry only restarting position ids); set it to false")
     if problem and requested:
