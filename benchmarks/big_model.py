@@ -1,6 +1,6 @@
 """Memory of fine-tuning a model of a real size with 2 FSDP2 processes: the meta-device build against the old path.
 
-    python benchmarks/big_model.py [--case lora3b sft1b] [--scale 1.0] [--steps 3] [--paths meta full]
+    python benchmarks/big_model.py [--case lora3b sft1b moe2b] [--scale 1.0] [--steps 3] [--paths meta full]
                                    [--activation-checkpointing] [--workdir /tmp/big_model]
 
 Each case first writes a random checkpoint of the named shape in the hub's layout (bf16, 2 GB shards with
@@ -8,6 +8,9 @@ Each case first writes a random checkpoint of the named shape in the hub's layou
 (`--nproc-per-node 2`, FSDP2) and saves the final step with its consolidated `model/` folder:
   lora3b  LoRA on a Llama-3.2-3B shape (hidden 3072, 28 layers, 24/8 heads, intermediate 8192, Llama 3 vocab)
   sft1b   full SFT of a TinyLlama-1.1B shape (hidden 2048, 22 layers, 32/4 heads, intermediate 5632, vocab 32000)
+  moe2b   LoRA on a Mixtral shape cut to 8 layers of hidden 2048 (16/4 heads, 8 experts of 5632, top 2, vocab
+          32000), stored as Mixtral's hub checkpoints store it: one w1/w2/w3 tensor per expert, which transformers
+          fuses on load (so the build reads it one conversion group at a time)
 `--scale` < 1 shrinks width and depth (not the vocabulary) to check the script on a small machine.
 `--activation-checkpointing` sets `distributed.activation_checkpointing: true` (the path column then ends in `+ac`).
 Paths: `meta` is the default build (models/build.py); `full` is the whole-model load of every process (the same
@@ -39,7 +42,11 @@ SHAPES = {
                    intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
     "sft1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                   intermediate_size=5632, vocab_size=32000, tie_word_embeddings=False, rope_theta=10000.0),
+    "moe2b": dict(hidden_size=2048, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+                  intermediate_size=5632, vocab_size=32000, tie_word_embeddings=False, rope_theta=1e6,
+                  num_local_experts=8, num_experts_per_tok=2),
 }
+LORA_CASES = ("lora3b", "moe2b")
 
 
 def scaled(shape: dict, scale: float) -> dict:
@@ -59,12 +66,15 @@ def write_checkpoint(case: str, scale: float, folder: Path) -> int:
     import torch
     from huggingface_hub import split_state_dict_into_shards_factory
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
+    from transformers.core_model_loading import revert_weight_conversion
 
-    config = LlamaConfig(**scaled(SHAPES[case], scale), max_position_embeddings=4096, dtype="bfloat16")
+    config_class = MixtralConfig if case == "moe2b" else LlamaConfig
+    config = config_class(**scaled(SHAPES[case], scale), max_position_embeddings=4096, dtype="bfloat16")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    tensors = dict(model.named_parameters())
+    # the hub's names and shapes (per-expert tensors for Mixtral), by transformers' own reverse conversion
+    tensors = revert_weight_conversion(model, dict(model.named_parameters()))
     plan = split_state_dict_into_shards_factory(tensors, get_storage_size=lambda t: t.numel() * t.element_size(),
                                                 filename_pattern="model{suffix}.safetensors", max_shard_size="2GB")
     folder.mkdir(parents=True)
@@ -84,7 +94,7 @@ def write_checkpoint(case: str, scale: float, folder: Path) -> int:
 
 
 def tokenizer(case: str):
-    if case == "lora3b":
+    if case == "lora3b":  # the Llama 3 vocabulary of the shape
         from benchmarks.llama3_tokenizer import load_llama3_tokenizer
 
         return load_llama3_tokenizer(ASSETS / "tokenizers" / "llama3" / "tokenizer.model")
@@ -107,7 +117,7 @@ def run_config(case: str, model_dir: Path, out: Path, steps: int, path: str, che
            "distributed": {"strategy": "fsdp2", "activation_checkpointing": checkpointing},
            "checkpoint": {"checkpoint_dir": str(out / "ckpt"), "restore_from": None, "max_shard_size": "2GB"},
            "logging": {"progress_bar": False}}
-    if case == "lora3b":
+    if case in LORA_CASES:
         cfg["peft"] = {"target_modules": "all-linear", "dim": 8, "alpha": 32}
     return cfg
 
@@ -195,7 +205,7 @@ def expected_need(case: str, path: str, params: int) -> float:
     each process (transformers' load), then FSDP2 keeps each process's half of weights (+ gradients and AdamW
     states for full SFT)."""
     fp32 = 4 * params
-    per_rank = (fp32 / 2 if case == "lora3b" else 16 * params / 2) + RUNTIME
+    per_rank = (fp32 / 2 if case in LORA_CASES else 16 * params / 2) + RUNTIME
     if path == "full":
         per_rank = max(per_rank, 1.5 * fp32 + RUNTIME)
     return 2 * per_rank

@@ -8,17 +8,18 @@ most any process holds is one full tensor. The files are safetensors written by 
 the whole model); the format is its documented header (names, dtypes, shapes, byte offsets) followed by the raw
 little-endian bytes, and the header is known before any tensor is gathered.
 
-A LoRA run writes its adapter through peft's `save_pretrained` (adapters are small). Architectures whose weights
-transformers renames or fuses on load (its conversion mapping, which also holds the conversions of the remote-code
-families in automodel/models/families) are written by `save_pretrained` from a gathered full copy, since only
-transformers knows how to turn the names back. A remote-code family's folder gets its published config.json back.
+Architectures whose weights transformers renames or fuses on load (its conversion mapping, which also holds the
+conversions of the remote-code families in automodel/models/families) are written in the checkpoint's own names by
+transformers' reverse conversions, one conversion group at a time (models/conversion.py): the most any process
+holds is one group, e.g. one layer's fused experts. A LoRA run writes its adapter through peft's `save_pretrained`
+(adapters are small). A remote-code family's folder gets its published config.json back.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,14 +27,12 @@ from torch import nn
 
 from automodel.checkpoint.save import CheckpointConfig
 from automodel.models import families
+from automodel.models.conversion import has_conversions, realise, save_groups
+from automodel.models.weights import SAFE_DTYPES
 from automodel.peft import is_peft_model
 
-logger = logging.getLogger("automodel")
 
 DEFAULT_MAX_SHARD_SIZE = CheckpointConfig.max_shard_size
-SAFE_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-               torch.bool: "BOOL"}
 SAFE_INDEX = "model.safetensors.index.json"
 
 
@@ -78,9 +77,37 @@ def safetensors_header(names: list[str], tensors: dict[str, torch.Tensor]) -> by
     return struct.pack("<Q", len(body)) + body
 
 
+def saved_layout(model: nn.Module) -> tuple[dict[str, torch.Tensor], Callable[[str], torch.Tensor]]:
+    """({saved name: shape-only tensor}, in writing order; a function giving a saved name's full CPU tensor).
+    Names transformers converts back on save (fused MoE experts, a family's published layout) are produced one
+    conversion group at a time (models/conversion.py): the group's tensors are gathered and converted when the
+    first of its outputs is written, and each output is dropped once written."""
+    tensors = saved_tensors(model)
+    if not has_conversions(model):
+        return {name: shape_only(t) for name, t in tensors.items()}, lambda name: full_tensor(tensors[name])
+    planned, owner = {}, {}
+    groups, renamings = save_groups(model, list(tensors), lambda name: lambda: shape_only(tensors[name]))
+    for first, group in groups.items():
+        for name, value in realise(first, group, model, renamings).items():
+            planned[name], owner[name] = value, first
+    groups, _ = save_groups(model, list(tensors), lambda name: lambda: full_tensor(tensors[name]))
+    ready: dict[str, torch.Tensor] = {}
+
+    def produce(name: str) -> torch.Tensor:
+        if name not in ready:
+            ready.update(realise(owner[name], groups.pop(owner[name]), model, renamings))
+        return ready.pop(name)
+
+    return planned, produce
+
+
+def shape_only(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+
+
 def write_full_model(model: nn.Module, folder: Path, is_main: bool, max_shard_size: int | str) -> None:
     """Every rank calls this (gathers are collectives); rank 0 writes the weights, index and config."""
-    tensors = saved_tensors(model)
+    tensors, produce = saved_layout(model)
     plan = shard_plan(tensors, max_shard_size)
     for filename, names in plan.filename_to_tensors.items():
         handle = open(folder / filename, "wb") if is_main else None
@@ -88,7 +115,7 @@ def write_full_model(model: nn.Module, folder: Path, is_main: bool, max_shard_si
             if handle:
                 handle.write(safetensors_header(names, tensors))
             for name in names:
-                value = full_tensor(tensors[name])
+                value = produce(name)
                 if handle:
                     handle.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
                 del value
@@ -113,33 +140,9 @@ def write_model_config(model: nn.Module, folder: Path) -> None:
         model.generation_config.save_pretrained(folder)
 
 
-def needs_transformers_save(model: nn.Module) -> bool:
-    """True for architectures whose saved names transformers converts back from the in-memory ones."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import PrefixChange
-
-    conversions = get_model_conversion_mapping(model, add_legacy=False)
-    return any(not isinstance(c, PrefixChange) for c in conversions)
-
-
 def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full copies of the trainable (adapter) parameters; peft's save_pretrained keeps the LoRA ones."""
     return {name: full_tensor(p) for name, p in model.named_parameters() if p.requires_grad}
-
-
-def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Rank 0 gets one full CPU copy of every tensor (the others nothing), shared names pointing at one tensor."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    names_of: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(param), []).append(name)
-    for names in names_of.values():  # transformers' save_pretrained recognises tied weights by shared storage
-        present = [name for name in names if name in state_dict]
-        for alias in present[1:]:
-            state_dict[alias] = state_dict[present[0]]
-    return state_dict
 
 
 def write_hf_model(model: nn.Module, tokenizer, folder: Path, *, is_main: bool = True,
@@ -156,12 +159,6 @@ def write_hf_model(model: nn.Module, tokenizer, folder: Path, *, is_main: bool =
         state_dict = gather_adapter_state_dict(model) if sharded else None
         if is_main:
             families.save_pretrained(model, folder, state_dict=state_dict)
-    elif needs_transformers_save(model):
-        logger.info("model/: %s's weights are renamed by transformers on save: writing a gathered full copy",
-                    type(model).__name__)
-        state_dict = gather_full_state_dict(model) if sharded else None
-        if is_main:
-            families.save_pretrained(model, folder, state_dict=state_dict, max_shard_size=max_shard_size)
     else:
         write_full_model(model, folder, is_main, max_shard_size)
         if is_main:  # a remote-code family's published config.json back (automodel/models/families)

@@ -1,16 +1,18 @@
 """The configured model, built so that no process holds more of it than its share.
 
 `build_model(cfg, parallel)` needs no recipe and no process group (`automodel export` calls it with
-`parallel=None`). For a safetensors checkpoint (the hub's layouts) it:
+`parallel=None`). For a checkpoint folder (safetensors in the hub's layouts, or `.bin` pickles that load with
+`weights_only`) it:
   1. builds the model from its config on the meta device (no memory),
   2. applies LoRA there (the adapters' initial values are recomputed exactly as peft drew them),
   3. applies the parallel plan that splits parameters (tensor parallel, FSDP2),
-  4. allocates only this process's shards and reads them from the checkpoint (models/materialize.py),
+  4. allocates only this process's shards and reads them from the checkpoint: by torch.distributed.checkpoint when
+     the checkpoint's names are the model's (models/materialize.py), else one conversion group at a time through
+     transformers' own conversions (models/conversion.py: fused MoE experts, the remote-code families' layouts),
   5. computes the buffers the checkpoint does not store and wraps DDP last (it needs real parameters).
-Other sources (a custom `model._target_`, a GGUF file, `.bin` weights, names transformers converts on load) load whole
-through transformers in each process, as one info line says; so do a QLoRA base, which bitsandbytes
-quantises as it loads, and a DoRA run, whose magnitudes peft computes from the loaded weights.
-"""
+Other sources (a custom `model._target_`, a GGUF file, a quantised checkpoint) load whole through transformers in
+each process, as one info line says; so do a QLoRA base, which bitsandbytes quantises as it loads onto each GPU, and
+a DoRA run, whose magnitudes peft computes from the loaded weights."""
 
 from __future__ import annotations
 
@@ -24,9 +26,11 @@ from torch import nn
 from automodel.config import TargetPolicy, build, parse_section
 from automodel.errors import UserError
 from automodel.models import attention, families
-from automodel.models.loader import MODEL_KEY, model_error, parse_dtype, resolve_model_folder
+from automodel.models.loader import model_error, parse_dtype, resolve_model_folder
+from automodel.models.conversion import check_converted, load_converted_weights
 from automodel.models.materialize import (
     check_materialized,
+    checkpoint_targets,
     fill_from_full,
     init_non_persistent_buffers,
     load_checkpoint_weights,
@@ -34,7 +38,7 @@ from automodel.models.materialize import (
     loaded_names,
 )
 from automodel.models.unwrap import transformers_model
-from automodel.models.weights import check_bin_files, check_matches_model, find_safetensors
+from automodel.models.weights import WeightFiles, check_matches_model, find_bin, find_safetensors
 from automodel.peft import LoraSettings
 
 logger = logging.getLogger("automodel")
@@ -68,13 +72,11 @@ def build_model(cfg: dict[str, Any], parallel=None, device: torch.device | None 
     elif node["_target_"] == LOAD_CAUSAL_LM and not node.get("gguf_file"):
         options = {k: v for k, v in node.items() if k != "_target_"}
         folder = resolve_model_folder(options.get("pretrained_model_name_or_path"), options.get("revision"))
-        checkpoint = find_safetensors(folder)
-        if checkpoint is not None:
-            model = build_on_meta(options, checkpoint, lora, parallel, device)
+        weights = find_safetensors(folder) or find_bin(folder)
+        if weights is not None:
+            model = build_on_meta(options, weights, lora, parallel, device)
             if model is not None:
                 return model
-        elif check_bin_files(folder):
-            logger.info("model: %s holds .bin weights: each process loads the whole model", folder)
     return build_in_full(node, lora, parallel, device, policy)
 
 
@@ -104,28 +106,31 @@ def build_quantized(node: dict[str, Any], lora: LoraSettings, parallel, device: 
 
 def meta_model(options: dict[str, Any], folder: Path) -> nn.Module | None:
     """The model of the folder's config (with the section's overrides), its parameters on the meta device; None
-    for a remote-code family whose weights transformers converts on load (automodel/models/families)."""
+    for a checkpoint transformers quantises or dequantises as it loads (a `quantization_config`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     overrides = {k: v for k, v in options.items() if k not in LOADER_OPTIONS}
     trust = bool(options.get("trust_remote_code", False))
     attn = options.get("attn_implementation")
+    dtype = parse_dtype(options.get("dtype", "float32"))
     if attn == attention.AUTOMODEL_SDPA:
         attention.register()
     try:
-        family = families.meta_config(folder, trust, overrides)
-        if family is None:
-            return None
-        config, published = family
+        config, published, family_class = families.meta_config(folder, trust, overrides)
         if config is None:
             config, unused = AutoConfig.from_pretrained(folder, trust_remote_code=trust, return_unused_kwargs=True,
                                                         **overrides)
             if unused:  # transformers would drop them; the whole-model load refuses them too
                 raise UserError(f"model.{next(iter(unused))}: {type(config).__name__} has no such setting; remove "
                                 "the key or name one of the model config's fields")
+        if getattr(config, "quantization_config", None) is not None:
+            return None
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=parse_dtype(options.get("dtype", "float32")),
-                                                     attn_implementation=attn, trust_remote_code=trust)
+            if family_class is not None:
+                model = family_class._from_config(config, dtype=dtype, attn_implementation=attn)
+            else:
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn,
+                                                         trust_remote_code=trust)
     except (OSError, ValueError) as err:
         raise model_error(str(folder), err) from err
     if published is not None:
@@ -135,22 +140,23 @@ def meta_model(options: dict[str, Any], folder: Path) -> nn.Module | None:
     return model
 
 
-def build_on_meta(options: dict[str, Any], checkpoint, lora: LoraSettings | None, parallel,
+def build_on_meta(options: dict[str, Any], weights: WeightFiles, lora: LoraSettings | None, parallel,
                   device: torch.device) -> nn.Module | None:
-    """Steps 1-5 of the module docstring; None when the checkpoint's names need transformers' conversion."""
-    model = meta_model(options, checkpoint.folder)
+    """Steps 1-5 of the module docstring; None for a quantised checkpoint (transformers' loading reads those)."""
+    model = meta_model(options, weights.folder)
     if model is None:
-        logger.info("model: %s's weights are converted on load: each process loads the whole model",
-                    checkpoint.folder)
+        logger.info("model: %s is quantised (quantization_config): each process loads the whole model through "
+                    "transformers", weights.folder)
         return None
     wanted = loaded_names(model)
-    if set(wanted) - set(checkpoint.tensors) and set(checkpoint.tensors) - set(wanted):
-        logger.info("model: the checkpoint's tensor names differ from %s's (transformers converts them on load): "
-                    "each process loads the whole model", type(model).__name__)
-        return None
-    check_matches_model(checkpoint, wanted)
-    logger.info("model: built on the meta device; each process reads its shard of %s (%d files)",
-                checkpoint.folder, len(checkpoint.files))
+    same_names = weights.format == "safetensors" and set(wanted) <= set(weights.tensors)
+    if same_names:
+        check_matches_model(weights, wanted)
+    else:  # names transformers converts (fused experts, a family's layout) or .bin pickles: read group by group
+        check_converted(model, weights, wanted)
+    logger.info("model: built on the meta device; each process reads its shard of %s (%d %sfiles%s)",
+                weights.folder, len(weights.files), ".bin " if weights.format == "bin" else "",
+                "" if same_names else ", one conversion group at a time")
     lora_values = {}
     if lora is not None:
         rng_before = torch.get_rng_state()
@@ -161,7 +167,12 @@ def build_on_meta(options: dict[str, Any], checkpoint, lora: LoraSettings | None
     model.to_empty(device=device)
     hf = transformers_model(model)
     hf.tie_weights()
-    load_checkpoint_weights(model, checkpoint.folder, set(wanted), peft=lora is not None)
+    if same_names:
+        load_checkpoint_weights(model, weights.folder, set(wanted), peft=lora is not None)
+    else:
+        unused = load_converted_weights(model, hf, weights, checkpoint_targets(model, set(wanted), lora is not None))
+        if unused:
+            logger.info("model: %d checkpoint tensors load into no parameter (first: %s)", len(unused), unused[0])
     fill_from_full(model, lora_values)
     init_non_persistent_buffers(hf)
     check_materialized(model)

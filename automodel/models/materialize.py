@@ -8,6 +8,8 @@ into the parameter, casting bf16/fp16 storage to the training dtype on the way. 
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -15,8 +17,9 @@ PEFT_PREFIX = "base_model.model."
 
 
 def checkpoint_name(name: str, peft: bool) -> str:
-    """The safetensors name of a model state-dict entry: peft's wrapper adds a prefix and `.base_layer`."""
-    return name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".") if peft else name
+    """The safetensors name of a model state-dict entry: peft's wrapper adds a prefix and `.base_layer` (twice for a
+    module with two adapted parameters, such as fused experts' gate_up_proj and down_proj)."""
+    return re.sub(r"(\.base_layer)+\.", ".", name.removeprefix(PEFT_PREFIX)) if peft else name
 
 
 def loaded_names(model: nn.Module) -> dict[str, tuple[tuple[int, ...], bool]]:
@@ -34,17 +37,17 @@ def lora_initial_values(model: nn.Module, rng_before: torch.Tensor) -> dict[str,
     """The values peft gave the adapters when it applied them to the meta model (peft moved them to the meta
     device, so they are recomputed): the same draws from the same generator state, in the same order as peft's
     `update_layer` made them (lora_A's and lora_B's nn.Linear init, then `reset_lora_parameters` with the adapter's
-    `init_lora_weights`), rounded
-    through the base layer's dtype as peft's move to it does. Full-size CPU tensors (rank x features: small)."""
+    `init_lora_weights`), rounded through the base layer's dtype as peft's move to it does. Full-size CPU tensors
+    (rank x features: small)."""
     from peft.tuners.lora import LoraLayer
 
     rng_after = torch.get_rng_state()
     torch.set_rng_state(rng_before)
     values = {}
-    for name, layer in model.named_modules():
-        if not isinstance(layer, LoraLayer):
-            continue
-        base_dtype = layer.get_base_layer().weight.dtype
+    for name, layer in lora_layers_in_creation_order(model, LoraLayer):
+        # peft's ParamWrapper (LoRA on a fused expert parameter) names its base tensor; other layers wrap a weight
+        base = layer.get_param() if hasattr(layer, "get_param") else layer.get_base_layer().weight
+        base_dtype = base.dtype
         for adapter in layer.lora_A:
             parts = {"lora_A": layer.lora_A[adapter], "lora_B": layer.lora_B[adapter]}
             dtypes = {part: module.weight.dtype for part, module in parts.items()}
@@ -65,11 +68,8 @@ def lora_initial_values(model: nn.Module, rng_before: torch.Tensor) -> dict[str,
     return values
 
 
-def load_checkpoint_weights(model: nn.Module, folder, wanted: set[str], peft: bool) -> None:
-    """Every process reads its own slices of the checkpoint's tensors into its (possibly sharded) parameters."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
+def checkpoint_targets(model: nn.Module, wanted: set[str], peft: bool) -> dict[str, torch.Tensor]:
+    """{checkpoint name: this process's tensor (a DTensor when sharded)} for every tensor the checkpoint fills."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     targets = {}
@@ -80,23 +80,45 @@ def load_checkpoint_weights(model: nn.Module, folder, wanted: set[str], peft: bo
     missing = wanted - set(targets)
     if missing:
         raise RuntimeError(f"model parameters not found after wrapping: {sorted(missing)[:3]}")
+    return targets
+
+
+def lora_layers_in_creation_order(module: nn.Module, lora_layer: type, prefix: str = ""):
+    """(name, layer) of each LoRA layer in the order peft created them: the modules' order, except that a layer
+    wrapping another (two adapted parameters of one fused-experts module) was created after the one it wraps."""
+    for child_name, child in module.named_children():
+        yield from lora_layers_in_creation_order(child, lora_layer, f"{prefix}{child_name}.")
+    if isinstance(module, lora_layer):
+        yield prefix.removesuffix("."), module
+
+
+def load_checkpoint_weights(model: nn.Module, folder, wanted: set[str], peft: bool) -> None:
+    """Every process reads its own slices of the checkpoint's tensors into its (possibly sharded) parameters."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    targets = checkpoint_targets(model, wanted, peft)
     dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=not dist.is_initialized())
+
+
+@torch.no_grad()
+def copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into `target`, which keeps only its own shard of it when it is a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor):
+        shard = distribute_tensor(full.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+        target.to_local().copy_(shard.to_local())
+    else:
+        target.copy_(full)
 
 
 def fill_from_full(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
     """Copy full tensors into the parameters of those names, each process keeping its own shard of them."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     params = dict(model.named_parameters())
     for name, full in values.items():
-        param = params[name]
-        with torch.no_grad():
-            if isinstance(param, DTensor):
-                shard = distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
-                                          src_data_rank=None)
-                param.to_local().copy_(shard.to_local())
-            else:
-                param.copy_(full)
+        copy_into(params[name], full)
 
 
 def init_non_persistent_buffers(base_model: nn.Module) -> None:

@@ -4,8 +4,9 @@ Two safetensors layouts are read: one `model.safetensors`, or shards `model-0000
 `model.safetensors.index.json`. Each file's header is read (the JSON the format puts before the data: names,
 dtypes, shapes) to catch a checkpoint that cannot load, with one line naming the file and tensor, before any
 process allocates memory: shards and index that disagree, a missing shard, a dtype no float parameter can be read
-from, a shape the model does not have. `.bin` pickles are accepted only when `torch.load(weights_only=True)` reads
-them (no code runs on load).
+from, a shape the model does not have. `.bin` pickles (`pytorch_model.bin` or shards with their index) are accepted
+only when `torch.load(weights_only=True)` reads them (no code runs on load); they are memory-mapped, so listing
+their tensors reads no data.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from automodel.errors import UserError
 
 SAFE_SINGLE = "model.safetensors"
@@ -23,6 +26,10 @@ BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 # safetensors dtype names a floating-point parameter can be filled from (a copy casts to the training dtype).
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+SAFE_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+               torch.bool: "BOOL"}
+TORCH_DTYPES = {name: dtype for dtype, name in SAFE_DTYPES.items()}
 HEADER_LIMIT = 100_000_000  # safetensors' own limit on the JSON header
 
 
@@ -34,12 +41,13 @@ class TensorEntry:
 
 
 @dataclass
-class SafetensorsCheckpoint:
-    """A model folder's safetensors files and every tensor in them (from their headers)."""
+class WeightFiles:
+    """A model folder's weight files and every tensor in them (from safetensors headers or mmapped pickles)."""
 
     folder: Path
     files: list[Path]
     tensors: dict[str, TensorEntry] = field(default_factory=dict)
+    format: str = "safetensors"  # or "bin"
 
 
 def read_header(path: Path) -> dict:
@@ -75,7 +83,7 @@ def _shard_files(folder: Path) -> list[Path]:
     return [folder / name for name in files]
 
 
-def find_safetensors(folder: Path) -> SafetensorsCheckpoint | None:
+def find_safetensors(folder: Path) -> WeightFiles | None:
     """The folder's safetensors checkpoint with every tensor's file, dtype and shape; None when it has none."""
     if (folder / SAFE_INDEX).is_file():
         files = _shard_files(folder)
@@ -84,7 +92,7 @@ def find_safetensors(folder: Path) -> SafetensorsCheckpoint | None:
         files, expected = [folder / SAFE_SINGLE], None
     else:
         return None
-    checkpoint = SafetensorsCheckpoint(folder, files)
+    checkpoint = WeightFiles(folder, files)
     for path in files:
         for name, info in read_header(path).items():
             if name in checkpoint.tensors:
@@ -101,7 +109,7 @@ def find_safetensors(folder: Path) -> SafetensorsCheckpoint | None:
     return checkpoint
 
 
-def check_matches_model(checkpoint: SafetensorsCheckpoint, wanted: dict[str, tuple[tuple[int, ...], bool]]) -> None:
+def check_matches_model(checkpoint: WeightFiles, wanted: dict[str, tuple[tuple[int, ...], bool]]) -> None:
     """Every tensor the model loads is present with its shape and a readable dtype. `wanted`: {name: (shape,
     is floating point)}."""
     for name, (shape, floating) in wanted.items():
@@ -117,21 +125,43 @@ def check_matches_model(checkpoint: SafetensorsCheckpoint, wanted: dict[str, tup
                             f"config gives {list(shape)}")
 
 
-def check_bin_files(folder: Path) -> bool:
-    """True when the folder holds `.bin` weights, each loadable with `weights_only=True`; a UserError otherwise
-    names the first file that is not."""
-    import torch
-
+def _bin_files(folder: Path) -> list[Path]:
     if (folder / BIN_INDEX).is_file():
-        names = sorted(set(json.loads((folder / BIN_INDEX).read_text()).get("weight_map", {}).values()))
-    elif (folder / BIN_SINGLE).is_file():
-        names = [BIN_SINGLE]
-    else:
-        return False
-    for name in names:
         try:
-            torch.load(folder / name, weights_only=True, mmap=True, map_location="cpu")
-        except Exception as err:  # any failure means the pickle needs more than tensors: refuse it
-            raise UserError(f"model weights: {folder / name} does not load with weights_only=True "
-                            f"({type(err).__name__}); convert it to safetensors") from err
-    return True
+            weight_map = json.loads((folder / BIN_INDEX).read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UserError(f"model weights: {folder / BIN_INDEX} is not a weights index (expected a weight_map)"
+                            ) from err
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not (folder / name).is_file():
+                raise UserError(f"model weights: {folder / name} is missing (listed in {folder / BIN_INDEX})")
+        return [folder / name for name in names]
+    return [folder / BIN_SINGLE] if (folder / BIN_SINGLE).is_file() else []
+
+
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A `.bin` file's tensors, memory-mapped; a UserError when it needs more than `weights_only` allows."""
+    try:
+        state = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+    except Exception as err:  # any failure means the pickle needs more than tensors: refuse it
+        raise UserError(f"model weights: {path} does not load with weights_only=True ({type(err).__name__}); "
+                        "convert it to safetensors") from err
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise UserError(f"model weights: {path} is not a state dict of tensors; convert it to safetensors")
+    return state
+
+
+def find_bin(folder: Path) -> WeightFiles | None:
+    """The folder's `.bin` weights, each file checked to load with `weights_only=True`; None when it has none."""
+    files = _bin_files(folder)
+    if not files:
+        return None
+    weights = WeightFiles(folder, files, format="bin")
+    for path in files:
+        for name, tensor in load_bin(path).items():
+            if name in weights.tensors:
+                raise UserError(f"model weights: {name} is in both {weights.tensors[name].file} and {path}")
+            weights.tensors[name] = TensorEntry(path, SAFE_DTYPES.get(tensor.dtype, str(tensor.dtype)),
+                                                tuple(tensor.shape))
+    return weights

@@ -18,13 +18,14 @@ from transformers import AutoModelForCausalLM
 
 from automodel.checkpoint import write_hf_model
 from automodel.errors import UserError
-from automodel.models import load_tokenizer
+from automodel.models import families, load_tokenizer
 from automodel.models.build import build_in_full, build_model, lora_settings, model_section
-from automodel.models.registry import native_rows
+from automodel.models.registry import family_rows, native_rows
 from tests.conftest import REPO_ROOT, STORIES
 from tests.distributed_helpers import clean_env
 from tests.helpers import tiny_squad_config
-from tests.models.tiny import write_tiny_checkpoint
+from tests.models.published import VARIANTS, variant_row, write_published_checkpoint
+from tests.models.tiny import shared_tokenizer, write_tiny_checkpoint
 
 LORA = {"target_modules": "all-linear", "dim": 8, "alpha": 32}
 
@@ -213,20 +214,76 @@ def test_sharded_model_folder_loads_unchanged(tmp_path):
 # checkpoint names transformers converts (MoE experts fused; Exaone's renamed modules). All 37 pass; the subset
 # keeps the suite short.
 ARCHITECTURES = ("BambaForCausalLM", "Gemma3ForCausalLM", "Gemma2ForCausalLM", "GPTNeoXForCausalLM",
-                 "FalconForCausalLM", "MiniCPM3ForCausalLM", "MixtralForCausalLM", "ExaoneForCausalLM")
+                 "FalconForCausalLM", "MiniCPM3ForCausalLM", "MixtralForCausalLM", "ExaoneForCausalLM",
+                 "DeepseekV3ForCausalLM")
 
 
 @pytest.mark.parametrize("row", [r for r in native_rows() if r.architecture in ARCHITECTURES],
                          ids=lambda row: row.test_id)
-def test_architectures_build_the_same_on_the_meta_device(row, tmp_path):
-    """An architecture's tiny checkpoint: the meta build (or, for checkpoints whose names transformers converts,
-    the whole-model load it hands over to) equals the whole-model load, LoRA included."""
+def test_architectures_build_the_same_on_the_meta_device(row, tmp_path, caplog):
+    """An architecture's tiny checkpoint: the meta build equals the whole-model load, LoRA included; checkpoints
+    whose names transformers converts (Mixtral's per-expert tensors, Exaone's names) are read group by group."""
     folder = write_tiny_checkpoint(row, tmp_path / "model")
-    full, full_rng, meta, meta_rng = both_builds({"model": {"pretrained_model_name_or_path": str(folder)},
-                                                  "peft": {"target_modules": "all-linear", "dim": 4}})
+    with caplog.at_level(logging.INFO, logger="automodel"):
+        full, full_rng, meta, meta_rng = both_builds({"model": {"pretrained_model_name_or_path": str(folder)},
+                                                      "peft": {"target_modules": "all-linear", "dim": 4}})
+    assert "built on the meta device" in caplog.text
+    converted = row.architecture in ("MixtralForCausalLM", "ExaoneForCausalLM", "DeepseekV3ForCausalLM")
+    assert ("one conversion group at a time" in caplog.text) == converted
     want, got = full.state_dict(), meta.state_dict()
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want), [k for k in want if not torch.equal(want[k], got[k])]
     buffers = dict(meta.named_buffers())
     assert all(torch.equal(b, buffers[n]) for n, b in full.named_buffers() if not b.is_meta)
     assert torch.equal(full_rng, meta_rng)
+
+
+FAMILY_ROWS = {**{row.published_type: row for row in family_rows()}, **{name: variant_row(name) for name in VARIANTS}}
+
+
+@pytest.mark.parametrize("row", FAMILY_ROWS.values(), ids=FAMILY_ROWS.keys())
+def test_remote_code_families_build_the_same_on_the_meta_device(row, tmp_path, caplog):
+    """A remote-code family's published checkpoint (its own names: W_pack, wqkv, ChatGLM's layout, per-expert MoE
+    tensors) builds on the meta device through transformers' conversions, equal to the whole-model load."""
+    folder = write_published_checkpoint(row, tmp_path / "published")
+    with caplog.at_level(logging.INFO, logger="automodel"):
+        full, full_rng, meta, meta_rng = both_builds({"model": {"pretrained_model_name_or_path": str(folder)},
+                                                      "peft": {"target_modules": "all-linear", "dim": 4}})
+    assert "built on the meta device" in caplog.text
+    assert type(meta.get_base_model()) is type(full.get_base_model())
+    want, got = full.state_dict(), meta.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want), [k for k in want if not torch.equal(want[k], got[k])]
+    buffers = dict(meta.named_buffers())
+    assert all(torch.equal(b, buffers[n]) for n, b in full.named_buffers() if not b.is_meta)
+    assert torch.equal(full_rng, meta_rng)
+
+
+def saved_tensors_of(folder) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+@pytest.mark.parametrize("name", ["MixtralForCausalLM", "internlm2", "chatglm", "deepseek-moe"])
+def test_converted_names_are_written_back_group_by_group(name, tmp_path, caplog):
+    """The `model/` writer turns fused experts and a family's native modules back into the checkpoint's names one
+    conversion group at a time: the same tensors and config.json as transformers' save_pretrained writes."""
+    if name in VARIANTS:
+        row = variant_row(name)
+    else:
+        row = next(r for r in [*native_rows(), *family_rows()] if name in (r.architecture, r.published_type))
+    write = write_tiny_checkpoint if row in native_rows() else write_published_checkpoint
+    source = write(row, tmp_path / "source")
+    model = build_model({"model": {"pretrained_model_name_or_path": str(source)}})
+    write_hf_model(model, shared_tokenizer(name=row.tokenizer), tmp_path / "ours", max_shard_size="20KB")
+    families.save_pretrained(model, tmp_path / "theirs")
+    ours, theirs = saved_tensors_of(tmp_path / "ours"), saved_tensors_of(tmp_path / "theirs")
+    assert len(list((tmp_path / "ours").glob("model-*.safetensors"))) > 1
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert set(ours) <= set(load_file(source / "model.safetensors")) or row in native_rows()
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config == json.loads((tmp_path / "theirs" / "config.json").read_text())
+    reloaded = build_model({"model": {"pretrained_model_name_or_path": str(tmp_path / "ours")}})
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))

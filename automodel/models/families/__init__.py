@@ -92,18 +92,18 @@ def native_config(published: dict[str, Any], source: str):
 
 
 def meta_config(folder: Path, trust_remote_code: bool, config_overrides: dict[str, Any]):
-    """For the meta-device build (automodel/models/build.py): `(native config, published config.json)` of a
-    config-only family, `(None, None)` for a checkpoint of no family here, and `None` for a family whose weights
-    transformers converts on load (the whole-model load reads those)."""
+    """For the meta-device build (automodel/models/build.py): `(native config, published config.json, class)` of a
+    checkpoint of a family here (class None: the config-only route, built by transformers' Auto class), and
+    `(None, None, None)` for a checkpoint of no family here."""
     from transformers import PretrainedConfig
 
     published, _ = PretrainedConfig.get_config_dict(str(folder))
     family = FAMILIES.get(published.get("model_type"))
     if family is None or trust_remote_code:
-        return None, None
-    if class_name(family, published) is not None:
-        return None
-    return with_overrides(native_config(published, str(folder)), family, config_overrides), published
+        return None, None, None
+    config = with_overrides(native_config(published, str(folder)), family, config_overrides)
+    cls = model_class(family, published) if class_name(family, published) is not None else None
+    return config, published, cls
 
 
 def with_overrides(config, family: Family, config_overrides: dict[str, Any]):
