@@ -163,6 +163,22 @@ def key_positions(attention_mask, position_ids, key_count: int) -> torch.Tensor:
     return torch.arange(key_count, device=position_ids.device).expand(position_ids.shape[0], -1)
 
 
+class Phi3SmallRotaryEmbedding(LlamaRotaryEmbedding):
+    """transformers' rotary for the config's `rope_parameters`: plain (8k checkpoints) or "longrope" (128k: the
+    short factors while the longest position + 1 is at most original_max_position_embeddings, the long ones beyond,
+    as the published code picks them by the sequence length). transformers' longrope scales cos/sin by one
+    attention factor in both regimes; a 128k config that gives each regime its own (`short_mscale`,
+    `long_mscale`: the native config's `longrope_mscales`) gets that regime's scale here, picked by the same test."""
+
+    def forward(self, x, position_ids):
+        mscales = getattr(self.config, "longrope_mscales", None)
+        if mscales is not None:
+            longest = position_ids.max() + 1
+            long = longest > self.config.rope_parameters["original_max_position_embeddings"]
+            self.attention_scaling = torch.where(long, mscales[1], mscales[0])  # a tensor: no host sync
+        return super().forward(x, position_ids)
+
+
 class Phi3SmallModel(LlamaModel):
     def __init__(self, config):
         LlamaPreTrainedModel.__init__(self, config)
@@ -171,7 +187,7 @@ class Phi3SmallModel(LlamaModel):
         self.embedding_dropout = nn.Dropout(config.embedding_dropout_prob)
         self.layers = nn.ModuleList(Phi3SmallDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.rotary_emb = Phi3SmallRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
 
