@@ -18,7 +18,12 @@ configuration_phi3_small.py; docs/supported_models.md):
 - embeddings x `mup_embedding_multiplier`, logits / `mup_width_multiplier` (done here to the last hidden state:
   lm_head has no bias, so it is the same product), lm_head tied to the embeddings;
 - dropout on the embeddings (`embedding_dropout_prob`, before the multiplier) and on the MLP output
-  (`ffn_dropout_prob`) in training, as the published code applies them.
+  (`ffn_dropout_prob`) in training, as the published code applies them;
+- rotary of base `rope_embedding_base`; the 128k checkpoints' LongRoPE (`rope_scaling` type "su") divides each
+  frequency by its short factor while the sequence fits in `original_max_position_embeddings` and by its long
+  factor beyond, and scales cos/sin (Phi3SmallRotaryEmbedding). The published code picks the regime by the
+  sequence length it sees, which in training it pads to a multiple of 64: the same regime for an original length
+  that is a multiple of 64 (8192 in the published checkpoints).
 Weight names are the published ones, so loading and saving need no conversion.
 """
 
