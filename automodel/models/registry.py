@@ -312,17 +312,23 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "a small native module (automodel/models/families/phi3small.py) on LlamaForCausalLM under the published "
             "weight names: head-major fused `query_key_value` (biased), block-sparse attention on the layers "
             "`dense_attention_every_n_layers` does not make dense, as an exact mask over dense scores (eager/sdpa), "
-            "gegelu MLP, biased LayerNorms, muP embedding/attention/logit scalings",
+            "gegelu MLP, biased LayerNorms, muP embedding/attention/logit scalings; the 128k checkpoints' LongRoPE "
+            "`rope_scaling` (type \"su\": per-frequency `short_factor`/`long_factor`, "
+            "`original_max_position_embeddings`, `short_mscale`/`long_mscale`) is transformers' \"longrope\" rotary, "
+            "with each regime's own cos/sin scale where the config gives one",
             lora_targets=("query_key_value", "dense", "up_proj", "down_proj"),
             notes="block-sparse layers compute the dense score matrix and mask it (exact; the published Triton "
                   "kernel skips the masked blocks), so they cost what dense layers cost, hold a batch x heads x "
                   "tokens x tokens boolean mask (a padding-free row: its whole length squared) and need eager or sdpa "
                   "attention (flash and flex attention are refused at load); the published code's -inf logits for its "
                   "tokenizer's unused ids (`dummy_token_indices`, from its remote tokenizer, not config.json) are "
-                  "not applied; reference forward and padding/cache checks: tests/models/test_family_phi3small.py "
-                  "(vLLM 0.32 dropped Phi3SmallForCausalLM after 0.9.2, so there is no vLLM comparison)",
-            untested_variants="Phi-3-small-128k (`rope_scaling`: LongRoPE \"su\" factors with their own mscales) "
-                              "is not implemented: its config stops with a one-line error naming `rope_scaling`",
+                  "not applied; LongRoPE picks the short or long factors by the longest position + 1 in the batch "
+                  "(transformers), the published code by the padded sequence length: the same for unpadded and "
+                  "right-padded batches, not for left-padded ones that cross original_max_position_embeddings; "
+                  "other `rope_scaling` types stop with one line; reference forward and padding/cache checks: "
+                  "tests/models/test_family_phi3small.py, Phi-3-small-128k (both LongRoPE regimes, LoRA, SFT, "
+                  "round trip): tests/models/test_family_phi3small_128k.py (vLLM 0.32 dropped "
+                  "Phi3SmallForCausalLM after 0.9.2, so there is no vLLM comparison)",
             num_hidden_layers=2, hidden_size=64, ff_intermediate_size=128, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, hidden_act="gegelu", gegelu_limit=0.5,
             gegelu_pad_to_256=True, ff_dim_multiplier=None, blocksparse_homo_head_pattern=False,

@@ -34,7 +34,8 @@ AUTO_MAP = {
     "jais": ("configuration_jais.JAISConfig", "modeling_jais.JAISLMHeadModel"),
 }
 # Published variants of family rows beyond each row's own tiny checkpoint: (row, config fields over its tiny ones).
-# Used by tests/models/test_family_baichuan2_deepseek_moe.py and scripts/check_families_against_vllm.py.
+# Used by tests/models/test_family_baichuan2_deepseek_moe.py, tests/models/test_family_phi3small_128k.py and
+# scripts/check_families_against_vllm.py.
 VARIANTS = {
     # Baichuan2-7B's config.json: its own architectures entry and auto_map, model_max_length, z_loss_weight.
     "baichuan2": ("BaiChuanForCausalLM", {
@@ -46,6 +47,14 @@ VARIANTS = {
         "n_routed_experts": 4, "n_shared_experts": 1, "moe_intermediate_size": 32, "num_experts_per_tok": 2,
         "first_k_dense_replace": 1, "moe_layer_freq": 1, "scoring_func": "softmax", "norm_topk_prob": True,
         "aux_loss_alpha": 0.001, "seq_aux": True, "num_key_value_heads": 4}),  # as many as heads, like 16b
+    # Phi-3-small-128k's fields, tiny: LongRoPE ("su") over an original length of 16 positions, so that short
+    # sequences exercise both regimes; one distinct factor per rotary frequency (head_dim 16: 8 of them) and each
+    # regime's own cos/sin scale, as Phi-3-small-128k's config.json gives them.
+    "phi3small-128k": ("Phi3SmallForCausalLM", {
+        "max_position_embeddings": 256, "original_max_position_embeddings": 16, "rope_scaling": {
+            "type": "su", "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.35, 1.6, 2.0],
+            "long_factor": [1.0, 1.3, 2.1, 3.4, 5.5, 8.9, 14.4, 23.3], "short_mscale": 1.0, "long_mscale": 1.19,
+            "original_max_position_embeddings": 16}}),
 }
 
 

@@ -9,7 +9,8 @@ The reference forward below is written from the published description, not from 
   and the published weight names/shapes (head-major `query_key_value`: per key/value head its query heads, then
   its key head, then its value head; interleaved gate/linear columns of `up_proj`).
 The block-sparse pattern is derived here token pair by token pair (`visible`), independently of the module's
-vectorised mask. LoRA and full SFT steps run for this row in tests/models/test_architectures.py, padding-free
+vectorised mask; the 128k checkpoints' LongRoPE rotary (`rotate_published`, its sources there) serves
+tests/models/test_family_phi3small_128k.py. LoRA and full SFT steps run for this row in tests/models/test_architectures.py, padding-free
 batches in tests/models/test_padding_free.py and 2-process FSDP2 in tests/models/test_fsdp2_architectures.py.
 """
 
@@ -48,6 +49,29 @@ def visible(config: dict, head: int, query: int, key: int) -> bool:
     return (key_block + head * shift) % stride == stride - 1
 
 
+def rotate_published(x: torch.Tensor, config: dict) -> torch.Tensor:
+    """Phi-3-Small's rotary on (heads, tokens, head_dim), base `rope_embedding_base`. With `rope_scaling` (the 128k
+    checkpoints' LongRoPE, type "su": LongRoPE paper, arXiv 2402.13753, section 3, and the field names of the
+    published config.json), frequency i = base^(-2i/d) is divided by its own factor: `short_factor[i]` while the
+    sequence (cache included) is at most `original_max_position_embeddings` tokens long, `long_factor[i]` beyond;
+    cos and sin are multiplied by that regime's `short_mscale` / `long_mscale` where the config gives them, else
+    by sqrt(1 + ln(s) / ln(original)), s = max_position_embeddings / original (LongRoPE's attention scaling)."""
+    scaling = config.get("rope_scaling")
+    if scaling is None:
+        return rotate(x, config["rope_embedding_base"])
+    tokens, dim = x.shape[-2], x.shape[-1]
+    original = scaling.get("original_max_position_embeddings", config.get("original_max_position_embeddings"))
+    regime = "long" if tokens > original else "short"
+    factors = torch.tensor(scaling[f"{regime}_factor"], dtype=torch.float64)
+    ratio = config["max_position_embeddings"] / original
+    mscale = scaling.get(f"{regime}_mscale", math.sqrt(1 + math.log(ratio) / math.log(original)))
+    frequencies = 1 / (factors * config["rope_embedding_base"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    angles = torch.arange(tokens, dtype=torch.float64)[:, None] * frequencies
+    cos, sin = angles.cos() * mscale, angles.sin() * mscale
+    first, second = x[..., : dim // 2], x[..., dim // 2:]
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+
+
 def layer_norm(x, w, name, eps):
     return torch.nn.functional.layer_norm(x, x.shape[-1:], w[f"{name}.weight"], w[f"{name}.bias"], eps)
 
@@ -71,7 +95,7 @@ def reference_logits(config: dict, weights: dict, ids: torch.Tensor, sparse: boo
         groups = qkv.view(tokens, kv_heads, heads // kv_heads + 2, head_dim)
         q = groups[:, :, :-2].reshape(tokens, heads, head_dim).transpose(0, 1)
         k, v = groups[:, :, -2].transpose(0, 1), groups[:, :, -1].transpose(0, 1)
-        q, k = rotate(q, config["rope_embedding_base"]), rotate(k, config["rope_embedding_base"])
+        q, k = rotate_published(q, config), rotate_published(k, config)
         k, v = k.repeat_interleave(heads // kv_heads, 0), v.repeat_interleave(heads // kv_heads, 0)
         dense_layer = (i + 1) % config["dense_attention_every_n_layers"] == 0
         allowed = causal if dense_layer or not sparse else pattern
@@ -196,10 +220,7 @@ def with_fields(tmp_path, **fields):
     return folder
 
 
-LONGROPE = {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8, "short_mscale": 1.0,
-            "long_mscale": 1.19, "original_max_position_embeddings": 128}
-UNSUPPORTED = [
-    ({"rope_scaling": LONGROPE}, "'rope_scaling' = {'type': 'su'"),
+UNSUPPORTED = [  # rope_scaling (LongRoPE and others): tests/models/test_family_phi3small_128k.py
     ({"hidden_act": "gelu"}, "'hidden_act' = 'gelu' is not supported"),
     ({"ff_dim_multiplier": 2, "ff_intermediate_size": None}, "'ff_dim_multiplier' = 2 is not supported"),
     ({"rope_position_scale": 2.0}, "'rope_position_scale' = 2.0 is not supported"),

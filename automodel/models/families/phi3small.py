@@ -18,7 +18,12 @@ configuration_phi3_small.py; docs/supported_models.md):
 - embeddings x `mup_embedding_multiplier`, logits / `mup_width_multiplier` (done here to the last hidden state:
   lm_head has no bias, so it is the same product), lm_head tied to the embeddings;
 - dropout on the embeddings (`embedding_dropout_prob`, before the multiplier) and on the MLP output
-  (`ffn_dropout_prob`) in training, as the published code applies them.
+  (`ffn_dropout_prob`) in training, as the published code applies them;
+- rotary of base `rope_embedding_base`; the 128k checkpoints' LongRoPE (`rope_scaling` type "su") divides each
+  frequency by its short factor while the sequence fits in `original_max_position_embeddings` and by its long
+  factor beyond, and scales cos/sin (Phi3SmallRotaryEmbedding). The published code picks the regime by the
+  sequence length it sees, which in training it pads to a multiple of 64: the same regime for an original length
+  that is a multiple of 64 (8192 in the published checkpoints).
 Weight names are the published ones, so loading and saving need no conversion.
 """
 
@@ -163,6 +168,22 @@ def key_positions(attention_mask, position_ids, key_count: int) -> torch.Tensor:
     return torch.arange(key_count, device=position_ids.device).expand(position_ids.shape[0], -1)
 
 
+class Phi3SmallRotaryEmbedding(LlamaRotaryEmbedding):
+    """transformers' rotary for the config's `rope_parameters`: plain (8k checkpoints) or "longrope" (128k: the
+    short factors while the longest position + 1 is at most original_max_position_embeddings, the long ones beyond,
+    as the published code picks them by the sequence length). transformers' longrope scales cos/sin by one
+    attention factor in both regimes; a 128k config that gives each regime its own (`short_mscale`,
+    `long_mscale`: the native config's `longrope_mscales`) gets that regime's scale here, picked by the same test."""
+
+    def forward(self, x, position_ids):
+        mscales = getattr(self.config, "longrope_mscales", None)
+        if mscales is not None:
+            longest = position_ids.max() + 1
+            long = longest > self.config.rope_parameters["original_max_position_embeddings"]
+            self.attention_scaling = torch.where(long, mscales[1], mscales[0])  # a tensor: no host sync
+        return super().forward(x, position_ids)
+
+
 class Phi3SmallModel(LlamaModel):
     def __init__(self, config):
         LlamaPreTrainedModel.__init__(self, config)
@@ -171,7 +192,7 @@ class Phi3SmallModel(LlamaModel):
         self.embedding_dropout = nn.Dropout(config.embedding_dropout_prob)
         self.layers = nn.ModuleList(Phi3SmallDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.rotary_emb = Phi3SmallRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()
 
