@@ -6,10 +6,11 @@
   2. applies LoRA there (the adapters' initial values are recomputed exactly as peft drew them),
   3. applies the parallel plan that splits parameters (tensor parallel, FSDP2),
   4. allocates only this process's shards and reads them from the checkpoint (models/materialize.py),
+     then computes DoRA's magnitudes from the loaded weights, one layer at a time (models/dora.py),
   5. computes the buffers the checkpoint does not store and wraps DDP last (it needs real parameters).
 Other sources (a custom `model._target_`, a GGUF file, `.bin` weights, names transformers converts on load) load whole
-through transformers in each process, as one info line says; so do a QLoRA base, which bitsandbytes
-quantises as it loads, and a DoRA run, whose magnitudes peft computes from the loaded weights.
+through transformers in each process, as one info line says; so does a QLoRA base, which bitsandbytes
+quantises as it loads.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 from automodel.config import TargetPolicy, build, parse_section
 from automodel.errors import UserError
 from automodel.models import attention, families
+from automodel.models.dora import fill_dora_magnitudes
 from automodel.models.loader import MODEL_KEY, model_error, parse_dtype, resolve_model_folder
 from automodel.models.materialize import (
     check_materialized,
@@ -61,11 +63,7 @@ def build_model(cfg: dict[str, Any], parallel=None, device: torch.device | None 
     node, lora = model_section(cfg), lora_settings(cfg)
     if lora is not None and lora.quantization is not None:
         return build_quantized(node, lora, parallel, device, policy)
-    if lora is not None and lora.use_dora:
-        # DoRA's magnitudes are the base weights' row norms, computed by peft when it wraps a loaded layer.
-        logger.info("model: DoRA (peft.use_dora) initialises from the loaded weights: each process loads the whole "
-                    "model")
-    elif node["_target_"] == LOAD_CAUSAL_LM and not node.get("gguf_file"):
+    if node["_target_"] == LOAD_CAUSAL_LM and not node.get("gguf_file"):
         options = {k: v for k, v in node.items() if k != "_target_"}
         folder = resolve_model_folder(options.get("pretrained_model_name_or_path"), options.get("revision"))
         checkpoint = find_safetensors(folder)
@@ -163,6 +161,8 @@ def build_on_meta(options: dict[str, Any], checkpoint, lora: LoraSettings | None
     hf.tie_weights()
     load_checkpoint_weights(model, checkpoint.folder, set(wanted), peft=lora is not None)
     fill_from_full(model, lora_values)
+    if lora is not None and lora.use_dora:
+        fill_dora_magnitudes(model, lora_values)
     init_non_persistent_buffers(hf)
     check_materialized(model)
     return parallel.replicate(model) if parallel is not None else model

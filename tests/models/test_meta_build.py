@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from automodel.checkpoint import write_hf_model
 from automodel.errors import UserError
@@ -86,6 +86,42 @@ def test_meta_build_reproduces_each_lora_initialisation(init):
     assert torch.equal(full_rng, meta_rng)
     lora_b = [p for n, p in meta.named_parameters() if "lora_B" in n]
     assert lora_b and all((p.abs().sum() > 0) == (init != "gaussian") for p in lora_b)  # gaussian: B starts at 0
+
+
+@pytest.fixture(scope="module")
+def gpt2_checkpoint(tmp_path_factory):
+    """A tiny random GPT-2: its projections are Conv1D, stored input x output (peft's fan_in_fan_out)."""
+    folder = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("model, dtype, init", [("stories", "float32", True), ("stories", "bfloat16", False),
+                                                ("gpt2", "float32", False)],
+                         ids=["fp32-default", "bf16-init-false", "gpt2-conv1d-init-false"])
+def test_dora_builds_on_the_meta_device(gpt2_checkpoint, model, dtype, init, caplog):
+    """DoRA's magnitudes (the row norms of W + scaling x B @ A), computed after the base weights are read, equal the
+    ones peft computed on the loaded model, bit for bit. B @ A is zero for the default init, not for
+    `init_lora_weights: false`; a bf16 base makes peft take the norms in bf16 before it casts the adapter to fp32;
+    GPT-2's Conv1D weights are stored transposed."""
+    folder = STORIES if model == "stories" else gpt2_checkpoint
+    cfg = {"model": {"pretrained_model_name_or_path": str(folder), "dtype": dtype},
+           "peft": {**LORA, "use_dora": True, "init_lora_weights": init}}
+    with caplog.at_level(logging.INFO, logger="automodel"):
+        full, full_rng, meta, meta_rng = both_builds(cfg)
+    adapted = sum(".lora_magnitude_vector." in n for n, _ in meta.named_parameters())
+    assert "built on the meta device" in caplog.text and adapted == (35 if model == "stories" else 8)
+    assert f"DoRA magnitudes of {adapted} adapted layers computed from the loaded weights" in caplog.text
+    want, got = full.state_dict(), meta.state_dict()
+    assert want.keys() == got.keys()
+    for name in want:
+        assert want[name].dtype == got[name].dtype and torch.equal(want[name], got[name]), name
+    assert torch.equal(full_rng, meta_rng)
+    layer = next(m for m in meta.modules() if getattr(m, "lora_magnitude_vector", None))
+    base = layer.get_base_layer().weight.float()
+    row_norms = (base.T if model == "gpt2" else base).norm(dim=1)
+    assert torch.allclose(layer.lora_magnitude_vector["default"].weight, row_norms, rtol=1e-2) == (init is True)
 
 
 @pytest.mark.parametrize("dtype, peft", [("float32", None), ("bfloat16", LORA)], ids=["fp32-sft", "bf16-lora"])
