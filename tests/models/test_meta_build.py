@@ -22,7 +22,7 @@ from automodel.models import load_tokenizer
 from automodel.models.build import build_in_full, build_model, lora_settings, model_section
 from automodel.models.registry import native_rows
 from tests.conftest import REPO_ROOT, STORIES
-from tests.distributed_helpers import clean_env
+from tests.distributed_helpers import clean_env, free_port, run_together
 from tests.helpers import tiny_squad_config
 from tests.models.tiny import write_tiny_checkpoint
 
@@ -122,6 +122,27 @@ def test_dora_builds_on_the_meta_device(gpt2_checkpoint, model, dtype, init, cap
     base = layer.get_base_layer().weight.float()
     row_norms = (base.T if model == "gpt2" else base).norm(dim=1)
     assert torch.allclose(layer.lora_magnitude_vector["default"].weight, row_norms, rtol=1e-2) == (init is True)
+
+
+def test_dora_on_two_fsdp2_processes_matches_the_whole_model(tmp_path):
+    """Two real processes (gloo) build DoRA under FSDP2 on the meta device: each holds exactly its rows of every
+    parameter of the whole-model load (magnitudes included), and training steps give the whole model's losses."""
+    cfg = {"model": {"pretrained_model_name_or_path": str(STORIES)},
+           "peft": {**LORA, "use_dora": True, "init_lora_weights": False},
+           "distributed": {"strategy": "fsdp2", "mixed_precision": "fp32"},
+           "dist_env": {"backend": "gloo", "timeout_minutes": 2}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    port = free_port()
+    command = [sys.executable, "-m", "tests.models.dora_fsdp2_worker", str(tmp_path / "cfg.json"), str(tmp_path)]
+    outputs = run_together([(command, dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))) for rank in range(2)],
+                           port, timeout=240)
+    assert "DoRA magnitudes of 35 adapted layers computed from the loaded weights" in outputs[0]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [r["sharded_magnitudes"] for r in ranks] == [35, 35] and [r["mismatches"] for r in ranks] == [[], []]
+    assert ranks[0]["sharded_losses"] == ranks[1]["sharded_losses"]
+    assert ranks[0]["sharded_losses"] == pytest.approx(ranks[0]["whole_losses"], rel=1e-5)
+    assert len(set(ranks[0]["whole_losses"])) == 3
 
 
 @pytest.mark.parametrize("dtype, peft", [("float32", None), ("bfloat16", LORA)], ids=["fp32-sft", "bf16-lora"])
