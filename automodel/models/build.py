@@ -9,10 +9,12 @@
   4. allocates only this process's shards and reads them from the checkpoint: by torch.distributed.checkpoint when
      the checkpoint's names are the model's (models/materialize.py), else one conversion group at a time through
      transformers' own conversions (models/conversion.py: fused MoE experts, the remote-code families' layouts),
+     then computes DoRA's magnitudes from the loaded weights, one layer at a time (models/dora.py),
   5. computes the buffers the checkpoint does not store and wraps DDP last (it needs real parameters).
-Other sources (a custom `model._target_`, a GGUF file, a quantised checkpoint) load whole through transformers in
-each process, as one info line says; so do a QLoRA base, which bitsandbytes quantises as it loads onto each GPU, and
-a DoRA run, whose magnitudes peft computes from the loaded weights."""
+A GGUF file is read from its dequantised copy (models/gguf.py), an ordinary safetensors folder. Other sources (a
+custom `model._target_`, a quantised checkpoint) load whole through transformers in each process, as one info line
+says; so does a QLoRA base, which bitsandbytes quantises as it loads onto each GPU.
+"""
 
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ from torch import nn
 
 from automodel.config import TargetPolicy, build, parse_section
 from automodel.errors import UserError
-from automodel.models import attention, families
-from automodel.models.loader import model_error, parse_dtype, resolve_model_folder
+from automodel.models import attention, families, gguf
 from automodel.models.conversion import check_converted, load_converted_weights
+from automodel.models.dora import fill_dora_magnitudes
+from automodel.models.loader import MODEL_KEY, check_source, model_error, parse_dtype, resolve_model_folder
 from automodel.models.materialize import (
     check_materialized,
     checkpoint_targets,
@@ -65,18 +68,22 @@ def build_model(cfg: dict[str, Any], parallel=None, device: torch.device | None 
     node, lora = model_section(cfg), lora_settings(cfg)
     if lora is not None and lora.quantization is not None:
         return build_quantized(node, lora, parallel, device, policy)
-    if lora is not None and lora.use_dora:
-        # DoRA's magnitudes are the base weights' row norms, computed by peft when it wraps a loaded layer.
-        logger.info("model: DoRA (peft.use_dora) initialises from the loaded weights: each process loads the whole "
-                    "model")
-    elif node["_target_"] == LOAD_CAUSAL_LM and not node.get("gguf_file"):
+    if node["_target_"] == LOAD_CAUSAL_LM:
         options = {k: v for k, v in node.items() if k != "_target_"}
+        if options.get("gguf_file"):  # read from its dequantised copy, an ordinary safetensors folder (gguf.py)
+            source = check_source(options["pretrained_model_name_or_path"], MODEL_KEY)
+            options["pretrained_model_name_or_path"] = gguf.dequantised_folder(source, options.pop("gguf_file"),
+                                                                               options.pop("revision", None))
         folder = resolve_model_folder(options.get("pretrained_model_name_or_path"), options.get("revision"))
         weights = find_safetensors(folder) or find_bin(folder)
         if weights is not None:
             model = build_on_meta(options, weights, lora, parallel, device)
             if model is not None:
                 return model
+        else:
+            logger.info("model: %s holds no safetensors or .bin weights: each process loads the whole model", folder)
+    else:
+        logger.info("model: %s builds the model: each process loads the whole model", node["_target_"])
     return build_in_full(node, lora, parallel, device, policy)
 
 
@@ -96,6 +103,7 @@ def build_quantized(node: dict[str, Any], lora: LoraSettings, parallel, device: 
                     policy: TargetPolicy = TargetPolicy()) -> nn.Module:
     """QLoRA: transformers loads the base in 4 bits (bitsandbytes), straight onto this process's device."""
     lora.quantization.check_device(device, parallel.world_size if parallel is not None else 1)
+    logger.info("model: QLoRA: each process loads the whole base model in 4 bits onto its own device")
     model = build(node, "model", policy=policy, quantization_config=lora.quantization.bnb_config(),
                   device_map={"": device})
     if not isinstance(model, nn.Module):
@@ -174,6 +182,8 @@ def build_on_meta(options: dict[str, Any], weights: WeightFiles, lora: LoraSetti
         if unused:
             logger.info("model: %d checkpoint tensors load into no parameter (first: %s)", len(unused), unused[0])
     fill_from_full(model, lora_values)
+    if lora is not None and lora.use_dora:
+        fill_dora_magnitudes(model, lora_values)
     init_non_persistent_buffers(hf)
     check_materialized(model)
     return parallel.replicate(model) if parallel is not None else model

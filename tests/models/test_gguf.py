@@ -6,6 +6,7 @@ these tests then read that folder, as every run does.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -66,6 +67,22 @@ def test_complete_says_which_answers_ended_with_eos(smol):
 def test_training_dtype_is_applied():
     model = load_causal_lm(str(SMOL), gguf_file=SMOL_FILE, dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_a_gguf_base_builds_on_the_meta_device_from_its_dequantised_copy(smol, caplog):
+    """The recipe's build reads the dequantised copy shard by shard: the same LoRA model as the whole-model load."""
+    from automodel.models.build import build_in_full, build_model, lora_settings, model_section
+
+    cfg = {"model": {"pretrained_model_name_or_path": str(SMOL), "gguf_file": SMOL_FILE},
+           "peft": {"target_modules": ["q_proj", "v_proj"], "dim": 4}}
+    torch.manual_seed(3)
+    full = build_in_full(model_section(cfg), lora_settings(cfg), None, torch.device("cpu"))
+    torch.manual_seed(3)
+    with caplog.at_level(logging.INFO, logger="automodel"):
+        meta = build_model(cfg)
+    assert f"each process reads its shard of {cache_root()}" in caplog.text
+    want, got = full.state_dict(), meta.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
 def test_bad_gguf_settings_are_one_line_errors(tmp_path):

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from automodel.checkpoint import write_hf_model
 from automodel.errors import UserError
@@ -22,7 +22,7 @@ from automodel.models import families, load_tokenizer
 from automodel.models.build import build_in_full, build_model, lora_settings, model_section
 from automodel.models.registry import family_rows, native_rows
 from tests.conftest import REPO_ROOT, STORIES
-from tests.distributed_helpers import clean_env
+from tests.distributed_helpers import clean_env, free_port, run_together
 from tests.helpers import tiny_squad_config
 from tests.models.published import VARIANTS, variant_row, write_published_checkpoint
 from tests.models.tiny import shared_tokenizer, write_tiny_checkpoint
@@ -87,6 +87,63 @@ def test_meta_build_reproduces_each_lora_initialisation(init):
     assert torch.equal(full_rng, meta_rng)
     lora_b = [p for n, p in meta.named_parameters() if "lora_B" in n]
     assert lora_b and all((p.abs().sum() > 0) == (init != "gaussian") for p in lora_b)  # gaussian: B starts at 0
+
+
+@pytest.fixture(scope="module")
+def gpt2_checkpoint(tmp_path_factory):
+    """A tiny random GPT-2: its projections are Conv1D, stored input x output (peft's fan_in_fan_out)."""
+    folder = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("model, dtype, init", [("stories", "float32", True), ("stories", "bfloat16", False),
+                                                ("gpt2", "float32", False)],
+                         ids=["fp32-default", "bf16-init-false", "gpt2-conv1d-init-false"])
+def test_dora_builds_on_the_meta_device(gpt2_checkpoint, model, dtype, init, caplog):
+    """DoRA's magnitudes (the row norms of W + scaling x B @ A), computed after the base weights are read, equal the
+    ones peft computed on the loaded model, bit for bit. B @ A is zero for the default init, not for
+    `init_lora_weights: false`; a bf16 base makes peft take the norms in bf16 before it casts the adapter to fp32;
+    GPT-2's Conv1D weights are stored transposed."""
+    folder = STORIES if model == "stories" else gpt2_checkpoint
+    cfg = {"model": {"pretrained_model_name_or_path": str(folder), "dtype": dtype},
+           "peft": {**LORA, "use_dora": True, "init_lora_weights": init}}
+    with caplog.at_level(logging.INFO, logger="automodel"):
+        full, full_rng, meta, meta_rng = both_builds(cfg)
+    adapted = sum(".lora_magnitude_vector." in n for n, _ in meta.named_parameters())
+    assert "built on the meta device" in caplog.text and adapted == (35 if model == "stories" else 8)
+    assert f"DoRA magnitudes of {adapted} adapted layers computed from the loaded weights" in caplog.text
+    want, got = full.state_dict(), meta.state_dict()
+    assert want.keys() == got.keys()
+    for name in want:
+        assert want[name].dtype == got[name].dtype and torch.equal(want[name], got[name]), name
+    assert torch.equal(full_rng, meta_rng)
+    layer = next(m for m in meta.modules() if getattr(m, "lora_magnitude_vector", None))
+    base = layer.get_base_layer().weight.float()
+    row_norms = (base.T if model == "gpt2" else base).norm(dim=1)
+    assert torch.allclose(layer.lora_magnitude_vector["default"].weight, row_norms, rtol=1e-2) == (init is True)
+
+
+def test_dora_on_two_fsdp2_processes_matches_the_whole_model(tmp_path):
+    """Two real processes (gloo) build DoRA under FSDP2 on the meta device: each holds exactly its rows of every
+    parameter of the whole-model load (magnitudes included), and training steps give the whole model's losses."""
+    cfg = {"model": {"pretrained_model_name_or_path": str(STORIES)},
+           "peft": {**LORA, "use_dora": True, "init_lora_weights": False},
+           "distributed": {"strategy": "fsdp2", "mixed_precision": "fp32"},
+           "dist_env": {"backend": "gloo", "timeout_minutes": 2}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    port = free_port()
+    command = [sys.executable, "-m", "tests.models.dora_fsdp2_worker", str(tmp_path / "cfg.json"), str(tmp_path)]
+    outputs = run_together([(command, dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))) for rank in range(2)],
+                           port, timeout=240)
+    assert "DoRA magnitudes of 35 adapted layers computed from the loaded weights" in outputs[0]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert [r["sharded_magnitudes"] for r in ranks] == [35, 35] and [r["mismatches"] for r in ranks] == [[], []]
+    assert ranks[0]["sharded_losses"] == ranks[1]["sharded_losses"]
+    assert ranks[0]["sharded_losses"] == pytest.approx(ranks[0]["whole_losses"], rel=1e-5)
+    assert len(set(ranks[0]["whole_losses"])) == 3
 
 
 @pytest.mark.parametrize("dtype, peft", [("float32", None), ("bfloat16", LORA)], ids=["fp32-sft", "bf16-lora"])
