@@ -179,6 +179,9 @@ def test_tp_plan_follows_the_model_and_lora(stories_path):
                               "layers.0.self_attn.o_proj.base_layer", "layers.0.self_attn.o_proj.lora_A.default",
                               "layers.0.mlp.up_proj"}
     assert "layers.0.self_attn.q_proj.lora_A.default" not in lora_plan
+    with pytest.raises(UserError, match=r"^peft.use_dora: DoRA cannot run with tensor parallelism"):
+        build_plan(LoraSettings(target_modules=["q_proj"], use_dora=True).apply(
+            AutoModelForCausalLM.from_pretrained(stories_path)))
 
 
 def test_cpu_offload_needs_a_gpu(stories_path):

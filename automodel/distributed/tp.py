@@ -62,6 +62,10 @@ def _entries(name: str, module: nn.Module, style: str) -> dict[str, object]:
 def build_plan(model: nn.Module) -> tuple[nn.Module, dict[str, object]]:
     """(the base model the plan is relative to, {module name: torch ParallelStyle})."""
     root = transformers_model(model).base_model
+    if any(getattr(module, "lora_magnitude_vector", None) for module in root.modules()):
+        # DoRA's forward takes each adapted weight's row norms: a split weight would need a norm across ranks
+        raise UserError("peft.use_dora: DoRA cannot run with tensor parallelism (distributed.tp_size > 1); set "
+                        "tp_size 1 (FSDP2 and DDP train DoRA) or use_dora false")
     plan = {}
     for key, style in model_tp_plan(model).items():
         if style not in SUPPORTED_STYLES:
