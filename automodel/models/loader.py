@@ -57,8 +57,10 @@ def _hub_error(name: str, key: str, err: Exception) -> UserError:
 
 
 MODEL_KEY = "model.pretrained_model_name_or_path"
-# What the meta-device build reads from a hub repository: config, safetensors weights and their index.
+# What the meta-device build reads from a hub repository: config, safetensors weights and their index; the `.bin`
+# pickles and their index only for a repository without safetensors (older checkpoints).
 HUB_WEIGHT_PATTERNS = ["*.json", "*.safetensors"]
+HUB_BIN_PATTERNS = ["pytorch_model*.bin"]
 
 
 def model_error(source: str, err: Exception, key: str = MODEL_KEY) -> UserError:
@@ -71,15 +73,18 @@ def model_error(source: str, err: Exception, key: str = MODEL_KEY) -> UserError:
 
 
 def resolve_model_folder(name: str, revision: str | None = None) -> Path:
-    """The local folder of a model: the folder itself, or the hub repository's config and safetensors files
-    fetched into the Hugging Face cache (weights in other formats are left to transformers' own loading)."""
+    """The local folder of a model: the folder itself, or the hub repository's config and weights fetched into the
+    Hugging Face cache (safetensors; `.bin` files when the repository has no safetensors)."""
     source = check_source(name, MODEL_KEY, required_file="config.json")
     if Path(source).exists():
         return Path(source)
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(source, revision=revision, allow_patterns=HUB_WEIGHT_PATTERNS))
+        folder = Path(snapshot_download(source, revision=revision, allow_patterns=HUB_WEIGHT_PATTERNS))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(source, revision=revision, allow_patterns=HUB_BIN_PATTERNS))
+        return folder
     except Exception as err:  # huggingface_hub raises several types (offline, gated, not found): all one line
         raise _hub_error(source, MODEL_KEY, err) from err
 

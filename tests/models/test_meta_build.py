@@ -232,6 +232,46 @@ def test_bin_weights_load_only_when_weights_only_reads_them(tmp_path):
         build_model({"model": {"pretrained_model_name_or_path": str(folder)}})
 
 
+def fake_snapshot_download(hub):
+    """huggingface_hub.snapshot_download for a repository whose files are those of the local folder `hub` (the
+    network is what cannot exist here): the files matching allow_patterns, in a snapshot folder of their own."""
+    import fnmatch
+    import shutil
+
+    def download(repo_id, revision=None, allow_patterns=None, **_):
+        snapshot = hub.parent / "cache" / repo_id.replace("/", "--")
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for item in hub.iterdir():
+            if any(fnmatch.fnmatch(item.name, pattern) for pattern in allow_patterns):
+                shutil.copy(item, snapshot / item.name)
+        return str(snapshot)
+    return download
+
+
+def test_sharded_bin_checkpoint_from_a_hub_id_builds_on_the_meta_device(tmp_path, monkeypatch, caplog):
+    """A repository of `.bin` shards and their index only (older hub checkpoints): the build fetches them and reads
+    each process's shard from the memory-mapped pickles, equal to the whole-model load."""
+    import huggingface_hub
+
+    hub = _copy_stories(tmp_path)
+    state = load_file(hub / "model.safetensors")
+    (hub / "model.safetensors").unlink()
+    names = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for file, part in shards.items():
+        torch.save({name: state[name].to(torch.bfloat16) for name in part}, hub / file)
+    (hub / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {name: file for file, part in shards.items() for name in part}}))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download(hub))
+    cfg = {"model": {"pretrained_model_name_or_path": "org/stories-bin", "dtype": "bfloat16"}}
+    with caplog.at_level(logging.INFO, logger="automodel"):
+        model = build_model(cfg)
+    assert "(2 .bin files, one conversion group at a time)" in caplog.text
+    reference = AutoModelForCausalLM.from_pretrained(hub, dtype=torch.bfloat16)
+    want, got = reference.state_dict(), model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_broken_checkpoint_exits_2_with_one_line_and_writes_nothing(bf16_shards, tmp_path):
     folder = tmp_path / "broken"
     folder.mkdir()
