@@ -5,7 +5,8 @@ and bit-for-bit round trip of tests/models/test_families.py, the LoRA and full-S
 test_architectures.py, and (DeepSeek-MoE) a 2-process FSDP2 run matching one process, plus its own checks.
 
 References: the Baichuan 2 technical report (Yang et al. 2023) for NormHead (each vocabulary row divided by its L2
-norm before the matmul, in training too) and ALiBi at 13B; the DeepSeekMoE paper (Dai et al. 2024) and the
+norm before the matmul, in training too; Baichuan-13B and Baichuan2-13B, with ALiBi: tests/models/
+test_family_baichuan13b.py); the DeepSeekMoE paper (Dai et al. 2024) and the
 deepseek-moe-16b config fields for the routing (softmax router, top-k, optional renormalisation, shared experts,
 dense first layers). The reference forward itself is test_families.reference_logits.
 """
@@ -56,12 +57,10 @@ def test_variant_lora_and_full_sft_train_and_round_trip(name, tmp_path):
     sft_check(row, lambda _: folder, tmp_path / "sft")
 
 
-def edited(row, folder, drop=(), **fields):
+def edited(row, folder, **fields):
     write_published_checkpoint(row, folder)
     config = json.loads((folder / "config.json").read_text())
     config.update(fields)
-    for name in drop:
-        del config[name]
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
@@ -92,14 +91,6 @@ def test_baichuan2_head_normalises_rows_in_training_and_leaves_the_stored_weight
     write_hf_model(model, shared_tokenizer(name=BAICHUAN2.tokenizer), tmp_path / "saved")
     assert torch.equal(load_file(tmp_path / "saved" / "model.safetensors")["lm_head.weight"],
                        load_file(source / "model.safetensors")["lm_head.weight"])
-
-
-def test_baichuan_13b_alibi_config_stops_with_one_line(tmp_path):
-    folder = edited(BAICHUAN2, tmp_path / "b13", drop=("max_position_embeddings",), model_max_length=4096)
-    with pytest.raises(UserError) as err:
-        load_causal_lm(str(folder))
-    text = str(err.value)
-    assert "'max_position_embeddings' is missing" in text and "ALiBi" in text and "\n" not in text, text
 
 
 @pytest.mark.parametrize("fields, message", [
