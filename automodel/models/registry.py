@@ -117,14 +117,22 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "(`BaichuanForCausalLM` with `max_position_embeddings`) adds a small native module "
             "(automodel/models/families/baichuan.py): its lm_head L2-normalises each row before the matmul "
             "(NormHead), in training and inference alike (Baichuan2-7B's tiny checkpoint: "
-            "tests/models/test_family_baichuan2_deepseek_moe.py)",
+            "tests/models/test_family_baichuan2_deepseek_moe.py). Baichuan-13B and Baichuan2-13B (`BaichuanForCausalLM` "
+            "without `max_position_embeddings`, only `model_max_length`) load into another small native module of "
+            "the same file (model_type baichuan_alibi): Llama's layers and the same `W_pack` conversion with ALiBi "
+            "in place of rotary, the bias added to the scores as a float attention mask (eager, sdpa or "
+            "automodel_sdpa; automodel/models/families/alibi.py, shared with Jais), the ALiBi paper's slopes for any "
+            "head count (40: the 32 of 32 heads, then every other one of 64). Baichuan's own code adds "
+            "`slope x key position` under the causal mask, this one `-slope x (query - key position)`: they differ "
+            "by a constant per query row, to which softmax is invariant, so the attention is the same. Baichuan2-13B "
+            "has NormHead; the two 13B configs differ only in the vocabulary (125696 vs 64000), which decides it "
+            "(tests/models/test_family_baichuan13b.py)",
             notes="LoRA adapters name q_proj/k_proj/v_proj (merge-lora writes W_pack back); Baichuan2's stored "
                   "lm_head is never normalised in place (its own code does so on the first eval forward: same "
-                  "logits); `z_loss_weight` other than 0 stops with a one-line error; vLLM 0.32 no longer has "
+                  "logits); `z_loss_weight` other than 0, and an ALiBi config whose vocabulary is neither 64000 nor "
+                  "125696 or that names a rotary or ALiBi-scaling field, stop with a one-line error; the 13B "
+                  "models take no flash/flex attention and no tensor parallelism; vLLM 0.32 no longer has "
                   "Baichuan (removed after 0.23), so it is checked against the reference forward only",
-            untested_variants="Baichuan2-13B and Baichuan-13B (ALiBi in place of rotary) are not implemented: a "
-                              "`BaichuanForCausalLM` config without `max_position_embeddings` stops with a one-line "
-                              "error naming that field",
             tie_word_embeddings=False, num_key_value_heads=None),
     _native("BambaForCausalLM", "Bamba", ["ibm-ai-platform/Bamba-9B"], "bamba", "BambaForCausalLM", "llama2",
             ATTENTION + GATED_MLP + ("in_proj", "out_proj"), kind="hybrid",
