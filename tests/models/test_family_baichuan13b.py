@@ -34,6 +34,7 @@ from tests.models.published import llama_layout
 from tests.models.test_architectures import one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
 from tests.models.test_architectures import test_full_sft_changes_every_parameter_and_round_trips as sft_check
 from tests.models.test_architectures import test_lora_all_linear_adapts_projections_and_round_trips as lora_check
+from tests.models.test_family_baichuan2_deepseek_moe import assert_fsdp2_sft_matches_one_process
 from tests.models.tiny import shared_tokenizer
 
 ROW = BY_NAME["BaiChuanForCausalLM"]
@@ -165,11 +166,29 @@ def test_eager_attention_and_cached_decoding_give_the_same_logits(tmp_path):
     torch.testing.assert_close(flat, alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_13b_lora_and_full_sft_train_and_round_trip(name, tmp_path):
-    folder = write_checkpoint(name, tmp_path / "published")
+def test_baichuan2_13b_lora_and_full_sft_train_and_round_trip(tmp_path):
+    """Baichuan-13B's full SFT runs in the FSDP2 test below, in one process and in two."""
+    folder = write_checkpoint("baichuan2-13b", tmp_path / "published")
     lora_check(ROW, lambda _: folder, tmp_path / "lora")  # the row gives the tokenizer and the LoRA targets
     sft_check(ROW, lambda _: folder, tmp_path / "sft")
+
+
+@pytest.mark.slow
+def test_baichuan_13b_two_process_fsdp2_matches_one_process(tmp_path):
+    """Full SFT of Baichuan-13B (ALiBi; the smaller vocabulary of the two) under 2-process FSDP2 (gloo) against one
+    process: equal losses, the same consolidated tensors under the published names (W_pack), the published
+    config.json."""
+    folder = write_checkpoint("baichuan-13b", tmp_path / "published")
+    assert_fsdp2_sft_matches_one_process(ROW.architecture, folder, tmp_path)
+
+
+def test_tensor_parallelism_is_refused_with_one_line(tmp_path):
+    """The ALiBi slopes are per head of the whole model; a rank's share of the heads would get the wrong ones."""
+    from automodel.distributed.tp import model_tp_plan
+
+    model = load_causal_lm(str(write_checkpoint("baichuan-13b", tmp_path / "published")))
+    with pytest.raises(UserError, match="no tensor-parallel plan for BaichuanAlibiLlamaForCausalLM"):
+        model_tp_plan(model)
 
 
 @pytest.mark.parametrize("fields, message", [

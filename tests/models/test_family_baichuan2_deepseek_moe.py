@@ -139,17 +139,24 @@ def test_deepseek_moe_two_process_fsdp2_matches_one_process(tmp_path):
     FSDP2 (gloo; its worker, tests/models/fsdp2_worker.py) against the same config in this process: equal losses,
     the same consolidated tensors, written in the published layout (per-expert names) with the published config."""
     folder = write_published_checkpoint(DEEPSEEK_MOE, tmp_path / "published")
+    assert_fsdp2_sft_matches_one_process("DeepseekForCausalLM", folder, tmp_path)
+
+
+def assert_fsdp2_sft_matches_one_process(architecture: str, folder, tmp_path) -> None:
+    """Full SFT of the checkpoint `folder` (a variant of `architecture`'s row) in a 2-process FSDP2 group and in
+    this process: equal per-step losses, the same consolidated tensors under the published names, the published
+    config.json in both outputs."""
     sharded, single = tmp_path / "fsdp2", tmp_path / "single"
     runs = tmp_path / "runs.json"
-    runs.write_text(json.dumps([{"architecture": "DeepseekForCausalLM", "model_dir": str(folder),
-                                 "out_dir": str(sharded), "lora": False}]))
+    runs.write_text(json.dumps([{"architecture": architecture, "model_dir": str(folder), "out_dir": str(sharded),
+                                 "lora": False}]))
     port, logs = free_port(), [tmp_path / f"rank{rank}.log" for rank in range(2)]
     command = [sys.executable, "-m", "tests.models.fsdp2_worker", str(runs)]
     procs = start_job([(command, dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                       MASTER_PORT=str(port))) for rank in range(2)], port, 600,
                       stdouts=[log.open("w") for log in logs])
     try:
-        recipe = FinetuneRecipe(fsdp2_config("DeepseekForCausalLM", folder, single, lora=False))
+        recipe = FinetuneRecipe(fsdp2_config(architecture, folder, single, lora=False))
         assert recipe.parallel.strategy == "none"
         recipe.setup()
         recipe.train()
@@ -165,7 +172,7 @@ def test_deepseek_moe_two_process_fsdp2_matches_one_process(tmp_path):
     assert losses(sharded) == pytest.approx(losses(single), rel=1e-5) and len(losses(single)) == STEPS
     saved = [load_file(out / f"step_{STEPS}" / "model" / "model.safetensors") for out in (sharded, single)]
     published = load_file(folder / "model.safetensors")
-    assert saved[0].keys() == saved[1].keys() == published.keys()  # model.layers.1.mlp.experts.E.gate_proj, ...
+    assert saved[0].keys() == saved[1].keys() == published.keys()  # the published names (experts, W_pack)
     for name, want in saved[1].items():
         torch.testing.assert_close(saved[0][name], want, rtol=1e-5, atol=1e-5, msg=name)
     configs = [json.loads((out / f"step_{STEPS}" / "model" / "config.json").read_text()) for out in (sharded, single)]
