@@ -35,6 +35,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from automodel.models.families.alibi import alibi_mask, alibi_slopes
 from automodel.models.families.decoder_inputs import decoder_inputs
+from automodel.models.families.score_masked_llama import ScoreMaskedLlamaForCausalLM
 
 # Attention functions that add a float mask to the scores, as ALiBi needs (flash and flex attention take none).
 ALIBI_ATTENTION = ("eager", "sdpa", "automodel_sdpa")
@@ -129,21 +130,13 @@ class BaichuanAlibiModel(LlamaModel):
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
 
 
-class BaichuanAlibiLlamaForCausalLM(LlamaForCausalLM):
+class BaichuanAlibiLlamaForCausalLM(ScoreMaskedLlamaForCausalLM):
     """Baichuan-13B / Baichuan2-13B: LlamaForCausalLM's head, loss and generation around BaichuanAlibiModel (its
     weights converted from W_pack), with Baichuan2's NormHead when `config.baichuan_norm_head`."""
 
     _no_split_modules = ["BaichuanAlibiDecoderLayer"]
-    # The ALiBi bias is a float mask over the scores, which these attention functions do not take: transformers
-    # refuses them at load.
-    _supports_flash_attn = False
-    _supports_flex_attn = False
-    _supports_attention_backend = False
+    decoder_class = BaichuanAlibiModel
 
-    def __init__(self, config):
-        LlamaPreTrainedModel.__init__(self, config)
-        self.model = BaichuanAlibiModel(config)
-        self.vocab_size = config.vocab_size
+    def output_head(self, config) -> nn.Module:
         head = NormHead if getattr(config, "baichuan_norm_head", False) else nn.Linear
-        self.lm_head = head(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+        return head(config.hidden_size, config.vocab_size, bias=False)
