@@ -126,7 +126,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "`slope x key position` under the causal mask, this one `-slope x (query - key position)`: they differ "
             "by a constant per query row, to which softmax is invariant, so the attention is the same. Baichuan2-13B "
             "has NormHead; the two 13B configs differ only in the vocabulary (125696 vs 64000), which decides it "
-            "(tests/models/test_family_baichuan13b.py)",
+            "(their tiny checkpoints; Baichuan-13B's also trained under 2-process FSDP2: "
+            "tests/models/test_family_baichuan13b.py)",
             notes="LoRA adapters name q_proj/k_proj/v_proj (merge-lora writes W_pack back); Baichuan2's stored "
                   "lm_head is never normalised in place (its own code does so on the first eval forward: same "
                   "logits); `z_loss_weight` other than 0, and an ALiBi config whose vocabulary is neither 64000 nor "
