@@ -117,8 +117,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "(`BaichuanForCausalLM` with `max_position_embeddings`) adds a small native module "
             "(automodel/models/families/baichuan.py): its lm_head L2-normalises each row before the matmul "
             "(NormHead), in training and inference alike (Baichuan2-7B's tiny checkpoint: "
-            "tests/models/test_family_baichuan2_deepseek_moe.py). Baichuan-13B and Baichuan2-13B (`BaichuanForCausalLM` "
-            "without `max_position_embeddings`, only `model_max_length`) load into another small native module of "
+            "tests/models/test_family_baichuan2_deepseek_moe.py). Baichuan-13B and Baichuan2-13B "
+            "(`BaichuanForCausalLM` without `max_position_embeddings`, only `model_max_length`) load into another "
+            "small native module of "
             "the same file (model_type baichuan_alibi): Llama's layers and the same `W_pack` conversion with ALiBi "
             "in place of rotary, the bias added to the scores as a float attention mask (eager, sdpa or "
             "automodel_sdpa; automodel/models/families/alibi.py, shared with Jais), the ALiBi paper's slopes for any "
@@ -402,9 +403,11 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
 }
 
 # model_type values whose padding-free batches (examples back to back in one row, automodel/data/packing.py) give
-# each example the logits it gets alone: tests/models/test_padding_free.py checks every native row and this list.
+# each example the logits it gets alone: tests/models/test_padding_free.py checks every native row and this list
+# (baichuan_alibi, Baichuan-13B, which no row's own checkpoint is: tests/models/test_family_baichuan13b.py).
 PADDING_FREE_VERIFIED: frozenset[str] = frozenset({
-    "baichuan_alibi", "cohere", "cohere2", "deepseek_v2", "deepseek_v3", "exaone", "exaone4", "gemma", "gemma3_text", "glm", "glm4",
+    "baichuan_alibi",
+    "cohere", "cohere2", "deepseek_v2", "deepseek_v3", "exaone", "exaone4", "gemma", "gemma3_text", "glm", "glm4",
     "gpt_bigcode", "gpt_neox", "gptj", "granite", "granitemoe", "granitemoeshared", "internlm3", "jais", "llama",
     "minicpm3", "mistral", "mixtral", "olmo", "olmo2", "olmoe", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
     "qwen3_moe", "starcoder2",
