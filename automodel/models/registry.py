@@ -117,14 +117,24 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "(`BaichuanForCausalLM` with `max_position_embeddings`) adds a small native module "
             "(automodel/models/families/baichuan.py): its lm_head L2-normalises each row before the matmul "
             "(NormHead), in training and inference alike (Baichuan2-7B's tiny checkpoint: "
-            "tests/models/test_family_baichuan2_deepseek_moe.py)",
+            "tests/models/test_family_baichuan2_deepseek_moe.py). Baichuan-13B and Baichuan2-13B "
+            "(`BaichuanForCausalLM` without `max_position_embeddings`, only `model_max_length`) load into another "
+            "small native module of "
+            "the same file (model_type baichuan_alibi): Llama's layers and the same `W_pack` conversion with ALiBi "
+            "in place of rotary, the bias added to the scores as a float attention mask (eager, sdpa or "
+            "automodel_sdpa; automodel/models/families/alibi.py, shared with Jais), the ALiBi paper's slopes for any "
+            "head count (40: the 32 of 32 heads, then every other one of 64). Baichuan's own code adds "
+            "`slope x key position` under the causal mask, this one `-slope x (query - key position)`: they differ "
+            "by a constant per query row, to which softmax is invariant, so the attention is the same. Baichuan2-13B "
+            "has NormHead; the two 13B configs differ only in the vocabulary (125696 vs 64000), which decides it "
+            "(their tiny checkpoints; Baichuan-13B's also trained under 2-process FSDP2: "
+            "tests/models/test_family_baichuan13b.py)",
             notes="LoRA adapters name q_proj/k_proj/v_proj (merge-lora writes W_pack back); Baichuan2's stored "
                   "lm_head is never normalised in place (its own code does so on the first eval forward: same "
-                  "logits); `z_loss_weight` other than 0 stops with a one-line error; vLLM 0.32 no longer has "
+                  "logits); `z_loss_weight` other than 0, and an ALiBi config whose vocabulary is neither 64000 nor "
+                  "125696 or that names a rotary or ALiBi-scaling field, stop with a one-line error; the 13B "
+                  "models take no flash/flex attention and no tensor parallelism; vLLM 0.32 no longer has "
                   "Baichuan (removed after 0.23), so it is checked against the reference forward only",
-            untested_variants="Baichuan2-13B and Baichuan-13B (ALiBi in place of rotary) are not implemented: a "
-                              "`BaichuanForCausalLM` config without `max_position_embeddings` stops with a one-line "
-                              "error naming that field",
             tie_word_embeddings=False, num_key_value_heads=None),
     _native("BambaForCausalLM", "Bamba", ["ibm-ai-platform/Bamba-9B"], "bamba", "BambaForCausalLM", "llama2",
             ATTENTION + GATED_MLP + ("in_proj", "out_proj"), kind="hybrid",
@@ -399,8 +409,10 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
 }
 
 # model_type values whose padding-free batches (examples back to back in one row, automodel/data/packing.py) give
-# each example the logits it gets alone: tests/models/test_padding_free.py checks every native row and this list.
+# each example the logits it gets alone: tests/models/test_padding_free.py checks every native row and this list
+# (baichuan_alibi, Baichuan-13B, which no row's own checkpoint is: tests/models/test_family_baichuan13b.py).
 PADDING_FREE_VERIFIED: frozenset[str] = frozenset({
+    "baichuan_alibi",
     "cohere", "cohere2", "deepseek_v2", "deepseek_v3", "exaone", "exaone4", "gemma", "gemma3_text", "glm", "glm4",
     "gpt_bigcode", "gpt_neox", "gptj", "granite", "granitemoe", "granitemoeshared", "internlm3", "jais", "llama",
     "minicpm3", "mistral", "mixtral", "olmo", "olmo2", "olmoe", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
@@ -408,16 +420,18 @@ PADDING_FREE_VERIFIED: frozenset[str] = frozenset({
 })
 
 # Of those, the model_types whose packed rows transformers' own attention (the CUDA default) keeps apart from the
-# restarting position ids alone; checked by the same test. Jais's ALiBi attention builds its bias from the mask
-# automodel's collator passes, which the position-ids-only rows do not carry.
-POSITION_IDS_PACKING_VERIFIED: frozenset[str] = PADDING_FREE_VERIFIED - {"jais"}
+# restarting position ids alone; checked by the same test. The ALiBi attentions (Jais, Baichuan-13B) build their
+# bias from the mask automodel's collator passes, which the position-ids-only rows do not carry.
+ALIBI_TYPES = frozenset({"jais", "baichuan_alibi"})
+POSITION_IDS_PACKING_VERIFIED: frozenset[str] = PADDING_FREE_VERIFIED - ALIBI_TYPES
 
 # Where the last layer may compute only the rows the loss reads (automodel/models/last_layer_rows.py): the
 # padding-free rows except mixture-of-experts ones, whose router would still route the skipped rows (and count them
 # in its load-balancing loss). tests/models/test_padding_free.py checks each in float64.
-# Jais's ALiBi attention calls SDPA itself (automodel/models/families/jais.py), not automodel_sdpa, which limits rows.
+# Jais's ALiBi attention calls SDPA itself (automodel/models/families/jais.py), not automodel_sdpa, which limits rows;
+# Baichuan-13B's passes automodel_sdpa a float mask (the ALiBi bias), with which it computes every row.
 LAST_LAYER_ROWS_VERIFIED: frozenset[str] = PADDING_FREE_VERIFIED - {
-    row.model_type for row in ARCHITECTURES if row.kind == "moe"} - {"jais"}
+    row.model_type for row in ARCHITECTURES if row.kind == "moe"} - ALIBI_TYPES
 
 
 def native_rows() -> list[Architecture]:

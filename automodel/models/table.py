@@ -35,7 +35,7 @@ FAMILIES_TEXT = (
     "names; the family's weight names) into the transformers class with the same math, with `trust_remote_code` "
     "off (automodel/models/families), and writes config.json back in the published layout. Their tiny test "
     "checkpoints are written in that published layout, not by transformers. On top of the list above, "
-    "`tests/models/test_families.py` (Phi-3-Small, Solar Pro, Jais, Baichuan2 and DeepSeek-MoE: "
+    "`tests/models/test_families.py` (Phi-3-Small, Solar Pro, Jais, Baichuan2, Baichuan-13B and DeepSeek-MoE: "
     "`test_family_<model_type>.py`) checks our forward pass "
     "against a reference forward written in the test "
     "from the family's published description, that load + save returns every tensor bit for bit and the "

@@ -128,3 +128,18 @@ def test_unsupported_jais_field_stops_with_one_line_naming_it(fields, message, t
     with pytest.raises(UserError) as err:
         load_causal_lm(str(folder))
     assert message in str(err.value) and str(folder) in str(err.value) and "\n" not in str(err.value), err.value
+
+
+def test_packed_rows_keep_examples_apart(tmp_path):
+    """packed_sequence's rows carry a 4D block-diagonal mask (automodel/data/packing.py), which the shared ALiBi mask
+    (automodel/models/families/alibi.py) combines with the bias: each example gets the logits it gets alone."""
+    from automodel.data.packing import PackingCollator
+
+    model = load_causal_lm(str(write_published_checkpoint(ROW, tmp_path / "published"))).eval()
+    generator = torch.Generator().manual_seed(3)
+    items = [{"input_ids": ids, "labels": ids} for ids in
+             (torch.randint(3, 1000, (n,), generator=generator).tolist() for n in (9, 6))]
+    with torch.no_grad():
+        packed = model(**model_inputs(PackingCollator(0, 20)(items))).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([item["input_ids"]])).logits[0] for item in items])
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)

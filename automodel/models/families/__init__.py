@@ -65,7 +65,7 @@ def model_class(family: Family, published: dict[str, Any]):
 
 FAMILIES: dict[str, Family] = {family.model_type: family for family in (
     Family("aquila", configs.aquila),
-    Family("baichuan", configs.baichuan, converted_class="BaichuanLlamaForCausalLM"),
+    Family("baichuan", configs.baichuan, converted_class=configs.baichuan_class),
     Family("chatglm", configs.chatglm, converted_class="ChatGLMGlmForCausalLM", vocab_field="padded_vocab_size",
            derived_buffers=("transformer.rotary_pos_emb.inv_freq",)),
     Family("deepseek", configs.deepseek, converted_class=configs.deepseek_class),

@@ -123,27 +123,62 @@ def minicpm(fields: PublishedFields) -> tuple[str, dict]:
     }
 
 
+# Baichuan's vocabularies (Baichuan 2 technical report: 64,000 tokens in Baichuan 1, 125,696 in Baichuan 2), which
+# is what tells a Baichuan-13B config from a Baichuan2-13B one (same architectures entry, same fields).
+BAICHUAN_13B_VOCAB, BAICHUAN2_VOCAB = 64000, 125696
+
+
 def baichuan(fields: PublishedFields) -> tuple[str, dict]:
-    """Baichuan-7B (`BaiChuanForCausalLM`) and Baichuan2-7B (`BaichuanForCausalLM`): the Llama decoder (rotary base
-    10000) whose fused `W_pack` is split by the weight conversion of automodel/models/families/conversions.py;
-    Baichuan2 normalises its lm_head rows (automodel/models/families/baichuan.py). A `BaichuanForCausalLM` config
-    without `max_position_embeddings` is Baichuan-13B or Baichuan2-13B (ALiBi in place of rotary; they name only
-    `model_max_length`): not implemented."""
+    """Baichuan (automodel/models/families/baichuan.py): the Llama decoder whose fused `W_pack` is split by the
+    weight conversion of automodel/models/families/conversions.py. Baichuan-7B (`BaiChuanForCausalLM`) and
+    Baichuan2-7B (`BaichuanForCausalLM`) use rotary positions (base 10000) up to `max_position_embeddings`;
+    Baichuan-13B and Baichuan2-13B (`BaichuanForCausalLM` configs without `max_position_embeddings`, naming only
+    `model_max_length`) use ALiBi. Baichuan2 normalises its lm_head rows: the 7B by its architectures entry, the
+    13B by its vocabulary size (BAICHUAN2_VOCAB; BAICHUAN_13B_VOCAB for Baichuan-13B, any other size stops)."""
     architectures = fields.expect("architectures", (["BaiChuanForCausalLM"], ["BaichuanForCausalLM"]))
     baichuan2 = architectures == ["BaichuanForCausalLM"]
-    if baichuan2 and "max_position_embeddings" not in fields.config:
-        raise UserError(f"{fields.where('max_position_embeddings')} is missing: a BaichuanForCausalLM config without "
-                        "it is Baichuan-13B or Baichuan2-13B, whose ALiBi attention automodel does not implement")
+    alibi = baichuan2 and "max_position_embeddings" not in fields.config
     # Baichuan2's own training loss adds z_loss_weight x max-logit^2; automodel computes its own loss.
     fields.expect("z_loss_weight", (0, None))
     fields.take("_from_model_config")  # generation-config bookkeeping
-    if baichuan2:  # NormHead is its own matrix, never the embedding
+    if baichuan2:  # NormHead is its own matrix, never the embedding (Baichuan-13B's lm_head is untied too)
         fields.expect("tie_word_embeddings", (False,), False)
+    if alibi:
+        return _baichuan_alibi(fields)
     native = _llama_core(fields)
     if native["num_key_value_heads"] != native["num_attention_heads"]:
         fields.expect("num_key_value_heads", (native["num_attention_heads"],))
     return "llama", {**native, "rope_parameters": _plain_rope(fields), "attention_bias": False,
                      "baichuan_norm_head": baichuan2}
+
+
+def baichuan_class(published: dict[str, Any]) -> str:
+    """The 7B configs load into BaichuanLlamaForCausalLM (rotary), the 13B ones (no `max_position_embeddings`)
+    into BaichuanAlibiLlamaForCausalLM."""
+    return "BaichuanLlamaForCausalLM" if "max_position_embeddings" in published else "BaichuanAlibiLlamaForCausalLM"
+
+
+def _baichuan_alibi(fields: PublishedFields) -> tuple[str, dict]:
+    """Baichuan-13B / Baichuan2-13B: ALiBi in place of rotary, so a rotary setting stops the load."""
+    from automodel.models.families.baichuan import register
+
+    register()
+    for name in ("rope_theta", "rope_scaling", "position_embedding_type", "alibi_scaling"):
+        fields.expect(name, (None,))
+    vocab = fields.take("vocab_size", required=True)
+    if vocab not in (BAICHUAN_13B_VOCAB, BAICHUAN2_VOCAB):
+        raise UserError(f"{fields.where('vocab_size')} = {vocab!r} is not supported: an ALiBi Baichuan config (no "
+                        f"'max_position_embeddings') is Baichuan-13B ({BAICHUAN_13B_VOCAB}, plain lm_head) or "
+                        f"Baichuan2-13B ({BAICHUAN2_VOCAB}, normalised lm_head), told apart by this size")
+    native = {name: fields.take(name, required=True) for name in SIZES if name not in ("vocab_size",
+                                                                                    "max_position_embeddings")}
+    fields.expect("num_key_value_heads", (None, native["num_attention_heads"]))
+    fields.expect("hidden_act", ("silu",), "silu")
+    return "baichuan_alibi", {
+        **native, "vocab_size": vocab, "num_key_value_heads": native["num_attention_heads"],
+        "rms_norm_eps": fields.take("rms_norm_eps", 1e-6), "tie_word_embeddings": False, "attention_bias": False,
+        "max_position_embeddings": fields.take("model_max_length", 4096),  # ALiBi has no limit; recorded only
+        "baichuan_norm_head": vocab == BAICHUAN2_VOCAB}
 
 
 def internlm2(fields: PublishedFields) -> tuple[str, dict]:

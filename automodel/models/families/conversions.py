@@ -16,7 +16,7 @@ from transformers import GlmForCausalLM, LlamaForCausalLM
 from transformers.conversion_mapping import USER_REGISTERED_MAPPINGS, register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Chunk, ConversionOps, Split, WeightConverter, WeightRenaming
 
-from automodel.models.families.baichuan import BaichuanLlamaForCausalLM
+from automodel.models.families.baichuan import BaichuanAlibiLlamaForCausalLM, BaichuanLlamaForCausalLM
 from automodel.models.families.decilm import DeciLMLlamaForCausalLM
 from automodel.models.families.deepseek_moe import DeepseekMoeLlamaForCausalLM, deepseek_moe_experts
 from automodel.models.families.phi3small import Phi3SmallLlamaForCausalLM
@@ -109,6 +109,7 @@ CONVERTED = {"DeciLMLlamaForCausalLM": (DeciLMLlamaForCausalLM, None),
              "JaisGPT2LMHeadModel": (JaisGPT2LMHeadModel, None),
              "ChatGLMGlmForCausalLM": (ChatGLMGlmForCausalLM, chatglm_layout),
              "BaichuanLlamaForCausalLM": (BaichuanLlamaForCausalLM, baichuan_w_pack),
+             "BaichuanAlibiLlamaForCausalLM": (BaichuanAlibiLlamaForCausalLM, baichuan_w_pack),
              "InternLM2LlamaForCausalLM": (InternLM2LlamaForCausalLM, internlm2_layout),
              "DeepseekMoeLlamaForCausalLM": (DeepseekMoeLlamaForCausalLM, deepseek_moe_experts),
              "Phi3SmallLlamaForCausalLM": (Phi3SmallLlamaForCausalLM, None)}

@@ -8,14 +8,13 @@
 Weights keep GPT-2's names and Conv1D layout (transformer.wte, transformer.h.N.{ln_1, attn.c_attn, attn.c_proj,
 ln_2, mlp.c_fc, mlp.c_fc2, mlp.c_proj}, transformer.ln_f; lm_head tied to wte).
 
-ALiBi depends on i - j only, so the row index works for right or left padding alike; a padding-free row (examples
-back to back, `cu_seq_lens_q` their boundaries) keeps each example's queries on its own keys. The bias goes to
-PyTorch's SDPA as an additive mask, so this attention does not go through transformers' attention interface.
+ALiBi (automodel/models/families/alibi.py, shared with Baichuan-13B) depends on i - j only, so the row index works
+for right or left padding alike; a padding-free row (examples back to back, `cu_seq_lens_q` their boundaries) keeps
+each example's queries on its own keys. The bias goes to PyTorch's SDPA as an additive mask, so this attention does
+not go through transformers' attention interface.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -27,6 +26,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Block, GPT2PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 from transformers.utils.output_capturing import capture_outputs
+
+from automodel.models.families.alibi import alibi_mask, alibi_slopes
 
 
 class JaisConfig(GPT2Config):
@@ -48,18 +49,6 @@ def register() -> None:
         AutoConfig.register("jais", JaisConfig)
 
 
-def alibi_slopes(heads: int) -> torch.Tensor:
-    """The ALiBi paper's slopes: for 2^k heads the geometric sequence starting at 2^(-8/2^k); otherwise those of
-    the nearest smaller power of two, then every other slope of the next power of two."""
-    def powers_of_two(n):
-        start = 2 ** (-8 / n)
-        return [start ** (i + 1) for i in range(n)]
-
-    below = 2 ** math.floor(math.log2(heads))
-    slopes = powers_of_two(below) + powers_of_two(2 * below)[0::2][: heads - below]
-    return torch.tensor(slopes).unsqueeze(-1)  # (heads, 1), the published buffer's shape
-
-
 class AlibiSlopes(nn.Module):
     """Holds `slopes` under the published name `relative_pe.slopes` (never trained)."""
 
@@ -73,26 +62,6 @@ def init_slopes(module: nn.Module, heads: int) -> None:
     if isinstance(module, AlibiSlopes):
         with torch.no_grad():
             module.slopes.copy_(alibi_slopes(heads))
-
-
-def alibi_mask(slopes: torch.Tensor, queries: int, keys: int, attention_mask, cu_seq_lens_q,
-               dtype: torch.dtype) -> torch.Tensor:
-    """The additive (batch, heads, queries, keys) mask: ALiBi where a query may see a key, -inf elsewhere.
-    Queries are the last `queries` of `keys` positions (a cache holds the others)."""
-    device = slopes.device
-    query_at = torch.arange(keys - queries, keys, device=device)[:, None]
-    distance = query_at - torch.arange(keys, device=device)[None, :]
-    allowed = (distance >= 0)[None, None]
-    if attention_mask is not None:  # (batch, keys): 0 on padding
-        allowed = allowed & attention_mask[:, None, None, :].bool()
-    if cu_seq_lens_q is not None:  # a padding-free row: each example sees its own keys only
-        lengths = cu_seq_lens_q.diff()
-        example = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths.to(device))
-        allowed = allowed & (example[-queries:, None] == example[None, :])[None, None]
-    # A query that may see nothing (a padding row) sees everything: finite values nobody reads, not NaN.
-    allowed = allowed | ~allowed.any(-1, keepdim=True)
-    bias = (-slopes.float()[:, :, None] * distance.clamp(min=0)).to(dtype)[None]
-    return bias.masked_fill(~allowed, float("-inf"))
 
 
 class JaisAttention(GPT2Attention):

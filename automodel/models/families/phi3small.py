@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer, LlamaModel,
@@ -44,6 +43,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from automodel.models.families.decoder_inputs import decoder_inputs
+from automodel.models.families.score_masked_llama import ScoreMaskedLlamaForCausalLM
 
 # Attention functions that take the mask as a tensor over the score matrix (the block-sparse layout needs one).
 MASKED_ATTENTION = ("eager", "sdpa", "automodel_sdpa")
@@ -220,19 +220,9 @@ class Phi3SmallModel(LlamaModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
-class Phi3SmallLlamaForCausalLM(LlamaForCausalLM):
-    """LlamaForCausalLM (its head, loss and generation) around Phi3SmallModel; lm_head is tied to the embeddings."""
+class Phi3SmallLlamaForCausalLM(ScoreMaskedLlamaForCausalLM):
+    """LlamaForCausalLM (its head, loss and generation) around Phi3SmallModel, whose block-sparse layers pass a
+    mask over the scores; lm_head is tied to the embeddings."""
 
     _no_split_modules = ["Phi3SmallDecoderLayer"]
-    # The block-sparse layers pass a mask over the scores, which these attention functions do not take:
-    # transformers refuses them at load.
-    _supports_flash_attn = False
-    _supports_flex_attn = False
-    _supports_attention_backend = False
-
-    def __init__(self, config):
-        LlamaPreTrainedModel.__init__(self, config)
-        self.model = Phi3SmallModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
+    decoder_class = Phi3SmallModel
