@@ -15,7 +15,8 @@ Each case first writes a random checkpoint of the named shape in the hub's layou
 `--activation-checkpointing` sets `distributed.activation_checkpointing: true` (the path column then ends in `+ac`).
 Paths: `meta` is the default build (models/build.py); `full` is the whole-model load of every process (the same
 loader named through `model._target_`, which takes the old path). Per process it reports the peak resident set
-size (VmHWM, polled from /proc) during training and at the end (the save), as multiples of the model's fp32
+size (VmHWM, polled from /proc) once the run is set up (model built, data read: the run's banner), during training
+and at the end (the save), as multiples of the model's fp32
 size and of 16 bytes x parameters (fp32 weights, gradients and two AdamW states); for sft1b it also checks that the
 saved `model/` folder equals the trained weights of the step's DCP state. Checkpoints are deleted afterwards.
 """
@@ -28,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -157,11 +159,23 @@ def train(cfg: dict, out: Path) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", "automodel", "finetune", "llm", "-c", str(out / "cfg.yaml"),
                              "--nproc-per-node", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    peaks, train_peaks, first_step, last_step = {}, {}, None, None
+    output, set_up = [], threading.Event()
+
+    def read_output():  # the run banner is printed once the model is built and the data read
+        for line in proc.stdout:
+            output.append(line)
+            if "── automodel finetune llm" in line:
+                set_up.set()
+
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
+    peaks, load_peaks, train_peaks, first_step, last_step = {}, None, {}, None, None
     steps = cfg["step_scheduler"]["max_steps"]
     while proc.poll() is None:
         for pid in workers(proc.pid):
             peaks[pid] = max(peaks.get(pid, 0), peak_rss(pid))
+        if set_up.is_set() and load_peaks is None:
+            load_peaks = dict(peaks)
         records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
         done = [r for r in records if r.get("kind") == "train"]
         if done and first_step is None:
@@ -169,13 +183,15 @@ def train(cfg: dict, out: Path) -> dict:
         if len(done) >= steps and last_step is None:
             last_step, train_peaks = time.monotonic(), dict(peaks)
         time.sleep(0.2)
-    output = proc.stdout.read()
+    reader.join()
+    output = "".join(output)
     if proc.returncode:
         return {"error": output.strip().splitlines()[-1] if output.strip() else f"exit {proc.returncode}"}
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     step_s = [r["step_s"] for r in records if r.get("kind") == "train"][1:]
     ranks = 2  # --nproc-per-node; children a rank starts inherit RANK too, and are smaller
     return {"ranks": sorted(peaks.values())[-ranks:], "train_ranks": sorted(train_peaks.values())[-ranks:],
+            "load_ranks": sorted((load_peaks or {}).values())[-ranks:],
             "first_step_s": first_step,
             "step_s": sum(step_s) / max(len(step_s), 1)}
 
@@ -237,7 +253,7 @@ def main() -> None:
         for case in args.case:
             shutil.rmtree(workdir, ignore_errors=True)
             params = write_checkpoint(case, args.scale, workdir / "hub")
-            fp32, full_sft = 4 * params, 16 * params
+            fp32 = 4 * params
             for path in args.paths:
                 need, free = expected_need(case, path, params), available()
                 if need > free:  # the machine may be shared: never push it into the OOM killer
@@ -254,7 +270,8 @@ def main() -> None:
                 shutil.rmtree(workdir / path, ignore_errors=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\n{'case':7} {'path':7} {'params':>8} {'fp32 GB':>7} {'train peak GB/rank':>19} {'end peak GB/rank':>17} "
+    print(f"\n{'case':7} {'path':7} {'params':>8} {'fp32 GB':>7} {'load peak GB/rank':>18} {'train peak GB/rank':>19} "
+          f"{'end peak GB/rank':>17} "
           f"{'sum GB':>7} {'max/fp32':>8} {'max/16B*P':>9} {'1st step s':>10} {'step s':>7}  saved model/")
     for row in rows:
         if "error" in row:
@@ -263,6 +280,7 @@ def main() -> None:
             continue
         top = max(row["ranks"])
         print(f"{row['case']:7} {row['path']:7} {row['params'] / 1e9:7.2f}B {gb(row['fp32']):>7} "
+              f"{' / '.join(gb(v) for v in row['load_ranks']):>18} "
               f"{' / '.join(gb(v) for v in row['train_ranks']):>19} {' / '.join(gb(v) for v in row['ranks']):>17} "
               f"{gb(sum(row['ranks'])):>7} {top / row['fp32']:8.2f} {top / (4 * row['fp32']):9.2f} "
               f"{row['first_step_s']:10.1f} {row['step_s']:7.2f}  {row.get('saved', '-')}")

@@ -111,7 +111,9 @@ def realise(first: str, group, model: nn.Module, renamings=()) -> dict[str, torc
 
 class TensorReaders:
     """Readers of a checkpoint's tensors, one file opened (safetensors' mmap, or an mmapped `.bin`) when first
-    needed; `meta=True` gives shape-only tensors for a dry run that reads no data."""
+    needed; `meta=True` gives shape-only tensors for a dry run that reads no data. The tensors read are views of
+    the file's mapping, whose pages stay in the process's resident set until the file is closed: `close()` after
+    each group keeps that to one group's pages."""
 
     def __init__(self, weights, meta: bool = False):
         self.weights, self.meta, self.opened = weights, meta, {}
@@ -125,6 +127,9 @@ class TensorReaders:
 
                 self.opened[path] = safe_open(str(path), framework="pt")
         return self.opened[path]
+
+    def close(self) -> None:
+        self.opened.clear()
 
     def reader(self, name: str) -> Callable[[], torch.Tensor]:
         entry = self.weights.tensors[name]
@@ -173,10 +178,11 @@ def load_converted_weights(model: nn.Module, base_model: nn.Module, weights, tar
     (`targets`: {name: this process's tensor}); returns the checkpoint's tensors no parameter uses."""
     from automodel.models.materialize import copy_into
 
-    groups, unused = load_groups(base_model, list(weights.tensors), set(targets), TensorReaders(weights).reader)
+    readers = TensorReaders(weights)
+    groups, unused = load_groups(base_model, list(weights.tensors), set(targets), readers.reader)
     for first, group in groups.items():
         for name, value in realise(first, group, base_model).items():
             if name in targets:
                 copy_into(targets[name], value)
-            del value
+        readers.close()
     return unused

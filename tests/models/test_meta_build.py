@@ -342,7 +342,17 @@ FAMILY_ROWS = {**{row.published_type: row for row in family_rows()}, **{name: va
 def test_remote_code_families_build_the_same_on_the_meta_device(row, tmp_path, caplog):
     """A remote-code family's published checkpoint (its own names: W_pack, wqkv, ChatGLM's layout, per-expert MoE
     tensors) builds on the meta device through transformers' conversions, equal to the whole-model load."""
-    folder = write_published_checkpoint(row, tmp_path / "published")
+    assert_family_builds_the_same(write_published_checkpoint(row, tmp_path / "published"), caplog)
+
+
+def test_baichuan2_13b_builds_the_same_on_the_meta_device(tmp_path, caplog):
+    """Baichuan2-13B's ALiBi class and normalised head, from its published W_pack layout."""
+    from tests.models.test_family_baichuan13b import write_checkpoint
+
+    assert_family_builds_the_same(write_checkpoint("baichuan2-13b", tmp_path / "published"), caplog)
+
+
+def assert_family_builds_the_same(folder, caplog) -> None:
     with caplog.at_level(logging.INFO, logger="automodel"):
         full, full_rng, meta, meta_rng = both_builds({"model": {"pretrained_model_name_or_path": str(folder)},
                                                       "peft": {"target_modules": "all-linear", "dim": 4}})
