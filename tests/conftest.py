@@ -22,6 +22,19 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
 
 
+# The files that take a minute or more of one worker (`pytest --durations=0`, summed per file), longest first.
+# pytest-xdist's `--dist loadfile` hands files to the workers in collection order; a long file collected last runs
+# alone at the end while the other worker idles, so these are collected first.
+LONGEST_FILES = ("tests/test_docs.py", "tests/test_distributed.py", "tests/test_resume.py", "tests/test_quality.py",
+                 "tests/models/test_architectures.py", "tests/models/test_families_vllm.py",
+                 "tests/inference/test_vllm_server.py", "tests/models/test_fsdp2_architectures.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
 def pytest_configure(config):
     if not STORIES.is_dir():
         raise pytest.UsageError(f"shared assets not found at {ASSETS}: set AUTOMODEL_ASSETS")

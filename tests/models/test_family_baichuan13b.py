@@ -30,11 +30,11 @@ from automodel.models import load_causal_lm
 from automodel.models.families.alibi import alibi_slopes
 from automodel.models.families.baichuan import BaichuanAlibiLlamaForCausalLM, NormHead
 from automodel.models.registry import BY_NAME
-from tests.models.published import llama_layout
+from tests.models.published import llama_layout, write_published_checkpoint
 from tests.models.test_architectures import one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
 from tests.models.test_architectures import test_full_sft_changes_every_parameter_and_round_trips as sft_check
 from tests.models.test_architectures import test_lora_all_linear_adapts_projections_and_round_trips as lora_check
-from tests.models.test_family_baichuan2_deepseek_moe import assert_fsdp2_sft_matches_one_process
+from tests.models.test_family_baichuan2_deepseek_moe import DEEPSEEK_MOE, assert_fsdp2_sft_matches_one_process
 from tests.models.tiny import shared_tokenizer
 
 ROW = BY_NAME["BaiChuanForCausalLM"]
@@ -174,12 +174,14 @@ def test_baichuan2_13b_lora_and_full_sft_train_and_round_trip(tmp_path):
 
 
 @pytest.mark.slow
-def test_baichuan_13b_two_process_fsdp2_matches_one_process(tmp_path):
-    """Full SFT of Baichuan-13B (ALiBi; the smaller vocabulary of the two) under 2-process FSDP2 (gloo) against one
-    process: equal losses, the same consolidated tensors under the published names (W_pack), the published
+def test_baichuan_13b_and_deepseek_moe_under_two_process_fsdp2_match_one_process(tmp_path):
+    """Full SFT under 2-process FSDP2 (gloo; tests/models/fsdp2_worker.py) against one process, in one process group:
+    Baichuan-13B (ALiBi; the smaller vocabulary of the two) and DeepSeek-MoE (shared and routed experts): equal
+    losses, the same consolidated tensors under the published names (W_pack, per-expert tensors), the published
     config.json."""
-    folder = write_checkpoint("baichuan-13b", tmp_path / "published")
-    assert_fsdp2_sft_matches_one_process(ROW.architecture, folder, tmp_path)
+    assert_fsdp2_sft_matches_one_process({
+        ROW.architecture: write_checkpoint("baichuan-13b", tmp_path / "baichuan-13b"),
+        DEEPSEEK_MOE.architecture: write_published_checkpoint(DEEPSEEK_MOE, tmp_path / "deepseek-moe")}, tmp_path)
 
 
 def test_tensor_parallelism_is_refused_with_one_line(tmp_path):

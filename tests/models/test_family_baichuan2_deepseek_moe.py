@@ -133,33 +133,24 @@ def test_deepseek_moe_router_aux_loss_is_refused(tmp_path):
     assert "output_router_logits" in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
-@pytest.mark.slow
-def test_deepseek_moe_two_process_fsdp2_matches_one_process(tmp_path):
-    """tests/models/test_fsdp2_architectures.py's check for one run: full SFT of DeepSeek-MoE under 2-process
-    FSDP2 (gloo; its worker, tests/models/fsdp2_worker.py) against the same config in this process: equal losses,
-    the same consolidated tensors, written in the published layout (per-expert names) with the published config."""
-    folder = write_published_checkpoint(DEEPSEEK_MOE, tmp_path / "published")
-    assert_fsdp2_sft_matches_one_process("DeepseekForCausalLM", folder, tmp_path)
-
-
-def assert_fsdp2_sft_matches_one_process(architecture: str, folder, tmp_path) -> None:
-    """Full SFT of the checkpoint `folder` (a variant of `architecture`'s row) in a 2-process FSDP2 group and in
-    this process: equal per-step losses, the same consolidated tensors under the published names, the published
-    config.json in both outputs."""
-    sharded, single = tmp_path / "fsdp2", tmp_path / "single"
-    runs = tmp_path / "runs.json"
-    runs.write_text(json.dumps([{"architecture": architecture, "model_dir": str(folder), "out_dir": str(sharded),
-                                 "lora": False}]))
+def assert_fsdp2_sft_matches_one_process(checkpoints: dict[str, object], tmp_path) -> None:
+    """Full SFT of each checkpoint ({architecture of its row: folder}) in one 2-process FSDP2 group (the runs in
+    turn, so the processes start once) and in this process: equal per-step losses, the same consolidated tensors
+    under the published names, the published config.json in both outputs."""
+    runs = [{"architecture": architecture, "model_dir": str(folder), "out_dir": str(tmp_path / f"fsdp2-{i}"),
+             "lora": False} for i, (architecture, folder) in enumerate(checkpoints.items())]
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
     port, logs = free_port(), [tmp_path / f"rank{rank}.log" for rank in range(2)]
-    command = [sys.executable, "-m", "tests.models.fsdp2_worker", str(runs)]
+    command = [sys.executable, "-m", "tests.models.fsdp2_worker", str(tmp_path / "runs.json")]
     procs = start_job([(command, dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                                       MASTER_PORT=str(port))) for rank in range(2)], port, 600,
                       stdouts=[log.open("w") for log in logs])
     try:
-        recipe = FinetuneRecipe(fsdp2_config(architecture, folder, single, lora=False))
-        assert recipe.parallel.strategy == "none"
-        recipe.setup()
-        recipe.train()
+        for i, (architecture, folder) in enumerate(checkpoints.items()):
+            recipe = FinetuneRecipe(fsdp2_config(architecture, folder, tmp_path / f"single-{i}", lora=False))
+            assert recipe.parallel.strategy == "none"
+            recipe.setup()
+            recipe.train()
         deadline = time.monotonic() + 600
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -167,13 +158,16 @@ def assert_fsdp2_sft_matches_one_process(architecture: str, folder, tmp_path) ->
         for proc in procs:
             proc.kill()
     tails = "".join(log.read_text()[-3000:] for log in logs)
-    assert [p.returncode for p in procs] == [0, 0] and (sharded / "DONE").is_file(), tails
-
-    assert losses(sharded) == pytest.approx(losses(single), rel=1e-5) and len(losses(single)) == STEPS
-    saved = [load_file(out / f"step_{STEPS}" / "model" / "model.safetensors") for out in (sharded, single)]
-    published = load_file(folder / "model.safetensors")
-    assert saved[0].keys() == saved[1].keys() == published.keys()  # the published names (experts, W_pack)
-    for name, want in saved[1].items():
-        torch.testing.assert_close(saved[0][name], want, rtol=1e-5, atol=1e-5, msg=name)
-    configs = [json.loads((out / f"step_{STEPS}" / "model" / "config.json").read_text()) for out in (sharded, single)]
-    assert configs[0] == configs[1] == json.loads((folder / "config.json").read_text())
+    assert [p.returncode for p in procs] == [0, 0], tails
+    for i, folder in enumerate(checkpoints.values()):
+        sharded, single = tmp_path / f"fsdp2-{i}", tmp_path / f"single-{i}"
+        assert (sharded / "DONE").is_file(), tails
+        assert losses(sharded) == pytest.approx(losses(single), rel=1e-5) and len(losses(single)) == STEPS
+        saved = [load_file(out / f"step_{STEPS}" / "model" / "model.safetensors") for out in (sharded, single)]
+        published = load_file(folder / "model.safetensors")
+        assert saved[0].keys() == saved[1].keys() == published.keys()  # the published names (experts, W_pack)
+        for name, want in saved[1].items():
+            torch.testing.assert_close(saved[0][name], want, rtol=1e-5, atol=1e-5, msg=name)
+        configs = [json.loads((out / f"step_{STEPS}" / "model" / "config.json").read_text())
+                   for out in (sharded, single)]
+        assert configs[0] == configs[1] == json.loads((folder / "config.json").read_text())
