@@ -8,12 +8,13 @@
   3. applies the parallel plan that splits parameters (tensor parallel, FSDP2),
   4. allocates only this process's shards and reads them from the checkpoint: by torch.distributed.checkpoint when
      the checkpoint's names are the model's (models/materialize.py), else one conversion group at a time through
-     transformers' own conversions (models/conversion.py: fused MoE experts, the remote-code families' layouts),
+     transformers' own conversions (models/conversion.py: fused MoE experts, the remote-code families' layouts,
+     fp8 weights dequantised),
      then computes DoRA's magnitudes from the loaded weights, one layer at a time (models/dora.py),
   5. computes the buffers the checkpoint does not store and wraps DDP last (it needs real parameters).
 A GGUF file is read from its dequantised copy (models/gguf.py), an ordinary safetensors folder. Other sources (a
-custom `model._target_`, a quantised checkpoint) load whole through transformers in each process, as one info line
-says; so does a QLoRA base, which bitsandbytes quantises as it loads onto each GPU.
+custom `model._target_`, a checkpoint of another quantisation than fp8) load whole through transformers in each
+process, as one info line says; so does a QLoRA base, which bitsandbytes quantises as it loads onto each GPU.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from torch import nn
 from automodel.config import TargetPolicy, build, parse_section
 from automodel.errors import UserError
 from automodel.models import attention, families, gguf
-from automodel.models.conversion import check_converted, load_converted_weights
+from automodel.models.conversion import check_converted, fp8_dequantizer, load_converted_weights
 from automodel.models.dora import fill_dora_magnitudes
 from automodel.models.loader import MODEL_KEY, check_source, model_error, parse_dtype, resolve_model_folder
 from automodel.models.materialize import (
@@ -112,9 +113,10 @@ def build_quantized(node: dict[str, Any], lora: LoraSettings, parallel, device: 
     return parallel.parallelize(model) if parallel is not None else model
 
 
-def meta_model(options: dict[str, Any], folder: Path) -> nn.Module | None:
-    """The model of the folder's config (with the section's overrides), its parameters on the meta device; None
-    for a checkpoint transformers quantises or dequantises as it loads (a `quantization_config`)."""
+def meta_model(options: dict[str, Any], folder: Path):
+    """(the model of the folder's config (with the section's overrides), its parameters on the meta device; the
+    dequantiser of an fp8 checkpoint or None); None for other quantised checkpoints (`quantization_config`), which
+    transformers' own loading reads."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     overrides = {k: v for k, v in options.items() if k not in LOADER_OPTIONS}
@@ -131,8 +133,12 @@ def meta_model(options: dict[str, Any], folder: Path) -> nn.Module | None:
             if unused:  # transformers would drop them; the whole-model load refuses them too
                 raise UserError(f"model.{next(iter(unused))}: {type(config).__name__} has no such setting; remove "
                                 "the key or name one of the model config's fields")
+        dequantizer = None
         if getattr(config, "quantization_config", None) is not None:
-            return None
+            dequantizer = fp8_dequantizer(config.quantization_config)
+            if dequantizer is None:
+                return None
+            del config.quantization_config  # the model trains and is saved in float
         with torch.device("meta"):
             if family_class is not None:
                 model = family_class._from_config(config, dtype=dtype, attn_implementation=attn)
@@ -145,23 +151,24 @@ def meta_model(options: dict[str, Any], folder: Path) -> nn.Module | None:
         families.mark_published(model, published)
     if attn is None:
         attention.use_automodel_sdpa(model)
-    return model
+    return model, dequantizer
 
 
 def build_on_meta(options: dict[str, Any], weights: WeightFiles, lora: LoraSettings | None, parallel,
                   device: torch.device) -> nn.Module | None:
     """Steps 1-5 of the module docstring; None for a quantised checkpoint (transformers' loading reads those)."""
-    model = meta_model(options, weights.folder)
-    if model is None:
+    built = meta_model(options, weights.folder)
+    if built is None:
         logger.info("model: %s is quantised (quantization_config): each process loads the whole model through "
                     "transformers", weights.folder)
         return None
+    model, dequantizer = built
     wanted = loaded_names(model)
-    same_names = weights.format == "safetensors" and set(wanted) <= set(weights.tensors)
+    same_names = weights.format == "safetensors" and set(wanted) <= set(weights.tensors) and dequantizer is None
     if same_names:
         check_matches_model(weights, wanted)
-    else:  # names transformers converts (fused experts, a family's layout) or .bin pickles: read group by group
-        check_converted(model, weights, wanted)
+    else:  # names transformers converts (fused experts, a family's layout, fp8 weights), .bin: group by group
+        check_converted(model, weights, wanted, dequantizer)
     logger.info("model: built on the meta device; each process reads its shard of %s (%d %sfiles%s)",
                 weights.folder, len(weights.files), ".bin " if weights.format == "bin" else "",
                 "" if same_names else ", one conversion group at a time")
@@ -178,7 +185,8 @@ def build_on_meta(options: dict[str, Any], weights: WeightFiles, lora: LoraSetti
     if same_names:
         load_checkpoint_weights(model, weights.folder, set(wanted), peft=lora is not None)
     else:
-        unused = load_converted_weights(model, hf, weights, checkpoint_targets(model, set(wanted), lora is not None))
+        unused = load_converted_weights(hf, weights, checkpoint_targets(model, set(wanted), lora is not None),
+                                        dequantizer)
         if unused:
             logger.info("model: %d checkpoint tensors load into no parameter (first: %s)", len(unused), unused[0])
     fill_from_full(model, lora_values)

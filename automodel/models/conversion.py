@@ -8,6 +8,9 @@ tensor), and each group is realised on its own: its source tensors are read (loa
 used and dropped before the next group. So the most any process holds beyond its shards is one group in full: one
 layer's fused expert projection for an MoE model, one weight elsewhere.
 
+A fine-grained fp8 checkpoint (DeepSeek-V3's format) adds transformers' fp8 dequantisation as the first op of
+each group (`fp8_dequantizer`): its weights and block scales are read together and come out as float tensors.
+
 We drive transformers' grouping ourselves rather than calling `convert_and_load_state_dict_in_model`, because that
 function slices each source tensor to the destination's shard *before* converting: exact for the expert lists it
 was written for, wrong for a split (a shard of a fused qkv is not a shard of q) and for FSDP2's dim-0 shards of a
@@ -26,15 +29,29 @@ from automodel.errors import UserError
 from automodel.models.weights import FLOAT_DTYPES, TORCH_DTYPES, load_bin
 
 
-def _transforms(model: nn.Module, reverse: bool):
+def fp8_dequantizer(quantization_config):
+    """transformers' quantizer of a fine-grained fp8 checkpoint (`quant_method: fp8`, as DeepSeek-V3 and the -FP8
+    releases ship: fp8 weights with per-block `weight_scale_inv`), set to dequantise as it loads, which is what
+    training needs; None for any other quantisation."""
+    from transformers.quantizers import AutoHfQuantizer
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=True)
+    if not isinstance(quantizer, FineGrainedFP8HfQuantizer):
+        return None
+    quantizer.quantization_config.dequantize = True
+    return quantizer
+
+
+def _transforms(model: nn.Module, reverse: bool, dequantizer=None):
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
 
     if reverse:  # as transformers' revert_weight_conversion on a model not loaded by from_pretrained
         found = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
         found = [c.reverse_transform() for c in found[::-1]]
-    else:
-        found = get_model_conversion_mapping(model)
+    else:  # a dequantiser adds its own ops before the model's (fp8 weights and scales in, float weights out)
+        found = get_model_conversion_mapping(model, hf_quantizer=dequantizer)
     renamings = [c for c in found if isinstance(c, WeightRenaming)]
     converters = [c for c in found if isinstance(c, WeightConverter)]
     return renamings, converters
@@ -47,13 +64,13 @@ def has_conversions(model: nn.Module) -> bool:
 
 
 def load_groups(model: nn.Module, source_names: list[str], target_names: set[str],
-                read: Callable[[str], Callable[[], torch.Tensor]]) -> tuple[dict, list[str]]:
+                read: Callable[[str], Callable[[], torch.Tensor]], dequantizer=None) -> tuple[dict, list[str]]:
     """({first target name: transform holding its sources' readers}, checkpoint names no target uses), grouped as
     transformers' `convert_and_load_state_dict_in_model` groups them. `read(name)` returns a reader of that
     checkpoint tensor (called only when the group is realised)."""
     from transformers.core_model_loading import WeightRenaming, dot_natural_key, rename_source_key
 
-    renamings, converters = _transforms(model, reverse=False)
+    renamings, converters = _transforms(model, reverse=False, dequantizer=dequantizer)
     by_pattern = {pattern: converter for converter in converters for pattern in converter.source_patterns}
     targets = dict.fromkeys(target_names, True)  # rename_source_key asks `.get(name) is not None`
     prefix = model.base_model_prefix
@@ -143,10 +160,12 @@ class TensorReaders:
         return lambda: self._file(entry.file).get_tensor(name)
 
 
-def check_converted(model: nn.Module, weights, wanted: dict[str, tuple[tuple[int, ...], bool]]) -> None:
+def check_converted(model: nn.Module, weights, wanted: dict[str, tuple[tuple[int, ...], bool]],
+                    dequantizer=None) -> None:
     """A dry run of the conversion on shape-only tensors: every tensor the model loads is produced once, with its
     shape and a float dtype where it is a float, before any memory is allocated; else one line naming it."""
-    groups, _ = load_groups(model, list(weights.tensors), set(wanted), TensorReaders(weights, meta=True).reader)
+    groups, _ = load_groups(model, list(weights.tensors), set(wanted), TensorReaders(weights, meta=True).reader,
+                            dequantizer)
     produced = {}
     for first, group in groups.items():
         sources = sorted({s for names in group.layer_targets.values() for s in names})
@@ -172,14 +191,14 @@ def check_converted(model: nn.Module, weights, wanted: dict[str, tuple[tuple[int
                         f"{', '.join(p.name for p in weights.files)})")
 
 
-def load_converted_weights(model: nn.Module, base_model: nn.Module, weights, targets: dict[str, torch.Tensor]
+def load_converted_weights(base_model: nn.Module, weights, targets: dict[str, torch.Tensor], dequantizer=None
                            ) -> list[str]:
     """Every process reads the checkpoint one conversion group at a time and keeps its own slices of each result
     (`targets`: {name: this process's tensor}); returns the checkpoint's tensors no parameter uses."""
     from automodel.models.materialize import copy_into
 
     readers = TensorReaders(weights)
-    groups, unused = load_groups(base_model, list(weights.tensors), set(targets), readers.reader)
+    groups, unused = load_groups(base_model, list(weights.tensors), set(targets), readers.reader, dequantizer)
     for first, group in groups.items():
         for name, value in realise(first, group, base_model).items():
             if name in targets:

@@ -29,7 +29,8 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 SAFE_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                torch.bool: "BOOL"}
-TORCH_DTYPES = {name: dtype for dtype, name in SAFE_DTYPES.items()}
+# fp8 weights of a checkpoint transformers dequantises on load (models/conversion.py's fp8_dequantizer)
+TORCH_DTYPES = {**{name: dtype for dtype, name in SAFE_DTYPES.items()}, "F8_E4M3": torch.float8_e4m3fn}
 HEADER_LIMIT = 100_000_000  # safetensors' own limit on the JSON header
 
 

@@ -13,14 +13,14 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from automodel.checkpoint import write_hf_model
 from automodel.errors import UserError
 from automodel.models import families, load_tokenizer
 from automodel.models.build import build_in_full, build_model, lora_settings, model_section
-from automodel.models.registry import family_rows, native_rows
+from automodel.models.registry import BY_NAME, family_rows, native_rows
 from tests.conftest import REPO_ROOT, STORIES
 from tests.distributed_helpers import clean_env, free_port, run_together
 from tests.helpers import tiny_squad_config
@@ -230,6 +230,47 @@ def test_bin_weights_load_only_when_weights_only_reads_them(tmp_path):
     torch.save({"weights": state, "args": argparse.Namespace(lr=1)}, folder / "pytorch_model.bin")  # not only tensors
     with pytest.raises(UserError, match=r"pytorch_model\.bin does not load with weights_only=True"):
         build_model({"model": {"pretrained_model_name_or_path": str(folder)}})
+
+
+def quantise_to_fp8(folder, block: int = 16) -> None:
+    """Rewrite a checkpoint as the fine-grained fp8 releases store theirs (DeepSeek-V3, the -FP8 models): each
+    projection weight in float8_e4m3fn with a float32 `weight_scale_inv` per block x block tile, and the config's
+    `quantization_config` saying so."""
+    state = load_file(folder / "model.safetensors")
+    quantised = {}
+    for name, tensor in state.items():
+        if tensor.dim() != 2 or not name.endswith("proj.weight"):
+            quantised[name] = tensor
+            continue
+        rows, cols = tensor.shape
+        tiles = -(-rows // block), -(-cols // block)
+        padded = torch.zeros(tiles[0] * block, tiles[1] * block)
+        padded[:rows, :cols] = tensor
+        scale = padded.view(tiles[0], block, tiles[1], block).abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+        scaled = padded / scale.repeat_interleave(block, 0).repeat_interleave(block, 1)
+        quantised[name] = scaled[:rows, :cols].to(torch.float8_e4m3fn)
+        quantised[f"{name}_scale_inv"] = scale
+    save_file(quantised, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "DeepseekV3ForCausalLM"])
+def test_fp8_checkpoint_is_dequantised_group_by_group(architecture, tmp_path, caplog):
+    """An fp8 checkpoint (DeepSeek-V3's format: per-expert fp8 weights with block scales) builds on the meta device,
+    dequantised by transformers' own fp8 op one group at a time: what transformers' whole-model load gives, and a
+    float model that saves without the quantization_config."""
+    folder = write_tiny_checkpoint(BY_NAME[architecture], tmp_path / "fp8")
+    quantise_to_fp8(folder)
+    with caplog.at_level(logging.INFO, logger="automodel"):
+        model = build_model({"model": {"pretrained_model_name_or_path": str(folder)}})
+    assert "one conversion group at a time" in caplog.text
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)  # dequantises on a CPU machine
+    want, got = reference.state_dict(), model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert getattr(model.config, "quantization_config", None) is None
 
 
 def fake_snapshot_download(hub):
