@@ -28,6 +28,7 @@ from torch import nn
 from automodel.checkpoint.save import CheckpointConfig
 from automodel.models import families
 from automodel.models.conversion import has_conversions, realise, save_groups
+from automodel.models.materialize import full_tensor
 from automodel.models.weights import SAFE_DTYPES
 from automodel.peft import is_peft_model
 
@@ -52,15 +53,6 @@ def shard_plan(tensors: dict[str, torch.Tensor], max_shard_size: int | str):
     return split_state_dict_into_shards_factory(
         tensors, get_storage_size=lambda t: t.numel() * t.element_size(), max_shard_size=max_shard_size,
         filename_pattern="model{suffix}.safetensors")
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on every rank (a collective for a DTensor), on the CPU."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(tensor, DTensor):
-        tensor = tensor.full_tensor()
-    return tensor.detach().cpu()
 
 
 def safetensors_header(names: list[str], tensors: dict[str, torch.Tensor]) -> bytes:

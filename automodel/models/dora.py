@@ -15,7 +15,7 @@ import logging
 import torch
 from torch import nn
 
-from automodel.models.materialize import fill_from_full
+from automodel.models.materialize import fill_from_full, full_tensor
 
 logger = logging.getLogger("automodel")
 
@@ -26,15 +26,6 @@ class _BaseWeight(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
-
-
-def whole_on_cpu(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on the CPU; for a DTensor (FSDP2, TP) a gather that every process joins."""
-    from torch.distributed.tensor import DTensor
-
-    if isinstance(tensor, DTensor):
-        tensor = tensor.full_tensor()
-    return tensor.detach().cpu()
 
 
 def dora_magnitudes(model: nn.Module, lora_values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -51,7 +42,7 @@ def dora_magnitudes(model: nn.Module, lora_values: dict[str, torch.Tensor]) -> d
             continue
         if not isinstance(layer, LoraLinear):  # peft's embedding and conv DoRA: LoraSettings adapts linear layers
             raise RuntimeError(f"DoRA on the meta device covers linear layers; {name} is a {type(layer).__name__}")
-        base = _BaseWeight(whole_on_cpu(layer.get_base_layer().weight))
+        base = _BaseWeight(full_tensor(layer.get_base_layer().weight))
         for adapter, magnitude in layer.lora_magnitude_vector.items():
             # peft took the norms while A and B had the base layer's dtype (get_peft_model casts the adapters of a
             # bf16 or fp16 base to fp32 only after wrapping every layer); the magnitude's copy casts it as that did

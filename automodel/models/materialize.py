@@ -102,6 +102,15 @@ def load_checkpoint_weights(model: nn.Module, folder, wanted: set[str], peft: bo
     dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=not dist.is_initialized())
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on the CPU; for a DTensor (FSDP2, TP) a gather that every process joins."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu()
+
+
 @torch.no_grad()
 def copy_into(target: torch.Tensor, full: torch.Tensor) -> None:
     """Copy a full tensor into `target`, which keeps only its own shard of it when it is a DTensor."""
