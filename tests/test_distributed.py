@@ -62,6 +62,8 @@ def test_fsdp2_lora_two_processes_through_the_launcher(tmp_path, reference, stor
     assert "strategy fsdp2, data parallel 2 x tensor parallel 1" in out.stdout
     assert "world size 2, strategy fsdp2, data parallel 2 x tensor parallel 1, device cpu" in out.stdout
     assert FAST_LOSS_PATH in out.stdout
+    # the tied frozen embedding/head: each process holds half its rows (distributed/vocab_shard.py)
+    assert "FSDP2: the frozen Embedding and Linear split by vocabulary rows over 2 processes" in out.stdout
     assert out.stdout.count("step 3/3 | loss") == 1, "only rank 0 prints"
     model_dir = tmp_path / "ckpt" / "step_3" / "model"
     assert sorted(p.name for p in model_dir.glob("*.safetensors")) == ["adapter_model.safetensors"]

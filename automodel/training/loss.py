@@ -94,7 +94,12 @@ def _accumulate(total: torch.Tensor | None, grad: torch.Tensor | None) -> torch.
 def chunked_head_cross_entropy(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor,
                                chunk_size: int) -> torch.Tensor:
     """Sum over rows of cross-entropy(head(hidden[i]), targets[i]), in fp32 (fp64 for fp64 `hidden`); `hidden` is
-    `[label_tokens, hidden]`."""
+    `[label_tokens, hidden]`. A head split by vocabulary rows over the processes (FSDP2's frozen head) goes through
+    its own form, which applies each process's rows in turn."""
+    from automodel.distributed.vocab_shard import VocabShardedLinear, vocab_sharded_cross_entropy
+
+    if isinstance(head.module, VocabShardedLinear):
+        return vocab_sharded_cross_entropy(head, hidden, targets, chunk_size)
     params = head.trainable_parameters() if torch.is_grad_enabled() else []
     if not (torch.is_grad_enabled() and (hidden.requires_grad or params)):
         with torch.no_grad():
