@@ -1,17 +1,25 @@
 """Memory of fine-tuning a model of a real size with 2 FSDP2 processes: the meta-device build against the old path.
 
-    python benchmarks/big_model.py [--case lora3b sft1b moe2b] [--scale 1.0] [--steps 3] [--paths meta full]
-                                   [--activation-checkpointing] [--workdir /tmp/big_model]
+    python benchmarks/big_model.py [--case lora3b sft1b moe2b lora7b qlora8b] [--scale 1.0] [--layers N]
+                                   [--steps 3] [--paths meta full] [--processes 2] [--activation-checkpointing]
+                                   [--workdir /tmp/big_model]
 
 Each case first writes a random checkpoint of the named shape in the hub's layout (bf16, 2 GB shards with
-`model.safetensors.index.json`, the real tokenizer), then trains `--steps` steps through the CLI
-(`--nproc-per-node 2`, FSDP2) and saves the final step with its consolidated `model/` folder:
+`model.safetensors.index.json`, the real tokenizer; written shard by shard, never the whole model in memory), then
+trains `--steps` steps through the CLI (`--nproc-per-node 2`, FSDP2; `--processes 1 2` adds one-process rows) and
+saves the final step with its consolidated `model/` folder (the adapter for LoRA):
   lora3b  LoRA on a Llama-3.2-3B shape (hidden 3072, 28 layers, 24/8 heads, intermediate 8192, Llama 3 vocab)
   sft1b   full SFT of a TinyLlama-1.1B shape (hidden 2048, 22 layers, 32/4 heads, intermediate 5632, vocab 32000)
   moe2b   LoRA on a Mixtral shape cut to 8 layers of hidden 2048 (16/4 heads, 8 experts of 5632, top 2, vocab
           32000), stored as Mixtral's hub checkpoints store it: one w1/w2/w3 tensor per expert, which transformers
           fuses on load (so the build reads it one conversion group at a time)
-`--scale` < 1 shrinks width and depth (not the vocabulary) to check the script on a small machine.
+  lora7b  LoRA on a Qwen2-7B shape (hidden 3584, 28 layers, 28/4 heads, intermediate 18944, vocab 152064, untied
+          head, q/k/v biases), the frozen base in bf16 (`model.dtype: bfloat16`, fp32 adapters)
+  qlora8b QLoRA (nf4, double quantisation, bf16 compute) on a Llama-3.1-8B shape (hidden 4096, 32 layers, 32/8
+          heads, intermediate 14336, vocab 128256, untied head); one process only (bitsandbytes' packed weights do
+          not shard)
+`--scale` < 1 shrinks width and depth (not the vocabulary) to check the script on a small machine; `--layers N`
+keeps the full width and vocabulary and cuts the depth to N layers (a cut of the real shape).
 `--activation-checkpointing` sets `distributed.activation_checkpointing: true` (the path column then ends in `+ac`).
 Paths: `meta` is the default build (models/build.py); `full` is the whole-model load of every process (the same
 loader named through `model._target_`, which takes the old path). Per process it reports the peak resident set
@@ -47,8 +55,14 @@ SHAPES = {
     "moe2b": dict(hidden_size=2048, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
                   intermediate_size=5632, vocab_size=32000, tie_word_embeddings=False, rope_theta=1e6,
                   num_local_experts=8, num_experts_per_tok=2),
+    "lora7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                   intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False, rope_theta=1e6),
+    "qlora8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                    intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
 }
-LORA_CASES = ("lora3b", "moe2b")
+LORA_CASES = ("lora3b", "moe2b", "lora7b", "qlora8b")
+BF16_CASES = ("lora7b", "qlora8b")  # the frozen base in bf16 (fp32 adapters)
+ONE_PROCESS_CASES = ("qlora8b",)
 
 
 def scaled(shape: dict, scale: float) -> dict:
@@ -63,16 +77,36 @@ def scaled(shape: dict, scale: float) -> dict:
             "num_hidden_layers": max(2, round(shape["num_hidden_layers"] * scale))}
 
 
-def write_checkpoint(case: str, scale: float, folder: Path) -> int:
+def shape_of(case: str, scale: float, layers: int | None) -> dict:
+    shape = scaled(SHAPES[case], scale)
+    return {**shape, "num_hidden_layers": layers} if layers else shape
+
+
+def random_bf16(name: str, shape: tuple[int, ...], generator) -> "torch.Tensor":
+    """Ones for a norm, zeros for a bias, else N(0, 0.02) drawn a block of rows at a time in bf16 (no fp32 copy of
+    a whole embedding)."""
+    import torch
+
+    if len(shape) == 1:
+        return (torch.zeros if name.endswith("bias") else torch.ones)(shape, dtype=torch.bfloat16)
+    out = torch.empty(shape, dtype=torch.bfloat16)
+    block = max(1, (1 << 24) // max(1, out[0].numel()))
+    for start in range(0, shape[0], block):
+        rows = out[start:start + block]
+        rows.copy_(torch.randn(rows.shape, generator=generator) * 0.02)
+    return out
+
+
+def write_checkpoint(case: str, scale: float, folder: Path, layers: int | None = None) -> int:
     """A random bf16 checkpoint of the shape, shard by shard (never the whole model in memory); returns params."""
     import torch
     from huggingface_hub import split_state_dict_into_shards_factory
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2Config
     from transformers.core_model_loading import revert_weight_conversion
 
-    config_class = MixtralConfig if case == "moe2b" else LlamaConfig
-    config = config_class(**scaled(SHAPES[case], scale), max_position_embeddings=4096, dtype="bfloat16")
+    config_class = {"moe2b": MixtralConfig, "lora7b": Qwen2Config}.get(case, LlamaConfig)
+    config = config_class(**shape_of(case, scale, layers), max_position_embeddings=4096, dtype="bfloat16")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     # the hub's names and shapes (per-expert tensors for Mixtral), by transformers' own reverse conversion
@@ -82,9 +116,7 @@ def write_checkpoint(case: str, scale: float, folder: Path) -> int:
     folder.mkdir(parents=True)
     generator = torch.Generator().manual_seed(0)
     for filename, names in plan.filename_to_tensors.items():
-        shard = {name: (torch.ones(tensors[name].shape) if tensors[name].dim() == 1 else
-                        torch.randn(tensors[name].shape, generator=generator) * 0.02).to(torch.bfloat16)
-                 for name in names}
+        shard = {name: random_bf16(name, tuple(tensors[name].shape), generator) for name in names}
         save_file(shard, folder / filename, metadata={"format": "pt"})
         del shard
     index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
@@ -96,17 +128,18 @@ def write_checkpoint(case: str, scale: float, folder: Path) -> int:
 
 
 def tokenizer(case: str):
-    if case == "lora3b":  # the Llama 3 vocabulary of the shape
+    if case in ("lora3b", "qlora8b"):  # the Llama 3 vocabulary of the shape
         from benchmarks.llama3_tokenizer import load_llama3_tokenizer
 
         return load_llama3_tokenizer(ASSETS / "tokenizers" / "llama3" / "tokenizer.model")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / "llama2")
+    return AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / ("qwen" if case == "lora7b" else "llama2"))
 
 
 def run_config(case: str, model_dir: Path, out: Path, steps: int, path: str, checkpointing: bool = False) -> dict:
-    model = {"pretrained_model_name_or_path": str(model_dir), "dtype": "float32"}
+    model = {"pretrained_model_name_or_path": str(model_dir),
+             "dtype": "bfloat16" if case in BF16_CASES else "float32"}
     if path == "full":
         model["_target_"] = "automodel.models.loader.load_causal_lm"  # a custom builder: the whole-model load
     cfg = {"recipe": "llm_finetune", "seed": 1234, "model": model,
@@ -121,6 +154,8 @@ def run_config(case: str, model_dir: Path, out: Path, steps: int, path: str, che
            "logging": {"progress_bar": False}}
     if case in LORA_CASES:
         cfg["peft"] = {"target_modules": "all-linear", "dim": 8, "alpha": 32}
+    if case == "qlora8b":
+        cfg["peft"]["quantization"] = {"type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}
     return cfg
 
 
@@ -150,14 +185,14 @@ def workers(launcher: int) -> list[int]:
     return found
 
 
-def train(cfg: dict, out: Path) -> dict:
+def train(cfg: dict, out: Path, processes: int = 2) -> dict:
     """Run the CLI; per-rank peak RSS during training and at the end, seconds to the first step, step time."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     metrics = out / "ckpt" / "metrics.jsonl"
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "automodel", "finetune", "llm", "-c", str(out / "cfg.yaml"),
-                             "--nproc-per-node", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--nproc-per-node", str(processes)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     output, set_up = [], threading.Event()
 
@@ -186,10 +221,11 @@ def train(cfg: dict, out: Path) -> dict:
     reader.join()
     output = "".join(output)
     if proc.returncode:
+        (out / "output.log").write_text(output)
         return {"error": output.strip().splitlines()[-1] if output.strip() else f"exit {proc.returncode}"}
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     step_s = [r["step_s"] for r in records if r.get("kind") == "train"][1:]
-    ranks = 2  # --nproc-per-node; children a rank starts inherit RANK too, and are smaller
+    ranks = processes  # children a rank starts inherit RANK too, and are smaller
     return {"ranks": sorted(peaks.values())[-ranks:], "train_ranks": sorted(train_peaks.values())[-ranks:],
             "load_ranks": sorted((load_peaks or {}).values())[-ranks:],
             "first_step_s": first_step,
@@ -216,15 +252,15 @@ def check_saved_model(step_dir: Path) -> str:
 RUNTIME = 1.5e9  # python, torch, transformers and the data in each process, measured at --scale 0.1
 
 
-def expected_need(case: str, path: str, params: int) -> float:
-    """Bytes two processes are expected to need together: a whole-model load peaks at ~1.5x the fp32 size in
-    each process (transformers' load), then FSDP2 keeps each process's half of weights (+ gradients and AdamW
-    states for full SFT)."""
-    fp32 = 4 * params
-    per_rank = (fp32 / 2 if case in LORA_CASES else 16 * params / 2) + RUNTIME
+def expected_need(case: str, path: str, params: int, processes: int) -> float:
+    """Bytes the processes are expected to need together: a whole-model load peaks at ~1.5x the size of the
+    weights in each process (transformers' load), then FSDP2 keeps each process's share of the weights (+ gradients
+    and AdamW states for full SFT); QLoRA holds ~0.6 bytes a parameter."""
+    weights = (0.6 if case == "qlora8b" else 2 if case in BF16_CASES else 4) * params
+    per_rank = (weights / processes if case in LORA_CASES else 16 * params / processes) + RUNTIME
     if path == "full":
-        per_rank = max(per_rank, 1.5 * fp32 + RUNTIME)
-    return 2 * per_rank
+        per_rank = max(per_rank, 1.5 * (2 if case == "qlora8b" else 1) * weights + RUNTIME)
+    return processes * per_rank
 
 
 def available() -> float:
@@ -240,9 +276,11 @@ def gb(value: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
+    parser.add_argument("--case", nargs="+", choices=sorted(SHAPES), default=["lora3b", "moe2b", "sft1b"])
     parser.add_argument("--paths", nargs="+", choices=["meta", "full"], default=["meta", "full"])
+    parser.add_argument("--processes", nargs="+", type=int, default=[2])
     parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--workdir", default="/tmp/big_model")
@@ -252,38 +290,47 @@ def main() -> None:
     try:
         for case in args.case:
             shutil.rmtree(workdir, ignore_errors=True)
-            params = write_checkpoint(case, args.scale, workdir / "hub")
-            fp32 = 4 * params
-            for path in args.paths:
-                need, free = expected_need(case, path, params), available()
-                if need > free:  # the machine may be shared: never push it into the OOM killer
-                    rows.append({"case": case, "path": path, "params": params, "fp32": fp32,
-                                 "error": f"skipped: needs ~{gb(need)} GB, {gb(free)} GB available"})
-                    continue
-                cfg = run_config(case, workdir / "hub", workdir / path, args.steps, path, args.activation_checkpointing)
-                result = train(cfg, workdir / path)
-                label = path + ("+ac" if args.activation_checkpointing else "")
-                row = {"case": case, "path": label, "params": params, "fp32": fp32, **result}
-                if "error" not in result and case == "sft1b":
-                    row["saved"] = check_saved_model(workdir / path / "ckpt" / f"step_{args.steps}")
-                rows.append(row)
-                shutil.rmtree(workdir / path, ignore_errors=True)
+            params = write_checkpoint(case, args.scale, workdir / "hub", args.layers)
+            base = {"case": case, "params": params, "fp32": 4 * params}
+            for processes in [1] if case in ONE_PROCESS_CASES else args.processes:
+                for path in args.paths:
+                    label = path + ("+ac" if args.activation_checkpointing else "")
+                    need, free = expected_need(case, path, params, processes), available()
+                    if need > free:  # the machine may be shared: never push it into the OOM killer
+                        rows.append({**base, "path": label, "processes": processes,
+                                     "error": f"skipped: needs ~{gb(need)} GB, {gb(free)} GB available"})
+                        continue
+                    out = workdir / f"{path}{processes}"
+                    cfg = run_config(case, workdir / "hub", out, args.steps, path, args.activation_checkpointing)
+                    result = train(cfg, out, processes)
+                    row = {**base, "path": label, "processes": processes, **result}
+                    if "error" not in result and case == "sft1b":
+                        row["saved"] = check_saved_model(out / "ckpt" / f"step_{args.steps}")
+                    if "error" not in result and case in LORA_CASES:
+                        adapter = out / "ckpt" / f"step_{args.steps}" / "model" / "adapter_model.safetensors"
+                        row["saved"] = "adapter" if adapter.is_file() else "NO ADAPTER"
+                    rows.append(row)
+                    shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"\n{'case':7} {'path':7} {'params':>8} {'fp32 GB':>7} {'load peak GB/rank':>18} {'train peak GB/rank':>19} "
-          f"{'end peak GB/rank':>17} "
-          f"{'sum GB':>7} {'max/fp32':>8} {'max/16B*P':>9} {'1st step s':>10} {'step s':>7}  saved model/")
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'case':7} {'path':7} {'P':>1} {'params':>8} {'bf16 GB':>7} {'load peak GB/rank':>18} "
+          f"{'train peak GB/rank':>19} {'end peak GB/rank':>17} {'sum GB':>7} {'max/bf16':>8} {'max/fp32':>8} "
+          f"{'max/16B*P':>9} {'1st step s':>10} {'step s':>7}  saved model/")
     for row in rows:
+        head = f"{row['case']:7} {row['path']:7} {row['processes']:>1} {row['params'] / 1e9:7.2f}B {gb(row['fp32'] / 2):>7}"
         if "error" in row:
-            print(f"{row['case']:7} {row['path']:7} {row['params'] / 1e9:7.2f}B {gb(row['fp32']):>7}  failed: "
-                  f"{row['error'][:120]}")
+            print(f"{head}  failed: {row['error'][:120]}")
             continue
         top = max(row["ranks"])
-        print(f"{row['case']:7} {row['path']:7} {row['params'] / 1e9:7.2f}B {gb(row['fp32']):>7} "
-              f"{' / '.join(gb(v) for v in row['load_ranks']):>18} "
+        print(f"{head} {' / '.join(gb(v) for v in row['load_ranks']):>18} "
               f"{' / '.join(gb(v) for v in row['train_ranks']):>19} {' / '.join(gb(v) for v in row['ranks']):>17} "
-              f"{gb(sum(row['ranks'])):>7} {top / row['fp32']:8.2f} {top / (4 * row['fp32']):9.2f} "
-              f"{row['first_step_s']:10.1f} {row['step_s']:7.2f}  {row.get('saved', '-')}")
+              f"{gb(sum(row['ranks'])):>7} {2 * top / row['fp32']:8.2f} {top / row['fp32']:8.2f} "
+              f"{top / (4 * row['fp32']):9.2f} {row['first_step_s']:10.1f} {row['step_s']:7.2f}  "
+              f"{row.get('saved', '-')}")
 
 
 if __name__ == "__main__":

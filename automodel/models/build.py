@@ -14,7 +14,8 @@
   5. computes the buffers the checkpoint does not store and wraps DDP last (it needs real parameters).
 A GGUF file is read from its dequantised copy (models/gguf.py), an ordinary safetensors folder. Other sources (a
 custom `model._target_`, a checkpoint of another quantisation than fp8) load whole through transformers in each
-process, as one info line says; so does a QLoRA base, which bitsandbytes quantises as it loads onto each GPU.
+process, as one info line says. A QLoRA base (one process) is built on the meta device too and quantised one
+tensor at a time as it is read (models/quantized.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from automodel.models.materialize import (
     lora_initial_values,
     loaded_names,
 )
+from automodel.models.quantized import build_quantized_on_meta
 from automodel.models.unwrap import transformers_model
 from automodel.models.weights import WeightFiles, check_matches_model, find_bin, find_safetensors
 from automodel.peft import LoraSettings
@@ -102,15 +104,33 @@ def build_in_full(node: dict[str, Any], lora: LoraSettings | None, parallel, dev
 
 def build_quantized(node: dict[str, Any], lora: LoraSettings, parallel, device: torch.device,
                     policy: TargetPolicy = TargetPolicy()) -> nn.Module:
-    """QLoRA: transformers loads the base in 4 bits (bitsandbytes), straight onto this process's device."""
+    """QLoRA: the base in 4 bits (bitsandbytes) on this process's device: built on the meta device and quantised
+    tensor by tensor (models/quantized.py) from a safetensors folder whose names are the model's, else loaded whole
+    by transformers."""
     lora.quantization.check_device(device, parallel.world_size if parallel is not None else 1)
-    logger.info("model: QLoRA: each process loads the whole base model in 4 bits onto its own device")
-    model = build(node, "model", policy=policy, quantization_config=lora.quantization.bnb_config(),
-                  device_map={"": device})
+    model = quantized_on_meta(node, lora, device)
+    if model is None:
+        logger.info("model: QLoRA: transformers loads the whole base model in 4 bits onto this device")
+        model = build(node, "model", policy=policy, quantization_config=lora.quantization.bnb_config(),
+                      device_map={"": device})
     if not isinstance(model, nn.Module):
         raise UserError(f"model._target_ returned {type(model).__name__}, expected a torch.nn.Module")
     model = lora.apply(model)
     return parallel.parallelize(model) if parallel is not None else model
+
+
+def quantized_on_meta(node: dict[str, Any], lora: LoraSettings, device: torch.device) -> nn.Module | None:
+    """The 4-bit base built on the meta device, or None where that path does not apply: a custom builder, a GGUF
+    file, no safetensors, a quantised checkpoint, names that transformers converts on load."""
+    options = {k: v for k, v in node.items() if k != "_target_"}
+    if node["_target_"] != LOAD_CAUSAL_LM or options.get("gguf_file"):
+        return None
+    folder = resolve_model_folder(options.get("pretrained_model_name_or_path"), options.get("revision"))
+    weights = find_safetensors(folder)
+    built = meta_model(options, folder) if weights is not None else None
+    if built is None or built[1] is not None or not set(loaded_names(built[0])) <= set(weights.tensors):
+        return None
+    return build_quantized_on_meta(built[0], weights, lora.quantization.bnb_config(), device)
 
 
 def meta_model(options: dict[str, Any], folder: Path):

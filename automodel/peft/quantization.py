@@ -1,7 +1,13 @@
 """QLoRA: the frozen base model loaded in 4 bits through bitsandbytes, LoRA adapters trained on top.
 
-transformers does the quantised load (`BitsAndBytesConfig`), peft prepares the model for k-bit training
-(`prepare_model_for_kbit_training`: layer norms in fp32, input gradients on for activation checkpointing).
+The base is built on the meta device and quantised tensor by tensor (automodel/models/quantized.py), or loaded
+whole by transformers (`BitsAndBytesConfig`). Preparing it for training does what peft's
+`prepare_model_for_kbit_training` does without activation checkpointing (freeze the base, its unquantised fp16
+parameters in fp32), except that a bf16 base stays in bf16, as the frozen base of bf16 LoRA does: peft would
+upcast the embedding and output head too, 4.2 GB instead of 2.1 GB at a Llama-3.1-8B shape, more than the 4-bit
+layers save over the 0.45x target of benchmarks/big_model.py's qlora8b (bf16 has fp32's range; fp16's overflow
+is what the upcast is for).
+
 Only the adapter is trained and saved; it is an ordinary LoRA adapter for the unquantised base (its
 `base_model_name_or_path`), so `generate`, `merge-lora` and `serve` use it like any other.
 """
@@ -58,15 +64,18 @@ class QuantizationSettings:
 
     def prepare_for_training(self, model):
         import bitsandbytes as bnb
-        from peft import prepare_model_for_kbit_training
 
+        for param in model.parameters():
+            param.requires_grad = False
+            if param.dtype == torch.float16 and not isinstance(param, bnb.nn.Params4bit):
+                param.data = param.data.float()
         for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 # On a CPU with AVX512-BF16, a forward in eval mode without gradients (validation) repacks the
                 # weights, in place, into an inference-only layout; training on them afterwards gives the LoRA
                 # weights no gradients (bitsandbytes 0.50.2). Keep the layout that trains.
                 module.support_avx512bf16_for_cpu = False
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return model
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
