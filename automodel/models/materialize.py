@@ -92,14 +92,42 @@ def lora_layers_in_creation_order(module: nn.Module, lora_layer: type, prefix: s
         yield prefix.removesuffix("."), module
 
 
+def tensor_by_tensor_reader(folder):
+    """torch's `HuggingFaceStorageReader`, opening the file for each slice it reads instead of once per file.
+    The pages a read touches count in the process's resident size until the file is closed: per file, that is up to
+    a whole shard (2-5 GB on the hub) on top of the weights at the end of the load; per slice, one slice. Measured:
+    a 2-layer cut of a Qwen2-7B shape in one process peaked at 5.53 GB (bf16 size 3.11 GB) before this."""
+    from safetensors import safe_open
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.futures import Future
+
+    class TensorByTensorReader(HuggingFaceStorageReader):
+        def read_data(self, plan, planner):
+            for item in plan.items:
+                with safe_open(filename=self.storage_data[item.storage_index].relative_path, framework="pt") as file:
+                    rows = tuple(slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths))
+                    value = file.get_slice(item.storage_index.fqn)[rows]
+                    target = planner.resolve_tensor(item).detach()
+                    if target.size() != value.size():
+                        raise RuntimeError(f"{item.storage_index.fqn}: read {tuple(value.size())}, expected "
+                                           f"{tuple(target.size())}")
+                    target.copy_(value)
+                    planner.commit_tensor(item, target)
+                    del value
+            done: Future = Future()
+            done.set_result(None)
+            return done
+
+    return TensorByTensorReader(str(folder))
+
+
 def load_checkpoint_weights(model: nn.Module, folder, wanted: set[str], peft: bool) -> None:
     """Every process reads its own slices of the checkpoint's tensors into its (possibly sharded) parameters."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     targets = checkpoint_targets(model, wanted, peft)
-    dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=not dist.is_initialized())
+    dcp.load(targets, storage_reader=tensor_by_tensor_reader(folder), no_dist=not dist.is_initialized())
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
