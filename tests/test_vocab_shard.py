@@ -53,12 +53,12 @@ def _worker(rank, init_file):
         hidden_whole = hidden.detach().clone().requires_grad_()
         logits = head(hidden)
         want = whole.get_base_model().get_output_embeddings()(hidden_whole)
-        torch.testing.assert_close(logits, want, rtol=1e-6, atol=1e-6)
+        assert torch.equal(logits, want)  # the gathered head: the same F.linear
         (logits.square().sum()).backward()
         want.square().sum().backward()
         torch.testing.assert_close(hidden.grad, hidden_whole.grad, rtol=1e-5, atol=1e-6)
 
-        # the chunked loss: 7 label rows on rank 0 (3 chunks of 3), 4 on rank 1 (2 chunks)
+        # the chunked loss, the whole head gathered once: 7 label rows on rank 0 (3 chunks of 3), 4 on rank 1 (2)
         rows = (7, 4)[rank]
         hidden = torch.randn(rows, HIDDEN, generator=generator, requires_grad=True)
         targets = torch.randint(0, VOCAB, (rows,), generator=generator)
@@ -67,14 +67,14 @@ def _worker(rank, init_file):
         loss = MaskedCrossEntropy(chunk_size=3).head_loss(output_head, hidden, targets)
         loss.backward()
         hidden_whole = hidden.detach().clone().requires_grad_()
-        want = F.cross_entropy(whole.get_base_model().get_output_embeddings()(hidden_whole), targets,
-                               reduction="sum")
+        want = MaskedCrossEntropy(chunk_size=3).head_loss(find_output_head(whole)[0], hidden_whole, targets)
         want.backward()
-        torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-5)
-        torch.testing.assert_close(hidden.grad, hidden_whole.grad, rtol=1e-5, atol=1e-6)
+        unchunked = F.cross_entropy(whole.get_base_model().get_output_embeddings()(hidden_whole.detach()), targets,
+                                    reduction="sum")
+        torch.testing.assert_close(loss, unchunked, rtol=1e-6, atol=1e-5)
+        assert torch.equal(loss, want) and torch.equal(hidden.grad, hidden_whole.grad)
         with torch.no_grad():  # validation: the same sum without gradients
-            torch.testing.assert_close(MaskedCrossEntropy(chunk_size=3).head_loss(output_head, hidden, targets),
-                                       want.detach(), rtol=1e-6, atol=1e-5)
+            assert torch.equal(MaskedCrossEntropy(chunk_size=3).head_loss(output_head, hidden, targets), want)
     finally:
         dist.destroy_process_group()
 

@@ -1,17 +1,15 @@
 """A frozen input embedding or output head split by vocabulary rows over the data-parallel processes (FSDP2 + LoRA).
 
 Each process keeps its rows as a `DTensor` (`Shard(0)`), so the checkpoint reader fills only its slice and the
-saved adapter never sees it. The module computes with one process's rows at a time: every process broadcasts its
-rows in turn and each uses them for its own inputs, so at most one slice (vocab / P rows) is held beside the shard,
-never the whole table. FSDP2 would gather the whole table (and an all-gather buffer of its size) for the forward,
-which at 7B scale is the peak of the run.
+saved adapter never sees it. FSDP2 would gather such a table for the whole forward (its root unit) or, as a unit
+of its own, into an all-gather buffer and then the parameter: two full copies for a moment, which at 7B scale is the
+peak of the run. Here every process broadcasts its rows in turn:
 
-- `VocabShardedEmbedding.forward`: each token's row is taken from the slice that holds it.
-- `VocabShardedLinear.forward`: the logits are the slices' logits side by side; the backward (the gradient for the
-  input) broadcasts the slices again.
-- `vocab_sharded_cross_entropy`: the chunked loss's form (automodel/training/loss.py): the summed cross-entropy and
-  its gradient for the hidden states from one pass over the slices, with an online log-sum-exp, so the logits of
-  all label rows for the whole vocabulary never exist.
+- `VocabShardedEmbedding.forward`: each process takes its tokens' rows from each slice as it arrives, so one slice
+  (vocab / P rows) is the most held beside the shard.
+- `VocabShardedLinear`: the head is assembled from the slices in one buffer (one full copy, no second one) for the
+  model's forward, again for its backward, and once for the chunked loss (`whole_head`,
+  automodel/training/loss.py), which then runs exactly the operations the unsplit head runs.
 
 Every process must call these the same number of times (each slice is a collective), which the model's forward and
 `head_loss` (once per micro-batch, on every rank) do.
@@ -73,26 +71,53 @@ class VocabShardedEmbedding(nn.Embedding):
         return out
 
 
+def gather_rows(weight: torch.Tensor) -> torch.Tensor:
+    """The whole `Shard(0)` DTensor in one new buffer, each process's rows broadcast straight into their place."""
+    mesh = weight.device_mesh
+    group, me, local = mesh.get_group(), mesh.get_local_rank(), weight.to_local()
+    whole = torch.empty(weight.shape, dtype=local.dtype, device=local.device)
+    for rank, (start, size) in enumerate(row_ranges(weight.shape[0], mesh.size())):
+        if size == 0:
+            continue
+        rows = whole[start:start + size]
+        if rank == me:
+            rows.copy_(local)
+        dist.broadcast(rows, src=dist.get_global_rank(group, rank), group=group)
+    return whole
+
+
+class WholeHead(nn.Module):
+    """The output head with its gathered weight, for the chunked loss: `F.linear`, as nn.Linear computes it."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.whole = weight  # a plain attribute: not a parameter, nothing to train
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.whole)
+
+
 class VocabShardedLinear(nn.Linear):
     """A bias-free nn.Linear (the output head) whose frozen `weight` is a `Shard(0)` DTensor."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _SlicedLinear.apply(hidden, self)
+        return _GatheredLinear.apply(hidden, self)
+
+    def whole(self) -> WholeHead:
+        return WholeHead(gather_rows(self.weight))
 
 
-class _SlicedLinear(torch.autograd.Function):
+class _GatheredLinear(torch.autograd.Function):
+    """hidden @ weight.T with the weight gathered for the forward and again for the backward (not kept between)."""
+
     @staticmethod
     def forward(ctx, hidden, module):
         ctx.module = module
-        return torch.cat([hidden @ rows.T for _, rows in vocab_slices(module.weight)], dim=-1)
+        return F.linear(hidden, gather_rows(module.weight))
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad = None
-        for start, rows in vocab_slices(ctx.module.weight):
-            part = grad_out[..., start:start + len(rows)] @ rows
-            grad = part if grad is None else grad.add_(part)
-        return grad, None
+        return grad_out @ gather_rows(ctx.module.weight), None
 
 
 def shard_vocab_modules(modules: list[nn.Module], mesh, device: torch.device, dtype_of) -> set[nn.Parameter]:
@@ -119,59 +144,3 @@ def vocab_shardable(module: nn.Module | None, frozen: set[nn.Parameter]) -> bool
     if type(module) is nn.Embedding:
         return module.max_norm is None and not module.sparse
     return type(module) is nn.Linear and module.bias is None
-
-
-# ---- the chunked loss's form ----------------------------------------------------------------------------------
-
-
-class _VocabShardedCrossEntropy(torch.autograd.Function):
-    """sum_i [logsumexp_v(a * h_i . w_v) - a * h_i . w_{t_i}] with h = hidden / divisor, and its gradient for
-    `hidden`, from one pass over the slices: per row a running max `m`, a running sum of exp(logit - m) and
-    (for the gradient) a running sum of exp(logit - m) * w_v, rescaled when `m` grows."""
-
-    @staticmethod
-    def forward(ctx, hidden, targets, module, scale, divisor, chunk_size, wants_grad):
-        h = (hidden / divisor if divisor is not None else hidden).detach()
-        rows, dev = len(h), h.device
-        top = torch.full((rows,), -torch.inf, device=dev)
-        sums = torch.zeros(rows, device=dev)
-        target_logit = torch.zeros(rows, device=dev)
-        weighted = torch.zeros((rows, h.shape[-1]), device=dev) if wants_grad else None
-        target_rows = torch.zeros((rows, h.shape[-1]), device=dev) if wants_grad else None
-        for start, slab in vocab_slices(module.weight):
-            for first in range(0, rows, chunk_size):
-                part = slice(first, first + chunk_size)
-                logits = (h[part] @ slab.T).float() * scale
-                new_top = torch.maximum(top[part], logits.max(dim=-1).values)
-                rescale = torch.exp(top[part] - new_top)
-                exps = torch.exp(logits - new_top[:, None])
-                sums[part] = sums[part] * rescale + exps.sum(dim=-1)
-                if wants_grad:
-                    weighted[part] = weighted[part] * rescale[:, None] + (exps.to(slab.dtype) @ slab).float()
-                top[part] = new_top
-                local = targets[part] - start
-                inside = (local >= 0) & (local < len(slab))
-                chosen = inside.nonzero().squeeze(-1)
-                target_logit[part][chosen] = logits[chosen, local[chosen]]
-                if wants_grad:
-                    target_rows[part][chosen] = slab[local[chosen]].float()
-                del logits, exps
-        total = (top + torch.log(sums) - target_logit).sum()
-        if wants_grad:
-            grad = (weighted / sums[:, None] - target_rows) * scale
-            ctx.save_for_backward((grad / divisor if divisor is not None else grad).to(hidden.dtype))
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output, None, None, None, None, None, None
-
-
-def vocab_sharded_cross_entropy(head, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """The summed cross-entropy of `head(hidden)` (an OutputHead whose module is a VocabShardedLinear, without
-    soft-capping) against `targets`, `chunk_size` rows of one slice's logits at a time."""
-    scale = (head.logit_scale or 1.0) / (head.logit_divisor or 1.0)
-    wants_grad = torch.is_grad_enabled() and hidden.requires_grad
-    return _VocabShardedCrossEntropy.apply(hidden, targets, head.module, scale, head.hidden_divisor, chunk_size,
-                                           wants_grad)

@@ -83,15 +83,13 @@ def head_class_name(model: nn.Module) -> str:
     return classes[0].__name__
 
 
-def vocab_sharded_head_unsupported(module: nn.Module, transforms: dict) -> str:
+def vocab_sharded_head_unsupported(module: nn.Module) -> str:
     """Why the chunked loss cannot run a head FSDP2 split by vocabulary rows (distributed/vocab_shard.py), or "".
-    Its loss applies the rows of one process at a time, every process together; a module wrapping the split head
-    (a LoRA adapter on it) would be called chunk by chunk, a different number of times on each process."""
+    The loss gathers the split head once (every process together); a module wrapping it (a LoRA adapter on it) would
+    be called chunk by chunk, a different number of times on each process."""
     from automodel.distributed.vocab_shard import VocabShardedLinear
 
     if isinstance(module, VocabShardedLinear):
-        if transforms.get("softcap") is not None:
-            return "the output head is split by vocabulary rows (FSDP2) and its logits are soft-capped"
         return ""
     if any(isinstance(m, VocabShardedLinear) for m in module.modules()):
         return "the output head wraps a head split by vocabulary rows (FSDP2)"
@@ -108,7 +106,7 @@ def find_output_head(model: nn.Module) -> tuple[OutputHead | None, str]:
     if not isinstance(module, nn.Module):
         return None, f"{name} has no output embeddings module"
     values = {key: getattr(base.config, attribute, None) for key, attribute in LOGIT_TRANSFORMS[name].items()}
-    why = vocab_sharded_head_unsupported(module, values)
+    why = vocab_sharded_head_unsupported(module)
     if why:
         return None, why
     return OutputHead(module, **{k: float(v) for k, v in values.items() if v is not None}), ""

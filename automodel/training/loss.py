@@ -14,6 +14,8 @@ one chunk's `[chunk_size x vocab]` logits exist at any time, and the head costs 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -94,12 +96,12 @@ def _accumulate(total: torch.Tensor | None, grad: torch.Tensor | None) -> torch.
 def chunked_head_cross_entropy(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor,
                                chunk_size: int) -> torch.Tensor:
     """Sum over rows of cross-entropy(head(hidden[i]), targets[i]), in fp32 (fp64 for fp64 `hidden`); `hidden` is
-    `[label_tokens, hidden]`. A head split by vocabulary rows over the processes (FSDP2's frozen head) goes through
-    its own form, which applies each process's rows in turn."""
-    from automodel.distributed.vocab_shard import VocabShardedLinear, vocab_sharded_cross_entropy
+    `[label_tokens, hidden]`. A head split by vocabulary rows over the processes (FSDP2's frozen head) is gathered
+    once for all chunks (every process calls this once per micro-batch; their chunk counts differ)."""
+    from automodel.distributed.vocab_shard import VocabShardedLinear
 
     if isinstance(head.module, VocabShardedLinear):
-        return vocab_sharded_cross_entropy(head, hidden, targets, chunk_size)
+        head = dataclasses.replace(head, module=head.module.whole())
     params = head.trainable_parameters() if torch.is_grad_enabled() else []
     if not (torch.is_grad_enabled() and (hidden.requires_grad or params)):
         with torch.no_grad():

@@ -50,6 +50,7 @@ def fsdp2_layout(model) -> dict:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
+    from automodel.distributed.vocab_shard import VocabShardedEmbedding, VocabShardedLinear
     from automodel.models.decoder_layers import decoder_layers
     from automodel.models.unwrap import transformers_model
 
@@ -57,10 +58,13 @@ def fsdp2_layout(model) -> dict:
     embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
     in_layers = {id(p) for layer in decoder_layers(model) for p in layer.parameters()}
     root = [(name, p) for name, p in model.named_parameters() if id(p) not in in_layers]
+    by_vocab = {id(m.weight) for m in model.modules() if isinstance(m, (VocabShardedEmbedding, VocabShardedLinear))}
     return {"tied": head is not None and head.weight is embedding.weight,
             "embedding_trained": embedding.weight.requires_grad,
             "embedding_own_unit": isinstance(embedding, FSDPModule),
-            "root_frozen_sharded": [n for n, p in root if not p.requires_grad and isinstance(p, DTensor)],
+            "root_frozen_sharded": [n for n, p in root if not p.requires_grad and isinstance(p, DTensor)
+                                    and id(p) not in by_vocab],
+            "vocab_sharded": [n for n, p in root if id(p) in by_vocab],
             "root_frozen_replicated": [n for n, p in root if not p.requires_grad and not isinstance(p, DTensor)],
             "trained_not_sharded": [n for n, p in model.named_parameters()
                                     if p.requires_grad and not isinstance(p, DTensor)]}

@@ -125,8 +125,10 @@ def test_fsdp2_two_processes_match_one_process(architecture, mode, fsdp2_group, 
     layout = json.loads((sharded / "layout-rank0.json").read_text())
     assert layout["trained_not_sharded"] == [] and layout["root_frozen_sharded"] == []
     assert layout["embedding_own_unit"] == (layout["embedding_trained"] and not layout["tied"])
-    if mode == "lora":
-        assert layout["root_frozen_replicated"], layout
+    if mode == "lora":  # the frozen embedding (and head) split by vocabulary rows, the final norm replicated
+        assert layout["vocab_sharded"] and layout["root_frozen_replicated"], layout
+    else:
+        assert layout["vocab_sharded"] == [], layout
     want = losses(single)
     assert len(want) == STEPS
     assert losses(sharded) == pytest.approx(want, rel=LOSS_RTOL)
