@@ -9,8 +9,9 @@
    embedding and head) would save nothing at the peak and cost a second full copy while it is gathered. Those are
    kept out of FSDP2 (its `ignored_params`), stored in the dtype the gathered copy would have had, and:
    - a plain frozen nn.Embedding / bias-free nn.Linear (the input embedding, the output head, tied or not) is split
-     by vocabulary rows over the processes and computes one process's rows at a time (distributed/vocab_shard.py):
-     a Qwen2-7B-shaped model's embedding and untied head are 2.2 GB in bf16, 0.55 GB per process of 2 with this;
+     by vocabulary rows over the processes; the embedding looks up one process's rows at a time, the head is
+     assembled in one buffer only while it computes (distributed/vocab_shard.py): a Qwen2-7B-shaped model's
+     embedding and untied head are 2.2 GB in bf16, 1.1 GB per process of 2 with this;
    - any other (a final norm, an embedding subclass with its own forward, a head with a LoRA adapter) is replicated.
 """
 
