@@ -139,8 +139,8 @@ def run_automodel(work: Work, variant: str) -> dict:
 
     recipe = FinetuneRecipe(automodel_config(work, variant))
     recipe.setup()
-    recipe.train_loader.sampler.set_epoch(0)
-    counts = batch_counts(recipe.train_loader)
+    recipe.parts.data.train_loader.sampler.set_epoch(0)
+    counts = batch_counts(recipe.parts.data.train_loader)
     with Timer() as timer:
         result = recipe.train()
     return report(counts, timer, result.train_losses)

@@ -31,7 +31,7 @@ def _run(tmp_path, peft: bool, chunk_size):
 def test_chunked_loss_trains_like_the_unchunked_loss(tmp_path, peft):
     chunked_recipe, chunked = _run(tmp_path / "chunked", peft, 3)
     plain_recipe, plain = _run(tmp_path / "plain", peft, None)
-    assert chunked_recipe.forward_loss.output_head is not None and plain_recipe.forward_loss.output_head is None
+    assert chunked_recipe.parts.forward_loss.output_head is not None and plain_recipe.parts.forward_loss.output_head is None
     assert len(chunked.train_losses) == 4
     assert chunked.train_losses == pytest.approx(plain.train_losses, rel=1e-5)
     assert chunked.val_losses == pytest.approx(plain.val_losses, rel=1e-5)

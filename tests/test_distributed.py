@@ -40,7 +40,7 @@ def reference(tmp_path_factory):
             folder = tmp_path_factory.mktemp("lora" if peft else "sft")
             recipe = FinetuneRecipe(dist_config(folder, peft=peft))
             recipe.run()
-            assert recipe.forward_loss.describe() == FAST, "no wrapping: the fast path"
+            assert recipe.parts.forward_loss.describe() == FAST, "no wrapping: the fast path"
             done[peft] = folder / "ckpt"
         return done[peft]
 

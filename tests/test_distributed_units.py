@@ -222,10 +222,10 @@ def test_activation_checkpointing_in_one_process_gives_the_same_gradients(tmp_pa
         cfg = dist_config(tmp_path / str(checkpointing), peft=False, activation_checkpointing=checkpointing)
         recipe = FinetuneRecipe(cfg)
         recipe.setup()
-        assert recipe.model.is_gradient_checkpointing is checkpointing
-        items = [recipe.train_set[i] for i in range(4)]
-        loss, _ = recipe.backward([pad_collate(items, recipe.tokenizer.pad_token_id)])
-        return loss, {n: p.grad for n, p in recipe.model.named_parameters()}
+        assert recipe.parts.model.is_gradient_checkpointing is checkpointing
+        items = [recipe.parts.data.train_set[i] for i in range(4)]
+        loss, _ = recipe.backward([pad_collate(items, recipe.parts.tokenizer.pad_token_id)])
+        return loss, {n: p.grad for n, p in recipe.parts.model.named_parameters()}
 
     (loss_plain, plain), (loss_ckpt, ckpt) = grads(False), grads(True)
     assert loss_ckpt == pytest.approx(loss_plain, rel=1e-6)

@@ -47,8 +47,8 @@ def losses(ckpt_dir):
 
 
 def trainable_state(recipe):
-    model = {n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
-    optim = recipe.optimizer.state_dict()["state"]
+    model = {n: p.detach().clone() for n, p in recipe.parts.model.named_parameters() if p.requires_grad}
+    optim = recipe.parts.optimizer.state_dict()["state"]
     return model, optim
 
 
@@ -183,7 +183,7 @@ def test_nonfinite_loss_skip_leaves_weights_unchanged(tmp_path):
                         loss_fn__call=1, step_scheduler__on_nonfinite="skip")
     recipe = FinetuneRecipe(cfg)
     recipe.setup()
-    batches = iter(recipe.train_loader)
+    batches = iter(recipe.parts.data.train_loader)
     before = trainable_state(recipe)
     record = recipe.train_step([next(batches), next(batches)])
     assert record["loss"] != record["loss"]  # NaN
@@ -241,7 +241,7 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, tiny_disk):
     assert not list(ckpt.glob(".*partial")) and not (ckpt / "step_2").exists()
     assert latest_step_dir(ckpt).name == "step_1"
     (tiny_disk / "filler").unlink()
-    state = load_training_state(ckpt / "step_1", recipe.model, recipe.optimizer, recipe.lr_scheduler)
+    state = load_training_state(ckpt / "step_1", recipe.parts.model, recipe.parts.optimizer, recipe.parts.lr_scheduler)
     assert state.step == 0 or state.step == recipe.state.step
 
 

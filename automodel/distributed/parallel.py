@@ -66,9 +66,13 @@ class Parallelism:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Parallelism:
-        """Read `distributed` and `dist_env`, join the process group (when launched with several), build the mesh."""
-        dist_cfg = parse_section(DistributedConfig, cfg.get("distributed"), "distributed")
-        env_cfg = parse_section(DistEnvConfig, cfg.get("dist_env"), "dist_env")
+        """Read `distributed` and `dist_env`, then `start`."""
+        return cls.start(parse_section(DistributedConfig, cfg.get("distributed"), "distributed"),
+                         parse_section(DistEnvConfig, cfg.get("dist_env"), "dist_env"))
+
+    @classmethod
+    def start(cls, dist_cfg: DistributedConfig, env_cfg: DistEnvConfig) -> Parallelism:
+        """Join the process group (when launched with several), build the mesh."""
         env = read_launch_env()
         device = pick_device(env.local_rank)
         backend = init_process_group(env, env_cfg, device)

@@ -48,8 +48,10 @@ def format_duration(seconds: float) -> str:
 
 
 def format_train_line(record: dict, max_steps: int) -> str:
-    line = (f"step {record['step']}/{max_steps} | loss {record['loss']:.4f} | grad_norm {record['grad_norm']:.3f} | "
-            f"lr {record['lr']:.2e} | tokens/s {record['tokens_per_s']:,.0f}")
+    # The kd recipe's two terms (automodel/training/kd.py) follow the loss they make up.
+    terms = f" (ce {record['ce_loss']:.4f}, kd {record['kd_loss']:.4f})" if "kd_loss" in record else ""
+    line = (f"step {record['step']}/{max_steps} | loss {record['loss']:.4f}{terms} | "
+            f"grad_norm {record['grad_norm']:.3f} | lr {record['lr']:.2e} | tokens/s {record['tokens_per_s']:,.0f}")
     if "label_tokens_per_s" in record:
         line += f" (labels {record['label_tokens_per_s']:,.0f})"
     if "mfu" in record:

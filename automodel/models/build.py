@@ -61,12 +61,17 @@ def lora_settings(cfg: dict[str, Any]) -> LoraSettings | None:
     return parse_section(LoraSettings, cfg["peft"], "peft") if cfg.get("peft") is not None else None
 
 
+FROM_CFG: Any = object()  # build_model's `lora` when the caller has not parsed the `peft` section itself
+
+
 def build_model(cfg: dict[str, Any], parallel=None, device: torch.device | None = None,
-                policy: TargetPolicy = TargetPolicy()) -> nn.Module:
+                policy: TargetPolicy = TargetPolicy(), lora: LoraSettings | None = FROM_CFG) -> nn.Module:
     """The model of `cfg` (LoRA applied when `peft` is set), spread over `parallel`'s processes when given.
-    A `model._target_` other than automodel's loader must come from a package `policy` trusts."""
+    A `model._target_` other than automodel's loader must come from a package `policy` trusts. `lora`: the `peft`
+    section already parsed (a recipe's settings), else it is read from `cfg`."""
     device = parallel.device if parallel is not None else (device or torch.device("cpu"))
-    node, lora = model_section(cfg), lora_settings(cfg)
+    node = model_section(cfg)
+    lora = lora_settings(cfg) if lora is FROM_CFG else lora
     if lora is not None and lora.quantization is not None:
         return build_quantized(node, lora, parallel, device, policy)
     if node["_target_"] == LOAD_CAUSAL_LM:

@@ -69,10 +69,16 @@ def forward_chunked_loss(model: nn.Module, head: OutputHead, loss_fn, batch: dic
                          targets: torch.Tensor, keep: torch.Tensor, **forward_kwargs):
     """(summed cross-entropy over the label positions `keep`, the model's output). The model's forward computes
     no logits (an all-False `logits_to_keep`); the head runs on the last hidden state at `keep`."""
+    hidden, output = label_hidden_states(model, batch, keep, **forward_kwargs)
+    return loss_fn.head_loss(head, hidden, targets[keep]), output
+
+
+def label_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor, **forward_kwargs):
+    """(the last hidden state at the label positions `keep`, `[label tokens, hidden]`; the model's output). The
+    model's forward computes no logits (an all-False `logits_to_keep`)."""
     output = model(**model_inputs(batch), use_cache=False, logits_to_keep=torch.zeros_like(keep),
                    output_hidden_states=True, **forward_kwargs)
-    hidden = output.hidden_states[-1][keep]
-    return loss_fn.head_loss(head, hidden, targets[keep]), output
+    return output.hidden_states[-1][keep], output
 
 
 class ForwardLoss:

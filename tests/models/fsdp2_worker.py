@@ -76,10 +76,10 @@ def main(runs_file: str) -> None:
         out_dir = Path(run["out_dir"])
         try:
             recipe = FinetuneRecipe(fsdp2_config(run["architecture"], run["model_dir"], out_dir, run["lora"]))
-            assert recipe.parallel.strategy == "fsdp2" and recipe.dp_size == 2, recipe.parallel.strategy
+            assert recipe.parts.parallel.strategy == "fsdp2" and recipe.parts.parallel.dp_size == 2, recipe.parts.parallel.strategy
             recipe.setup()
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / f"layout-rank{rank}.json").write_text(json.dumps(fsdp2_layout(recipe.model)))
+            (out_dir / f"layout-rank{rank}.json").write_text(json.dumps(fsdp2_layout(recipe.parts.model)))
             recipe.train()
         except BaseException:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def main(runs_file: str) -> None:
         if rank == 0:
             (out_dir / "DONE").write_text("ok")
     if recipe is not None:
-        recipe.parallel.shutdown()
+        recipe.parts.parallel.shutdown()
 
 
 if __name__ == "__main__":

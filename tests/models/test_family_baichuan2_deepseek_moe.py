@@ -148,7 +148,7 @@ def assert_fsdp2_sft_matches_one_process(checkpoints: dict[str, object], tmp_pat
     try:
         for i, (architecture, folder) in enumerate(checkpoints.items()):
             recipe = FinetuneRecipe(fsdp2_config(architecture, folder, tmp_path / f"single-{i}", lora=False))
-            assert recipe.parallel.strategy == "none"
+            assert recipe.parts.parallel.strategy == "none"
             recipe.setup()
             recipe.train()
         deadline = time.monotonic() + 600

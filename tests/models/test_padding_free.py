@@ -193,7 +193,7 @@ def test_default_run_equals_the_padded_sdpa_run(tmp_path, peft):
             cfg["packed_sequence"] = {"padding_free": False}
         recipe = FinetuneRecipe(cfg)
         result = recipe.run()
-        assert isinstance(recipe.train_loader.collate_fn, FlatCollator) == (name == "default")
+        assert isinstance(recipe.parts.data.train_loader.collate_fn, FlatCollator) == (name == "default")
         losses[name] = (result.train_losses, result.val_losses)
     assert losses["default"][0] == pytest.approx(losses["padded"][0], rel=1e-5)
     assert losses["default"][1] == pytest.approx(losses["padded"][1], rel=1e-5)
