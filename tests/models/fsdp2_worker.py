@@ -76,8 +76,9 @@ def main(runs_file: str) -> None:
         out_dir = Path(run["out_dir"])
         try:
             recipe = FinetuneRecipe(fsdp2_config(run["architecture"], run["model_dir"], out_dir, run["lora"]))
-            assert recipe.parts.parallel.strategy == "fsdp2" and recipe.parts.parallel.dp_size == 2, recipe.parts.parallel.strategy
-            recipe.setup()
+            recipe.setup()  # joins the process group
+            parallel = recipe.parts.parallel
+            assert parallel.strategy == "fsdp2" and parallel.dp_size == 2, parallel.strategy
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / f"layout-rank{rank}.json").write_text(json.dumps(fsdp2_layout(recipe.parts.model)))
             recipe.train()

@@ -148,8 +148,8 @@ def assert_fsdp2_sft_matches_one_process(checkpoints: dict[str, object], tmp_pat
     try:
         for i, (architecture, folder) in enumerate(checkpoints.items()):
             recipe = FinetuneRecipe(fsdp2_config(architecture, folder, tmp_path / f"single-{i}", lora=False))
-            assert recipe.parts.parallel.strategy == "none"
             recipe.setup()
+            assert recipe.parts.parallel.strategy == "none"
             recipe.train()
         deadline = time.monotonic() + 600
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
