@@ -97,7 +97,11 @@ def test_kd_loss_and_gradient_match_a_float64_reference(stories_tokenizer):
                                  ForwardLoss(teacher, MaskedCrossEntropy(3)), kd, ratio)
     assert forward.describe().startswith("0.7 x cross-entropy + 0.3 x KD (T=2, 3 label tokens a chunk); " + FAST[:30])
     student.train()
+    teacher_graph = []  # whether the teacher's forward recorded a graph
+    teacher.register_forward_hook(lambda module, args, output: teacher_graph.append(
+        output.hidden_states[-1].requires_grad))
     got, tokens = forward(batch)
+    assert teacher_graph == [False]
     got.backward()
     ce, kl, counted = forward.pop_sums()
     assert tokens == counted == int((labels[:, 1:] != IGNORE_INDEX).sum()) > 3 * 2
@@ -115,7 +119,8 @@ def test_a_teacher_identical_to_the_student_gives_zero_kd_before_the_first_updat
     (step,) = records(tmp_path / "ckpt", "train")
     assert step["kd_loss"] == 0.0 and step["ce_loss"] > 1.0
     assert result.train_losses == [pytest.approx(0.5 * step["ce_loss"], rel=1e-6)]
-    assert not any(p.requires_grad for p in recipe.teacher.parameters()) and not recipe.teacher.training
+    teacher = recipe.parts.forward_loss.teacher.model
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     assert records(tmp_path / "ckpt", "validation_kd")[0]["val_kd_loss"] > 0.0, "the student moved"
 
 
@@ -157,6 +162,14 @@ def test_bad_kd_input_is_one_line_and_exit_2(tmp_path, capsys, change, message):
     assert main([command, "llm", "-c", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+def test_kd_llm_help_lists_the_kd_sections(capsys):
+    assert main(["kd", "llm", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: automodel kd llm -c CONFIG.yaml") and "KL(teacher || student)" in text
+    for section in ("teacher_model", "kd_ratio", "kd_loss_fn"):
+        assert f"\n  {section} " in text
 
 
 # ---- resume and processes -------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from automodel.training.recipe import FinetuneRecipe
 
 logger = logging.getLogger("automodel")
 
+
 class FrozenShard:
     """The run's Parallelism as the teacher's builder sees it: parameters frozen before sharding (FSDP2 then keeps
     the frozen root, the output head among it, whole on every rank: models/build.py's docstring), and never wrapped
@@ -118,7 +119,7 @@ class DistillForwardLoss:
 
 class KDRecipe(FinetuneRecipe):
     """Fine-tune a student (LoRA or full) against a frozen teacher's distribution as well as the labels. The teacher
-    is one more part, built with the student's forward (`build_forward_loss`)."""
+    belongs to the micro-batch forward (`parts.forward_loss.teacher`), built in `build_forward_loss`."""
 
     recipe_name = "llm_kd"
 
@@ -127,9 +128,10 @@ class KDRecipe(FinetuneRecipe):
         if type(loss_fn) is not MaskedCrossEntropy:
             raise UserError("loss_fn._target_: the kd recipe computes the cross-entropy with the KD term from the "
                             "same chunk of logits: use automodel.training.loss.MaskedCrossEntropy (the default)")
-        self.teacher = build_teacher(kd.teacher, parallel, self.settings.targets)
-        check_same_vocabulary(model, self.teacher)
-        teacher_forward = ForwardLoss(self.teacher, MaskedCrossEntropy(kd.kd_loss.chunk_size))
+        teacher = build_teacher(kd.teacher, parallel, self.settings.targets)
+        check_same_vocabulary(model, teacher)
+        # The teacher gets the forward's plan (label positions, last layer on label rows, its output head) too.
+        teacher_forward = ForwardLoss(teacher, MaskedCrossEntropy(kd.kd_loss.chunk_size))
         return DistillForwardLoss(ForwardLoss(model, loss_fn), teacher_forward, kd.kd_loss, kd.kd_ratio)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -151,6 +153,6 @@ class KDRecipe(FinetuneRecipe):
 
     def start_facts(self) -> StartFacts:
         teacher = self.settings.kd.teacher.get("pretrained_model_name_or_path", "?")
-        parameters = sum(p.numel() for p in self.teacher.parameters())
+        parameters = sum(p.numel() for p in self.parts.forward_loss.teacher.model.parameters())
         return replace(super().start_facts(), command="automodel kd llm",
                        extra=(("teacher", f"{teacher} (frozen, {parameters:,} parameters)"),))
