@@ -146,7 +146,8 @@ def _write_tiny_teacher_with_another_vocabulary(folder):
      "teacher_model.pretrained_model_name_or_path: folder not found: /nowhere/teacher"),
     ("other vocabulary", "teacher_model: its vocabulary has 600 tokens, the student's (model) 512"),
     ("finetune", "teacher_model: only the knowledge-distillation recipe reads it"),
-], ids=["ratio", "temperature", "teacher-peft", "teacher-missing", "vocabulary", "finetune"])
+    ("short form", "kd_ratio: expected a number in [0, 1]"),
+], ids=["ratio", "temperature", "teacher-peft", "teacher-missing", "vocabulary", "finetune", "recipe-key"])
 def test_bad_kd_input_is_one_line_and_exit_2(tmp_path, capsys, change, message):
     cfg = kd_config(tmp_path, peft=True)
     command = "kd"
@@ -155,11 +156,13 @@ def test_bad_kd_input_is_one_line_and_exit_2(tmp_path, capsys, change, message):
             tmp_path / "teacher")
     elif change == "finetune":
         cfg["recipe"], command = "llm_finetune", "finetune"
+    elif change == "short form":  # `automodel FILE`: the YAML's `recipe: llm_kd` picks the kd recipe
+        cfg["kd_ratio"], command = -0.1, None
     else:
         cfg.update(change)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert main([command, "llm", "-c", str(path)]) == 2
+    assert main([command, "llm", "-c", str(path)] if command else [str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
 
