@@ -112,15 +112,21 @@ def test_kd_loss_and_gradient_match_a_float64_reference(stories_tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("peft", [True, False], ids=["lora", "full"])
-def test_a_teacher_identical_to_the_student_gives_zero_kd_before_the_first_update(tmp_path, peft):
-    recipe = KDRecipe(kd_config(tmp_path, peft=peft, max_steps=1))
+@pytest.mark.parametrize("peft, precision", [(True, "fp32"), (False, "fp32"), (False, "bf16-mixed")],
+                         ids=["lora", "full", "full-bf16-mixed"])
+def test_a_teacher_identical_to_the_student_gives_zero_kd_before_the_first_update(tmp_path, peft, precision):
+    cfg = kd_config(tmp_path, peft=peft, max_steps=1)
+    del cfg["model"]["dtype"]
+    cfg["precision"] = precision
+    recipe = KDRecipe(cfg)
     result = recipe.run()
     (step,) = records(tmp_path / "ckpt", "train")
     assert step["kd_loss"] == 0.0 and step["ce_loss"] > 1.0
     assert result.train_losses == [pytest.approx(0.5 * step["ce_loss"], rel=1e-6)]
     teacher = recipe.parts.forward_loss.teacher.model
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    # The teacher is built in the run's weights dtype, as the student: the same numbers in the same operations.
+    assert {p.dtype for p in teacher.parameters()} == {p.dtype for p in recipe.parts.model.parameters()}
     assert records(tmp_path / "ckpt", "validation_kd")[0]["val_kd_loss"] > 0.0, "the student moved"
 
 

@@ -64,7 +64,6 @@ def format_start_banner(facts: StartFacts) -> str:
     from automodel.peft import count_parameters
 
     total, trainable = count_parameters(facts.model)
-    dtype = str(next(facts.model.parameters()).dtype).removeprefix("torch.")
     rows = [
         ("model", f"{facts.model_source} ({'LoRA' if facts.lora else 'full SFT'})"),
         *facts.extra,
@@ -77,7 +76,7 @@ def format_start_banner(facts: StartFacts) -> str:
         ("batch", facts.batch),
         ("steps", facts.steps),
         ("processes", describe_processes(facts.parallel)),
-        ("precision", dtype),
+        ("precision", facts.parallel.precision.describe()),
         ("loss", facts.loss),
         ("output", str(facts.output)),
     ]

@@ -38,6 +38,7 @@ class FrozenShard:
 
     def __init__(self, parallel):
         self.parallel, self.device, self.world_size = parallel, parallel.device, parallel.world_size
+        self.precision = parallel.precision  # the teacher is built in the run's weights dtype, like the student
 
     def shard(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)
@@ -52,8 +53,9 @@ class FrozenShard:
 
 def build_teacher(node: dict[str, Any], parallel, policy) -> nn.Module:
     """The frozen teacher, built like the student (meta device, each process reading its shard), in eval mode."""
+    frozen = FrozenShard(parallel)
     try:
-        teacher = build_model({"model": node}, FrozenShard(parallel), policy=policy)
+        teacher = build_model({"model": node}, frozen, policy=policy, lora=None)
     except UserError as err:  # the model builder names its keys `model.*`; here they are the teacher's
         message = str(err)
         raise UserError("teacher_model" + message[len("model"):] if message.startswith(("model.", "model:"))

@@ -111,7 +111,7 @@ class FinetuneRecipe:
     def setup(self) -> None:
         """Join the process group (when launched with several), build the parts, restore a checkpoint."""
         settings, targets = self.settings, self.settings.targets
-        parallel = Parallelism.start(settings.distributed, settings.dist_env)
+        parallel = Parallelism.start(self.cfg, settings.distributed, settings.dist_env)
         grad_acc = settings.steps.grad_accumulation_steps(parallel.dp_size)
         seed_everything(settings.seed)
         # The model's tokenizer unless `tokenizer:` or `dataset.tokenizer` names another (with its options).
@@ -323,7 +323,8 @@ class FinetuneRecipe:
             return
         from automodel.inference.squad_eval import squad_eval_during_training
 
-        squad_eval_during_training(parts.model, parts.tokenizer, parts.data.val_set, step, parts.metrics)
+        with parts.parallel.precision.autocast(parts.parallel.device):
+            squad_eval_during_training(parts.model, parts.tokenizer, parts.data.val_set, step, parts.metrics)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """One optimizer step over `grad_acc` micro-batches."""
@@ -372,7 +373,8 @@ class FinetuneRecipe:
         for index, batch in enumerate(micro_batches):
             batch = {k: v.to(parallel.device, non_blocking=True) for k, v in batch.items()}
             with parallel.gradient_sync(model, enabled=index == len(micro_batches) - 1):
-                summed, _ = self.parts.forward_loss(batch)
+                with parallel.precision.autocast(parallel.device):
+                    summed, _ = self.parts.forward_loss(batch)
                 (summed * scale).backward()
             loss_sum += summed.detach()
         (loss_sum,) = parallel.all_reduce_sum(loss_sum.item())
@@ -390,7 +392,8 @@ class FinetuneRecipe:
             # The sampler pads the last ranks with repeated rows so all run the same batches; they do not count.
             batch, seen = mask_rows_after(batch, real_rows - seen), seen + len(batch["labels"])
             batch = {k: v.to(parts.parallel.device) for k, v in batch.items()}
-            summed, label_tokens = parts.forward_loss(batch)
+            with parts.parallel.precision.autocast(parts.parallel.device):
+                summed, label_tokens = parts.forward_loss(batch)
             loss_sum, tokens = loss_sum + summed.item(), tokens + label_tokens
         loss_sum, tokens = parts.parallel.all_reduce_sum(loss_sum, tokens)
         tokens = int(tokens)

@@ -48,7 +48,7 @@ class KDSettings:
 
 
 def teacher_section(cfg: dict[str, Any]) -> dict[str, Any]:
-    """`teacher_model`, checked; its dtype defaults to the student's (the run's precision)."""
+    """`teacher_model`, checked (the run's `precision` decides the dtype it is built in: training/kd.py)."""
     node = cfg.get("teacher_model")
     if not node:
         raise UserError("teacher_model: the kd recipe needs a teacher: pretrained_model_name_or_path (a folder, hub "
@@ -56,10 +56,7 @@ def teacher_section(cfg: dict[str, Any]) -> dict[str, Any]:
     if "peft" in node:
         raise UserError("teacher_model.peft: the teacher is frozen and takes no adapter; a top-level `peft` "
                         "section trains the student with LoRA")
-    node = dict(node)
-    if "dtype" in (cfg.get("model") or {}):
-        node.setdefault("dtype", cfg["model"]["dtype"])
-    return node
+    return dict(node)
 
 
 @dataclass(frozen=True)
