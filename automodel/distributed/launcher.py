@@ -157,6 +157,7 @@ def check_config(config_path: str, overrides: list[str], world_size: int, allow_
         raise UserError(f"distributed.tp_size {dist_cfg.tp_size} does not divide the number of processes "
                         f"({world_size})")
     resolve_strategy(dist_cfg, world_size)
+    settings.steps.grad_accumulation_steps(world_size // dist_cfg.tp_size)  # the batch splits over the ranks
 
 
 def launch_if_requested(args: argparse.Namespace, argv: list[str], overrides: list[str],
