@@ -20,7 +20,7 @@ import torch
 
 from automodel.config import parse_section
 from automodel.data.collate import FlatCollator, PadCollator
-from automodel.data.dataset import IGNORE_INDEX
+from automodel.batch import IGNORE_INDEX
 from automodel.errors import UserError
 from automodel.models.attention import AUTOMODEL_SDPA
 from automodel.models.registry import PADDING_FREE_VERIFIED, POSITION_IDS_PACKING_VERIFIED

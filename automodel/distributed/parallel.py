@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from automodel.config.instantiate import parse_section
-from automodel.data.dataset import IGNORE_INDEX
+from automodel.batch import IGNORE_INDEX
 from automodel.distributed.config import DistEnvConfig, DistributedConfig
 from automodel.distributed.env import LaunchEnv, init_process_group, pick_device, read_launch_env
 from automodel.errors import UserError

@@ -24,8 +24,7 @@ import logging
 import torch
 from torch import nn
 
-from automodel.data.collate import count_label_tokens, model_inputs, shift_labels
-from automodel.data.dataset import IGNORE_INDEX
+from automodel.batch import IGNORE_INDEX, count_label_tokens, model_inputs, shift_labels
 from automodel.models.attention import LAST_LAYER_ROWS
 from automodel.models.last_layer_rows import install_last_layer_rows, last_layer_rows_supported
 from automodel.models.output_head import OutputHead, find_output_head

@@ -31,7 +31,7 @@ from automodel.checkpoint import (
 )
 from automodel.checkpoint.provenance import check_trusted
 from automodel.config import build, check_sections, config_at_rest, parse_section, target_policy
-from automodel.data.collate import count_label_tokens, count_tokens
+from automodel.batch import count_label_tokens, count_tokens
 from automodel.data.loaders import RankBatches, build_dataset, build_loader
 from automodel.data.streaming import is_streaming
 from automodel.data.tokenizer import build_tokenizer

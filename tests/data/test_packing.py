@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from automodel.data import PadCollator, make_squad_dataset
 from automodel.data.packing import PackingCollator, build_collator, pack_rows
 from automodel.errors import UserError
-from automodel.data.collate import shift_labels
+from automodel.batch import shift_labels
 from automodel.training.loss import MaskedCrossEntropy
 from tests.conftest import SQUAD_DEV, STORIES
 

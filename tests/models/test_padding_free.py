@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from automodel.data.collate import FlatCollator, model_inputs, pad_collate, shift_labels
-from automodel.data.dataset import IGNORE_INDEX
+from automodel.batch import IGNORE_INDEX, model_inputs, shift_labels
+from automodel.data.collate import FlatCollator, pad_collate
 from automodel.data.packing import build_collator, padding_free
 from automodel.errors import UserError
 from automodel.models import load_causal_lm
