@@ -50,10 +50,10 @@ class BatchLayouts:
     `build_collator`), which combines it with the `packed_sequence` section.
 
     `padding_free_problem`: None when padding-free rows (examples back to back, see above) are exact for this
-    model, else why not (a phrase that follows "padding-free batching"). `position_ids_only`: those rows carry only
-    the restarting `position_ids` (transformers' own attention reads the examples from them), no mask and no
-    boundaries. `packing_problem`: None when the model takes packed rows with a 4D block-diagonal mask, else why not
-    (a phrase that follows "packing")."""
+    model, else why not (a phrase that follows "padding-free batching"). `position_ids_only`: those rows carry
+    only the restarting `position_ids` (transformers' own attention reads the examples from them), no mask and no
+    boundaries. `packing_problem`: None when the model takes packed rows with a 4D block-diagonal mask, else why
+    not (a phrase that follows "packing")."""
 
     padding_free_problem: str | None
     position_ids_only: bool = False

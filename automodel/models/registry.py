@@ -408,32 +408,6 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     "JAISLMHeadModel": ("sft",),
 }
 
-# model_type values whose padding-free batches (examples back to back in one row, automodel/data/packing.py) give
-# each example the logits it gets alone: tests/models/test_padding_free.py checks every native row and this list
-# (baichuan_alibi, Baichuan-13B, which no row's own checkpoint is: tests/models/test_family_baichuan13b.py).
-PADDING_FREE_VERIFIED: frozenset[str] = frozenset({
-    "baichuan_alibi",
-    "cohere", "cohere2", "deepseek_v2", "deepseek_v3", "exaone", "exaone4", "gemma", "gemma3_text", "glm", "glm4",
-    "gpt_bigcode", "gpt_neox", "gptj", "granite", "granitemoe", "granitemoeshared", "internlm3", "jais", "llama",
-    "minicpm3", "mistral", "mixtral", "olmo", "olmo2", "olmoe", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
-    "qwen3_moe", "starcoder2",
-})
-
-# Of those, the model_types whose packed rows transformers' own attention (the CUDA default) keeps apart from the
-# restarting position ids alone; checked by the same test. The ALiBi attentions (Jais, Baichuan-13B) build their
-# bias from the mask automodel's collator passes, which the position-ids-only rows do not carry.
-ALIBI_TYPES = frozenset({"jais", "baichuan_alibi"})
-POSITION_IDS_PACKING_VERIFIED: frozenset[str] = PADDING_FREE_VERIFIED - ALIBI_TYPES
-
-# Where the last layer may compute only the rows the loss reads (automodel/models/last_layer_rows.py): the
-# padding-free rows except mixture-of-experts ones, whose router would still route the skipped rows (and count them
-# in its load-balancing loss). tests/models/test_padding_free.py checks each in float64.
-# Jais's ALiBi attention calls SDPA itself (automodel/models/families/jais.py), not automodel_sdpa, which limits rows;
-# Baichuan-13B's passes automodel_sdpa a float mask (the ALiBi bias), with which it computes every row.
-LAST_LAYER_ROWS_VERIFIED: frozenset[str] = PADDING_FREE_VERIFIED - {
-    row.model_type for row in ARCHITECTURES if row.kind == "moe"} - ALIBI_TYPES
-
-
 def native_rows() -> list[Architecture]:
     """Rows transformers loads natively (the published model_type is transformers')."""
     return [row for row in ARCHITECTURES if row.native_class]

@@ -26,7 +26,8 @@ from torch import nn
 
 from automodel.batch import IGNORE_INDEX, count_label_tokens, model_inputs, shift_labels
 from automodel.models.attention import LAST_LAYER_ROWS
-from automodel.models.last_layer_rows import install_last_layer_rows, last_layer_rows_supported
+from automodel.models.capabilities import last_layer_rows_supported
+from automodel.models.last_layer_rows import install_last_layer_rows
 from automodel.models.output_head import OutputHead, find_output_head
 from automodel.models.router_aux_loss import RouterAuxLoss
 from automodel.models.unwrap import transformers_model, without_ddp

@@ -34,7 +34,6 @@ from automodel.config import build, check_sections, config_at_rest, parse_sectio
 from automodel.batch import count_label_tokens, count_tokens
 from automodel.data.loaders import RankBatches, build_dataset, build_loader
 from automodel.data.streaming import is_streaming
-from automodel.data.tokenizer import build_tokenizer
 from automodel.distributed.grad_norm import clip_grad_norm
 from automodel.distributed.parallel import Parallelism, mask_rows_after
 from automodel.errors import TrainingStopped, UserError
@@ -48,12 +47,14 @@ from automodel.logging import (
     throughput_meter,
 )
 from automodel.models.build import build_model
+from automodel.models.capabilities import model_batch_layouts
 from automodel.models.unwrap import transformers_model
 from automodel.peft import LoraSettings
 from automodel.training.forward import ForwardLoss
 from automodel.training.lr_scheduler import LRSchedulerConfig
 from automodel.training.preemption import PreemptionHandler
 from automodel.training.step_scheduler import StepSchedulerConfig
+from automodel.training.tokenizer import build_tokenizer
 
 logger = logging.getLogger("automodel")
 
@@ -186,7 +187,7 @@ class FinetuneRecipe:
         batches = RankBatches(self.steps.local_batch_size, self.steps.global_batch_size, self.dp_size, self.dp_rank,
                               int(self.cfg.get("seed", 42)))
         return build_loader(self.cfg, section, dataset, train, self.targets, self.tokenizer.pad_token_id,
-                            transformers_model(self.model).config, batches, self.device.type)
+                            model_batch_layouts(transformers_model(self.model).config, self.device.type), batches)
 
     # ---- training -------------------------------------------------------------------------------
 
