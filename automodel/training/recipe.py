@@ -48,6 +48,7 @@ from automodel.logging import (
 )
 from automodel.models.build import build_model
 from automodel.models.capabilities import model_batch_layouts
+from automodel.models.forward_plan import plan_forward
 from automodel.models.unwrap import transformers_model
 from automodel.peft import LoraSettings
 from automodel.training.forward import ForwardLoss
@@ -132,7 +133,9 @@ class FinetuneRecipe:
         self.tokenizer = build_tokenizer(self.cfg, self.targets)
         self.model = self.build_model()
         self.loss_fn = build(with_default_target(self.cfg, "loss_fn"), "loss_fn", policy=self.targets)
-        self.forward_loss = ForwardLoss(self.model, self.loss_fn)  # decides the loss path's optimisations once
+        # The forward's optimisations for this model and loss, decided once (the last layer's row hooks installed).
+        self.forward_plan = plan_forward(self.model, self.loss_fn)
+        self.forward_loss = ForwardLoss(self.model, self.loss_fn, self.forward_plan)
         self.train_set = build_dataset(self.cfg, "dataset", self.targets, self.tokenizer)
         self.streaming = is_streaming(self.train_set)
         self.val_set = build_dataset(self.cfg, "validation_dataset", self.targets, self.tokenizer) \
