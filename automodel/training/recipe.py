@@ -20,6 +20,7 @@ import numpy
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from automodel.batch import count_label_tokens, count_tokens
 from automodel.checkpoint import (
     CheckpointConfig,
     TrainState,
@@ -31,7 +32,6 @@ from automodel.checkpoint import (
 )
 from automodel.checkpoint.provenance import check_trusted
 from automodel.config import build, check_sections, config_at_rest, parse_section, target_policy
-from automodel.batch import count_label_tokens, count_tokens
 from automodel.data.loaders import RankBatches, build_dataset, build_loader
 from automodel.data.streaming import is_streaming
 from automodel.distributed.grad_norm import clip_grad_norm
