@@ -20,6 +20,7 @@ import numpy
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from automodel.batch import count_label_tokens, count_tokens
 from automodel.checkpoint import (
     CheckpointConfig,
     TrainState,
@@ -31,10 +32,8 @@ from automodel.checkpoint import (
 )
 from automodel.checkpoint.provenance import check_trusted
 from automodel.config import build, check_sections, config_at_rest, parse_section, target_policy
-from automodel.data.collate import count_label_tokens, count_tokens
 from automodel.data.loaders import RankBatches, build_dataset, build_loader
 from automodel.data.streaming import is_streaming
-from automodel.data.tokenizer import build_tokenizer
 from automodel.distributed.grad_norm import clip_grad_norm
 from automodel.distributed.parallel import Parallelism, mask_rows_after
 from automodel.errors import TrainingStopped, UserError
@@ -48,12 +47,15 @@ from automodel.logging import (
     throughput_meter,
 )
 from automodel.models.build import build_model
+from automodel.models.capabilities import model_batch_layouts
+from automodel.models.forward_plan import plan_forward
 from automodel.models.unwrap import transformers_model
 from automodel.peft import LoraSettings
 from automodel.training.forward import ForwardLoss
 from automodel.training.lr_scheduler import LRSchedulerConfig
 from automodel.training.preemption import PreemptionHandler
 from automodel.training.step_scheduler import StepSchedulerConfig
+from automodel.training.tokenizer import build_tokenizer
 
 logger = logging.getLogger("automodel")
 
@@ -132,7 +134,9 @@ class FinetuneRecipe:
         self.tokenizer = build_tokenizer(self.cfg, self.targets)
         self.model = self.build_model()
         self.loss_fn = build(with_default_target(self.cfg, "loss_fn"), "loss_fn", policy=self.targets)
-        self.forward_loss = ForwardLoss(self.model, self.loss_fn)  # decides the loss path's optimisations once
+        # The forward's optimisations for this model and loss, decided once (the last layer's row hooks installed).
+        self.forward_plan = plan_forward(self.model, self.loss_fn)
+        self.forward_loss = ForwardLoss(self.model, self.loss_fn, self.forward_plan)
         self.train_set = build_dataset(self.cfg, "dataset", self.targets, self.tokenizer)
         self.streaming = is_streaming(self.train_set)
         self.val_set = build_dataset(self.cfg, "validation_dataset", self.targets, self.tokenizer) \
@@ -187,7 +191,7 @@ class FinetuneRecipe:
         batches = RankBatches(self.steps.local_batch_size, self.steps.global_batch_size, self.dp_size, self.dp_rank,
                               int(self.cfg.get("seed", 42)))
         return build_loader(self.cfg, section, dataset, train, self.targets, self.tokenizer.pad_token_id,
-                            transformers_model(self.model).config, batches, self.device.type)
+                            model_batch_layouts(transformers_model(self.model).config, self.device.type), batches)
 
     # ---- training -------------------------------------------------------------------------------
 
