@@ -133,7 +133,8 @@ def save_step(checkpoint_dir: str | os.PathLike, step: int, write: Callable[[Pat
 def _publish(root: Path, tmp: Path, final: Path) -> None:
     _fsync_tree(tmp)
     if (tmp / "dcp").is_dir():  # before the rename: a step that is published is always known as ours
-        record_written(tmp / "dcp")
+        record_written(tmp)
+        _fsync_dir(tmp)
     if final.exists():  # a stale folder of the same step from an earlier run: move it aside, then drop it
         stale = root / f".{final.name}.stale"
         shutil.rmtree(stale, ignore_errors=True)

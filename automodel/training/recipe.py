@@ -166,7 +166,9 @@ class FinetuneRecipe:
             return TrainState()
         check_compatible(step_dir, self.cfg)
         check_trusted(step_dir, self.ckpt_cfg.trust_pickled_state, "checkpoint.restore_from",
-                      "run with --checkpoint.trust_pickled_state true")
+                      "run with --checkpoint.trust_pickled_state true",
+                      share=(self.parallel.dp_rank, self.parallel.dp_size),  # each process hashes its share
+                      agree=lambda flags: [int(n) for n in self.parallel.all_reduce_sum(*flags)])
         if self.ckpt_cfg.trust_pickled_state:
             logger.warning("checkpoint.trust_pickled_state: loading %s/dcp with pickle, trusted by you", step_dir)
         state = load_training_state(step_dir, self.model, self.optimizer, self.lr_scheduler)

@@ -98,12 +98,13 @@ def test_checkpoint_dir_that_is_a_file_is_one_line(tmp_path, capsys):
                                       "folder (it is created when missing)")
 
 
-def test_a_checkpoint_from_elsewhere_is_loaded_only_when_trusted(sft_run, tmp_path, capsys):
-    """A step folder copied in (as one downloaded would be) is refused by resume and export until accepted."""
+def test_a_checkpoint_from_elsewhere_is_loaded_only_when_trusted(sft_run, tmp_path, capsys, monkeypatch):
+    """A step folder written on another machine (another ledger) is refused by resume and export until accepted."""
     step = latest_step_dir(sft_run)
     assert sorted(p.suffix for p in (step / "model").iterdir() if p.suffix in (".bin", ".pt", ".pkl", ".pth")) == []
     foreign = tmp_path / "downloaded" / step.name
     shutil.copytree(step, foreign)
+    monkeypatch.setenv("AUTOMODEL_CACHE", str(tmp_path / "this_machine"))  # whose ledger never saw the step
     risk = "its dcp/ training state is read with Python's pickle, which can run any code the files hold"
 
     assert main(["export", str(foreign), "--output", str(tmp_path / "out")]) == 2
