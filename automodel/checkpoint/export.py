@@ -19,7 +19,7 @@ from automodel.config.redact import read_run_config
 from automodel.data.tokenizer import build_tokenizer
 from automodel.errors import UserError
 from automodel.models.build import build_model
-from automodel.paths import check_output_folder
+from automodel.paths import check_not_link, check_output_folder
 
 logger = logging.getLogger("automodel")
 
@@ -40,7 +40,7 @@ def export_step(step_dir: str | Path, output: str | Path | None = None, trust_pi
     # One process, no process group: the model as the run built it, then its trained state (DCP reshards).
     tokenizer, model = build_tokenizer(cfg, policy), build_model(cfg, policy=policy)
     load_model_state(step_dir, model)
-    partial = target.with_name(f".{target.name}.partial")
+    partial = check_not_link(target.with_name(f".{target.name}.partial"), "--output")  # else written through
     shutil.rmtree(partial, ignore_errors=True)
     max_shard_size = parse_section(CheckpointConfig, cfg.get("checkpoint"), "checkpoint").max_shard_size
     write_hf_model(model, tokenizer, partial, max_shard_size=max_shard_size)

@@ -19,7 +19,7 @@ from automodel.config.loader import load_yaml
 from automodel.config.redact import redact
 from automodel.errors import UserError
 from automodel.inference.sources import ModelSource
-from automodel.paths import check_inside
+from automodel.paths import check_not_link
 
 logger = logging.getLogger("automodel")
 
@@ -32,10 +32,15 @@ UPLOAD_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "config.json", "
 
 def select_files(folder: Path) -> list[str]:
     """The file names of `folder` to upload (sorted); the model card is written separately."""
+    check_not_link(folder, "push")
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, pattern) for pattern in UPLOAD_PATTERNS)]
-    for name in chosen:  # a link inside the folder must not upload a file from elsewhere
-        check_inside(folder / name, folder, "push")
+    for name in chosen:  # a link must not upload a file from elsewhere, nor a hard link one that lives elsewhere too
+        check_not_link(folder / name, "push")
+        if (folder / name).stat().st_nlink > 1:
+            raise UserError(f"push: {folder / name} is a hard link ({(folder / name).stat().st_nlink} names for one "
+                            "file), so it may be a file from elsewhere; copy it into the folder (cp, not ln) to "
+                            "upload it")
     if not any(n.endswith(".safetensors") for n in chosen):
         raise UserError(f"{folder}: no .safetensors weights to upload")
     return chosen

@@ -15,7 +15,7 @@ from typing import Any
 from automodel.config.redact import read_run_config
 from automodel.errors import UserError
 from automodel.models import gguf
-from automodel.paths import check_step_name
+from automodel.paths import check_not_link, check_step_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
@@ -83,7 +83,7 @@ def _latest(checkpoint_dir: Path) -> Path:
     step = checkpoint_dir / check_step_name((checkpoint_dir / "LATEST").read_text(), checkpoint_dir / "LATEST")
     if not step.is_dir():
         raise UserError(f"{checkpoint_dir}/LATEST names {step.name}, which does not exist")
-    return step
+    return check_not_link(step, "model")
 
 
 def _from_step_dir(step_dir: Path, key: str) -> ModelSource:

@@ -24,6 +24,7 @@ from automodel.checkpoint import (
     CheckpointConfig,
     TrainState,
     check_compatible,
+    check_no_links,
     find_restore_dir,
     load_training_state,
     save_checkpoint,
@@ -109,6 +110,7 @@ class FinetuneRecipe:
         self.lr_cfg = parse_section(LRSchedulerConfig, cfg.get("lr_scheduler"), "lr_scheduler")
         self.ckpt_cfg = parse_section(CheckpointConfig, cfg.get("checkpoint"), "checkpoint")
         self.log_cfg = parse_section(LoggingConfig, cfg.get("logging"), "logging")
+        check_no_links(self.ckpt_cfg.checkpoint_dir, (self.log_cfg.metrics_file,))
         self.peft_cfg = parse_section(LoraSettings, cfg["peft"], "peft") if cfg.get("peft") is not None else None
         self.clip_grad_norm = self._max_grad_norm(cfg.get("clip_grad_norm"))
         self.grad_acc = self.steps.grad_accumulation_steps(self.dp_size)
