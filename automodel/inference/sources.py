@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from automodel.config.loader import interpolate
 from automodel.config.redact import read_run_config
 from automodel.errors import UserError
 from automodel.models import gguf
@@ -113,6 +114,8 @@ def adapter_base(adapter: Path, train_config: dict | None, key: str) -> tuple[st
     """The base model an adapter was trained on, and its GGUF file if it is one: the training config's, else
     adapter_config.json's (a folder holding a single GGUF file is that file)."""
     recorded = read_json(adapter / ADAPTER_CONFIG).get("base_model_name_or_path")
+    if isinstance(recorded, str) and "${" in recorded:  # written as the run's config wrote it: resolve it here
+        recorded = interpolate(recorded)
     model_config = (train_config or {}).get("model") or {}
     from_config = model_config.get("pretrained_model_name_or_path")
     if from_config and model_config.get("gguf_file"):
