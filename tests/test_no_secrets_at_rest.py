@@ -136,3 +136,18 @@ def test_a_secret_in_every_interpolated_field_is_in_no_file_any_backend_writes(t
     # Our own commands resolve the recorded expression again, so the adapter still finds its base.
     from automodel.inference.sources import resolve_source
     assert resolve_source(str(ckpt / "step_2" / "model")).base == str(model_dir)
+
+
+@pytest.mark.parametrize("key", ["model.pretrained_model_name_or_path", "step_scheduler.max_steps",
+                                 "checkpoint.save_consolidated"])
+def test_an_error_that_echoes_a_value_from_the_environment_names_the_variable(tmp_path, monkeypatch, capsys, key):
+    monkeypatch.setenv(VAR, f"/nowhere/{SECRET}")
+    cfg = tiny_squad_config(tmp_path, max_steps=1)
+    section, name = key.split(".")
+    cfg[section][name] = f"${{oc.env:{VAR}}}"
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["finetune", "llm", "-c", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and SECRET not in err[0] and f"${{oc.env:{VAR}}}" in err[0], err
+    assert not (tmp_path / "ckpt").exists()
