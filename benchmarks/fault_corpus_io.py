@@ -15,7 +15,7 @@ from fault_corpus import STORIES, Case, base_config, finetune, with_set
 
 
 def copied_run(real_step: Path, folder: Path) -> Path:
-    """The real run's checkpoint_dir copied with its file times (so the copy is a different checkpoint)."""
+    """The real run's checkpoint_dir copied (R2 runs with a ledger that never saw it: the copy is untrusted)."""
     ckpt = folder / "ckpt"
     shutil.copytree(real_step.parent, ckpt, ignore=shutil.ignore_patterns("*.png"))
     return ckpt / real_step.name
