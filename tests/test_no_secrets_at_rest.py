@@ -122,11 +122,13 @@ def test_a_secret_in_every_interpolated_field_is_in_no_file_any_backend_writes(t
     capsys.readouterr()
     assert main(["push", str(ckpt), "--repo-id", "someone/tiny", "--dry-run"]) == 0
     card = capsys.readouterr().out.split("\n", 1)[1]  # the first line names the local folder being pushed
+    assert main(["export", str(ckpt / "step_1"), "--output", str(tmp_path / "exported")]) == 0
 
     written = written_files(tmp_path)
     kinds = {"wandb run": [p for p in written if p.suffix == ".wandb"], "mlflow store": [ckpt / "mlflow.db"],
              "tensorboard": list((ckpt / "tensorboard").rglob("events.out.tfevents.*")),
              "metrics": [ckpt / "metrics.jsonl"], "adapter config": [ckpt / "step_2/model/adapter_config.json"],
+             "exported adapter": [tmp_path / "exported" / "adapter_config.json"],
              "dcp metadata": [ckpt / "step_2/dcp/.metadata"]}
     assert all(files and all(f.is_file() for f in files) for files in kinds.values()), kinds
     assert [str(p) for p in written if SECRET.encode() in p.read_bytes()] == []

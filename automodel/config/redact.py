@@ -12,7 +12,7 @@ import os
 import re
 from typing import Any
 
-from automodel.config.loader import _INTERPOLATION, interpolate, load_yaml
+from automodel.config.loader import interpolate, load_yaml, variables_named
 from automodel.errors import UserError
 
 REDACTED = "<redacted>"
@@ -71,10 +71,10 @@ def environment_values(unresolved: Any) -> dict[str, str]:
         for value in unresolved:
             found.update(environment_values(value))
     elif isinstance(unresolved, str):
-        for match in _INTERPOLATION.finditer(unresolved):
-            value = os.environ.get(match.group(1))
+        for name in variables_named(unresolved):
+            value = os.environ.get(name)
             if value is not None and len(value) >= MIN_SCRUBBED_LENGTH:
-                found[value] = f"${{oc.env:{match.group(1)}}}"
+                found[value] = f"${{oc.env:{name}}}"
     return found
 
 
