@@ -147,3 +147,29 @@ def test_a_large_file_is_hashed_block_by_block_the_same_in_any_number_of_threads
     expected = __import__("hashlib").sha256(b"".join(blocks)).hexdigest()
     assert len(blocks) == 3
     assert hash_files(tmp_path, ["big"], threads=1) == hash_files(tmp_path, ["big"], threads=4) == {"big": expected}
+
+
+def test_two_processes_split_the_hashing_and_both_refuse_a_file_only_one_of_them_hashed(own_copy, tmp_path):
+    """Each process hashes its share of the files (rank 1 holds dcp/.metadata); they agree before either loads."""
+    import subprocess
+
+    from automodel.checkpoint.provenance import state_files
+    from tests.distributed_helpers import REPO_ROOT, automodel_cmd, clean_env
+
+    assert state_files(own_copy, "k")[1::2] == ["dcp/.metadata", "rng/rank_0.pt"]  # rank 1's share of 2
+    pickle_in_place = own_copy / "dcp" / ".metadata"
+    size = pickle_in_place.stat().st_size
+    payload = pickle.dumps(Touch(str(tmp_path / "payload_ran")))
+    pickle_in_place.write_bytes(payload + b" " * (size - len(payload)))
+    cfg = yaml.safe_load((own_copy / "config.yaml").read_text())
+    cfg["checkpoint"] = {"checkpoint_dir": str(tmp_path / "new"), "restore_from": str(own_copy)}
+    cfg["step_scheduler"]["max_steps"] = 3
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = subprocess.run(automodel_cmd(str(path), "--nproc-per-node", "2"), capture_output=True, text=True,
+                         cwd=REPO_ROOT, env=clean_env(), timeout=300)
+    assert out.returncode != 0
+    changed = f"{pickle_in_place} changed since your run wrote it"
+    last = out.stderr.strip().splitlines()[-1]  # the launcher's line: each rank and why it stopped
+    assert "worker rank 0" in last and "worker rank 1" in last and last.count(changed) == 2, out.stderr[-3000:]
+    assert not (tmp_path / "payload_ran").exists() and not (tmp_path / "new" / "LATEST").exists()
