@@ -106,6 +106,7 @@ class FinetuneRecipe:
         self.parallel = Parallelism.from_config(cfg)  # joins torchrun's / srun's process group when launched
         self.dp_size, self.dp_rank = self.parallel.dp_size, self.parallel.dp_rank
         self.device = self.parallel.device
+        self.precision = self.parallel.precision  # decided once (config/precision.py); every forward follows it
         self.steps = parse_section(StepSchedulerConfig, cfg.get("step_scheduler"), "step_scheduler")
         self.lr_cfg = parse_section(LRSchedulerConfig, cfg.get("lr_scheduler"), "lr_scheduler")
         self.ckpt_cfg = parse_section(CheckpointConfig, cfg.get("checkpoint"), "checkpoint")
@@ -312,7 +313,8 @@ class FinetuneRecipe:
             return
         from automodel.inference.squad_eval import squad_eval_during_training
 
-        squad_eval_during_training(self.model, self.tokenizer, self.val_set, step, self.metrics)
+        with self.precision.autocast(self.device):
+            squad_eval_during_training(self.model, self.tokenizer, self.val_set, step, self.metrics)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """One optimizer step over `grad_acc` micro-batches."""
@@ -358,7 +360,8 @@ class FinetuneRecipe:
         for index, batch in enumerate(micro_batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.parallel.gradient_sync(self.model, enabled=index == len(micro_batches) - 1):
-                summed, _ = self.forward_loss(batch)
+                with self.precision.autocast(self.device):
+                    summed, _ = self.forward_loss(batch)
                 (summed * scale).backward()
             loss_sum += summed.detach()
         (loss_sum,) = self.parallel.all_reduce_sum(loss_sum.item())
@@ -375,7 +378,8 @@ class FinetuneRecipe:
             # The sampler pads the last ranks with repeated rows so all run the same batches; they do not count.
             batch, seen = mask_rows_after(batch, real_rows - seen), seen + len(batch["labels"])
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            summed, label_tokens = self.forward_loss(batch)
+            with self.precision.autocast(self.device):
+                summed, label_tokens = self.forward_loss(batch)
             loss_sum, tokens = loss_sum + summed.item(), tokens + label_tokens
         loss_sum, tokens = self.parallel.all_reduce_sum(loss_sum, tokens)
         tokens = int(tokens)
