@@ -56,7 +56,7 @@ def hash_files(root: Path, names: list[str], threads: int | None = None) -> dict
     threads = threads or min(16, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads) as pool:
         blocks = list(pool.map(lambda item: _block_digest(root / item[0], item[1]), work))
-    digests: dict[str, hashlib._Hash] = {name: hashlib.sha256() for name in names}
+    digests = {name: hashlib.sha256() for name in names}
     for (name, _), block in zip(work, blocks):
         digests[name].update(block)
     return {name: digest.hexdigest() for name, digest in digests.items()}
