@@ -69,11 +69,13 @@ class CheckpointConfig:
 
 def check_no_links(checkpoint_dir: str | os.PathLike, file_names: tuple[str, ...] = ()) -> None:
     """Before a run builds anything: none of the entries it writes or reads in `checkpoint_dir` (config.yaml,
-    LATEST, step folders, `file_names`) is a link, which a write would follow (the folder itself may be one)."""
+    LATEST, step folders, the trackers' defaults, `file_names`) is a link, which a write would follow (the folder
+    itself may be one)."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return
-    names = ("config.yaml", LATEST, *file_names)
+    # What a run writes there by default: its config, LATEST, and the trackers' files and folders.
+    names = ("config.yaml", LATEST, "metrics.png", "mlflow.db", "tensorboard", "wandb", *file_names)
     for path in [root / name for name in names] + sorted(root.glob("step_*")) + sorted(root.glob(".step_*")):
         check_not_link(path, "checkpoint.checkpoint_dir")
 

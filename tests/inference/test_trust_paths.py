@@ -169,7 +169,7 @@ def test_export_output_may_not_be_a_link_or_inside_its_state(sft_run, tmp_path, 
 # ---- writes never follow links (issue 26, point 6) -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("planted", ["config.yaml", "metrics.jsonl", "LATEST", "step_1"])
+@pytest.mark.parametrize("planted", ["config.yaml", "metrics.jsonl", "LATEST", "step_1", "mlflow.db", "tensorboard"])
 def test_a_link_planted_in_the_checkpoint_dir_stops_the_run_before_it_writes(tmp_path, capsys, planted):
     victim = tmp_path / "victim"
     victim.mkdir()
@@ -177,7 +177,7 @@ def test_a_link_planted_in_the_checkpoint_dir_stops_the_run_before_it_writes(tmp
     cfg = tiny_squad_config(tmp_path, max_steps=1)
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    (ckpt / planted).symlink_to(victim if planted.startswith("step_") else victim / "important")
+    (ckpt / planted).symlink_to(victim if planted in ("step_1", "tensorboard") else victim / "important")
     path = tmp_path / "cfg.yaml"
     path.write_text(__import__("yaml").safe_dump(cfg))
     assert main(["finetune", "llm", "-c", str(path)]) == 2
