@@ -1,6 +1,7 @@
 """Fault figures: how many faults and bad inputs automodel survives. Prints one table per figure.
 
     python benchmarks/faults.py r2          # >= 200 malformed inputs through the CLI (in-process, ~5 min)
+    python benchmarks/faults.py r2-at-rest  # only its attacks on checkpoints, links and secrets at rest
     python benchmarks/faults.py r1          # 20 SIGKILLs of a full-SFT run, each resumed (~15 min on 2 cores)
     python benchmarks/faults.py r4          # one rank of a 2-process FSDP2 run killed mid-step
     python benchmarks/faults.py all
@@ -44,6 +45,7 @@ from fault_corpus import (  # noqa: E402
     tokenizer_cases,
 )
 from fault_corpus_io import checkpoint_cases, env_cases, path_cases  # noqa: E402
+from fault_corpus_trust import at_rest_cases  # noqa: E402
 
 HANG_S = 60
 SUBPROCESS_HANG_S = 240  # importing torch and transformers alone takes a while on a loaded 2-core machine
@@ -97,6 +99,10 @@ def judge(case, code, out: str, err: str, before: set[str], folder: Path) -> str
         return "traceback: " + err.strip().splitlines()[-1][:160]
     if code != 2:
         return f"exit {code}: {(lines or ['(no stderr)'])[-1][:160]}"
+    if case.absent and (case.absent in out or case.absent in err):
+        return f"printed {case.absent!r}"
+    if case.forbidden and (folder / case.forbidden).exists():
+        return f"created {case.forbidden}: the attack's payload ran"
     if len(lines) != 1 or not lines[0].startswith("error: "):
         return f"{len(lines)} stderr lines: {' | '.join(lines)[:200]}"
     if case.expect not in lines[0]:
@@ -122,9 +128,9 @@ def real_step_folder(root: Path) -> Path:
     return folder / "ckpt" / "step_1"
 
 
-def r2() -> None:
-    corpus = config_cases() + override_cases() + data_cases() + tokenizer_cases() + checkpoint_cases() + \
-        path_cases() + env_cases()
+def r2(corpus: list | None = None) -> None:
+    corpus = corpus or config_cases() + override_cases() + data_cases() + tokenizer_cases() + checkpoint_cases() + \
+        path_cases() + env_cases() + at_rest_cases()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="faults_r2_") as tmp:
         root = Path(tmp)
@@ -365,6 +371,8 @@ def r4() -> None:
 
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if which == "r2-at-rest":  # only the attacks on what lies at rest (fault_corpus_trust.py)
+        r2(at_rest_cases())
     for name, figure in (("r2", r2), ("r1", r1), ("r4", r4)):
         if which in (name, "all"):
             figure()

@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from automodel.cli.main import main
-from automodel.data.dataset import IGNORE_INDEX
+from automodel.batch import IGNORE_INDEX
+from automodel.models.forward_plan import plan_forward
 from automodel.training.forward import ForwardLoss
 from automodel.training.kd import DistillForwardLoss, KDRecipe
 from automodel.training.kd_loss import KDLoss
@@ -93,8 +94,9 @@ def test_kd_loss_and_gradient_match_a_float64_reference(stories_tokenizer):
     assert want_kl > 0.01
 
     kd = KDLoss(temperature=temperature, chunk_size=3)
-    forward = DistillForwardLoss(ForwardLoss(student, MaskedCrossEntropy(3)),
-                                 ForwardLoss(teacher, MaskedCrossEntropy(3)), kd, ratio)
+    loss = MaskedCrossEntropy(3)
+    forward = DistillForwardLoss(ForwardLoss(student, loss, plan_forward(student, loss)),
+                                 ForwardLoss(teacher, loss, plan_forward(teacher, loss)), kd, ratio)
     assert forward.describe().startswith("0.7 x cross-entropy + 0.3 x KD (T=2, 3 label tokens a chunk); " + FAST[:30])
     student.train()
     teacher_graph = []  # whether the teacher's forward recorded a graph

@@ -15,11 +15,12 @@ from automodel.checkpoint.provenance import check_trusted
 from automodel.checkpoint.save import CheckpointConfig
 from automodel.checkpoint.state import load_model_state
 from automodel.config import parse_section, target_policy
+from automodel.config.loader import load_yaml
 from automodel.config.redact import read_run_config
-from automodel.data.tokenizer import build_tokenizer
 from automodel.errors import UserError
 from automodel.models.build import build_model
-from automodel.paths import check_output_folder
+from automodel.paths import check_not_link, check_output_folder
+from automodel.training.tokenizer import build_tokenizer
 
 logger = logging.getLogger("automodel")
 
@@ -40,10 +41,12 @@ def export_step(step_dir: str | Path, output: str | Path | None = None, trust_pi
     # One process, no process group: the model as the run built it, then its trained state (DCP reshards).
     tokenizer, model = build_tokenizer(cfg, policy), build_model(cfg, policy=policy)
     load_model_state(step_dir, model)
-    partial = target.with_name(f".{target.name}.partial")
+    partial = check_not_link(target.with_name(f".{target.name}.partial"), "--output")  # else written through
     shutil.rmtree(partial, ignore_errors=True)
     max_shard_size = parse_section(CheckpointConfig, cfg.get("checkpoint"), "checkpoint").max_shard_size
-    write_hf_model(model, tokenizer, partial, max_shard_size=max_shard_size)
+    written = load_yaml(step_dir / "config.yaml")  # the model path as the run wrote it (no secrets at rest)
+    write_hf_model(model, tokenizer, partial, max_shard_size=max_shard_size,
+                   base_as_written=(written.get("model") or {}).get("pretrained_model_name_or_path"))
     os.replace(partial, target)  # the folder appears complete or not at all
     logger.info("exported %s to %s", step_dir, target)
     return target

@@ -108,9 +108,20 @@ def _split_command(rest: list[str]) -> tuple[tuple[str, ...], list[str]]:
 
 def run_finetune(config_path: str, overrides: list[str], command_recipe: str | None,
                  log_level_flag: str | None = None, allow_targets: tuple[str, ...] = ()) -> int:
-    from automodel.config import check_sections, interpolate, load_unresolved_config
+    from automodel.config import load_unresolved_config
+    from automodel.config.redact import without_environment_values
 
     unresolved = load_unresolved_config(config_path, overrides)
+    try:
+        return _run_finetune(config_path, unresolved, command_recipe, log_level_flag, allow_targets)
+    except UserError as err:  # a message that echoes a value read from the environment names its variable
+        raise UserError(without_environment_values(str(err), unresolved)) from None
+
+
+def _run_finetune(config_path: str, unresolved: dict, command_recipe: str | None, log_level_flag: str | None,
+                  allow_targets: tuple[str, ...]) -> int:
+    from automodel.config import check_sections, interpolate
+
     cfg = interpolate(unresolved)
     check_sections(cfg)  # the shape of each section, before `logging` is read; the recipe's constructor checks
     # their contents (training/settings.py) before it builds anything.

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from automodel.batch import IGNORE_INDEX
 from automodel.config.instantiate import parse_section
 from automodel.config.precision import Precision, resolve_precision
-from automodel.data.dataset import IGNORE_INDEX
 from automodel.distributed.config import DistEnvConfig, DistributedConfig
 from automodel.distributed.env import LaunchEnv, init_process_group, pick_device, read_launch_env
 from automodel.errors import UserError

@@ -22,6 +22,7 @@ from automodel.errors import UserError
 from automodel.inference.merge import check_output_dir, merge_lora
 from automodel.inference.sources import ADAPTER_CONFIG, ModelSource, read_json
 from automodel.inference.vllm_runtime import VllmInstall, ask_vllm
+from automodel.paths import check_output_folder
 
 logger = logging.getLogger("automodel")
 
@@ -142,6 +143,8 @@ def prepare_for_vllm(source: ModelSource, output_dir: str | Path, name: str, mer
     """Write the folder vLLM loads under `output_dir`; return it with the server's model arguments.
 
     `ask`: check a LoRA adapter against this installed vLLM rather than the table."""
+    # As merge-lora's: before resolving, which would follow a link (the files would land where it points).
+    check_output_folder(Path(output_dir), "--output", [p for p in (source.adapter, Path(source.base)) if p])
     output_dir = Path(output_dir).resolve()
     if source.gguf_file and not (merge and source.adapter is not None):
         raise UserError(f"model: the base is the GGUF file {source.gguf_file}: serve merged weights (a LoRA run: "

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from automodel.data.collate import count_label_tokens, shift_labels
-from automodel.data.dataset import IGNORE_INDEX
+from automodel.batch import IGNORE_INDEX, count_label_tokens, shift_labels
 from automodel.errors import UserError
 from automodel.logging.summary import StartFacts
 from automodel.models.attention import LAST_LAYER_ROWS
 from automodel.models.build import build_model
+from automodel.models.forward_plan import plan_forward
 from automodel.models.unwrap import transformers_model
 from automodel.training.forward import ForwardLoss, label_hidden_states
 from automodel.training.kd_loss import KDLoss, chunked_head_distillation
@@ -133,8 +133,10 @@ class KDRecipe(FinetuneRecipe):
         teacher = build_teacher(kd.teacher, parallel, self.settings.targets)
         check_same_vocabulary(model, teacher)
         # The teacher gets the forward's plan (label positions, last layer on label rows, its output head) too.
-        teacher_forward = ForwardLoss(teacher, MaskedCrossEntropy(kd.kd_loss.chunk_size))
-        return DistillForwardLoss(ForwardLoss(model, loss_fn), teacher_forward, kd.kd_loss, kd.kd_ratio)
+        teacher_loss = MaskedCrossEntropy(kd.kd_loss.chunk_size)
+        teacher_forward = ForwardLoss(teacher, teacher_loss, plan_forward(teacher, teacher_loss))
+        return DistillForwardLoss(super().build_forward_loss(model, loss_fn, parallel), teacher_forward, kd.kd_loss,
+                                  kd.kd_ratio)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         record = super().train_step(micro_batches)

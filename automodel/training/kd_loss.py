@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from automodel.data.dataset import IGNORE_INDEX
+from automodel.batch import IGNORE_INDEX
 from automodel.errors import UserError
 from automodel.models.output_head import OutputHead
 from automodel.training.loss import DEFAULT_CHUNK_SIZE, _accumulate, at_least_fp32

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from automodel.batch import count_label_tokens, count_tokens
 from automodel.checkpoint import (
     TrainState,
     check_compatible,
@@ -31,10 +32,8 @@ from automodel.checkpoint import (
 )
 from automodel.checkpoint.provenance import check_trusted
 from automodel.config import build, config_at_rest
-from automodel.data.collate import count_label_tokens, count_tokens
 from automodel.data.loaders import RankBatches, build_dataset, build_loader
 from automodel.data.streaming import is_streaming
-from automodel.data.tokenizer import build_tokenizer
 from automodel.distributed.grad_norm import clip_grad_norm
 from automodel.distributed.parallel import Parallelism, mask_rows_after
 from automodel.errors import TrainingStopped, UserError
@@ -48,11 +47,14 @@ from automodel.logging import (
 )
 from automodel.logging.summary import StartFacts
 from automodel.models.build import build_model, model_section
+from automodel.models.capabilities import model_batch_layouts
+from automodel.models.forward_plan import plan_forward
 from automodel.models.unwrap import transformers_model
 from automodel.training.forward import ForwardLoss
 from automodel.training.preemption import PreemptionHandler
 from automodel.training.settings import RecipeParts, RecipeSettings, RunData
 from automodel.training.step_scheduler import StepSchedulerConfig
+from automodel.training.tokenizer import build_tokenizer
 
 logger = logging.getLogger("automodel")
 
@@ -123,7 +125,7 @@ class FinetuneRecipe:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build(with_default_target(self.cfg, "optimizer"), "optimizer", policy=targets, params=params)
         lr_scheduler = settings.lr.build(optimizer, data.max_steps)
-        self.state = self._restore(model, optimizer, lr_scheduler, data.max_steps)
+        self.state = self._restore(model, optimizer, lr_scheduler, data.max_steps, parallel)
         self.start_step = self.last_saved_step = self.state.step
         if parallel.is_main:  # only rank 0 writes
             write_config(self.cfg_at_rest, self.out_dir / "config.yaml")
@@ -139,8 +141,9 @@ class FinetuneRecipe:
         return build_model(self.cfg, parallel, policy=self.settings.targets, lora=self.settings.peft)
 
     def build_forward_loss(self, model: nn.Module, loss_fn, parallel: Parallelism) -> ForwardLoss:
-        """The forward of one micro-batch; it decides the loss path's optimisations once."""
-        return ForwardLoss(model, loss_fn)
+        """The forward of one micro-batch, with the optimisations decided once for this model and loss (the last
+        layer's row hooks installed: models/forward_plan.py)."""
+        return ForwardLoss(model, loss_fn, plan_forward(model, loss_fn))
 
     def build_data(self, tokenizer, model: nn.Module, parallel: Parallelism, grad_acc: int) -> RunData:
         """The datasets, their loaders for this rank, and the run length they give."""
@@ -153,7 +156,7 @@ class FinetuneRecipe:
             batches = RankBatches(steps.local_batch_size, steps.global_batch_size, parallel.dp_size,
                                   parallel.dp_rank, self.settings.seed)
             return build_loader(self.cfg, section, dataset, train, targets, tokenizer.pad_token_id,
-                                transformers_model(model).config, batches, parallel.device.type)
+                                model_batch_layouts(transformers_model(model).config, parallel.device.type), batches)
 
         train_loader = loader(train_set, "dataloader", train=True)
         val_loader = loader(val_set, "validation_dataloader", train=False) if val_set is not None else None
@@ -163,7 +166,7 @@ class FinetuneRecipe:
         max_steps, why = steps.streaming_total_steps() if streaming else steps.total_steps(steps_per_epoch)
         return RunData(train_set, train_loader, val_set, val_loader, streaming, steps_per_epoch, max_steps, why)
 
-    def _restore(self, model, optimizer, lr_scheduler, max_steps: int) -> TrainState:
+    def _restore(self, model, optimizer, lr_scheduler, max_steps: int, parallel: Parallelism) -> TrainState:
         """Continue from `checkpoint.restore_from` (default: the newest complete checkpoint, if any)."""
         ckpt = self.settings.checkpoint
         step_dir = find_restore_dir(ckpt.checkpoint_dir, ckpt.restore_from) if ckpt.enabled else None
@@ -172,7 +175,9 @@ class FinetuneRecipe:
             return TrainState()
         check_compatible(step_dir, self.cfg)
         check_trusted(step_dir, ckpt.trust_pickled_state, "checkpoint.restore_from",
-                      "run with --checkpoint.trust_pickled_state true")
+                      "run with --checkpoint.trust_pickled_state true",
+                      share=(parallel.dp_rank, parallel.dp_size),  # each process hashes its share
+                      agree=lambda flags: [int(n) for n in parallel.all_reduce_sum(*flags)])
         if ckpt.trust_pickled_state:
             logger.warning("checkpoint.trust_pickled_state: loading %s/dcp with pickle, trusted by you", step_dir)
         state = load_training_state(step_dir, model, optimizer, lr_scheduler)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from automodel.checkpoint import CheckpointConfig
+from automodel.checkpoint import CheckpointConfig, check_no_links
 from automodel.config import TargetPolicy, build, check_sections, parse_section, target_policy
 from automodel.distributed.config import DistEnvConfig, DistributedConfig
 from automodel.errors import UserError
@@ -92,12 +92,14 @@ class RecipeSettings:
         if "dataset" not in cfg:
             raise UserError("config has no 'dataset' section: name a _target_ builder such as "
                             "automodel.data.squad.make_squad_dataset")
+        checkpoint = parse_section(CheckpointConfig, cfg.get("checkpoint"), "checkpoint")
+        logging = parse_section(LoggingConfig, cfg.get("logging"), "logging")
+        check_no_links(checkpoint.checkpoint_dir, (logging.metrics_file,))  # what the run writes follows no link
         return cls(
             recipe=recipe, seed=int(cfg.get("seed", 42)), targets=targets,
             steps=parse_section(StepSchedulerConfig, cfg.get("step_scheduler"), "step_scheduler"),
             lr=parse_section(LRSchedulerConfig, cfg.get("lr_scheduler"), "lr_scheduler"),
-            checkpoint=parse_section(CheckpointConfig, cfg.get("checkpoint"), "checkpoint"),
-            logging=parse_section(LoggingConfig, cfg.get("logging"), "logging"),
+            checkpoint=checkpoint, logging=logging,
             distributed=parse_section(DistributedConfig, cfg.get("distributed"), "distributed"),
             dist_env=parse_section(DistEnvConfig, cfg.get("dist_env"), "dist_env"),
             peft=lora_settings(cfg),
