@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from automodel.config.switches import check_saved_config
 from automodel.errors import UserError
 from automodel.inference.sources import ModelSource, resolve_source
 from automodel.models import load_causal_lm, load_tokenizer
@@ -53,6 +54,8 @@ class GenerationSettings:
 def load_model_and_tokenizer(source: ModelSource, dtype: str | None = None, trust_remote_code: bool = False,
                              device: str | torch.device | None = None):
     """The model (base, with the adapter attached when there is one) in eval mode, and its tokenizer."""
+    # A saved config.yaml's model.trust_remote_code counts only with the person's --trust-remote-code.
+    check_saved_config(source.train_config, source.saved_config, trust_remote_code)
     dtype = dtype or ((source.train_config or {}).get("model") or {}).get("dtype", "float32")
     model = load_causal_lm(source.base, dtype=dtype, trust_remote_code=trust_remote_code, gguf_file=source.gguf_file)
     if source.adapter is not None:
