@@ -7,8 +7,8 @@ as source with `ast`, not imported (importing all of transformers would take min
 
 Flagged: a callable whose body, or a private helper of the same module or class it calls, calls one of `ACTS`
 (resolved through the module's imports: `from pickle import loads as l` makes `l(...)` pickle.loads), or calls
-anything in a `DENIED` module (transformers.dynamic_module_utils). A class is flagged when any of its methods is:
-building it runs `__init__`, and the recipe then calls its methods. Calls between public callables of different
+transformers' dynamic-module loaders. A class is flagged when one of its special methods is (building it runs
+`__init__`, the recipe then calls, iterates or indexes it); its public methods are checked one by one. Calls between public callables of different
 modules are not followed: the callee is enumerated and checked on its own. Only files whose text holds one of the
 act names are parsed: an act is a call by one of those names, so a file without any holds none.
 """
@@ -243,7 +243,9 @@ def scan_module(module: str, path: Path) -> list[Callable_]:
     for cls, methods in scan.classes.items():
         if cls.startswith("_"):
             continue
-        found.append(Callable_(f"{module}.{cls}", "class", set().union(*(acts[f"{cls}.{m}"] for m in methods))))
+        # Building it runs __init__ (or __new__, __post_init__); the recipe then calls, iterates or indexes it.
+        special = [m for m in methods if m.startswith("__") and m.endswith("__")]
+        found.append(Callable_(f"{module}.{cls}", "class", set().union(*(acts[f"{cls}.{m}"] for m in special))))
         found += [Callable_(f"{module}.{cls}.{m}", "method", acts[f"{cls}.{m}"]) for m in methods
                   if not m.startswith("_")]
     return found
