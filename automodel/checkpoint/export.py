@@ -14,7 +14,7 @@ from automodel.checkpoint.hf_writer import write_hf_model
 from automodel.checkpoint.provenance import check_trusted
 from automodel.checkpoint.save import CheckpointConfig
 from automodel.checkpoint.state import load_model_state
-from automodel.config import parse_section, target_policy
+from automodel.config import check_targets, parse_section, target_policy
 from automodel.config.redact import read_run_config
 from automodel.config.switches import check_saved_config
 from automodel.data.tokenizer import build_tokenizer
@@ -39,7 +39,7 @@ def export_step(step_dir: str | Path, output: str | Path | None = None, trust_pi
     # The saved config may come from anyone: its trust switches need this command's own flags.
     check_saved_config(cfg, step_dir / "config.yaml", trust_remote_code, allow_targets)
     policy = target_policy(cfg, allow_targets)
-    policy.check_config(cfg)
+    check_targets(cfg, policy)
     # One process, no process group: the model as the run built it, then its trained state (DCP reshards).
     tokenizer, model = build_tokenizer(cfg, policy), build_model(cfg, policy=policy)
     load_model_state(step_dir, model)

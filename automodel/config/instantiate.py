@@ -17,7 +17,7 @@ import typing
 from typing import Any, Literal, TypeVar, Union
 
 from automodel.config.loader import did_you_mean
-from automodel.config.trust import HOW_TO_ALLOW, TargetPolicy, check_not_denied, is_allowed
+from automodel.config.trust import HOW_TO_ALLOW, TargetPolicy, check_not_denied, find_targets, is_allowed
 from automodel.errors import UserError
 
 T = TypeVar("T")
@@ -62,6 +62,15 @@ def resolve_target(dotted: str, key: str, policy: TargetPolicy = TargetPolicy())
     if not callable(obj):
         raise UserError(f"{key}._target_: '{dotted}' is not callable")
     return obj
+
+
+def check_targets(cfg: dict[str, Any], policy: TargetPolicy) -> None:
+    """Every `_target_` of `cfg` resolved (its module imported, the callable checked) before anything is built, so
+    a refused one stops the command before a model is loaded or a file written."""
+    policy.check_config(cfg)
+    for key, dotted in find_targets(cfg):
+        if isinstance(dotted, str) and dotted:
+            resolve_target(dotted, key, policy)
 
 
 def _import_module_of(parts: list[str], dotted: str, key: str, policy: TargetPolicy) -> tuple[Any, list[str]]:
