@@ -53,14 +53,14 @@ def resolve_target(dotted: str, key: str, policy: TargetPolicy = TargetPolicy())
         if inspect.ismodule(obj):
             raise UserError(f"{key}._target_: '{dotted}' passes through {reached}, which is the module "
                             f"{obj.__name__} reached as an attribute; name the callable by its own module")
+        if not callable(obj):  # a constant: no module of its own to check
+            raise UserError(f"{key}._target_: '{dotted}' is not callable")
         home = getattr(obj, "__module__", None)
         if not isinstance(home, str) or not (is_allowed(home, policy.prefixes) or is_allowed(
                 f"{home}.{getattr(obj, '__qualname__', attr)}", policy.prefixes)):
             raise UserError(f"{key}._target_: '{dotted}' is {home}.{getattr(obj, '__qualname__', attr)}, defined "
                             f"outside the trusted packages ({', '.join(policy.prefixes)}); {HOW_TO_ALLOW}")
     check_not_denied(f"{obj.__module__}.{getattr(obj, '__qualname__', names[-1])}", key, written=dotted)
-    if not callable(obj):
-        raise UserError(f"{key}._target_: '{dotted}' is not callable")
     return obj
 
 
