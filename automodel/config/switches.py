@@ -110,12 +110,12 @@ def check_saved_config(cfg: dict[str, Any] | None, path: str | os.PathLike | Non
     when the person running the command gave the command's own flag."""
     if not cfg or path is None:
         return
-    grant = {"*": "this command does not accept it from a file", "trust_remote_code": "pass --trust-remote-code"}
-    saved = {k: v for k, v in cfg.items()}
+    grant = {"*": "remove it from the file (this command takes no flag for it)",
+             "trust_remote_code": "pass --trust-remote-code"}
+    # trust_pickled_state is the resumed run's own flag: these commands read no pickles (export has its own flag).
+    saved = _without(cfg, "trust_pickled_state")
     if trust_remote_code:  # granted: the saved value is the person's wish now
         saved = _without(saved, "trust_remote_code")
-    # trust_pickled_state is the resumed run's own flag: these commands read no pickles (export has its own flag).
-    saved = _without(saved, "trust_pickled_state")
     check_file_switches(saved, str(Path(path)), grant, (), person_targets(allow_targets, environ))
 
 
