@@ -32,7 +32,7 @@ from automodel.checkpoint import (
     write_config,
 )
 from automodel.checkpoint.provenance import check_trusted
-from automodel.config import build, check_sections, config_at_rest, parse_section, target_policy
+from automodel.config import build, check_sections, check_targets, config_at_rest, parse_section, target_policy
 from automodel.data.loaders import RankBatches, build_dataset, build_loader
 from automodel.data.streaming import is_streaming
 from automodel.distributed.grad_norm import clip_grad_norm
@@ -102,7 +102,7 @@ class FinetuneRecipe:
         check_sections(cfg)
         # Every `_target_` is checked before anything is built or imported (config/trust.py).
         self.targets = target_policy(cfg, allow_targets)
-        self.targets.check_config(cfg)
+        check_targets(cfg, self.targets)
         self.cfg = cfg
         self.cfg_at_rest = config_at_rest(cfg if unresolved is None else unresolved)
         self.parallel = Parallelism.from_config(cfg)  # joins torchrun's / srun's process group when launched
