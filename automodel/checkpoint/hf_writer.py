@@ -149,11 +149,24 @@ def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: full_tensor(p) for name, p in model.named_parameters() if p.requires_grad}
 
 
+def record_base_as_written(folder: Path, resolved: str, written: str) -> None:
+    """An adapter names its base model as the run's config writes it (`${oc.env:VAR}` kept, not its value) in
+    adapter_config.json and in peft's README.md; automodel's commands resolve it again (inference/sources.py)."""
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = written
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    readme = folder / "README.md"
+    if readme.is_file():
+        readme.write_text(readme.read_text().replace(resolved, written))
+
+
 def write_hf_model(model: nn.Module, tokenizer, folder: Path, *, is_main: bool = True,
-                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
+                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, base_as_written: str | None = None) -> None:
     """Write what Hugging Face libraries load (`from_pretrained`) into `folder`; every rank calls this.
 
-    `model` is the transformers or peft model (not a DDP wrapper), sharded or not."""
+    `model` is the transformers or peft model (not a DDP wrapper), sharded or not. `base_as_written`: the model path
+    as the config writes it, recorded in a LoRA adapter instead of the resolved one when they differ."""
     from torch.distributed.tensor import DTensor
 
     if is_main:
@@ -163,6 +176,9 @@ def write_hf_model(model: nn.Module, tokenizer, folder: Path, *, is_main: bool =
         state_dict = gather_adapter_state_dict(model) if sharded else None
         if is_main:
             families.save_pretrained(model, folder, state_dict=state_dict)
+            resolved = model.peft_config[model.active_adapter].base_model_name_or_path
+            if base_as_written and resolved and str(base_as_written) != resolved:
+                record_base_as_written(folder, resolved, str(base_as_written))
     else:
         write_full_model(model, folder, is_main, max_shard_size)
         if is_main:  # a remote-code family's published config.json back (automodel/models/families)

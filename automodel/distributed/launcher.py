@@ -144,13 +144,14 @@ class WorkersFailed(Exception):
 
 def check_config(config_path: str, overrides: list[str], world_size: int, allow_targets: tuple[str, ...] = ()) -> None:
     """Catch config errors once in the launcher instead of once per worker."""
-    from automodel.config import check_sections, load_config, parse_section, target_policy
+    from automodel.config import check_sections, check_targets, interpolate, parse_section, target_policy
+    from automodel.config.switches import load_person_config
     from automodel.distributed.config import DistEnvConfig, DistributedConfig
     from automodel.distributed.parallel import resolve_strategy
 
-    cfg = load_config(config_path, overrides)
+    cfg = interpolate(load_person_config(config_path, overrides, allow_targets))
     check_sections(cfg)
-    target_policy(cfg, allow_targets, log=False).check_config(cfg)
+    check_targets(cfg, target_policy(cfg, allow_targets, log=False))  # resolved once here, not once per worker
     dist_cfg = parse_section(DistributedConfig, cfg.get("distributed"), "distributed")
     parse_section(DistEnvConfig, cfg.get("dist_env"), "dist_env")
     if world_size % dist_cfg.tp_size:

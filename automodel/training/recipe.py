@@ -25,13 +25,14 @@ from automodel.checkpoint import (
     CheckpointConfig,
     TrainState,
     check_compatible,
+    check_no_links,
     find_restore_dir,
     load_training_state,
     save_checkpoint,
     write_config,
 )
 from automodel.checkpoint.provenance import check_trusted
-from automodel.config import build, check_sections, config_at_rest, parse_section, target_policy
+from automodel.config import build, check_sections, check_targets, config_at_rest, parse_section, target_policy
 from automodel.data.loaders import RankBatches, build_dataset, build_loader
 from automodel.data.streaming import is_streaming
 from automodel.distributed.grad_norm import clip_grad_norm
@@ -101,7 +102,7 @@ class FinetuneRecipe:
         check_sections(cfg)
         # Every `_target_` is checked before anything is built or imported (config/trust.py).
         self.targets = target_policy(cfg, allow_targets)
-        self.targets.check_config(cfg)
+        check_targets(cfg, self.targets)
         self.cfg = cfg
         self.cfg_at_rest = config_at_rest(cfg if unresolved is None else unresolved)
         self.parallel = Parallelism.from_config(cfg)  # joins torchrun's / srun's process group when launched
@@ -112,6 +113,7 @@ class FinetuneRecipe:
         self.lr_cfg = parse_section(LRSchedulerConfig, cfg.get("lr_scheduler"), "lr_scheduler")
         self.ckpt_cfg = parse_section(CheckpointConfig, cfg.get("checkpoint"), "checkpoint")
         self.log_cfg = parse_section(LoggingConfig, cfg.get("logging"), "logging")
+        check_no_links(self.ckpt_cfg.checkpoint_dir, (self.log_cfg.metrics_file,))
         self.peft_cfg = parse_section(LoraSettings, cfg["peft"], "peft") if cfg.get("peft") is not None else None
         self.clip_grad_norm = self._max_grad_norm(cfg.get("clip_grad_norm"))
         self.grad_acc = self.steps.grad_accumulation_steps(self.dp_size)
@@ -171,7 +173,9 @@ class FinetuneRecipe:
             return TrainState()
         check_compatible(step_dir, self.cfg)
         check_trusted(step_dir, self.ckpt_cfg.trust_pickled_state, "checkpoint.restore_from",
-                      "run with --checkpoint.trust_pickled_state true")
+                      "run with --checkpoint.trust_pickled_state true",
+                      share=(self.parallel.dp_rank, self.parallel.dp_size),  # each process hashes its share
+                      agree=lambda flags: [int(n) for n in self.parallel.all_reduce_sum(*flags)])
         if self.ckpt_cfg.trust_pickled_state:
             logger.warning("checkpoint.trust_pickled_state: loading %s/dcp with pickle, trusted by you", step_dir)
         state = load_training_state(step_dir, self.model, self.optimizer, self.lr_scheduler)
