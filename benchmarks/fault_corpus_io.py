@@ -27,8 +27,9 @@ def resume(damage, *overrides: str, trusted: bool = True):
         damage(step)
         cfg = base_config(folder)
         cfg["step_scheduler"]["max_steps"] = 3
-        cfg["checkpoint"].update(restore_from=str(step), trust_pickled_state=trusted)
-        return finetune(folder, cfg, *overrides)
+        cfg["checkpoint"].update(restore_from=str(step))
+        trust = ["--checkpoint.trust_pickled_state", "true"] if trusted else []  # the person's switch, not the file's
+        return finetune(folder, cfg, *overrides, *trust)
     return setup
 
 

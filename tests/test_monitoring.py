@@ -198,7 +198,8 @@ def test_start_banner_and_end_summary(run):
     assert (f"train data  {len(train_set)} examples ({train_set.num_dropped} dropped, {train_set.num_truncated} "
             f"truncated to fit seq_length), {tokens:,} tokens") in console
     assert "8 per step = 4 per micro-batch x 2 accumulation x 1 data-parallel" in console
-    assert "world size 1, strategy none, device cpu" in console and "precision   float32" in console
+    assert "world size 1, strategy none, device cpu" in console
+    assert "precision   fp32: weights and optimizer float32, compute float32 (model.dtype: float32)" in console
     assert ("loss        logits at label positions only, chunked output head (1024 label tokens a chunk), last "
             "layer on label rows") in console
     best_step = min(result.val_losses, key=result.val_losses.get)

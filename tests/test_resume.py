@@ -158,9 +158,9 @@ def test_kill_9_at_a_random_moment_then_resume_matches(tmp_path):
 
 
 def test_sigterm_saves_exits_0_and_resume_continues(tmp_path):
-    cfg = resume_config(tmp_path, max_steps=6, allow_targets=["tests.faults"], loss_fn___target_="tests.faults.SignalOnCall", loss_fn__call=5)
+    cfg = resume_config(tmp_path, max_steps=6, loss_fn___target_="tests.faults.SignalOnCall", loss_fn__call=5)
     cfg_path = _write(tmp_path, cfg)
-    first = _cli(cfg_path)
+    first = _cli(cfg_path, env={"AUTOMODEL_ALLOW_TARGETS": "tests.faults"})  # the person's grant, not the file's
     assert first.returncode == 0, first.stderr[-2000:]
     assert "preempted at step 3" in first.stdout and "run the same command again to resume" in first.stdout
     assert (tmp_path / "ckpt" / "LATEST").read_text().strip() == "step_3"

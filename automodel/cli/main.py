@@ -108,10 +108,11 @@ def _split_command(rest: list[str]) -> tuple[tuple[str, ...], list[str]]:
 
 def run_finetune(config_path: str, overrides: list[str], command_recipe: str | None,
                  log_level_flag: str | None = None, allow_targets: tuple[str, ...] = ()) -> int:
-    from automodel.config import load_unresolved_config
     from automodel.config.redact import without_environment_values
+    from automodel.config.switches import load_person_config
 
-    unresolved = load_unresolved_config(config_path, overrides)
+    # The file's trust switches count only when the person gave them too (config/switches.py).
+    unresolved = load_person_config(config_path, overrides, allow_targets)
     try:
         return _run_finetune(config_path, unresolved, command_recipe, log_level_flag, allow_targets)
     except UserError as err:  # a message that echoes a value read from the environment names its variable

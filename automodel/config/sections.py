@@ -36,7 +36,8 @@ SECTIONS: dict[str, str] = {
     "checkpoint": "checkpoint_dir and what to save",
     "distributed": "strategy (auto, fsdp2, ddp, none), tp_size, activation_checkpointing, cpu_offload",
     "dist_env": "backend (auto: nccl on CUDA, gloo on CPU) and timeout_minutes for torch.distributed",
-    "allow_targets": "packages beyond the trusted defaults that _target_ may name: your own code (docs/security.md)",
+    "allow_targets": "packages beyond the trusted defaults that _target_ may name: your own code; from the command line "
+                     "only (--allow-target), a file may only repeat them (docs/security.md)",
     "logging": "level, metrics_file, progress_bar, plot, mfu.peak_tflops; trackers: wandb, mlflow, tensorboard",
 }
 

@@ -146,11 +146,12 @@ def check_config(config_path: str, overrides: list[str], world_size: int, allow_
                  recipe: str | None = None) -> None:
     """Catch config errors once in the launcher instead of once per worker: the recipe's own checks
     (training/settings.py), then the process layout."""
-    from automodel.config import load_config
+    from automodel.config import interpolate
+    from automodel.config.switches import load_person_config
     from automodel.distributed.parallel import resolve_strategy
     from automodel.training.settings import RecipeSettings
 
-    cfg = load_config(config_path, overrides)
+    cfg = interpolate(load_person_config(config_path, overrides, allow_targets))
     settings = RecipeSettings.from_config(cfg, cfg.get("recipe", recipe or "llm_finetune"), allow_targets, log=False)
     dist_cfg = settings.distributed
     if world_size % dist_cfg.tp_size:

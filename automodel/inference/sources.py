@@ -41,6 +41,11 @@ class ModelSource:
             return self.adapter
         return Path(self.base) if Path(self.base).is_dir() and self.gguf_file is None else None
 
+    @property
+    def saved_config(self) -> Path | None:
+        """The training run's config.yaml this source was read with, if any."""
+        return self.step_dir / "config.yaml" if self.step_dir is not None else None
+
     def describe(self) -> str:
         base = f"{self.base} (GGUF {self.gguf_file})" if self.gguf_file else self.base
         return f"{base} + adapter {self.adapter}" if self.adapter else base

@@ -41,6 +41,7 @@ from automodel.models.materialize import (
     load_checkpoint_weights,
     lora_initial_values,
     loaded_names,
+    module_registrations,
 )
 from automodel.models.unwrap import transformers_model
 from automodel.models.weights import WeightFiles, check_matches_model, find_bin, find_safetensors
@@ -207,8 +208,9 @@ def build_on_meta(options: dict[str, Any], weights: WeightFiles, lora: LoraSetti
     lora_values = {}
     if lora is not None:
         rng_before = torch.get_rng_state()
-        model = lora.apply(model)
-        lora_values = lora_initial_values(model, rng_before)
+        with module_registrations() as attached:
+            model = lora.apply(model)
+        lora_values = lora_initial_values(model, rng_before, attached)
     if parallel is not None:
         model = parallel.shard(model)
     model.to_empty(device=device)

@@ -84,10 +84,11 @@ def _family(architecture, models, checkpoints, published_type, loads_into, token
 
 
 MLA_ATTENTION = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
-DEEPSEEK_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
-PEFT_MOE_REMAP = ("LoRA all-linear: peft 0.21's transformers-v4 compatibility maps the gate_proj/up_proj/down_proj "
-                  "targets to the routed experts' fused parameters, so the experts get adapters and the dense-layer "
-                  "and shared-expert MLPs do not (automodel logs this)")
+# The dense-layer and shared-expert MLPs, and the routed experts' fused parameters peft adds for their names.
+DEEPSEEK_MLP = ("gate_proj", "up_proj", "down_proj", "experts.gate_up_proj", "experts.down_proj")
+PEFT_MOE_REMAP = ("LoRA all-linear: peft 0.22's transformers-v4 compatibility maps the gate_proj/up_proj/down_proj "
+                  "targets to the routed experts' fused parameters as well, so the routed experts get adapters next "
+                  "to the dense-layer and shared-expert MLPs (automodel logs this)")
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     _family("AquilaForCausalLM", "Aquila, Aquila2", ["BAAI/Aquila-7B", "BAAI/AquilaChat-7B"], "aquila",
@@ -159,10 +160,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                   "(`scripts/check_families_against_vllm.py OUT deepseek-moe`, head_dim 32, fp32): max |log p(ours) "
                   "- log p(vLLM)| 3.2e-06 over 23 prompt tokens"),
     _native("DeepseekV2ForCausalLM", "DeepSeek-V2", ["deepseek-ai/DeepSeek-V2-Lite"], "deepseek_v2",
-            "DeepseekV2ForCausalLM", "llama2", MLA_ATTENTION + DEEPSEEK_EXPERTS, kind="moe",
+            "DeepseekV2ForCausalLM", "llama2", MLA_ATTENTION + DEEPSEEK_MLP, kind="moe",
             notes="multi-head latent attention; layer 0 dense, layer 1 MoE. " + PEFT_MOE_REMAP),
     _native("DeepseekV3ForCausalLM", "DeepSeek-V3", ["deepseek-ai/DeepSeek-V3"], "deepseek_v3",
-            "DeepseekV3ForCausalLM", "llama2", MLA_ATTENTION + DEEPSEEK_EXPERTS, kind="moe",
+            "DeepseekV3ForCausalLM", "llama2", MLA_ATTENTION + DEEPSEEK_MLP, kind="moe",
             notes="multi-head latent attention; layer 0 dense, layer 1 MoE; routing balances by a bias buffer "
                   "(no auxiliary loss). " + PEFT_MOE_REMAP),
     _native("ExaoneForCausalLM", "EXAONE-3", ["LGAI-EXAONE/EXAONE-3.0-7.8B-Instruct"], "exaone", "LlamaForCausalLM",

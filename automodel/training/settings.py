@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from automodel.checkpoint import CheckpointConfig, check_no_links
-from automodel.config import TargetPolicy, build, check_sections, parse_section, target_policy
+from automodel.config import TargetPolicy, build, check_sections, check_targets, parse_section, target_policy
 from automodel.distributed.config import DistEnvConfig, DistributedConfig
 from automodel.errors import UserError
 from automodel.logging import LoggingConfig
@@ -88,7 +88,7 @@ class RecipeSettings:
                                     "recipe: llm_kd)")
         # Every `_target_` is checked before anything is built or imported (config/trust.py).
         targets = target_policy(cfg, allow_targets, log=log)
-        targets.check_config(cfg)
+        check_targets(cfg, targets)
         if "dataset" not in cfg:
             raise UserError("config has no 'dataset' section: name a _target_ builder such as "
                             "automodel.data.squad.make_squad_dataset")

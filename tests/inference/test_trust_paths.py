@@ -136,12 +136,11 @@ def test_a_damaged_trusted_checkpoint_is_one_line(sft_run, tmp_path, capsys, dam
     shutil.copytree(step, copy)
     (copy / damage).write_bytes(b"\x80\x04{oops")
     cfg = __import__("yaml").safe_load((step / "config.yaml").read_text())
-    cfg["checkpoint"] = {"checkpoint_dir": str(tmp_path / "new"), "restore_from": str(copy),
-                         "trust_pickled_state": True}
+    cfg["checkpoint"] = {"checkpoint_dir": str(tmp_path / "new"), "restore_from": str(copy)}
     cfg["step_scheduler"]["max_steps"] = 3
     path = tmp_path / "cfg.yaml"
     path.write_text(__import__("yaml").safe_dump(cfg))
-    assert main(["finetune", "llm", "-c", str(path)]) == 2
+    assert main(["finetune", "llm", "-c", str(path), "--checkpoint.trust_pickled_state", "true"]) == 2
     out = capsys.readouterr()
     line = one_error_line_of(out.err)
     assert message in line and "Traceback" not in out.out, line

@@ -41,7 +41,6 @@ def fsdp2_config(architecture: str, model_dir, out_dir, lora: bool) -> dict:
     cfg["step_scheduler"].update(global_batch_size=GLOBAL_BATCH, local_batch_size=1, max_steps=STEPS,
                                  ckpt_every_steps=STEPS)
     cfg["distributed"] = {"strategy": "fsdp2"}
-    cfg["precision"] = "fp32"
     cfg["dist_env"] = {"backend": "gloo", "timeout_minutes": 3}  # a failed peer ends the job in minutes, not 30
     return cfg
 

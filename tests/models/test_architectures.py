@@ -68,6 +68,9 @@ def run_config(row, model_dir, out_dir, lora: bool) -> dict:
     cfg = {
         "recipe": "llm_finetune",
         "seed": 0,
+        # fp32: these runs check exact round trips of every architecture (the bf16 precisions are checked on real
+        # runs in tests/test_precision.py, test_precision_curves.py and test_distributed_bf16.py).
+        "precision": "fp32",
         "model": {"pretrained_model_name_or_path": str(model_dir)},
         "tokenizer": {"_target_": "tests.models.tiny.shared_tokenizer", "name": row.tokenizer},
         "allow_targets": ["tests.models.tiny"],
