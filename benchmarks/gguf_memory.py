@@ -6,7 +6,8 @@ Each way runs in a fresh interpreter on the same file (default: the shared asset
 `whole` is transformers' from_pretrained(gguf_file=...) followed by safetensors' save_file (the path automodel
 took before, still used for the architectures transformers converts through its newer GGUF pipeline);
 `streamed` is automodel.models.gguf.write_dequantised (gguf's reader, one tensor dequantised, translated and
-written at a time). Printed per way and dtype: peak RSS (VmHWM) of the whole process, the same after the imports
+written at a time); `metadata` does only what both do whatever the model's size (gguf's reader, the config dict,
+the tokenizer), so the difference to it is what the weights cost. Printed per way and dtype: peak RSS (VmHWM) of the whole process, the same after the imports
 (what the work itself added), wall time, and the size of the written weights.
 """
 
@@ -41,6 +42,15 @@ after_imports = peak_mb()
 start = time.perf_counter()
 if way == "streamed":
     automodel_gguf.write_dequantised(path, folder, dtype)
+elif way == "metadata":  # what both ways read whatever the model's size: the reader, config and tokenizer
+    from gguf import GGUFReader
+    from transformers import CONFIG_MAPPING
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    GGUFReader(path).tensors  # parsed, then dropped, as the streamed way does before the tokenizer
+    config_dict = load_gguf_checkpoint(str(path))["config"]
+    automodel_gguf.write_config_and_tokenizer(path, folder, CONFIG_MAPPING[config_dict["model_type"]].from_dict(
+        dict(config_dict)))
 else:
     automodel_gguf.write_dequantised_whole(path, folder, getattr(torch, dtype), automodel_gguf.load_config(path))
 print(json.dumps({"peak_mb": peak_mb(), "imports_mb": after_imports, "seconds": time.perf_counter() - start,
@@ -64,12 +74,14 @@ def main() -> None:
     print(f"{args.gguf.name} ({args.gguf.stat().st_size / 2**20:,.0f} MB file)")
     print(f"{'dtype':<9} {'way':<9} {'peak RSS MB':>11} {'added by the work MB':>21} {'seconds':>8} {'weights MB':>11}")
     for dtype in args.dtype:
-        results = {way: run(way, args.gguf, dtype) for way in ("whole", "streamed")}
+        results = {way: run(way, args.gguf, dtype) for way in ("whole", "streamed", "metadata")}
         for way, r in results.items():
             print(f"{dtype:<9} {way:<9} {r['peak_mb']:>11,.0f} {r['peak_mb'] - r['imports_mb']:>21,.0f} "
                   f"{r['seconds']:>8.1f} {r['weights_mb']:>11,.0f}")
-        whole, streamed = (results[w]["peak_mb"] - results[w]["imports_mb"] for w in ("whole", "streamed"))
-        print(f"{dtype:<9} streamed / whole, memory added by the work: {streamed / whole:.2f}x")
+        whole, streamed, metadata = (results[w]["peak_mb"] - results[w]["imports_mb"]
+                                     for w in ("whole", "streamed", "metadata"))
+        print(f"{dtype:<9} streamed / whole, memory added by the work: {streamed / whole:.2f}x; over the metadata "
+              f"alone (the weights' share): whole {whole - metadata:,.0f} MB, streamed {streamed - metadata:,.0f} MB")
 
 
 if __name__ == "__main__":

@@ -163,14 +163,13 @@ def write_dequantised(path: Path, folder: Path, dtype: str = "float32",
     pages (reclaimable). Architectures transformers reads through its newer conversion pipeline instead
     (`GGUF_ARCHS`) are loaded whole by from_pretrained, as before."""
     import torch
-    from gguf import GGUFReader
     from transformers import CONFIG_MAPPING
+    from transformers.integrations.gguf import read_gguf_metadata
     from transformers.integrations.gguf.gguf_conversion_mapping import GGUF_ARCHS
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint, read_field
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     dtype = getattr(torch, dtype)
-    reader = GGUFReader(path)
-    architecture = read_field(reader, "general.architecture")[0]
+    architecture = read_gguf_metadata(str(path))[0]["general.architecture"]  # its fast reader, no token lists
     if architecture in GGUF_ARCHS:
         logger.info("GGUF %s: transformers converts %s files whole; dequantising the model in memory", path.name,
                     architecture)
@@ -181,17 +180,17 @@ def write_dequantised(path: Path, folder: Path, dtype: str = "float32",
     # would take longer than dequantising a small model).
     config_dict = load_gguf_checkpoint(str(path))["config"]
     config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(dict(config_dict))
-    stream_tensors(reader, architecture, path, folder, dtype, config, config_dict, max_shard_size)
+    stream_tensors(architecture, path, folder, dtype, config, config_dict, max_shard_size)
     config.dtype = dtype
     write_config_and_tokenizer(path, folder, config)
 
 
-def stream_tensors(reader, architecture: str, path: Path, folder: Path, dtype, config, config_dict: dict,
+def stream_tensors(architecture: str, path: Path, folder: Path, dtype, config, config_dict: dict,
                    max_shard_size: int | str) -> None:
     """Dequantise, translate and write the file's tensors one at a time (see write_dequantised)."""
     import numpy as np
     import torch
-    from gguf import dequantize
+    from gguf import GGUFReader, dequantize
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
@@ -206,7 +205,7 @@ def stream_tensors(reader, architecture: str, path: Path, folder: Path, dtype, c
     # complete once the file moves on to the next block.
     assembled = {"config": processor.config, "tensors": {}}
     block, skipped = None, []
-    for tensor in reader.tensors:
+    for tensor in GGUFReader(path).tensors:
         if tensor.name.split(".")[:2] != block:
             write_assembled(writer, assembled["tensors"])
             block = tensor.name.split(".")[:2]
