@@ -16,10 +16,10 @@ from automodel.checkpoint.save import CheckpointConfig
 from automodel.checkpoint.state import load_model_state
 from automodel.config import parse_section, target_policy
 from automodel.config.redact import read_run_config
-from automodel.data.tokenizer import build_tokenizer
 from automodel.errors import UserError
 from automodel.models.build import build_model
 from automodel.paths import check_output_folder
+from automodel.training.tokenizer import build_tokenizer
 
 logger = logging.getLogger("automodel")
 

@@ -100,6 +100,8 @@ def shape_only(tensor: torch.Tensor) -> torch.Tensor:
 def write_full_model(model: nn.Module, folder: Path, is_main: bool, max_shard_size: int | str) -> None:
     """Every rank calls this (gathers are collectives); rank 0 writes the weights, index and config."""
     tensors, produce = saved_layout(model)
+    dtype = saved_dtype(model)
+    tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}  # shapes only
     plan = shard_plan(tensors, max_shard_size)
     for filename, names in plan.filename_to_tensors.items():
         handle = open(folder / filename, "wb") if is_main else None
@@ -108,6 +110,7 @@ def write_full_model(model: nn.Module, folder: Path, is_main: bool, max_shard_si
                 handle.write(safetensors_header(names, tensors))
             for name in names:
                 value = produce(name)
+                value = value.to(dtype) if value.is_floating_point() else value
                 if handle:
                     handle.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
                 del value
@@ -123,9 +126,18 @@ def write_full_model(model: nn.Module, folder: Path, is_main: bool, max_shard_si
         write_model_config(model, folder)
 
 
+def saved_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a full model is saved in: the checkpoint's own (its config's, which models/build.py keeps), else
+    the parameters'."""
+    dtype = getattr(model.config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else model.dtype
+
+
 def write_model_config(model: nn.Module, folder: Path) -> None:
     """config.json and generation_config.json as `save_pretrained` writes them."""
-    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.dtype = str(saved_dtype(model)).split(".")[1]
     model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
     model.config.save_pretrained(folder)
     if model.can_generate():

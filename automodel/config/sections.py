@@ -10,7 +10,10 @@ from automodel.errors import UserError
 SECTIONS: dict[str, str] = {
     "recipe": "which recipe runs this file (llm_finetune)",
     "seed": "random seed for weights of new layers, data order and dropout",
-    "model": "the model: pretrained_model_name_or_path, dtype, attn_implementation, trust_remote_code",
+    "precision": "auto (default: bf16 where the device computes it natively, else fp32), fp32, bf16, bf16-mixed, "
+                 "bf16-frozen (docs/guides/llm/precision.md)",
+    "model": "the model: pretrained_model_name_or_path, attn_implementation, trust_remote_code (dtype: older "
+             "form of precision)",
     "tokenizer": "optional tokenizer override: pretrained_model_name_or_path or _target_, add_bos, add_eos, "
                  "padding_side, chat_template (default: the model's)",
     "peft": "LoRA settings: target_modules, exclude_modules, dim, alpha, dropout, use_rslora, use_dora, "
@@ -27,7 +30,7 @@ SECTIONS: dict[str, str] = {
     "step_scheduler": "global_batch_size, local_batch_size, max_steps, num_epochs, val/ckpt/log every N steps",
     "clip_grad_norm": "max_norm for gradient clipping (null: off)",
     "checkpoint": "checkpoint_dir and what to save",
-    "distributed": "strategy (auto, fsdp2, ddp, none), tp_size, activation_checkpointing, cpu_offload, mixed_precision",
+    "distributed": "strategy (auto, fsdp2, ddp, none), tp_size, activation_checkpointing, cpu_offload",
     "dist_env": "backend (auto: nccl on CUDA, gloo on CPU) and timeout_minutes for torch.distributed",
     "allow_targets": "packages beyond the trusted defaults that _target_ may name: your own code (docs/security.md)",
     "logging": "level, metrics_file, progress_bar, plot, mfu.peak_tflops; trackers: wandb, mlflow, tensorboard",
@@ -35,7 +38,7 @@ SECTIONS: dict[str, str] = {
 
 
 # Sections that hold a value of their own rather than a mapping of settings.
-NOT_MAPPINGS = {"recipe", "seed", "clip_grad_norm", "tokenizer", "allow_targets"}
+NOT_MAPPINGS = {"recipe", "seed", "precision", "clip_grad_norm", "tokenizer", "allow_targets"}
 
 
 def check_sections(cfg: dict[str, Any]) -> None:

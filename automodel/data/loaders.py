@@ -3,7 +3,8 @@
 A loader yields collated micro-batches of `local_batch_size` examples from this data-parallel rank's share: a
 sampler over a map-style dataset (length-grouped by default when training, automodel/data/length_grouped.py), or
 a round-robin share of a stream (automodel/data/streaming.py). The collator (automodel/data/packing.py) depends on
-the model's attention: padding-free where it supports it, padded otherwise.
+the batch layouts the model takes (`BatchLayouts`, decided where the model is built): padding-free where it takes
+them, padded otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+from automodel.batch import BatchLayouts
 from automodel.config import TargetPolicy, build
 from automodel.data.length_grouped import GROUP_BY_LENGTH_DEFAULT, build_train_sampler
 from automodel.data.packing import build_collator
@@ -54,14 +56,13 @@ class RankBatches:
 
 
 def build_loader(cfg: dict[str, Any], section: str, dataset, train: bool, policy: TargetPolicy, pad_token_id: int,
-                 model_config, batches: RankBatches, device_type: str = "cpu"):
-    """The loader of `section` (`dataloader` or `validation_dataloader`) over this rank's share of `dataset`."""
+                 layouts: BatchLayouts, batches: RankBatches):
+    """The loader of `section` (`dataloader` or `validation_dataloader`) over this rank's share of `dataset`;
+    `layouts`: the batch layouts the model takes (automodel/models/capabilities.py `model_batch_layouts`)."""
     node = dict(cfg.get(section) or {})
     node.setdefault("_target_", DEFAULT_LOADER)
     shuffle = bool(node.pop("shuffle", train))
-    collate_fn = build_collator(cfg.get("packed_sequence"), pad_token_id,
-                                getattr(model_config, "_attn_implementation", None), model_config.model_type, train,
-                                device_type)
+    collate_fn = build_collator(cfg.get("packed_sequence"), pad_token_id, layouts, train)
     if train and is_streaming(dataset):
         return _build_stream_loader(dataset, node, shuffle, collate_fn, policy, batches)
     sampler = build_train_sampler(

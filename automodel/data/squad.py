@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 
+from automodel.batch import IGNORE_INDEX
 from automodel.data.dataset import (
-    IGNORE_INDEX,
     SFTDataset,
     looks_like_local_path,
     read_json_file,

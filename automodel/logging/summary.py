@@ -46,7 +46,6 @@ def format_start_banner(recipe: Any, steps_reason: str) -> str:
 
     total, trainable = count_parameters(recipe.model)
     model_cfg = recipe.cfg.get("model") or {}
-    dtype = str(next(recipe.model.parameters()).dtype).removeprefix("torch.")
     steps = recipe.steps
     rows = [
         ("model", f"{model_cfg.get('pretrained_model_name_or_path', '?')} "
@@ -61,7 +60,7 @@ def format_start_banner(recipe: Any, steps_reason: str) -> str:
                   f"{recipe.grad_acc} accumulation x {recipe.dp_size} data-parallel"),
         ("steps", f"{recipe.max_steps}: {steps_reason}"),
         ("processes", describe_processes(recipe.parallel)),
-        ("precision", dtype),
+        ("precision", recipe.precision.describe()),
         ("loss", recipe.forward_loss.describe()),
         ("output", str(recipe.out_dir)),
     ]

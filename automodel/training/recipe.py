@@ -20,6 +20,7 @@ import numpy
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from automodel.batch import count_label_tokens, count_tokens
 from automodel.checkpoint import (
     CheckpointConfig,
     TrainState,
@@ -31,10 +32,8 @@ from automodel.checkpoint import (
 )
 from automodel.checkpoint.provenance import check_trusted
 from automodel.config import build, check_sections, config_at_rest, parse_section, target_policy
-from automodel.data.collate import count_label_tokens, count_tokens
 from automodel.data.loaders import RankBatches, build_dataset, build_loader
 from automodel.data.streaming import is_streaming
-from automodel.data.tokenizer import build_tokenizer
 from automodel.distributed.grad_norm import clip_grad_norm
 from automodel.distributed.parallel import Parallelism, mask_rows_after
 from automodel.errors import TrainingStopped, UserError
@@ -48,6 +47,8 @@ from automodel.logging import (
     throughput_meter,
 )
 from automodel.models.build import build_model
+from automodel.models.capabilities import model_batch_layouts
+from automodel.models.forward_plan import plan_forward
 from automodel.models.unwrap import transformers_model
 from automodel.peft import LoraSettings
 from automodel.training import host_memory
@@ -55,6 +56,7 @@ from automodel.training.forward import ForwardLoss
 from automodel.training.lr_scheduler import LRSchedulerConfig
 from automodel.training.preemption import PreemptionHandler
 from automodel.training.step_scheduler import StepSchedulerConfig
+from automodel.training.tokenizer import build_tokenizer
 
 logger = logging.getLogger("automodel")
 
@@ -106,6 +108,7 @@ class FinetuneRecipe:
         self.parallel = Parallelism.from_config(cfg)  # joins torchrun's / srun's process group when launched
         self.dp_size, self.dp_rank = self.parallel.dp_size, self.parallel.dp_rank
         self.device = self.parallel.device
+        self.precision = self.parallel.precision  # decided once (config/precision.py); every forward follows it
         self.steps = parse_section(StepSchedulerConfig, cfg.get("step_scheduler"), "step_scheduler")
         self.lr_cfg = parse_section(LRSchedulerConfig, cfg.get("lr_scheduler"), "lr_scheduler")
         self.ckpt_cfg = parse_section(CheckpointConfig, cfg.get("checkpoint"), "checkpoint")
@@ -132,7 +135,9 @@ class FinetuneRecipe:
         self.tokenizer = build_tokenizer(self.cfg, self.targets)
         self.model = self.build_model()
         self.loss_fn = build(with_default_target(self.cfg, "loss_fn"), "loss_fn", policy=self.targets)
-        self.forward_loss = ForwardLoss(self.model, self.loss_fn)  # decides the loss path's optimisations once
+        # The forward's optimisations for this model and loss, decided once (the last layer's row hooks installed).
+        self.forward_plan = plan_forward(self.model, self.loss_fn)
+        self.forward_loss = ForwardLoss(self.model, self.loss_fn, self.forward_plan)
         self.train_set = build_dataset(self.cfg, "dataset", self.targets, self.tokenizer)
         self.streaming = is_streaming(self.train_set)
         self.val_set = build_dataset(self.cfg, "validation_dataset", self.targets, self.tokenizer) \
@@ -187,7 +192,7 @@ class FinetuneRecipe:
         batches = RankBatches(self.steps.local_batch_size, self.steps.global_batch_size, self.dp_size, self.dp_rank,
                               int(self.cfg.get("seed", 42)))
         return build_loader(self.cfg, section, dataset, train, self.targets, self.tokenizer.pad_token_id,
-                            transformers_model(self.model).config, batches, self.device.type)
+                            model_batch_layouts(transformers_model(self.model).config, self.device.type), batches)
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -311,7 +316,8 @@ class FinetuneRecipe:
             return
         from automodel.inference.squad_eval import squad_eval_during_training
 
-        squad_eval_during_training(self.model, self.tokenizer, self.val_set, step, self.metrics)
+        with self.precision.autocast(self.device):
+            squad_eval_during_training(self.model, self.tokenizer, self.val_set, step, self.metrics)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """One optimizer step over `grad_acc` micro-batches."""
@@ -357,7 +363,8 @@ class FinetuneRecipe:
         for index, batch in enumerate(micro_batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self.parallel.gradient_sync(self.model, enabled=index == len(micro_batches) - 1):
-                summed, _ = self.forward_loss(batch)
+                with self.precision.autocast(self.device):
+                    summed, _ = self.forward_loss(batch)
                 (summed * scale).backward()
             loss_sum += summed.detach()
         (loss_sum,) = self.parallel.all_reduce_sum(loss_sum.item())
@@ -374,7 +381,8 @@ class FinetuneRecipe:
             # The sampler pads the last ranks with repeated rows so all run the same batches; they do not count.
             batch, seen = mask_rows_after(batch, real_rows - seen), seen + len(batch["labels"])
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            summed, label_tokens = self.forward_loss(batch)
+            with self.precision.autocast(self.device):
+                summed, label_tokens = self.forward_loss(batch)
             loss_sum, tokens = loss_sum + summed.item(), tokens + label_tokens
         loss_sum, tokens = self.parallel.all_reduce_sum(loss_sum, tokens)
         tokens = int(tokens)

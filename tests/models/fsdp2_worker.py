@@ -40,7 +40,8 @@ def fsdp2_config(architecture: str, model_dir, out_dir, lora: bool) -> dict:
     cfg["dataset"]["limit_dataset_samples"] = GLOBAL_BATCH * STEPS
     cfg["step_scheduler"].update(global_batch_size=GLOBAL_BATCH, local_batch_size=1, max_steps=STEPS,
                                  ckpt_every_steps=STEPS)
-    cfg["distributed"] = {"strategy": "fsdp2", "mixed_precision": "fp32"}
+    cfg["distributed"] = {"strategy": "fsdp2"}
+    cfg["precision"] = "fp32"
     cfg["dist_env"] = {"backend": "gloo", "timeout_minutes": 3}  # a failed peer ends the job in minutes, not 30
     return cfg
 

@@ -28,6 +28,7 @@ from automodel.models.registry import tested_rows
 from automodel.models.unwrap import transformers_model
 from automodel.training.recipe import FinetuneRecipe
 from tests.models.test_architectures import checkpoint, one_thread, run_config  # noqa: F401 (fixtures)
+from tests.models.tiny_configs import tiny_overrides
 
 ROWS = tested_rows()
 GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-6
@@ -89,7 +90,7 @@ def test_activation_checkpointing_recomputes_layers_and_keeps_gradients(row, lor
 
     loss_plain, grads_plain, calls_plain = one_backward(plain)
     loss_ckpt, grads_ckpt, calls_ckpt = one_backward(ckpt)
-    assert len(calls_plain) == row.tiny_config()["num_hidden_layers"]
+    assert len(calls_plain) == tiny_overrides(row)["num_hidden_layers"]
     for plain_calls, ckpt_calls in zip(calls_plain, calls_ckpt):
         # The forward, then the recompute in backward from the layer's start; torch's non-reentrant checkpoint
         # stops recomputing once every tensor the backward needs is back, so the replay may skip a tail.

@@ -11,7 +11,7 @@ import torch
 from automodel.errors import UserError
 from automodel.models import load_causal_lm
 from automodel.models.registry import BY_NAME, native_rows
-from automodel.data.collate import shift_labels
+from automodel.batch import shift_labels
 from automodel.training.recipe import FinetuneRecipe
 from tests.models.test_architectures import first_batch, one_thread, run_config  # noqa: F401 (fixture)
 from tests.models.tiny import write_tiny_checkpoint
