@@ -14,7 +14,8 @@ keeps its real size); per-rank peak RSS after setup,
 during training and at the end (the save). Speed cell: the README's main job (SmolLM2-135M LoRA,
 examples/llm_finetune/smollm2_135m_squad_peft.yaml) for `--speed-steps` steps in one process, no evaluation or
 checkpoint; tokens per wall second and per CPU second of steps 2.. (the first step warms up; on a shared machine
-the CPU seconds are the steadier measure). Printed side by side, with ratios to the first mechanism.
+the CPU seconds are the steadier measure), the share of that CPU time spent in the kernel and the minor page
+faults per step (/proc/PID/stat). Printed side by side, with ratios to the first mechanism.
 """
 
 from __future__ import annotations
@@ -56,13 +57,14 @@ def memory_case(mechanism: str, case: str, hub: Path, out: Path) -> dict:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (/proc/PID/stat), 0 once it is gone."""
+def cpu_counters(pid: int) -> tuple[float, float, int]:
+    """User + system CPU seconds, system seconds and minor page faults of a process so far (/proc/PID/stat)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return 0.0, 0.0, 0
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, int(fields[12]) / tick, int(fields[7])
 
 
 def speed_cell(mechanism: str, steps: int, out: Path) -> dict:
@@ -74,24 +76,28 @@ def speed_cell(mechanism: str, steps: int, out: Path) -> dict:
                "--checkpoint.enabled=false", f"--checkpoint.checkpoint_dir={out}", "--logging.progress_bar=false"]
     env = {**environment(mechanism), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     metrics = out / "metrics.jsonl"
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    cpu_at_step = {}
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"speed-{mechanism}.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    cpu_at_step, done = {}, 0
     try:
-        while proc.poll() is None:
-            cpu = cpu_seconds(proc.pid)
+        while proc.poll() is None and done < steps:  # what runs after the last step is not measured
+            cpu = cpu_counters(proc.pid)
             done = metrics.read_text().count('"kind": "train"') if metrics.is_file() else 0
             cpu_at_step.setdefault(done, cpu)
             time.sleep(0.1)
-        if proc.returncode:
-            return {"error": proc.stderr.read().strip().splitlines()[-1]}
+        if done < steps:
+            return {"error": (out.parent / f"speed-{mechanism}.log").read_text().strip().splitlines()[-1]}
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
         train_records = [r for r in records if r.get("kind") == "train"][1:]
         tokens = sum(r["tokens"] for r in train_records)
-        cpu = cpu_at_step[steps] - cpu_at_step[1]
+        cpu, system, faults = (b - a for a, b in zip(cpu_at_step[1], cpu_at_step[steps]))
         return {"tokens_per_s": tokens / sum(r["step_s"] for r in train_records), "tokens_per_cpu_s": tokens / cpu,
+                "system_share": system / cpu, "faults_per_step": faults / len(train_records),
                 "steps": len(train_records)}
     finally:
         proc.kill()
+        proc.wait()
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -135,13 +141,15 @@ def main() -> None:
     if not speed:
         return
     print(f"\nspeed: the README's main job (SmolLM2-135M LoRA), steps 2-{args.speed_steps}")
-    print(f"{'mechanism':12} {'tokens/s':>9} {'/ ' + base:>14} {'tokens/CPU s':>13} {'/ ' + base:>14}")
+    print(f"{'mechanism':12} {'tokens/s':>9} {'/ ' + base:>14} {'tokens/CPU s':>13} {'/ ' + base:>14} "
+          f"{'system CPU share':>17} {'page faults/step':>17}")
     for mechanism, row in speed.items():
         if "error" in row:
             print(f"{mechanism:12} failed: {row['error'][:100]}")
             continue
         print(f"{mechanism:12} {row['tokens_per_s']:9.1f} {row['tokens_per_s'] / speed[base]['tokens_per_s']:14.2f} "
-              f"{row['tokens_per_cpu_s']:13.1f} {row['tokens_per_cpu_s'] / speed[base]['tokens_per_cpu_s']:14.2f}")
+              f"{row['tokens_per_cpu_s']:13.1f} {row['tokens_per_cpu_s'] / speed[base]['tokens_per_cpu_s']:14.2f} "
+              f"{row['system_share']:17.0%} {row['faults_per_step']:17,.0f}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Each case runs in a fresh interpreter, since the setting is per process and cann
 are freed while small tensors allocated after each stay alive, the pattern of a training step's gathered layers and
 gradients. Without the setting glibc keeps them all (the resident size stays ~800 MB up); with it they go back.
 During the training steps the threshold is 32 MiB, so a step reuses its buffers without page faults, and
-malloc_trim hands what the heap holds back at the step's end.
+malloc_trim hands what the heap holds back (when the steps start and after a save).
 """
 
 from __future__ import annotations

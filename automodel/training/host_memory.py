@@ -12,8 +12,9 @@ mmap, munmap and fresh page faults, step after step: ~40% of the tokens/s of the
 (docs/guides/llm/performance.md). So the threshold is set per phase:
 - model load and checkpoint save (`return_freed_memory_promptly`, `saving`): 1 MiB, every freed buffer returns;
 - training steps (`training_steps`): 32 MiB (glibc's own ceiling; the heap's top is kept up to twice that), so a
-  step reuses its buffers from the heap, and `malloc_trim(0)` at the phase change and after every step hands the
-  heap's free pages back, so it cannot grow from one step to the next.
+  step reuses its buffers from the heap; `malloc_trim(0)` when the steps start and after each save hands back what
+  setup or the save left in the heap. Not after every step: the next step faults the pages in again (measured:
+  more page faults per step than the fixed 1 MiB; docs/guides/llm/performance.md, "Host memory").
 Nothing is changed where the C library is not glibc or the user chose a threshold (MALLOC_MMAP_THRESHOLD_ or
 GLIBC_TUNABLES in the environment).
 """

@@ -218,7 +218,6 @@ class FinetuneRecipe:
                         self._end_stream_epoch()
                         break
                     record = self.train_step(micro_batches)
-                    host_memory.trim()  # the heap's free pages back, so it cannot grow from step to step
                     record["epoch"] = state.epoch
                     epoch_done = self._advance()
                     result.train_losses.append(record["loss"])
