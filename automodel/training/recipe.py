@@ -52,6 +52,7 @@ from automodel.models.capabilities import model_batch_layouts
 from automodel.models.forward_plan import plan_forward
 from automodel.models.unwrap import transformers_model
 from automodel.peft import LoraSettings
+from automodel.training import host_memory
 from automodel.training.forward import ForwardLoss
 from automodel.training.lr_scheduler import LRSchedulerConfig
 from automodel.training.preemption import PreemptionHandler
@@ -209,6 +210,7 @@ class FinetuneRecipe:
         state, result = self.state, RunResult(final_dir=self.restored_from, steps=self.state.step)
         bar = progress_bar(self.max_steps, "training", self.log_cfg.progress_bar, initial=state.step, unit="step")
         with self.metrics, logging_redirect_tqdm(), PreemptionHandler() as preemption:
+            host_memory.training_steps()  # setup is done: what it freed goes back, steps reuse their buffers
             if self.steps.val_generate_at_start and state.step == 0:
                 self._score_the_base_model(result)
             while state.step < self.max_steps and not result.preempted and not self._epochs_done():
@@ -396,7 +398,8 @@ class FinetuneRecipe:
         `checkpoint.save_consolidated` asks. Rank 0 publishes the step folder and gets its path."""
         consolidated = self.ckpt_cfg.save_consolidated == "every" or (
             self.ckpt_cfg.save_consolidated == "final" and step == self.max_steps)
-        return save_checkpoint(self.parallel, self.model, self.tokenizer, self.cfg_at_rest, self.out_dir, step,
-                               optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, state=self.state,
-                               consolidated=consolidated, keep_last_n=self.ckpt_cfg.keep_last_n,
-                               max_shard_size=self.ckpt_cfg.max_shard_size)
+        with host_memory.saving():
+            return save_checkpoint(self.parallel, self.model, self.tokenizer, self.cfg_at_rest, self.out_dir, step,
+                                   optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, state=self.state,
+                                   consolidated=consolidated, keep_last_n=self.ckpt_cfg.keep_last_n,
+                                   max_shard_size=self.ckpt_cfg.max_shard_size)
