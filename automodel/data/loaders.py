@@ -18,6 +18,7 @@ from automodel.batch import BatchLayouts
 from automodel.config import TargetPolicy, build
 from automodel.data.length_grouped import GROUP_BY_LENGTH_DEFAULT, build_train_sampler
 from automodel.data.packing import build_collator
+from automodel.data.squad import held_out_settings
 from automodel.data.streaming import DEFAULT_SHUFFLE_BUFFER, RankShare, is_streaming
 from automodel.errors import UserError
 
@@ -30,6 +31,8 @@ def build_dataset(cfg: dict[str, Any], section: str, policy: TargetPolicy, token
     if "_target_" not in node:
         raise UserError(f"{section}._target_: missing; name a builder such as "
                         "automodel.data.squad.make_squad_dataset")
+    if section != "dataset":  # held out: what a question shows of its context must not depend on its answer
+        node = held_out_settings(node, section)
     dataset = build(node, section, policy=policy, tokenizer=tokenizer)
     if is_streaming(dataset):
         if section != "dataset":

@@ -91,8 +91,8 @@ def _build(node: dict[str, Any], lora: LoraSettings | None, parallel, device: to
         options = {k: v for k, v in node.items() if k != "_target_"}
         if options.get("gguf_file"):  # read from its dequantised copy, an ordinary safetensors folder (gguf.py)
             source = check_source(options["pretrained_model_name_or_path"], MODEL_KEY)
-            options["pretrained_model_name_or_path"] = gguf.dequantised_folder(source, options.pop("gguf_file"),
-                                                                               options.pop("revision", None))
+            options["pretrained_model_name_or_path"] = gguf.dequantised_folder(
+                source, options.pop("gguf_file"), options.pop("revision", None), dtype=options.get("dtype"))
         folder = resolve_model_folder(options.get("pretrained_model_name_or_path"), options.get("revision"))
         weights = find_safetensors(folder) or find_bin(folder)
         if weights is not None:

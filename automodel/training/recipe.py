@@ -50,6 +50,7 @@ from automodel.models.build import build_model, model_section
 from automodel.models.capabilities import model_batch_layouts
 from automodel.models.forward_plan import plan_forward
 from automodel.models.unwrap import transformers_model
+from automodel.training import host_memory
 from automodel.training.forward import ForwardLoss
 from automodel.training.preemption import PreemptionHandler
 from automodel.training.settings import RecipeParts, RecipeSettings, RunData
@@ -214,6 +215,7 @@ class FinetuneRecipe:
         max_steps, result = parts.data.max_steps, RunResult(final_dir=self.restored_from, steps=state.step)
         bar = progress_bar(max_steps, "training", self.settings.logging.progress_bar, initial=state.step, unit="step")
         with parts.metrics, logging_redirect_tqdm(), PreemptionHandler() as preemption:
+            host_memory.training_steps()  # setup is done: what it freed goes back, steps reuse their buffers
             if steps.val_generate_at_start and state.step == 0:
                 self._score_the_base_model(result)
             while state.step < max_steps and not result.preempted and not self._epochs_done():
@@ -412,7 +414,8 @@ class FinetuneRecipe:
         parts, ckpt = self.parts, self.settings.checkpoint
         consolidated = ckpt.save_consolidated == "every" or (
             ckpt.save_consolidated == "final" and step == parts.data.max_steps)
-        return save_checkpoint(parts.parallel, parts.model, parts.tokenizer, self.cfg_at_rest, self.out_dir, step,
-                               optimizer=parts.optimizer, lr_scheduler=parts.lr_scheduler, state=self.state,
-                               consolidated=consolidated, keep_last_n=ckpt.keep_last_n,
-                               max_shard_size=ckpt.max_shard_size)
+        with host_memory.saving():
+            return save_checkpoint(parts.parallel, parts.model, parts.tokenizer, self.cfg_at_rest, self.out_dir, step,
+                                   optimizer=parts.optimizer, lr_scheduler=parts.lr_scheduler, state=self.state,
+                                   consolidated=consolidated, keep_last_n=ckpt.keep_last_n,
+                                   max_shard_size=ckpt.max_shard_size)
