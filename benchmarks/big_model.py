@@ -19,7 +19,7 @@ saves the final step with its consolidated `model/` folder (the adapter for LoRA
           heads, intermediate 14336, vocab 128256, untied head); one process only (bitsandbytes' packed weights do
           not shard)
 `--scale` < 1 shrinks width and depth (not the vocabulary) to check the script on a small machine; `--layers N`
-keeps the full width and vocabulary and cuts the depth to N layers (a cut of the real shape).
+cuts the depth alone (every tensor keeps its real size).
 `--activation-checkpointing` sets `distributed.activation_checkpointing: true` (the path column then ends in `+ac`).
 Paths: `meta` is the default build (models/build.py); `full` is the whole-model load of every process (the same
 loader named through `model._target_`, which takes the old path). Per process it reports the peak resident set
@@ -98,7 +98,8 @@ def random_bf16(name: str, shape: tuple[int, ...], generator) -> "torch.Tensor":
 
 
 def write_checkpoint(case: str, scale: float, folder: Path, layers: int | None = None) -> int:
-    """A random bf16 checkpoint of the shape, shard by shard (never the whole model in memory); returns params."""
+    """A random bf16 checkpoint of the shape, shard by shard (never the whole model in memory); returns params.
+    `layers` cuts the depth alone (the width, vocabulary and so every tensor keep the shape's sizes)."""
     import torch
     from huggingface_hub import split_state_dict_into_shards_factory
     from safetensors.torch import save_file
@@ -280,7 +281,7 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", choices=["meta", "full"], default=["meta", "full"])
     parser.add_argument("--processes", nargs="+", type=int, default=[2])
     parser.add_argument("--scale", type=float, default=1.0)
-    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None, help="cut the depth to this many layers")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--workdir", default="/tmp/big_model")
