@@ -8,7 +8,7 @@ scripts/setup_llamacpp.sh`), greedy, from the same prompt token ids (the run's t
 automodel's SQuAD scoring. Wall time is llama.cpp's answering of all questions on one thread.
 
     python benchmarks/gguf_squad.py                          # train, export, 200 questions (CPU: ~20 minutes)
-    python benchmarks/gguf_squad.py --checkpoint-dir DIR --questions 200
+    python benchmarks/gguf_squad.py --checkpoint-dir DIR --questions 200   # DIR: trained there unless it holds a run
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def squad_scores_in_llamacpp(python: Path, gguf_file: Path, questions, tokenizer
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint-dir", type=Path, help="a finished run of the main job (default: train one)")
+    parser.add_argument("--checkpoint-dir", type=Path,
+                        help="a finished run of the main job, or where to train one (default: a temporary folder)")
     parser.add_argument("--questions", type=int, default=200)
     parser.add_argument("--steps", type=int, help="train this many steps instead of the example's")
     parser.add_argument("--types", default="F32,Q8_0")
@@ -94,7 +95,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gguf_squad-") as tmp:
         work = Path(tmp)
         checkpoint_dir = args.checkpoint_dir or work / "run"
-        if args.checkpoint_dir is None:
+        if not (checkpoint_dir / "LATEST").is_file():
             train(checkpoint_dir, args.steps)
         questions, tokenizer = held_out_questions(checkpoint_dir, args.questions)
         rows = {}
