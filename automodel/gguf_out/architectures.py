@@ -117,6 +117,10 @@ class Rules:
     parameters: Callable = text_model_parameters
     tensor: Callable = unchanged
     rope_types: tuple[str, ...] = ("default",)
+    # llama.cpp's loader for `arch` requires output.weight (no fallback to the token embedding): a tied head is
+    # written twice
+    needs_output: bool = False
+    skipped: tuple[str, ...] = ()  # HF tensors llama.cpp's converter leaves out (GemmaModel: lm_head.weight)
     # config values llama.cpp's graph for `arch` does not implement: (key, what the model must have)
     unsupported: tuple[tuple[str, Callable[[Any], bool], str], ...] = field(default=())
 
@@ -130,9 +134,9 @@ RULES = {
     "mistral": Rules("LLAMA", "LlamaModel (MistralForCausalLM)", llama_parameters, llama_tensor),
     "qwen2": Rules("QWEN2", "Qwen2Model", unsupported=(("use_sliding_window", _false, "false"),)),
     "qwen3": Rules("QWEN3", "Qwen3Model", unsupported=(("use_sliding_window", _false, "false"),)),
-    "gemma": Rules("GEMMA", "GemmaModel", tensor=gemma_tensor),
+    "gemma": Rules("GEMMA", "GemmaModel", tensor=gemma_tensor, skipped=("lm_head.weight",)),
     "phi3": Rules("PHI3", "Phi3MiniModel", phi3_parameters),
-    "stablelm": Rules("STABLELM", "StableLMModel", stablelm_parameters,
+    "stablelm": Rules("STABLELM", "StableLMModel", stablelm_parameters, needs_output=True,
                       unsupported=(("qk_layernorm", _false, "false"),)),
     "starcoder2": Rules("STARCODER2", "StarCoder2Model"),
 }

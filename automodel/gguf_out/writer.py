@@ -87,6 +87,8 @@ def plan_tensors(model: nn.Module, rules, config: dict, type_name: str) -> list[
     planned = [PlannedTensor(name, tuple(t.shape), gguf.GGMLQuantizationType.F32, lambda t=t: t)
                for name, t in architectures.extra_tensors(rules, config).items()]
     for hf_name, tensor in saved_tensors(model).items():
+        if hf_name in rules.skipped:
+            continue
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise UserError(f"--format gguf: {config.get('architectures', ['?'])[0]} tensor {hf_name} has no name "
@@ -97,6 +99,11 @@ def plan_tensors(model: nn.Module, rules, config: dict, type_name: str) -> list[
             return rules.tensor(hf_name, tensor.detach().to(torch.float32), config)
 
         planned.append(PlannedTensor(gguf_name, shape, tensor_type(gguf_name, shape, type_name), produce))
+    names = {tensor.name: tensor for tensor in planned}
+    if rules.needs_output and "output.weight" not in names:  # a tied head, which this llama.cpp graph cannot share
+        embedding = names["token_embd.weight"]
+        planned.append(PlannedTensor("output.weight", embedding.shape, tensor_type("output.weight", embedding.shape,
+                                                                                   type_name), embedding.produce))
     return planned
 
 
