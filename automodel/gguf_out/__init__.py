@@ -73,6 +73,7 @@ def export_gguf(model: str, output: str | None, type_name: str = "F16", adapter:
     from automodel.inference.sources import resolve_source
     from automodel.models.gguf import require_gguf_package
 
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs each file and its byte order at INFO
     type_name = check_type(type_name)
     path = check_output(output)
     require_gguf_package("--format gguf")
