@@ -99,8 +99,11 @@ def check_against_llamacpp(generator, gguf_file: Path, python: Path, work: Path,
 def check_read_back(model, gguf_file: Path) -> None:
     """transformers' GGUF reader (`model.gguf_file`) gives our weights back exactly from the F32 file."""
     from automodel.models import load_causal_lm
+    from automodel.models.gguf import CACHE_ENV
 
-    back = load_causal_lm(str(gguf_file.parent), gguf_file=gguf_file.name, dtype="float32")
+    with pytest.MonkeyPatch.context() as patch:  # its dequantised copy goes beside the file, not in the user cache
+        patch.setenv(CACHE_ENV, str(gguf_file.parent / "cache"))
+        back = load_causal_lm(str(gguf_file.parent), gguf_file=gguf_file.name, dtype="float32")
     ours, theirs = model.state_dict(), back.state_dict()
     assert set(ours) == set(theirs)
     for name, tensor in ours.items():
