@@ -39,12 +39,19 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.format == "hf":
         given = [flag for flag, value in (("--type", args.type != "F16"), ("--adapter", args.adapter),
-                                          ("--quantizer", args.quantizer)) if value]
+                                          ("--quantizer", args.quantizer),
+                                          ("--trust-remote-code", args.trust_remote_code)) if value]
         if given:
             from automodel.errors import UserError
 
             raise UserError(f"automodel export: {given[0]} needs --format gguf")
     else:
+        given = [flag for flag, value in (("--trust-pickled-state", args.trust_pickled_state),
+                                          ("--allow-target", args.allow_target)) if value]
+        if given:  # --format gguf reads saved model folders (safetensors), never a step's pickled training state
+            from automodel.errors import UserError
+
+            raise UserError(f"automodel export: {given[0]} applies to --format hf only")
         from transformers.utils import logging as hf_logging
 
         from automodel.gguf_out import export_gguf
