@@ -16,7 +16,7 @@ from automodel.config import load_config
 from automodel.training.recipe import FinetuneRecipe
 from benchmarks.gguf_squad import held_out_questions, squad_scores_in_llamacpp
 from tests.conftest import REPO_ROOT
-from tests.test_gguf_export import check_against_llamacpp, check_read_back, export, run_llamacpp
+from tests.test_gguf_export import NEW_TOKENS, check_against_llamacpp, check_read_back, export, run_llamacpp
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def fine_tune(tmp_path_factory):
 
 
 def test_llamacpp_runs_the_merged_fine_tune_like_automodel_generate(fine_tune, tmp_path, llamacpp_python):
-    from automodel.inference.generate import Generator
+    from automodel.inference.generate import GenerationSettings, Generator
 
     out, gguf_file = fine_tune
     generator = Generator.load(str(out / "run"), dtype="float32", device="cpu")
@@ -53,7 +53,7 @@ def test_llamacpp_runs_the_merged_fine_tune_like_automodel_generate(fine_tune, t
     # llama.cpp applies the chat template it read from the file: the same prompt as ours, so the same answer
     result, _ = run_llamacpp(llamacpp_python, gguf_file, tmp_path, [], answers=["What is the capital of France?"],
                              logits=False)
-    ours = generator.generate(chat[:1])
+    ours = generator.generate(chat[:1], GenerationSettings(max_new_tokens=NEW_TOKENS))
     assert result["answers"][0].strip() == ours[0].strip()
 
 
