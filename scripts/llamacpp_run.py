@@ -7,6 +7,7 @@ REQUEST: {"model": PATH, "prompts": [[token ids], ...], "texts": [str, ...], "ma
 RESULT_DIR gets result.json ({"greedy": [[ids]], "tokenized": [[ids]], "answers": [str]}) and logits_<i>.npy:
 llama.cpp's logits at every prompt position of prompt i. Greedy decoding is llama.cpp's own sampler at temperature
 0 (argmax). The KV cache is kept in F32 (llama.cpp's default is F16) so that the logits compare with an F32 forward.
+Texts are tokenised with special tokens parsed (as transformers does: `<|im_start|>` is one token).
 `answers` are chat prompts answered by llama.cpp's own chat-template handling (create_chat_completion).
 Imports only llama_cpp and numpy: this venv has neither torch nor automodel.
 """
@@ -50,7 +51,7 @@ def main() -> int:
             np.save(result_dir / f"logits_{index}.npy", np.asarray(llm.scores[:len(prompt)], dtype=np.float32))
         result["greedy"].append(greedy(llm, prompt, request.get("max_new_tokens", 8)))
     for text in request.get("texts", []):
-        result["tokenized"].append(llm.tokenize(text.encode(), add_bos=True, special=False))
+        result["tokenized"].append(llm.tokenize(text.encode(), add_bos=True, special=True))
     for question in request.get("answers", []):
         reply = llm.create_chat_completion([{"role": "user", "content": question}], temperature=0.0, top_k=1,
                                            max_tokens=request.get("max_new_tokens", 32))
