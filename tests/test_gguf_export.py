@@ -15,8 +15,9 @@ residual stream carries to the logits at that relative size). So 2^-11 of the la
 with margin over the float32 part; a wrong export (a permutation, a missed norm offset, a wrong rope dimension)
 moves the logits by a large fraction of their size.
 
-Cost (2 busy cores): the tiny families ~1 minute together; the SmolLM2 test ~4 minutes (4 LoRA steps, export,
-transformers' read-back, llama.cpp), the Q8_0 SQuAD check ~1 minute more. The first run builds llama.cpp (~5 min).
+Cost, measured on 2 cores shared with ~20 other processes: the 8 tiny families ~10 minutes together (~1 minute
+each: export, llama.cpp, our forward and generation), the rounding premise ~2 minutes, the rest ~3 minutes; on an idle
+machine a fraction of that. The first run builds llama.cpp (~5 minutes on 2 idle cores, ~25 on these busy ones).
 """
 
 from __future__ import annotations
