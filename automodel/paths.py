@@ -5,6 +5,7 @@ Each check raises a one-line UserError naming the flag or file, before anything 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Iterable
@@ -44,11 +45,46 @@ def check_step_name(text: str, marker: Path) -> str:
     return name
 
 
+def check_not_link(path: Path, key: str) -> Path:
+    """A file or folder automodel writes (or reads a checkpoint from) is itself, not a link to elsewhere."""
+    if Path(path).is_symlink():
+        raise UserError(f"{key}: {path} is a link to {os.path.realpath(path)}; automodel reads and writes the files "
+                        "of its checkpoint and output folders in place, never through links: remove the link or "
+                        "give the real folder")
+    return Path(path)
+
+
+def open_no_follow(path: Path, key: str, append: bool = False):
+    """Open `path` for writing text without following a final symbolic link (a planted link would otherwise
+    redirect the write to its target); a link is refused with one line."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            check_not_link(path, key)
+        raise
+    return os.fdopen(fd, "a" if append else "w")
+
+
+def write_text_no_follow(path: Path, text: str, key: str) -> None:
+    with open_no_follow(path, key) as handle:
+        handle.write(text)
+
+
 def check_output_folder(output: Path, key: str, inputs: Iterable[Path] = ()) -> Path:
-    """An output folder is not a link (the files would land where it points) and is none of the folders read."""
+    """An output folder is not a link (the files would land where it points), holds no links (a file written
+    over one would land at its target) and is none of the folders read."""
     output = Path(output)
     if output.is_symlink():
         raise UserError(f"{key}: {output} is a link to {os.path.realpath(output)}; give the real folder")
+    if output.is_dir():
+        for dirpath, dirnames, filenames in os.walk(output):
+            for name in sorted(dirnames + filenames):
+                if (Path(dirpath) / name).is_symlink():
+                    raise UserError(f"{key}: {Path(dirpath) / name} inside the output folder is a link to "
+                                    f"{os.path.realpath(Path(dirpath) / name)}; writing over it would write there: "
+                                    "remove it or write somewhere else")
     for source in inputs:
         if source is not None and Path(source).exists() and \
                 (is_inside(output, Path(source)) or is_inside(Path(source), output)):

@@ -11,7 +11,8 @@ Each case first writes a random checkpoint of the named shape in the hub's layou
   moe2b   LoRA on a Mixtral shape cut to 8 layers of hidden 2048 (16/4 heads, 8 experts of 5632, top 2, vocab
           32000), stored as Mixtral's hub checkpoints store it: one w1/w2/w3 tensor per expert, which transformers
           fuses on load (so the build reads it one conversion group at a time)
-`--scale` < 1 shrinks width and depth (not the vocabulary) to check the script on a small machine.
+`--scale` < 1 shrinks width and depth (not the vocabulary) to check the script on a small machine; `--layers N`
+cuts the depth alone (every tensor keeps its real size).
 `--activation-checkpointing` sets `distributed.activation_checkpointing: true` (the path column then ends in `+ac`).
 Paths: `meta` is the default build (models/build.py); `full` is the whole-model load of every process (the same
 loader named through `model._target_`, which takes the old path). Per process it reports the peak resident set
@@ -63,8 +64,9 @@ def scaled(shape: dict, scale: float) -> dict:
             "num_hidden_layers": max(2, round(shape["num_hidden_layers"] * scale))}
 
 
-def write_checkpoint(case: str, scale: float, folder: Path) -> int:
-    """A random bf16 checkpoint of the shape, shard by shard (never the whole model in memory); returns params."""
+def write_checkpoint(case: str, scale: float, folder: Path, layers: int | None = None) -> int:
+    """A random bf16 checkpoint of the shape, shard by shard (never the whole model in memory); returns params.
+    `layers` cuts the depth alone (the width, vocabulary and so every tensor keep the shape's sizes)."""
     import torch
     from huggingface_hub import split_state_dict_into_shards_factory
     from safetensors.torch import save_file
@@ -72,7 +74,10 @@ def write_checkpoint(case: str, scale: float, folder: Path) -> int:
     from transformers.core_model_loading import revert_weight_conversion
 
     config_class = MixtralConfig if case == "moe2b" else LlamaConfig
-    config = config_class(**scaled(SHAPES[case], scale), max_position_embeddings=4096, dtype="bfloat16")
+    shape = scaled(SHAPES[case], scale)
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
+    config = config_class(**shape, max_position_embeddings=4096, dtype="bfloat16")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     # the hub's names and shapes (per-expert tensors for Mixtral), by transformers' own reverse conversion
@@ -243,6 +248,7 @@ def main() -> None:
     parser.add_argument("--case", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
     parser.add_argument("--paths", nargs="+", choices=["meta", "full"], default=["meta", "full"])
     parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--layers", type=int, default=None, help="cut the depth to this many layers")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--workdir", default="/tmp/big_model")
@@ -252,7 +258,7 @@ def main() -> None:
     try:
         for case in args.case:
             shutil.rmtree(workdir, ignore_errors=True)
-            params = write_checkpoint(case, args.scale, workdir / "hub")
+            params = write_checkpoint(case, args.scale, workdir / "hub", args.layers)
             fp32 = 4 * params
             for path in args.paths:
                 need, free = expected_need(case, path, params), available()

@@ -60,24 +60,24 @@ def worker(config_path: str, result_path: str) -> None:
 
     recipe = FinetuneRecipe(yaml.safe_load(Path(config_path).read_text()))
     recipe.setup()
-    batches = iter(recipe.train_loader)
+    batches = iter(recipe.parts.data.train_loader)
     local_tokens, seconds = 0, 0.0
-    for step in range(recipe.max_steps):
-        micro_batches = [next(batches) for _ in range(recipe.grad_acc)]
+    for step in range(recipe.parts.data.max_steps):
+        micro_batches = [next(batches) for _ in range(recipe.parts.grad_acc)]
         start = time.perf_counter()
         recipe.train_step(micro_batches)
         if step > 0:  # the first step pays for allocation and lazy initialisation
             seconds += time.perf_counter() - start
             local_tokens += sum(int(b["attention_mask"].sum()) for b in micro_batches)
-    mine = {"rank": recipe.parallel.rank, "tokens_per_s": local_tokens / seconds,
-            "peak_mib": peak_memory_mib(recipe.device), "step_s": seconds / (recipe.max_steps - 1)}
+    mine = {"rank": recipe.parts.parallel.rank, "tokens_per_s": local_tokens / seconds,
+            "peak_mib": peak_memory_mib(recipe.parts.parallel.device), "step_s": seconds / (recipe.parts.data.max_steps - 1)}
     ranks = [mine]
-    if recipe.parallel.world_size > 1:
-        ranks = [None] * recipe.parallel.world_size
+    if recipe.parts.parallel.world_size > 1:
+        ranks = [None] * recipe.parts.parallel.world_size
         dist.all_gather_object(ranks, mine)
-    if recipe.parallel.is_main:
+    if recipe.parts.parallel.is_main:
         Path(result_path).write_text(json.dumps(ranks))
-    recipe.parallel.shutdown()
+    recipe.parts.parallel.shutdown()
 
 
 def run_setup(args, nproc: int, strategy: str, work: Path) -> list[dict]:

@@ -28,6 +28,8 @@ class Case:
     setup: Callable[[Path], list[str]]
     expect: str  # what the error line must name (key, file or row)
     env: dict[str, str] = field(default_factory=dict)
+    absent: str = ""  # text the output must not hold (a secret read from the environment)
+    forbidden: str = ""  # a path, relative to the case's folder, that must not be created (an attack's payload)
 
 
 def base_config(folder: Path) -> dict:

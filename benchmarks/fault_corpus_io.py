@@ -15,7 +15,7 @@ from fault_corpus import STORIES, Case, base_config, finetune, with_set
 
 
 def copied_run(real_step: Path, folder: Path) -> Path:
-    """The real run's checkpoint_dir copied with its file times (so the copy is a different checkpoint)."""
+    """The real run's checkpoint_dir copied (R2 runs with a ledger that never saw it: the copy is untrusted)."""
     ckpt = folder / "ckpt"
     shutil.copytree(real_step.parent, ckpt, ignore=shutil.ignore_patterns("*.png"))
     return ckpt / real_step.name
@@ -27,8 +27,9 @@ def resume(damage, *overrides: str, trusted: bool = True):
         damage(step)
         cfg = base_config(folder)
         cfg["step_scheduler"]["max_steps"] = 3
-        cfg["checkpoint"].update(restore_from=str(step), trust_pickled_state=trusted)
-        return finetune(folder, cfg, *overrides)
+        cfg["checkpoint"].update(restore_from=str(step))
+        trust = ["--checkpoint.trust_pickled_state", "true"] if trusted else []  # the person's switch, not the file's
+        return finetune(folder, cfg, *overrides, *trust)
     return setup
 
 
@@ -175,7 +176,8 @@ def env_cases() -> list[Case]:
             ("WORLD_SIZE not a number", {"WORLD_SIZE": "two", "RANK": "0", "LOCAL_RANK": "0"}, "WORLD_SIZE"),
             ("RANK beyond WORLD_SIZE", {"WORLD_SIZE": "1", "RANK": "3", "LOCAL_RANK": "0"}, "RANK"),
             ("LOCAL_RANK garbage", {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "x"}, "LOCAL_RANK"),
-            ("AUTOMODEL_ASSETS missing", {"AUTOMODEL_ASSETS": "/nonexistent/assets"}, "/nonexistent/assets")]:
+            # The error names the variable, not its value (docs/security.md: no secrets in error messages).
+            ("AUTOMODEL_ASSETS missing", {"AUTOMODEL_ASSETS": "/nonexistent/assets"}, "${oc.env:AUTOMODEL_ASSETS}")]:
         def setup(folder: Path, label=label) -> list[str]:
             (folder / "cachefile").write_text("x")
             cfg = base_config(folder)

@@ -1,6 +1,8 @@
 """Fault figures: how many faults and bad inputs automodel survives. Prints one table per figure.
 
     python benchmarks/faults.py r2          # >= 200 malformed inputs through the CLI (in-process, ~5 min)
+    python benchmarks/faults.py r2-at-rest  # only its attacks on checkpoints, links and secrets at rest
+    python benchmarks/faults.py r2 attacks  # only the attacks on the trust boundary (categories: r2 CATEGORY...)
     python benchmarks/faults.py r1          # 20 SIGKILLs of a full-SFT run, each resumed (~15 min on 2 cores)
     python benchmarks/faults.py r4          # one rank of a 2-process FSDP2 run killed mid-step
     python benchmarks/faults.py all
@@ -44,6 +46,8 @@ from fault_corpus import (  # noqa: E402
     tokenizer_cases,
 )
 from fault_corpus_io import checkpoint_cases, env_cases, path_cases  # noqa: E402
+from fault_corpus_targets import attack_cases  # noqa: E402
+from fault_corpus_trust import at_rest_cases  # noqa: E402
 
 HANG_S = 60
 SUBPROCESS_HANG_S = 240  # importing torch and transformers alone takes a while on a loaded 2-core machine
@@ -93,10 +97,16 @@ def judge(case, code, out: str, err: str, before: set[str], folder: Path) -> str
     lines = [line for line in err.splitlines() if line.strip()]
     if code == "hang":
         return "hang"
+    if any(folder.rglob("PWNED")):  # an attack's payload ran
+        return "the payload ran: PWNED exists"
     if "Traceback" in err or "Traceback" in out:
         return "traceback: " + err.strip().splitlines()[-1][:160]
     if code != 2:
         return f"exit {code}: {(lines or ['(no stderr)'])[-1][:160]}"
+    if case.absent and (case.absent in out or case.absent in err):
+        return f"printed {case.absent!r}"
+    if case.forbidden and (folder / case.forbidden).exists():
+        return f"created {case.forbidden}: the attack's payload ran"
     if len(lines) != 1 or not lines[0].startswith("error: "):
         return f"{len(lines)} stderr lines: {' | '.join(lines)[:200]}"
     if case.expect not in lines[0]:
@@ -105,6 +115,8 @@ def judge(case, code, out: str, err: str, before: set[str], folder: Path) -> str
     left = [p for p in new if p.endswith((".partial", ".tmp")) or "/step_" in "/" + p or p.endswith("LATEST")]
     if left:
         return f"left behind: {', '.join(sorted(left))[:160]}"
+    if case.category == "attacks" and new:
+        return f"created: {', '.join(sorted(new))[:160]}"
     return None
 
 
@@ -122,9 +134,11 @@ def real_step_folder(root: Path) -> Path:
     return folder / "ckpt" / "step_1"
 
 
-def r2() -> None:
-    corpus = config_cases() + override_cases() + data_cases() + tokenizer_cases() + checkpoint_cases() + \
-        path_cases() + env_cases()
+def r2(only: tuple[str, ...] = (), corpus: list | None = None) -> None:
+    corpus = corpus or config_cases() + override_cases() + data_cases() + tokenizer_cases() + checkpoint_cases() + \
+        path_cases() + env_cases() + at_rest_cases() + attack_cases()
+    if only:
+        corpus = [case for case in corpus if case.category in only]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="faults_r2_") as tmp:
         root = Path(tmp)
@@ -148,7 +162,8 @@ def r2() -> None:
                 except subprocess.TimeoutExpired:
                     code, out, err = "hang", "", ""
             else:
-                code, out, err = run_in_process(argv)
+                with contextlib.chdir(folder) if getattr(case, "run_in_folder", False) else contextlib.nullcontext():
+                    code, out, err = run_in_process(argv)
                 os.environ.clear()
                 os.environ.update(real_env)
             problem = judge(case, code, out, err, before, folder)
@@ -365,6 +380,12 @@ def r4() -> None:
 
 if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if which == "r2-at-rest":  # only the attacks on what lies at rest (fault_corpus_trust.py)
+        r2(corpus=at_rest_cases())
+        sys.exit()
+    if which == "r2" and len(sys.argv) > 2:  # r2 CATEGORY...: only those categories (e.g. attacks)
+        r2(tuple(sys.argv[2:]))
+        sys.exit()
     for name, figure in (("r2", r2), ("r1", r1), ("r4", r4)):
         if which in (name, "all"):
             figure()

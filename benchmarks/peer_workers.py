@@ -101,7 +101,8 @@ def automodel_config(work: Work, variant: str) -> dict:
     cfg = {
         "seed": 42,
         # attn_implementation unset: the library's default (automodel_sdpa where transformers picks sdpa).
-        "model": {"pretrained_model_name_or_path": work.model_dir, "dtype": "bfloat16" if work.bf16 else "float32"},
+        # precision unset: the library's default (auto: bf16 where the device computes it natively).
+        "model": {"pretrained_model_name_or_path": work.model_dir, **({"dtype": "bfloat16"} if work.bf16 else {})},
         "dataset": dataset_args(work.squad, work.rows, work.seq_length),
         "dataloader": {"shuffle": False},
         "step_scheduler": {"global_batch_size": work.batch, "local_batch_size": work.batch, "num_epochs": 1},
@@ -127,6 +128,8 @@ def automodel_config(work: Work, variant: str) -> dict:
         cfg["packed_sequence"] = {"packed_sequence_size": int(variant.removeprefix("packed"))}
     elif variant == "unchunked":  # logits at the label positions in one piece (logits_to_keep), no chunked head
         cfg["loss_fn"] = {"chunk_size": None}
+    elif variant == "fp32":  # the library before bf16 became the default where the CPU has it
+        cfg["precision"] = "fp32"
     elif variant in ("adamw-foreach", "adamw-fused"):  # the default on CPU is AdamW's per-tensor loop
         cfg["optimizer"][variant.removeprefix("adamw-")] = True
     elif variant != "default":
@@ -139,8 +142,8 @@ def run_automodel(work: Work, variant: str) -> dict:
 
     recipe = FinetuneRecipe(automodel_config(work, variant))
     recipe.setup()
-    recipe.train_loader.sampler.set_epoch(0)
-    counts = batch_counts(recipe.train_loader)
+    recipe.parts.data.train_loader.sampler.set_epoch(0)
+    counts = batch_counts(recipe.parts.data.train_loader)
     with Timer() as timer:
         result = recipe.train()
     return report(counts, timer, result.train_losses)
@@ -175,11 +178,12 @@ def in_order(trainer_class):
     return InOrder
 
 
-def common_args(work: Work) -> dict:
+def common_args(work: Work, autocast_bf16: bool = False) -> dict:
+    """`autocast_bf16`: the Trainer's `bf16=True` on float32 weights, its mixed precision (autocast, also on a CPU)."""
     return dict(output_dir=work.out, per_device_train_batch_size=work.batch, num_train_epochs=1, learning_rate=LR,
                 lr_scheduler_type="constant", weight_decay=0.0, optim="adamw_torch", max_grad_norm=MAX_GRAD_NORM,
                 logging_steps=1, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(),
-                bf16=work.bf16, seed=42, dataloader_drop_last=True, disable_tqdm=True)
+                bf16=work.bf16 or autocast_bf16, seed=42, dataloader_drop_last=True, disable_tqdm=True)
 
 
 def train_peer(trainer) -> dict:
@@ -190,7 +194,7 @@ def train_peer(trainer) -> dict:
     return report(counts, timer, losses)
 
 
-def run_hf_trainer(work: Work) -> dict:
+def run_hf_trainer(work: Work, autocast_bf16: bool = False) -> dict:
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -200,7 +204,7 @@ def run_hf_trainer(work: Work) -> dict:
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
     trainer = in_order(Trainer)(
-        model=model, args=TrainingArguments(**common_args(work)), train_dataset=Dataset.from_list(items),
+        model=model, args=TrainingArguments(**common_args(work, autocast_bf16)), train_dataset=Dataset.from_list(items),
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100))
     return train_peer(trainer)
 
@@ -226,8 +230,8 @@ def run_worker(contender: str, work: Work, threads: int) -> None:
     Path(work.out).mkdir(parents=True, exist_ok=True)
     if contender.startswith("automodel"):
         result = run_automodel(work, contender.partition(":")[2] or "default")
-    elif contender == "hf-trainer":
-        result = run_hf_trainer(work)
+    elif contender in ("hf-trainer", "hf-trainer:bf16"):
+        result = run_hf_trainer(work, autocast_bf16=contender == "hf-trainer:bf16")
     elif contender in ("trl", "trl-packing"):
         result = run_trl(work, packing=contender == "trl-packing")
     else:

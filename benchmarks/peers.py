@@ -11,9 +11,12 @@ interleaved round by round, on the same rows in the same order.
     python benchmarks/peers.py                       # every scenario, automodel + peers (needs the `bench` extra)
     python benchmarks/peers.py --quick --contenders automodel --scenarios stories-sft    # smoke test, seconds
 
-Prints, per scenario: real tokens/s, label tokens/s, padding share, peak RSS, mean loss of the last 4 steps, and
-the ratios to the best peer (HF Trainer / TRL). `automodel` uses the library defaults (padding-free batches,
-`automodel_sdpa`); `automodel:padded` pads the same batches as the peers; `automodel:sdpa` also runs transformers'
+Prints, per scenario: real tokens/s, label tokens/s, padding share, peak RSS, mean loss of the last 4 steps, the
+ratios to the best peer (HF Trainer / TRL, each at its best precision: `hf-trainer:bf16` is the Trainer's `bf16=True`,
+which autocasts on a CPU too), and the share of this machine's bf16 limit: the work's necessary FLOPs per second (see
+`necessary_flops`) over the bf16 matmul rate measured at the model's own shapes in the same run. `automodel` uses the
+library defaults (precision auto, padding-free batches, `automodel_sdpa`); `automodel:fp32` forces fp32;
+`automodel:padded` pads the same batches as the peers; `automodel:sdpa` also runs transformers'
 own sdpa attention, as the peers do (the library as it was before `automodel_sdpa`); `automodel:grouped` and
 `automodel:packedN` force length grouping or packing into rows of N tokens; `automodel:unchunked` computes the
 label positions' logits in one piece (`loss_fn.chunk_size: null`) instead of the chunked output head;
@@ -35,15 +38,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("AUTOMODEL_ASSETS", REPO.parent / "shared" / "assets")).resolve()
 SQUAD = ASSETS / "squad_v1.1" / "train-v1.1.subset.json"
-PEERS = ("hf-trainer", "trl", "trl-packing")
-DEFAULT_CONTENDERS = "automodel,automodel:padded,hf-trainer,trl"
+PEERS = ("hf-trainer", "hf-trainer:bf16", "trl", "trl-packing")
+DEFAULT_CONTENDERS = "automodel,automodel:fp32,hf-trainer,hf-trainer:bf16"
 # name -> (model, lora, rows)
 SCENARIOS = {
     "llama32k-sft": ("llama32k", False, 128),
     "llama32k-lora": ("llama32k", True, 128),
     "stories-sft": ("stories", False, 256),
     "stories-lora": ("stories", True, 256),
-    "smollm2-lora": ("smollm2", True, 16),
+    "smollm2-lora": ("smollm2", True, 64),
+    "smollm2-sft": ("smollm2", False, 64),
 }
 SMOL = ASSETS / "models" / "SmolLM2-135M-Instruct-GGUF"
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,6 +96,51 @@ def run_contender(contender: str, model_dir: Path, rows: int, lora: bool, workdi
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
+def model_shape(model_dir: Path) -> dict:
+    """What the FLOP count needs: layers, hidden size, vocabulary, and the decoder's parameters (embedding and output
+    head excluded: the head's work is counted at label tokens only)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    body = sum(p.numel() for name, p in model.model.layers.named_parameters())
+    return {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "vocab": config.vocab_size,
+            "body_params": body, "intermediate": config.intermediate_size}
+
+
+def necessary_flops(shape: dict, lora: bool, result: dict) -> float:
+    """The FLOPs the work cannot do without (forward + backward), whoever computes it: the decoder layers at every
+    real token (2N forward, 2N for the input gradients, and 2N for the weight gradients unless LoRA freezes them; the
+    adapters' own FLOPs are under 1% and left out), causal attention (6 x layers x hidden x length^2 per row, as
+    benchmarks/gpu_peers.py counts it) and the output head at the label tokens only (2VH forward and 2VH backward,
+    plus 2VH for its weight gradient when trained)."""
+    body = (4 if lora else 6) * shape["body_params"] * result["real_tokens"]
+    attention = 6.0 * shape["layers"] * shape["hidden"] * result["sum_squared_lengths"]
+    head = (4 if lora else 6) * shape["vocab"] * shape["hidden"] * result["label_tokens"]
+    return body + attention + head
+
+
+def bf16_matmul_gflops(shape: dict, threads: int, repeats: int = 20) -> float:
+    """This machine's bf16 matmul rate with `threads` threads, at the model's shapes (4096 tokens against each of the
+    MLP's and attention's weight shapes) and a square 2048 one: the best of them, the limit to compare with."""
+    import torch
+
+    torch.set_num_threads(threads)
+    hidden, inner = shape["hidden"], shape["intermediate"]
+    best = 0.0
+    for m, k, n in ((4096, hidden, inner), (4096, inner, hidden), (4096, hidden, hidden), (2048, 2048, 2048)):
+        a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = max(best, 2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 def summarize(runs: list[dict]) -> dict:
     """Median over rounds of the throughputs; the counts and losses are identical across rounds."""
     first = runs[0]
@@ -103,25 +152,30 @@ def summarize(runs: list[dict]) -> dict:
         "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
         "last4_loss": statistics.mean(first["losses"][-4:]),
         "real_tokens": first["real_tokens"], "label_tokens": first["label_tokens"], "steps": len(first["losses"]),
+        "sum_squared_lengths": first["sum_squared_lengths"],
+        "seconds": statistics.median(r["seconds"] for r in runs),
     }
 
 
-def table(scenario: str, results: dict[str, dict]) -> str:
+def table(scenario: str, results: dict[str, dict], limit_of=None) -> str:
+    """`limit_of(result)`: the share of the machine's bf16 limit the contender reached (necessary FLOPs / s over the
+    measured bf16 matmul rate); None leaves that column out."""
     peers = {name: r for name, r in results.items() if name in PEERS}
     best_speed = max((r["tokens_per_s"] for r in peers.values()), default=None)
     best_rss = min((r["peak_rss_mb"] for r in peers.values()), default=None)
     best_cpu = max((r["tokens_per_cpu_s"] for r in peers.values()), default=None)
     lines = [f"### {scenario}", "",
              "| contender | real tokens/s | label tokens/s | padding | peak RSS | loss (last 4 steps) | "
-             "speed vs best peer | RSS vs best peer | real tokens per CPU s | per CPU s vs best peer |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "speed vs best peer | RSS vs best peer | real tokens per CPU s | per CPU s vs best peer |"
+             + (" of bf16 limit |" if limit_of else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if limit_of else "")]
     for name, r in results.items():
         speed = f"{r['tokens_per_s'] / best_speed:.2f}x" if best_speed else "-"
         rss = f"{r['peak_rss_mb'] / best_rss:.2f}x" if best_rss else "-"
         cpu = f"{r['tokens_per_cpu_s'] / best_cpu:.2f}x" if best_cpu else "-"
         lines.append(f"| {name} | {r['tokens_per_s']:,.0f} | {r['label_tokens_per_s']:,.0f} | {r['padding']:.1%} | "
                      f"{r['peak_rss_mb'] / 1024:.2f} GB | {r['last4_loss']:.4f} | {speed} | {rss} | "
-                     f"{r['tokens_per_cpu_s']:,.0f} | {cpu} |")
+                     f"{r['tokens_per_cpu_s']:,.0f} | {cpu} |" + (f" {limit_of(r):.0%} |" if limit_of else ""))
     counts = {(r["real_tokens"], r["label_tokens"]) for r in results.values()}
     lines += ["", f"same rows for every contender: {'yes' if len(counts) == 1 else 'NO: ' + str(counts)}; "
                   f"{next(iter(results.values()))['steps']} steps", ""]
@@ -154,8 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {', '.join(SCENARIOS)}")
     parser.add_argument("--contenders", default=DEFAULT_CONTENDERS,
-                        help="comma list: automodel[:padded|:sdpa|:grouped|:packedN|:unchunked|:adamw-foreach|:adamw-fused], "
-                             "hf-trainer, trl, trl-packing")
+                        help="comma list: automodel[:fp32|:padded|:sdpa|:grouped|:packedN|:unchunked|:adamw-foreach|"
+                             ":adamw-fused], hf-trainer, hf-trainer:bf16, trl, trl-packing")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions (median tokens/s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="16 rows: a smoke test, not a measurement")
@@ -186,6 +240,10 @@ def main(argv: list[str] | None = None) -> None:
             model, lora, rows = SCENARIOS[scenario]
             rows = 16 if args.quick else rows
             model_dir = model_folder(model, Path(tmp))
+            shape = model_shape(model_dir)
+            gflops = bf16_matmul_gflops(shape, args.threads)
+            print(f"  {scenario}: bf16 matmul limit at the model's shapes {gflops:,.0f} GFLOP/s "
+                  f"({args.threads} threads)", flush=True)
             runs: dict[str, list[dict]] = {c: [] for c in contenders}
             for _ in range(args.rounds):
                 for contender in contenders:
@@ -195,8 +253,14 @@ def main(argv: list[str] | None = None) -> None:
                           f"{run['seconds']:.0f} s ({run['cpu_seconds']:.0f} CPU s), load {os.getloadavg()[0]:.2f}",
                           flush=True)
             everything[scenario] = {c: summarize(r) for c, r in runs.items()}
-            print(table(f"{scenario} ({rows} rows, {'LoRA r=8' if lora else 'full SFT'})", everything[scenario]),
-                  flush=True)
+
+            def limit_of(result: dict, shape=shape, lora=lora, gflops=gflops) -> float:
+                return necessary_flops(shape, lora, result) / result["seconds"] / (gflops * 1e9)
+
+            for name, result in everything[scenario].items():
+                result["bf16_limit_share"] = limit_of(result)
+            print(table(f"{scenario} ({rows} rows, {'LoRA r=8' if lora else 'full SFT'})", everything[scenario],
+                        limit_of), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(everything, indent=2))
 

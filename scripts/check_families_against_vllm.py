@@ -20,7 +20,6 @@ side loads the same folders with trust_remote_code off.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -102,6 +101,7 @@ def build(out_dir: Path, families: list[str]) -> dict[str, list[float]]:
     from automodel.models.registry import family_rows
     from tests.conftest import ASSETS
     from tests.models.published import VARIANTS, variant_row, write_published_checkpoint
+    from tests.models.tiny_configs import variant
 
     ours = {}
     named = [(row.published_type, row) for row in family_rows()] + [(name, variant_row(name)) for name in VARIANTS]
@@ -112,7 +112,7 @@ def build(out_dir: Path, families: list[str]) -> dict[str, list[float]]:
             print(f"{row.published_type:14s} skipped: {NOT_IN_VLLM[row.published_type]}")
             continue
         wider = WIDER.get(row.published_type, {"hidden_size": 128})
-        row = dataclasses.replace(row, tiny={**row.tiny, **wider})
+        row = variant(row, **wider)
         folder = write_published_checkpoint(row, out_dir / name)
         for file in (ASSETS / "tokenizers" / row.tokenizer).iterdir():
             shutil.copy(file, folder / file.name)

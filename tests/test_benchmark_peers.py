@@ -25,7 +25,9 @@ def test_peers_quick_runs_automodel_and_reports_the_work(tmp_path):
     assert default["steps"] == padded["steps"] == 2  # 16 rows, global batch 8
     assert default["real_tokens"] == padded["real_tokens"] > default["label_tokens"] > 0
     assert default["padding"] == 0 < padded["padding"] < 1  # the defaults' batches are padding-free
-    assert default["last4_loss"] == pytest.approx(padded["last4_loss"], rel=1e-5)  # and train the same
+    # and train the same: in the default precision (bf16 on a CPU that has it) the padded batches' other matmul
+    # shapes round differently, by about bf16's unit roundoff 2^-8; in fp32 they agree to 1e-5.
+    assert default["last4_loss"] == pytest.approx(padded["last4_loss"], rel=2 ** -8)
     assert all(math.isfinite(r["last4_loss"]) and r["tokens_per_s"] > 0 for r in results.values())
 
 

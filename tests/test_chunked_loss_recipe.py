@@ -31,7 +31,7 @@ def _run(tmp_path, peft: bool, chunk_size):
 def test_chunked_loss_trains_like_the_unchunked_loss(tmp_path, peft):
     chunked_recipe, chunked = _run(tmp_path / "chunked", peft, 3)
     plain_recipe, plain = _run(tmp_path / "plain", peft, None)
-    assert chunked_recipe.forward_loss.output_head is not None and plain_recipe.forward_loss.output_head is None
+    assert chunked_recipe.parts.forward_loss.output_head is not None and plain_recipe.parts.forward_loss.output_head is None
     assert len(chunked.train_losses) == 4
     assert chunked.train_losses == pytest.approx(plain.train_losses, rel=1e-5)
     assert chunked.val_losses == pytest.approx(plain.val_losses, rel=1e-5)
@@ -44,7 +44,7 @@ def test_chunked_head_is_the_default():
 def test_unknown_architecture_falls_back_with_one_log_line(caplog):
     import torch
 
-    from automodel.training.forward import chunked_head_for
+    from automodel.models.forward_plan import chunked_head_for
 
     with caplog.at_level(logging.INFO, logger="automodel"):
         assert chunked_head_for(torch.nn.Linear(2, 2), MaskedCrossEntropy()) is None
@@ -58,7 +58,7 @@ def test_a_loss_that_overrides_only_call_is_not_bypassed(caplog):
     calls it, and says why the chunked head is off."""
     from transformers import AutoModelForCausalLM
 
-    from automodel.training.forward import chunked_head_for
+    from automodel.models.forward_plan import chunked_head_for
 
     class Smoothed(MaskedCrossEntropy):
         def __call__(self, logits, targets):
@@ -77,3 +77,43 @@ def test_a_loss_that_overrides_only_call_is_not_bypassed(caplog):
 def test_bad_chunk_size_is_a_user_error(value):
     with pytest.raises(UserError, match="loss_fn.chunk_size: expected a positive number of label tokens or null"):
         MaskedCrossEntropy(chunk_size=value)
+
+
+def test_the_forward_plan_installs_its_hooks_and_the_loss_only_runs_it():
+    """`plan_forward` (called by the recipe right after the model is built) decides the optimisations and installs
+    the last layer's row hooks; `ForwardLoss` installs nothing and runs what the plan says: the last layer's MLP sees
+    only the label rows, and the loss is the plain forward's."""
+    import torch
+
+    from automodel.batch import shift_labels
+    from automodel.data.collate import pad_collate
+    from automodel.models import load_causal_lm
+    from automodel.models.decoder_layers import decoder_layers
+    from automodel.models.forward_plan import plan_forward
+    from automodel.training.forward import ForwardLoss
+
+    model = load_causal_lm(str(STORIES)).eval()
+    last = decoder_layers(model)[-1]
+
+    def hooks() -> int:
+        return len(last._forward_pre_hooks) + len(last.mlp._forward_pre_hooks) + len(last.mlp._forward_hooks)
+
+    before = hooks()
+    batch = pad_collate([{"input_ids": list(range(5, 25)), "labels": [-100] * 15 + list(range(20, 25))}], 0)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    loss_fn = MaskedCrossEntropy(chunk_size=4)
+    plan = plan_forward(model, loss_fn)
+    assert plan.describe() == ("logits at label positions only, chunked output head (4 label tokens a chunk), "
+                               "last layer on label rows")
+    assert hooks() == before + 3
+    forward_loss = ForwardLoss(model, loss_fn, plan)
+    assert hooks() == before + 3
+    mlp_rows = []
+    last.mlp.register_forward_pre_hook(lambda module, args: mlp_rows.append(args[0].shape[1]))
+    with torch.no_grad():
+        summed, label_tokens = forward_loss(batch)
+    assert mlp_rows == [5] and label_tokens == 5  # the 5 rows predicting a label, not all 20
+    targets = shift_labels(batch["labels"])
+    reference = torch.nn.functional.cross_entropy(expected[0], targets[0], ignore_index=-100, reduction="sum")
+    assert float(summed) == pytest.approx(float(reference), rel=1e-5)

@@ -41,10 +41,10 @@ def test_alpaca_example_config_trains(tmp_path):
     recipe, result = run(cfg)
     rows = json.loads((ASSETS / "instruct" / "alpaca_en_demo.json").read_text())
     outputs = [row["output"].strip() for row in rows[:24]]
-    assert 12 < len(recipe.train_set) < 24  # the longest records do not fit seq_length 512 and are dropped
-    for item in recipe.train_set:
-        assert masked_prefix_then_labels(item) and item["labels"][-1] == recipe.tokenizer.eos_token_id
-        assert recipe.tokenizer.decode([t for t in item["labels"] if t != -100][:-1]).strip() in outputs
+    assert 12 < len(recipe.parts.data.train_set) < 24  # the longest records do not fit seq_length 512 and are dropped
+    for item in recipe.parts.data.train_set:
+        assert masked_prefix_then_labels(item) and item["labels"][-1] == recipe.parts.tokenizer.eos_token_id
+        assert recipe.parts.tokenizer.decode([t for t in item["labels"] if t != -100][:-1]).strip() in outputs
     assert (result.final_dir / "model" / "adapter_model.safetensors").is_file()
 
 
@@ -57,17 +57,17 @@ def test_chat_example_with_packing_trains_and_saves_its_template(tmp_path):
         f"--dataset.dataset_name={tmp_path / 'chat.jsonl'}", f"--dataset.cache_dir={tmp_path / 'cache'}",
         f"--checkpoint.checkpoint_dir={tmp_path / 'run'}"])
     recipe, result = run(cfg)
-    batch = next(iter(recipe.train_loader))
+    batch = next(iter(recipe.parts.data.train_loader))
     assert batch["attention_mask"].dim() == 4 and batch["input_ids"].shape[0] <= 2
     answers = {row["output"].strip() + "<|im_end|>" for row in rows}
     for i in range(5):
-        labels = recipe.train_set[i]["labels"]
+        labels = recipe.parts.data.train_set[i]["labels"]
         assert labels[0] == -100 and labels[-1] == -100  # the user turn and the newline after <|im_end|>
-        assert recipe.tokenizer.decode([t for t in labels if t != -100]).strip() in answers
+        assert recipe.parts.tokenizer.decode([t for t in labels if t != -100]).strip() in answers
     saved = AutoTokenizer.from_pretrained(result.final_dir / "model")
     assert saved.chat_template == cfg["dataset"]["tokenizer"]["chat_template"]
     messages = chats[0]["messages"]
-    assert saved.apply_chat_template(messages, tokenize=False) == recipe.tokenizer.apply_chat_template(
+    assert saved.apply_chat_template(messages, tokenize=False) == recipe.parts.tokenizer.apply_chat_template(
         messages, tokenize=False)
 
 
@@ -83,11 +83,11 @@ def test_squad_v2_rows_train_with_the_unanswerable_target(tmp_path):
         "--dataset.unanswerable_target", "no answer", f"--dataset.cache_dir={tmp_path / 'cache'}",
         "--validation_dataset", "null", f"--checkpoint.checkpoint_dir={tmp_path / 'run'}"])
     recipe, _ = run(cfg)
-    targets = [example["target"] for example in recipe.train_set.examples]
+    targets = [example["target"] for example in recipe.parts.data.train_set.examples]
     assert targets.count("no answer") >= 5 and len(set(targets)) > 5
-    for item, example in zip(recipe.train_set, recipe.train_set.examples):
+    for item, example in zip(recipe.parts.data.train_set, recipe.parts.data.train_set.examples):
         labelled = [t for t in item["labels"] if t != -100][:-1]
-        assert recipe.tokenizer.decode(labelled).strip() == example["target"]
+        assert recipe.parts.tokenizer.decode(labelled).strip() == example["target"]
 
 
 def test_dataset_tokenizer_override_is_used_and_saved(tmp_path):
@@ -96,10 +96,10 @@ def test_dataset_tokenizer_override_is_used_and_saved(tmp_path):
         "--dataset.tokenizer", "{add_bos: false, add_eos: true, padding_side: left}",
         f"--checkpoint.checkpoint_dir={tmp_path / 'run'}"])
     recipe, result = run(cfg)
-    assert all(item["input_ids"][0] != recipe.tokenizer.bos_token_id for item in recipe.train_set)
+    assert all(item["input_ids"][0] != recipe.parts.tokenizer.bos_token_id for item in recipe.parts.data.train_set)
     saved = AutoTokenizer.from_pretrained(result.final_dir / "model")
     assert saved.padding_side == "left" and saved("Once upon a time")["input_ids"] == \
-        recipe.tokenizer("Once upon a time")["input_ids"]
+        recipe.parts.tokenizer("Once upon a time")["input_ids"]
     assert saved("Once upon a time")["input_ids"][-1] == saved.eos_token_id
 
 
@@ -109,5 +109,5 @@ def test_alpaca_example_config_streams(tmp_path):
         "--dataset.streaming", "true", "--dataset.limit_dataset_samples", "24",
         f"--checkpoint.checkpoint_dir={tmp_path / 'run'}"])
     recipe, result = run(cfg)
-    assert recipe.streaming and recipe.steps_per_epoch is None
+    assert recipe.parts.data.streaming and recipe.parts.data.steps_per_epoch is None
     assert (result.final_dir / "model" / "adapter_model.safetensors").is_file()

@@ -40,7 +40,7 @@ def reference(tmp_path_factory):
             folder = tmp_path_factory.mktemp("lora" if peft else "sft")
             recipe = FinetuneRecipe(dist_config(folder, peft=peft))
             recipe.run()
-            assert recipe.forward_loss.describe() == FAST, "no wrapping: the fast path"
+            assert recipe.parts.forward_loss.describe() == FAST, "no wrapping: the fast path"
             done[peft] = folder / "ckpt"
         return done[peft]
 
@@ -152,8 +152,7 @@ def test_killed_worker_ends_the_job_naming_the_rank(tmp_path):
 
 def _preempt_at_step(cfg: dict, step: int, micro_batches_per_step: int) -> dict:
     """SIGTERM arrives during `step` (the fault loss signals its own process on that micro-batch)."""
-    cfg = {**cfg, "loss_fn": {"_target_": "tests.faults.SignalOnCall", "call": (step - 1) * micro_batches_per_step + 1},
-           "allow_targets": ["tests.faults"]}
+    cfg = {**cfg, "loss_fn": {"_target_": "tests.faults.SignalOnCall", "call": (step - 1) * micro_batches_per_step + 1}}
     cfg["checkpoint"] = {**cfg["checkpoint"], "save_consolidated": "every"}
     return cfg
 
@@ -165,7 +164,8 @@ def test_fsdp2_resume_with_another_number_of_processes(tmp_path, reference, firs
     cfg = dist_config(tmp_path, peft=False, strategy="fsdp2")
     micro = cfg["step_scheduler"]["global_batch_size"] // (cfg["step_scheduler"]["local_batch_size"] * first)
     launches = {1: [], 2: ["--nproc-per-node", "2"]}
-    out = run(automodel_cmd(write_config(tmp_path, _preempt_at_step(cfg, 2, micro)), *launches[first]))
+    out = run(automodel_cmd(write_config(tmp_path, _preempt_at_step(cfg, 2, micro)), *launches[first],
+                            "--allow-target", "tests.faults"))  # the fault loss: allowed by the person, not the file
     assert "preempted at step 2" in out.stdout
     assert (tmp_path / "ckpt" / "LATEST").read_text().strip() == "step_2"
     out = run(automodel_cmd(write_config(tmp_path, cfg), *launches[then]))

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from automodel.cli.main import main
+from automodel.config import parse_section
+from automodel.config.precision import resolve_precision
 from automodel.distributed.config import DistributedConfig
 from automodel.distributed.env import LaunchEnv, read_launch_env
 from automodel.distributed.fsdp2 import apply_fsdp2, mixed_precision_policy
@@ -132,11 +134,20 @@ def test_strategy_rules():
         resolve_strategy(DistributedConfig(strategy="ddp", tp_size=2), 4)
 
 
-def test_mixed_precision_default_is_fp32_on_cpu_and_bf16_with_fp32_reduce_on_request():
-    auto = mixed_precision_policy("auto", torch.device("cpu"))
-    assert auto.param_dtype is None and auto.reduce_dtype is None
-    bf16 = mixed_precision_policy("bf16", torch.device("cpu"))
-    assert (bf16.param_dtype, bf16.reduce_dtype) == (torch.bfloat16, torch.float32)
+def test_fsdp2_mixed_precision_follows_the_run_precision():
+    cpu = torch.device("cpu")
+    fp32 = mixed_precision_policy(resolve_precision({"precision": "fp32"}, cpu, peft=False))
+    assert fp32.param_dtype is None and fp32.reduce_dtype is None
+    for peft in (False, True):  # bf16-mixed and bf16-frozen gather bf16 parameters and reduce in float32
+        bf16 = mixed_precision_policy(resolve_precision({"precision": "bf16"}, cpu, peft=peft))
+        assert (bf16.param_dtype, bf16.reduce_dtype) == (torch.bfloat16, torch.float32)
+    pure = mixed_precision_policy(resolve_precision({"model": {"dtype": "bfloat16"}}, cpu, peft=False))
+    assert pure.param_dtype is None  # bf16-true: stored in bf16 already
+
+
+def test_the_older_mixed_precision_key_is_refused_with_a_pointer_to_precision():
+    with pytest.raises(UserError, match="distributed: .*replaced by the top-level `precision`"):
+        parse_section(DistributedConfig, {"mixed_precision": "bf16"}, "distributed")
 
 
 # ---- the model: layers, TP plans -----------------------------------------------------------------
@@ -222,10 +233,10 @@ def test_activation_checkpointing_in_one_process_gives_the_same_gradients(tmp_pa
         cfg = dist_config(tmp_path / str(checkpointing), peft=False, activation_checkpointing=checkpointing)
         recipe = FinetuneRecipe(cfg)
         recipe.setup()
-        assert recipe.model.is_gradient_checkpointing is checkpointing
-        items = [recipe.train_set[i] for i in range(4)]
-        loss, _ = recipe.backward([pad_collate(items, recipe.tokenizer.pad_token_id)])
-        return loss, {n: p.grad for n, p in recipe.model.named_parameters()}
+        assert recipe.parts.model.is_gradient_checkpointing is checkpointing
+        items = [recipe.parts.data.train_set[i] for i in range(4)]
+        loss, _ = recipe.backward([pad_collate(items, recipe.parts.tokenizer.pad_token_id)])
+        return loss, {n: p.grad for n, p in recipe.parts.model.named_parameters()}
 
     (loss_plain, plain), (loss_ckpt, ckpt) = grads(False), grads(True)
     assert loss_ckpt == pytest.approx(loss_plain, rel=1e-6)

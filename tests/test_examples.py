@@ -5,17 +5,19 @@ from __future__ import annotations
 import pytest
 
 from automodel.config import load_config
+from automodel.training.kd import KDRecipe
 from automodel.training.recipe import FinetuneRecipe
 from tests.conftest import REPO_ROOT
 
-EXAMPLES = sorted((REPO_ROOT / "examples" / "llm_finetune").glob("*.yaml"))
+EXAMPLES = sorted((REPO_ROOT / "examples").glob("llm_*/*.yaml"))
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_example_config_is_valid(path):
     cfg = load_config(path)
-    recipe = FinetuneRecipe(cfg)  # checks sections, typed settings and batch arithmetic
-    assert recipe.grad_acc >= 1
+    recipe = {"llm_finetune": FinetuneRecipe, "llm_kd": KDRecipe}[cfg["recipe"]](cfg)  # checks every section
+    assert recipe.settings.steps.grad_accumulation_steps(1) >= 1
+    assert (recipe.settings.kd is not None) == (path.parent.name == "llm_kd")
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ def _logits(model, batch):
 
 
 def _first_batch(recipe, n=4):
-    return pad_collate([recipe.val_set[i] for i in range(n)], recipe.tokenizer.pad_token_id)
+    return pad_collate([recipe.parts.data.val_set[i] for i in range(n)], recipe.parts.tokenizer.pad_token_id)
 
 
 def _assert_learned(result):
@@ -38,11 +38,11 @@ def test_lora_learns_saves_peft_adapter_and_keeps_base_weights(tmp_path, stories
 
     recipe = FinetuneRecipe(tiny_squad_config(tmp_path, peft=True))
     recipe.setup()
-    base_before = {k: v.clone() for k, v in recipe.model.base_model.model.state_dict().items() if "lora_" not in k}
+    base_before = {k: v.clone() for k, v in recipe.parts.model.base_model.model.state_dict().items() if "lora_" not in k}
     result = recipe.train()
     _assert_learned(result)
 
-    base_after = {k: v for k, v in recipe.model.base_model.model.state_dict().items() if "lora_" not in k}
+    base_after = {k: v for k, v in recipe.parts.model.base_model.model.state_dict().items() if "lora_" not in k}
     assert all(torch.equal(base_before[k], base_after[k]) for k in base_before), "LoRA changed a base weight"
 
     model_dir = result.final_dir / "model"
@@ -54,7 +54,7 @@ def test_lora_learns_saves_peft_adapter_and_keeps_base_weights(tmp_path, stories
 
     batch = _first_batch(recipe)
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(stories_path), model_dir)
-    torch.testing.assert_close(_logits(reloaded, batch), _logits(recipe.model, batch), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(reloaded, batch), _logits(recipe.parts.model, batch), rtol=1e-5, atol=1e-5)
 
 
 def test_full_sft_learns_and_saves_a_transformers_model(tmp_path):
@@ -70,7 +70,7 @@ def test_full_sft_learns_and_saves_a_transformers_model(tmp_path):
     AutoTokenizer.from_pretrained(model_dir)
     reloaded = AutoModelForCausalLM.from_pretrained(model_dir)
     batch = _first_batch(recipe)
-    torch.testing.assert_close(_logits(reloaded, batch), _logits(recipe.model, batch), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(reloaded, batch), _logits(recipe.parts.model, batch), rtol=1e-5, atol=1e-5)
     records = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [5, 10, 15, 20]
     assert (tmp_path / "ckpt" / "config.yaml").is_file()
@@ -83,13 +83,13 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path, peft):
     Tolerance (fp32): every element within 1e-5 x the tensor's largest gradient (summation order differs)."""
     recipe = FinetuneRecipe(tiny_squad_config(tmp_path, peft=peft, global_batch=8, local_batch=2, train_samples=16))
     recipe.setup()
-    items = [recipe.train_set[i] for i in range(8)]
-    pad = recipe.tokenizer.pad_token_id
+    items = [recipe.parts.data.train_set[i] for i in range(8)]
+    pad = recipe.parts.tokenizer.pad_token_id
 
     def grads(micro_batches):
-        recipe.model.zero_grad(set_to_none=True)
+        recipe.parts.model.zero_grad(set_to_none=True)
         loss, tokens = recipe.backward(micro_batches)
-        return loss / tokens, {n: p.grad.clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
+        return loss / tokens, {n: p.grad.clone() for n, p in recipe.parts.model.named_parameters() if p.requires_grad}
 
     loss_small, small = grads([pad_collate(items[i:i + 2], pad) for i in range(0, 8, 2)])
     loss_big, big = grads([pad_collate(items, pad)])

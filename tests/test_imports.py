@@ -1,5 +1,6 @@
-"""The package's import graph: every module imports, no cycles (not even through function-local imports), and
-models/ and data/ never import training/ (training is built on them, not the other way round)."""
+"""The package's import graph: every module imports, no cycles (not even through function-local imports),
+models/ and data/ never import training/ (training is built on them, not the other way round), and models/ and data/
+never import each other (what both need of a batch is automodel/batch.py, which imports neither)."""
 
 from __future__ import annotations
 
@@ -106,6 +107,22 @@ def test_models_and_data_never_import_training():
     assert {module: targets for module, targets in upward.items() if targets} == {}
 
 
+def crossings(graph: dict[str, set[str]], source: str, target: str) -> dict[str, list[str]]:
+    """module of `source` -> the modules of `target` it imports (packages by dotted prefix)."""
+    inside = lambda module, package: module == package or module.startswith(package + ".")  # noqa: E731
+    found = {module: sorted(t for t in targets if inside(t, target))
+             for module, targets in graph.items() if inside(module, source)}
+    return {module: targets for module, targets in found.items() if targets}
+
+
+def test_models_and_data_never_import_each_other():
+    graph = import_graph(function_local=True)
+    assert crossings(graph, "automodel.models", "automodel.data") == {}
+    assert crossings(graph, "automodel.data", "automodel.models") == {}
+    below = {target for target in graph["automodel.batch"] if target.startswith("automodel")}
+    assert below <= {"automodel.errors"}, "the batch contract sits below models/ and data/"
+
+
 def test_the_checks_see_a_cycle_and_an_upward_import():
     """The walk itself: a relative import resolves to its module, and a made-up cycle is found."""
     node = ast.parse("from ..data.collate import shift_labels\nfrom . import loss").body
@@ -113,3 +130,9 @@ def test_the_checks_see_a_cycle_and_an_upward_import():
     assert imported("automodel.training.forward", node[1]) == ["automodel.training.loss"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+    sideways = {"automodel.data.packing": {"automodel.models.registry", "automodel.batch"},
+                "automodel.models.router_aux_loss": {"automodel.data.collate"}, "automodel.batch": set()}
+    assert crossings(sideways, "automodel.data", "automodel.models") == {
+        "automodel.data.packing": ["automodel.models.registry"]}
+    assert crossings(sideways, "automodel.models", "automodel.data") == {
+        "automodel.models.router_aux_loss": ["automodel.data.collate"]}

@@ -75,7 +75,7 @@ def test_jsonl_has_throughput_memory_and_mfu_by_the_documented_formula(run):
     train = jsonl(ckpt_dir, "train")
     assert [r["step"] for r in train] == [1, 2, 3]
     assert [r["step"] for r in jsonl(ckpt_dir, "validation")] == [2, 3]
-    total, trainable = count_parameters(recipe.model)
+    total, trainable = count_parameters(recipe.parts.model)
     assert trainable < total  # LoRA: fewer weight gradients than 6 x params
     for record in train:
         # log_every_steps=1: each record's window is its own step.
@@ -89,10 +89,10 @@ def test_jsonl_has_throughput_memory_and_mfu_by_the_documented_formula(run):
 
 def test_tokens_count_real_tokens_not_padding(run):
     recipe = run[0]
-    items = [recipe.train_set[i] for i in range(4)]
+    items = [recipe.parts.data.train_set[i] for i in range(4)]
     lengths = [len(item["input_ids"]) for item in items]
     assert len(set(lengths)) > 1, "need items of different lengths so the batch holds padding"
-    batch = pad_collate(items, recipe.tokenizer.pad_token_id)
+    batch = pad_collate(items, recipe.parts.tokenizer.pad_token_id)
     record = recipe.train_step([batch])
     assert record["tokens"] == sum(lengths) < batch["input_ids"].numel()
     assert record["label_tokens"] == sum(sum(1 for t in item["labels"] if t != -100) for item in items)
@@ -191,14 +191,15 @@ def test_tensorboard_events_hold_the_series(run):
 
 def test_start_banner_and_end_summary(run):
     recipe, result, ckpt_dir, console = run
-    total, trainable = count_parameters(recipe.model)
+    total, trainable = count_parameters(recipe.parts.model)
     assert f"parameters  {total:,} total, {trainable:,} trainable ({100 * trainable / total:.2f}%)" in console
-    train_set = recipe.train_set
+    train_set = recipe.parts.data.train_set
     tokens = sum(len(train_set[i]["input_ids"]) for i in range(len(train_set)))
     assert (f"train data  {len(train_set)} examples ({train_set.num_dropped} dropped, {train_set.num_truncated} "
             f"truncated to fit seq_length), {tokens:,} tokens") in console
     assert "8 per step = 4 per micro-batch x 2 accumulation x 1 data-parallel" in console
-    assert "world size 1, strategy none, device cpu" in console and "precision   float32" in console
+    assert "world size 1, strategy none, device cpu" in console
+    assert "precision   fp32: weights and optimizer float32, compute float32 (model.dtype: float32)" in console
     assert ("loss        logits at label positions only, chunked output head (1024 label tokens a chunk), last "
             "layer on label rows") in console
     best_step = min(result.val_losses, key=result.val_losses.get)

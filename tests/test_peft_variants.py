@@ -82,7 +82,7 @@ def test_qlora_trains_a_4bit_base_and_saves_an_ordinary_adapter(tmp_path, storie
     result = recipe.run()  # validation at step 2 runs the 4-bit layers in eval mode between training steps
     import bitsandbytes as bnb
 
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in recipe.model.modules()), "the base is in 4 bits"
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in recipe.parts.model.modules()), "the base is in 4 bits"
     adapter = result.final_dir / "model"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(STORIES)

@@ -47,8 +47,8 @@ def losses(ckpt_dir):
 
 
 def trainable_state(recipe):
-    model = {n: p.detach().clone() for n, p in recipe.model.named_parameters() if p.requires_grad}
-    optim = recipe.optimizer.state_dict()["state"]
+    model = {n: p.detach().clone() for n, p in recipe.parts.model.named_parameters() if p.requires_grad}
+    optim = recipe.parts.optimizer.state_dict()["state"]
     return model, optim
 
 
@@ -158,9 +158,9 @@ def test_kill_9_at_a_random_moment_then_resume_matches(tmp_path):
 
 
 def test_sigterm_saves_exits_0_and_resume_continues(tmp_path):
-    cfg = resume_config(tmp_path, max_steps=6, allow_targets=["tests.faults"], loss_fn___target_="tests.faults.SignalOnCall", loss_fn__call=5)
+    cfg = resume_config(tmp_path, max_steps=6, loss_fn___target_="tests.faults.SignalOnCall", loss_fn__call=5)
     cfg_path = _write(tmp_path, cfg)
-    first = _cli(cfg_path)
+    first = _cli(cfg_path, env={"AUTOMODEL_ALLOW_TARGETS": "tests.faults"})  # the person's grant, not the file's
     assert first.returncode == 0, first.stderr[-2000:]
     assert "preempted at step 3" in first.stdout and "run the same command again to resume" in first.stdout
     assert (tmp_path / "ckpt" / "LATEST").read_text().strip() == "step_3"
@@ -183,7 +183,7 @@ def test_nonfinite_loss_skip_leaves_weights_unchanged(tmp_path):
                         loss_fn__call=1, step_scheduler__on_nonfinite="skip")
     recipe = FinetuneRecipe(cfg)
     recipe.setup()
-    batches = iter(recipe.train_loader)
+    batches = iter(recipe.parts.data.train_loader)
     before = trainable_state(recipe)
     record = recipe.train_step([next(batches), next(batches)])
     assert record["loss"] != record["loss"]  # NaN
@@ -241,7 +241,7 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, tiny_disk):
     assert not list(ckpt.glob(".*partial")) and not (ckpt / "step_2").exists()
     assert latest_step_dir(ckpt).name == "step_1"
     (tiny_disk / "filler").unlink()
-    state = load_training_state(ckpt / "step_1", recipe.model, recipe.optimizer, recipe.lr_scheduler)
+    state = load_training_state(ckpt / "step_1", recipe.parts.model, recipe.parts.optimizer, recipe.parts.lr_scheduler)
     assert state.step == 0 or state.step == recipe.state.step
 
 

@@ -91,8 +91,8 @@ def test_preempted_stream_resumes_exactly_on_another_number_of_processes(tmp_pat
                                             max_steps=max_steps)).run()
     cfg = stream_config(tmp_path, streaming=True, shuffle=True, max_steps=max_steps)
     preempt = {**cfg, "loss_fn": {"_target_": "tests.faults.SignalOnCall", "call": 3},  # 1 micro-batch per rank
-               "allow_targets": ["tests.faults"], "distributed": {"strategy": "ddp"}}
-    out = run(automodel_cmd(write_config(tmp_path, preempt), "--nproc-per-node", "2"))
+               "distributed": {"strategy": "ddp"}}
+    out = run(automodel_cmd(write_config(tmp_path, preempt), "--nproc-per-node", "2", "--allow-target", "tests.faults"))
     assert "preempted at step 3" in out.stdout
     assert "strategy ddp, data parallel 2" in out.stdout
     assert FAST_LOSS_PATH in out.stdout, "DDP full SFT keeps the fast path"

@@ -100,6 +100,8 @@ def shape_only(tensor: torch.Tensor) -> torch.Tensor:
 def write_full_model(model: nn.Module, folder: Path, is_main: bool, max_shard_size: int | str) -> None:
     """Every rank calls this (gathers are collectives); rank 0 writes the weights, index and config."""
     tensors, produce = saved_layout(model)
+    dtype = saved_dtype(model)
+    tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}  # shapes only
     plan = shard_plan(tensors, max_shard_size)
     for filename, names in plan.filename_to_tensors.items():
         handle = open(folder / filename, "wb") if is_main else None
@@ -108,6 +110,7 @@ def write_full_model(model: nn.Module, folder: Path, is_main: bool, max_shard_si
                 handle.write(safetensors_header(names, tensors))
             for name in names:
                 value = produce(name)
+                value = value.to(dtype) if value.is_floating_point() else value
                 if handle:
                     handle.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
                 del value
@@ -123,9 +126,18 @@ def write_full_model(model: nn.Module, folder: Path, is_main: bool, max_shard_si
         write_model_config(model, folder)
 
 
+def saved_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a full model is saved in: the checkpoint's own (its config's, which models/build.py keeps), else
+    the parameters'."""
+    dtype = getattr(model.config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else model.dtype
+
+
 def write_model_config(model: nn.Module, folder: Path) -> None:
     """config.json and generation_config.json as `save_pretrained` writes them."""
-    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.dtype = str(saved_dtype(model)).split(".")[1]
     model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
     model.config.save_pretrained(folder)
     if model.can_generate():
@@ -137,11 +149,24 @@ def gather_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: full_tensor(p) for name, p in model.named_parameters() if p.requires_grad}
 
 
+def record_base_as_written(folder: Path, resolved: str, written: str) -> None:
+    """An adapter names its base model as the run's config writes it (`${oc.env:VAR}` kept, not its value) in
+    adapter_config.json and in peft's README.md; automodel's commands resolve it again (inference/sources.py)."""
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = written
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    readme = folder / "README.md"
+    if readme.is_file():
+        readme.write_text(readme.read_text().replace(resolved, written))
+
+
 def write_hf_model(model: nn.Module, tokenizer, folder: Path, *, is_main: bool = True,
-                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
+                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, base_as_written: str | None = None) -> None:
     """Write what Hugging Face libraries load (`from_pretrained`) into `folder`; every rank calls this.
 
-    `model` is the transformers or peft model (not a DDP wrapper), sharded or not."""
+    `model` is the transformers or peft model (not a DDP wrapper), sharded or not. `base_as_written`: the model path
+    as the config writes it, recorded in a LoRA adapter instead of the resolved one when they differ."""
     from torch.distributed.tensor import DTensor
 
     if is_main:
@@ -151,6 +176,9 @@ def write_hf_model(model: nn.Module, tokenizer, folder: Path, *, is_main: bool =
         state_dict = gather_adapter_state_dict(model) if sharded else None
         if is_main:
             families.save_pretrained(model, folder, state_dict=state_dict)
+            resolved = model.peft_config[model.active_adapter].base_model_name_or_path
+            if base_as_written and resolved and str(base_as_written) != resolved:
+                record_base_as_written(folder, resolved, str(base_as_written))
     else:
         write_full_model(model, folder, is_main, max_shard_size)
         if is_main:  # a remote-code family's published config.json back (automodel/models/families)

@@ -11,7 +11,8 @@ from automodel.errors import UserError
 
 # Settings that decide what the saved weights and data order mean. Everything else (max_steps, logging,
 # validation and checkpoint intervals, local_batch_size, number of processes) may change on resume.
-MUST_MATCH = ("model", "peft", "dataset", "seed", "step_scheduler.global_batch_size", "tokenizer")
+MUST_MATCH = ("model", "peft", "dataset", "seed", "step_scheduler.global_batch_size", "tokenizer", "teacher_model",
+              "kd_ratio", "kd_loss_fn")
 
 
 def find_restore_dir(checkpoint_dir: str, restore_from: str | None) -> Path | None:

@@ -21,7 +21,7 @@ import yaml
 
 from automodel.errors import UserError
 from automodel.checkpoint.provenance import record_written
-from automodel.paths import check_step_name
+from automodel.paths import check_not_link, check_step_name, open_no_follow, write_text_no_follow
 
 LATEST = "LATEST"
 
@@ -67,6 +67,19 @@ class CheckpointConfig:
             raise ValueError(f"keep_last_n must be >= 1 or null, got {self.keep_last_n}")
 
 
+def check_no_links(checkpoint_dir: str | os.PathLike, file_names: tuple[str, ...] = ()) -> None:
+    """Before a run builds anything: none of the entries it writes or reads in `checkpoint_dir` (config.yaml,
+    LATEST, step folders, the trackers' defaults, `file_names`) is a link, which a write would follow (the folder
+    itself may be one)."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return
+    # What a run writes there by default: its config, LATEST, and the trackers' files and folders.
+    names = ("config.yaml", LATEST, "metrics.png", "mlflow.db", "tensorboard", "wandb", *file_names)
+    for path in [root / name for name in names] + sorted(root.glob("step_*")) + sorted(root.glob(".step_*")):
+        check_not_link(path, "checkpoint.checkpoint_dir")
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step}"
 
@@ -90,7 +103,7 @@ def _fsync_dir(path: Path) -> None:
 def write_atomically(path: Path, text: str) -> None:
     """Replace a small text file in one rename, so readers see the old or the new content, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
+    with open_no_follow(tmp, "checkpoint") as handle:  # the rename then replaces a link at `path`, never follows it
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
@@ -109,6 +122,8 @@ def save_step(checkpoint_dir: str | os.PathLike, step: int, write: Callable[[Pat
     tmp = root / f".{final.name}.partial"
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
+        for path in (tmp, final):  # rmtree and the rename would act on the link's target, or fail half-way
+            check_not_link(path, "checkpoint")
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a run killed mid-save: never published, safe to drop
         tmp.mkdir()
@@ -133,7 +148,8 @@ def save_step(checkpoint_dir: str | os.PathLike, step: int, write: Callable[[Pat
 def _publish(root: Path, tmp: Path, final: Path) -> None:
     _fsync_tree(tmp)
     if (tmp / "dcp").is_dir():  # before the rename: a step that is published is always known as ours
-        record_written(tmp / "dcp")
+        record_written(tmp)
+        _fsync_dir(tmp)
     if final.exists():  # a stale folder of the same step from an earlier run: move it aside, then drop it
         stale = root / f".{final.name}.stale"
         shutil.rmtree(stale, ignore_errors=True)
@@ -158,7 +174,8 @@ def _is_disk_full(err: BaseException | None) -> bool:
 
 def step_dirs(checkpoint_dir: str | os.PathLike) -> list[Path]:
     """Complete step folders, oldest first."""
-    found = [p for p in Path(checkpoint_dir).glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
+    found = [p for p in Path(checkpoint_dir).glob("step_*")
+             if p.is_dir() and not p.is_symlink() and re.fullmatch(r"step_\d+", p.name)]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
@@ -177,10 +194,11 @@ def latest_step_dir(checkpoint_dir: str | os.PathLike) -> Path | None:
     marker = Path(checkpoint_dir) / LATEST
     if not marker.is_file():
         return None
+    check_not_link(marker, "checkpoint")
     path = Path(checkpoint_dir) / check_step_name(marker.read_text(), marker)
-    return path if path.is_dir() else None
+    return check_not_link(path, "checkpoint") if path.is_dir() else None
 
 
 def write_config(cfg: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    write_text_no_follow(path, yaml.safe_dump(cfg, sort_keys=False), "checkpoint")

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from automodel.errors import UserError
@@ -90,9 +92,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class StateWriter(FileSystemWriter):
+    """dcp's file writer, recording the state's folder in `.metadata` as `dcp` rather than its absolute path
+    (which may name a folder from `${oc.env:...}`: no secrets at rest)."""
+
+    def storage_meta(self) -> StorageMeta | None:
+        meta = super().storage_meta()
+        if meta is not None:
+            meta.checkpoint_id = "dcp"
+        return meta
+
+
 def save_training_state(folder: Path, model, optimizer, lr_scheduler, state: TrainState) -> None:
     """Called on every rank with the same (temporary) folder; rank 0 writes the shared files."""
-    dcp.save(_model_and_optim_state(model, optimizer), checkpoint_id=str(folder / "dcp"))
+    dcp.save(_model_and_optim_state(model, optimizer), storage_writer=StateWriter(folder / "dcp"))
     (folder / "rng").mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), folder / "rng" / f"rank_{_rank()}.pt")
     if _rank() == 0:

@@ -31,7 +31,8 @@ def save_checkpoint(parallel, model: nn.Module, tokenizer, cfg: dict, out_dir: P
         save_training_state(folder, model, optimizer, lr_scheduler, state)
         if consolidated:
             write_hf_model(peft_or_base_model, tokenizer, folder / "model", is_main=parallel.is_main,
-                           max_shard_size=max_shard_size)
+                           max_shard_size=max_shard_size,  # `cfg` is the config at rest: the path as written
+                           base_as_written=(cfg.get("model") or {}).get("pretrained_model_name_or_path"))
         if parallel.is_main:
             write_config(cfg, folder / "config.yaml")
 

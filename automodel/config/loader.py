@@ -109,6 +109,11 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[tuple[str, Any]]) -> di
     return cfg
 
 
+def variables_named(text: str) -> list[str]:
+    """The environment variables a string's `${...}` expressions read."""
+    return [match.group(1) for match in _INTERPOLATION.finditer(text)]
+
+
 def interpolate(value: Any) -> Any:
     """Replace `${oc.env:VAR,default}` / `${VAR,default}` in every string, recursively."""
     if isinstance(value, dict):

@@ -12,7 +12,7 @@ import os
 import re
 from typing import Any
 
-from automodel.config.loader import interpolate, load_yaml
+from automodel.config.loader import interpolate, load_yaml, variables_named
 from automodel.errors import UserError
 
 REDACTED = "<redacted>"
@@ -55,3 +55,32 @@ def read_run_config(path: str | os.PathLike) -> dict[str, Any]:
         return interpolate(load_yaml(path))
     except UserError as err:
         raise UserError(f"{path}: {err}") from None
+
+
+# Shorter environment values (a step count, `true`) would match unrelated text in a message.
+MIN_SCRUBBED_LENGTH = 4
+
+
+def environment_values(unresolved: Any) -> dict[str, str]:
+    """{value: `${oc.env:VAR}`} for every variable the config reads, so a message can name the variable instead."""
+    found: dict[str, str] = {}
+    if isinstance(unresolved, dict):
+        for value in unresolved.values():
+            found.update(environment_values(value))
+    elif isinstance(unresolved, list):
+        for value in unresolved:
+            found.update(environment_values(value))
+    elif isinstance(unresolved, str):
+        for name in variables_named(unresolved):
+            value = os.environ.get(name)
+            if value is not None and len(value) >= MIN_SCRUBBED_LENGTH:
+                found[value] = f"${{oc.env:{name}}}"
+    return found
+
+
+def without_environment_values(text: str, unresolved: Any) -> str:
+    """`text` (an error message) with the values the config read from the environment written as their
+    expressions: an error that echoes a bad value must not print a token."""
+    for value, expression in sorted(environment_values(unresolved).items(), key=lambda item: -len(item[0])):
+        text = text.replace(value, expression)
+    return text

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from automodel.data.dataset import IGNORE_INDEX
+from automodel.batch import IGNORE_INDEX
 from automodel.data.sources import DROP_REASON, column_names, encode_parts, load_parts
 from automodel.errors import UserError
 

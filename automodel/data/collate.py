@@ -1,5 +1,5 @@
 """Batching of variable-length SFT items: right padding to the longest sequence of the micro-batch, or padding-free
-(the examples back to back in one row)."""
+(the examples back to back in one row). What a batch holds is automodel/batch.py's contract."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from automodel.data.dataset import IGNORE_INDEX
+from automodel.batch import IGNORE_INDEX
 
 
 def pad_collate(batch: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -81,26 +81,3 @@ class FlatCollator:
         return {**flat, "attention_mask": torch.ones(1, total, dtype=torch.long), "cu_seq_lens_q": boundaries,
                 "cu_seq_lens_k": boundaries}
 
-
-# What the model's forward takes from a collated batch (the rest, labels and padding_mask, is the loss's).
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k")
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keyword arguments of the model's forward for `batch`."""
-    return {key: batch[key] for key in MODEL_INPUTS if key in batch}
-
-
-def count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Real (non-padding) tokens of a collated batch, padded (2D mask) or packed (`padding_mask`)."""
-    return int(batch.get("padding_mask", batch["attention_mask"]).sum())
-
-
-def shift_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Targets for each position: the next token's label; the last position predicts nothing."""
-    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-
-
-def count_label_tokens(labels: torch.Tensor) -> int:
-    """Label tokens that contribute to the loss (after the shift)."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())

@@ -18,8 +18,6 @@ SPLIT_ALIASES = {
     "test": ("test",),
 }
 DATA_FILE_SUFFIXES = (".json", ".jsonl")
-# Label value that the loss ignores (the torch / Hugging Face convention).
-IGNORE_INDEX = -100
 
 
 class SFTDataset(Dataset):

@@ -13,8 +13,8 @@ from __future__ import annotations
 import string
 from typing import Any
 
+from automodel.batch import IGNORE_INDEX
 from automodel.data.boundary import SPLIT_RULE, split_joined
-from automodel.data.dataset import IGNORE_INDEX
 from automodel.data.sources import DROP_REASON, column_names, encode_parts, load_parts
 from automodel.data.tokenizer import special_token_affixes
 from automodel.errors import UserError

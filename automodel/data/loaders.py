@@ -3,7 +3,8 @@
 A loader yields collated micro-batches of `local_batch_size` examples from this data-parallel rank's share: a
 sampler over a map-style dataset (length-grouped by default when training, automodel/data/length_grouped.py), or
 a round-robin share of a stream (automodel/data/streaming.py). The collator (automodel/data/packing.py) depends on
-the model's attention: padding-free where it supports it, padded otherwise.
+the batch layouts the model takes (`BatchLayouts`, decided where the model is built): padding-free where it takes
+them, padded otherwise.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from typing import Any
 
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
+from automodel.batch import BatchLayouts
 from automodel.config import TargetPolicy, build
 from automodel.data.length_grouped import GROUP_BY_LENGTH_DEFAULT, build_train_sampler
 from automodel.data.packing import build_collator
+from automodel.data.squad import held_out_settings
 from automodel.data.streaming import DEFAULT_SHUFFLE_BUFFER, RankShare, is_streaming
 from automodel.errors import UserError
 
@@ -28,6 +31,8 @@ def build_dataset(cfg: dict[str, Any], section: str, policy: TargetPolicy, token
     if "_target_" not in node:
         raise UserError(f"{section}._target_: missing; name a builder such as "
                         "automodel.data.squad.make_squad_dataset")
+    if section != "dataset":  # held out: what a question shows of its context must not depend on its answer
+        node = held_out_settings(node, section)
     dataset = build(node, section, policy=policy, tokenizer=tokenizer)
     if is_streaming(dataset):
         if section != "dataset":
@@ -51,14 +56,13 @@ class RankBatches:
 
 
 def build_loader(cfg: dict[str, Any], section: str, dataset, train: bool, policy: TargetPolicy, pad_token_id: int,
-                 model_config, batches: RankBatches, device_type: str = "cpu"):
-    """The loader of `section` (`dataloader` or `validation_dataloader`) over this rank's share of `dataset`."""
+                 layouts: BatchLayouts, batches: RankBatches):
+    """The loader of `section` (`dataloader` or `validation_dataloader`) over this rank's share of `dataset`;
+    `layouts`: the batch layouts the model takes (automodel/models/capabilities.py `model_batch_layouts`)."""
     node = dict(cfg.get(section) or {})
     node.setdefault("_target_", DEFAULT_LOADER)
     shuffle = bool(node.pop("shuffle", train))
-    collate_fn = build_collator(cfg.get("packed_sequence"), pad_token_id,
-                                getattr(model_config, "_attn_implementation", None), model_config.model_type, train,
-                                device_type)
+    collate_fn = build_collator(cfg.get("packed_sequence"), pad_token_id, layouts, train)
     if train and is_streaming(dataset):
         return _build_stream_loader(dataset, node, shuffle, collate_fn, policy, batches)
     sampler = build_train_sampler(

@@ -18,21 +18,12 @@ from typing import Any
 
 import torch
 
+from automodel.batch import IGNORE_INDEX, BatchLayouts
 from automodel.config import parse_section
 from automodel.data.collate import FlatCollator, PadCollator
-from automodel.data.dataset import IGNORE_INDEX
 from automodel.errors import UserError
-from automodel.models.attention import AUTOMODEL_SDPA
-from automodel.models.registry import PADDING_FREE_VERIFIED, POSITION_IDS_PACKING_VERIFIED
 
 logger = logging.getLogger(__name__)
-
-# Attention implementations that take a 4D boolean mask as given.
-PACKING_ATTENTION = ("sdpa", AUTOMODEL_SDPA)
-# transformers' own attention that keeps the examples of a flattened row apart when told only by restarting
-# position ids (and no attention mask): flash-attention as varlen, SDPA through a block-diagonal mask. Used on CUDA,
-# where `automodel_sdpa` is not the default (automodel/models/attention.py `automodel_sdpa_by_default`).
-POSITION_IDS_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3")
 
 
 @dataclass
@@ -40,7 +31,8 @@ class PackedSequenceConfig:
     """`packed_sequence:` section.
 
     `padding_free` (training batches): None (the default) flattens each micro-batch into one row without padding
-    (`FlatCollator`) when the model runs `automodel_sdpa` and its architecture is in `PADDING_FREE_VERIFIED`, and
+    (`FlatCollator`) where the model takes it exactly (`BatchLayouts`, decided from the built model by
+    automodel/models/capabilities.py: `automodel_sdpa` and a model type in `PADDING_FREE_VERIFIED`), and
     pads otherwise; true requires it; false always pads. `packed_sequence_size` > 0 packs rows of that many tokens
     with a block-diagonal mask instead; 0 (the default) turns that off."""
 
@@ -54,41 +46,25 @@ class PackedSequenceConfig:
             raise ValueError("padding_free and packed_sequence_size > 0 are two ways of packing: choose one")
 
 
-def build_collator(node: dict[str, Any] | None, pad_token_id: int, attn_implementation: str | None = None,
-                   model_type: str | None = None, train: bool = True, device_type: str = "cpu"):
+def build_collator(node: dict[str, Any] | None, pad_token_id: int, layouts: BatchLayouts, train: bool = True):
     """The recipe's collate function: `PackingCollator` when `packed_sequence.packed_sequence_size` > 0, else
-    `FlatCollator` for padding-free training batches (see `PackedSequenceConfig`), else `PadCollator`. Validation
-    batches are padded (their rows are counted one by one)."""
+    `FlatCollator` for padding-free training batches (see `PackedSequenceConfig`), else `PadCollator`. `layouts`
+    says which the model takes. Validation batches are padded (their rows are counted one by one)."""
     cfg = parse_section(PackedSequenceConfig, node, "packed_sequence")
     if cfg.packed_sequence_size:
-        if attn_implementation is not None and attn_implementation not in PACKING_ATTENTION:
-            raise UserError(f"packed_sequence.packed_sequence_size: packing needs model.attn_implementation "
-                            f"{' or '.join(PACKING_ATTENTION)} (it passes a block-diagonal mask), got "
-                            f"{attn_implementation!r}")
+        if layouts.packing_problem:
+            raise UserError(f"packed_sequence.packed_sequence_size: packing {layouts.packing_problem}")
         return PackingCollator(pad_token_id, cfg.packed_sequence_size)
-    if train and padding_free(cfg.padding_free, attn_implementation, model_type, device_type):
-        return FlatCollator(position_ids_only=attn_implementation != AUTOMODEL_SDPA)
+    if train and padding_free(cfg.padding_free, layouts):
+        return FlatCollator(position_ids_only=layouts.position_ids_only)
     return PadCollator(pad_token_id)
 
 
-def padding_free(requested: bool | None, attn_implementation: str | None, model_type: str | None,
-                 device_type: str = "cpu") -> bool:
-    """Whether training batches are flattened: `requested` (None: wherever it is known to be exact). On CUDA,
-    transformers' own attention (`POSITION_IDS_ATTENTION`) reads the examples from the position ids; on CPU only
-    `automodel_sdpa` does it (the measured path)."""
+def padding_free(requested: bool | None, layouts: BatchLayouts) -> bool:
+    """Whether training batches are flattened: `requested` (None: wherever the model takes it exactly)."""
     if requested is False:
         return False
-    problem = None
-    own_attention = device_type == "cuda" and attn_implementation in POSITION_IDS_ATTENTION
-    if attn_implementation != AUTOMODEL_SDPA and not own_attention:
-        problem = (f"needs model.attn_implementation {AUTOMODEL_SDPA} (the default where transformers picks sdpa), "
-                   f"got {attn_implementation!r}")
-    elif model_type not in PADDING_FREE_VERIFIED:
-        problem = (f"is not verified for model_type {model_type!r} (tests/models/test_padding_free.py checks "
-                   "that examples in one row do not see each other); set it to false")
-    elif own_attention and model_type not in POSITION_IDS_PACKING_VERIFIED:
-        problem = (f"with transformers' own attention is not verified for model_type {model_type!r} (its rows "
-                   "carry only restarting position ids); set it to false")
+    problem = layouts.padding_free_problem
     if problem and requested:
         raise UserError(f"packed_sequence.padding_free: {problem}")
     if problem:

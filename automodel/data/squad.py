@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 
+from automodel.batch import IGNORE_INDEX
 from automodel.data.dataset import (
-    IGNORE_INDEX,
     SFTDataset,
     looks_like_local_path,
     read_json_file,
@@ -31,6 +31,14 @@ DEFAULT_PROMPT_TEMPLATE = "Context: {context} Question: {question} Answer: "
 REQUIRED_FIELDS = ("context", "question", "answers")
 # Longest word that truncation backs up over to avoid cutting it in half.
 MAX_WORD_CHARS = 30
+SQUAD_BUILDER = "automodel.data.squad.make_squad_dataset"
+# How an over-long context is cut. Training: a window around the gold answer (the loss is on the answer, so it
+# must stay readable). Held-out questions (validation, `automodel eval squad`): the context's start, decided
+# without looking at the answers, which leave room for HELD_OUT_ANSWER_TOKENS (generation's default
+# max_new_tokens); a question whose answer was cut away is counted, not hidden.
+ANSWER_WINDOW, CONTEXT_START = "answer_window", "context_start"
+TRUNCATIONS = (ANSWER_WINDOW, CONTEXT_START)
+HELD_OUT_ANSWER_TOKENS = 32
 # Tokenizing in chunks lets a progress bar show on large files.
 PROGRESS_CHUNK = 2000
 PROGRESS_MIN_TEXTS = 5000
@@ -47,26 +55,32 @@ def make_squad_dataset(
     answer_only_loss: bool = True,
     cache: bool = True,
     cache_dir: str | None = None,
+    truncation: str = ANSWER_WINDOW,
 ) -> SFTDataset:
     """Tokenized SQuAD: `input_ids = prompt + answer + eos`, labels aligned with input_ids (not shifted).
 
     `dataset_name` is a hub id, a local file (`split` is then unused) or a folder whose one file named
     after `split` is read. With `answer_only_loss` the prompt positions are labelled -100. Examples longer
-    than `seq_length` keep a window of their context around the answer; those that do not fit even with
-    the answer's own span as context are dropped. SQuAD v2 rows (`is_impossible`, or no answer) get
+    than `seq_length` have their context cut as `truncation` says: `answer_window` (training) keeps a window
+    around the answer, and drops those that do not fit even with the answer's own span as context;
+    `context_start` (held-out sets: the recipe's validation_dataset and `automodel eval squad` use nothing else)
+    keeps the context's start, so that the prompt leaves HELD_OUT_ANSWER_TOKENS free, without looking at the
+    answers, and marks `answer_cut` the questions none of whose answers is left in it. SQuAD v2 rows (`is_impossible`, or no answer) get
     `unanswerable_target`. `dataset.examples[i]` describes item i: `id, title, context, question, answers`
     (all answer texts), `target`, `prompt` (the exact string tokenized, so generation can reuse it) and
-    `truncated`; `context` is the possibly shortened one that is in the prompt and `answer_start` is where
+    `truncated`, `answer_cut`; `context` is the possibly shortened one that is in the prompt and `answer_start` is where
     the target is in it (None when it is not: unanswerable rows, answers not found in the context).
     Local files are tokenized once and cached (`cache_dir`, default ~/.cache/automodel or $AUTOMODEL_CACHE).
     """
     check_positive("seq_length", seq_length)
     check_positive("limit_dataset_samples", limit_dataset_samples)
     check_template(prompt_template)
+    if truncation not in TRUNCATIONS:
+        raise UserError(f"truncation: expected one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no eos token; SQuAD targets end with eos so generation knows where to stop")
     settings = dict(seq_length=seq_length, template=prompt_template, unanswerable=unanswerable_target,
-                    answer_only_loss=answer_only_loss)
+                    answer_only_loss=answer_only_loss, truncation=truncation)
     cache_settings = dict(settings, split=split, limit=limit_dataset_samples, split_rule=SPLIT_RULE)
 
     def build() -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
@@ -83,17 +97,22 @@ def make_squad_dataset(
         "SQuAD %s (%s): %d examples, %d truncated and %d dropped to fit seq_length=%s",
         dataset_name, split, len(items), num_truncated, meta["num_dropped"], seq_length,
     )
+    if truncation == CONTEXT_START and num_truncated:
+        logger.info("SQuAD %s (%s): held out, so a context is cut at its end, without looking at the answers: "
+                    "%d questions have every answer cut out of theirs", dataset_name, split,
+                    count_answer_cut(kept_examples))
     return SFTDataset(items, kept_examples, num_dropped=meta["num_dropped"], num_truncated=num_truncated)
 
 
 def tokenize_squad(tokenizer, examples: list[dict[str, Any]], seq_length: int | None, template: str,
-                   unanswerable: str, answer_only_loss: bool) -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
+                   unanswerable: str, answer_only_loss: bool,
+                   truncation: str = ANSWER_WINDOW) -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
     """Items, and as meta the examples they came from and how many were dropped (see make_squad_dataset)."""
     eos_id = tokenizer.eos_token_id
     for example in examples:
         example["target"] = example["answers"][0] if example["answers"] else unanswerable
         example["prompt"] = render(template, example["context"], example["question"])
-        example["truncated"] = False
+        example["truncated"] = example["answer_cut"] = False
 
     keep = [True] * len(examples)
     if seq_length is not None:
@@ -102,7 +121,7 @@ def tokenize_squad(tokenizer, examples: list[dict[str, Any]], seq_length: int | 
         prompt_ids = batch_token_ids(tokenizer, [ex["prompt"] for ex in examples], add_special_tokens=True,
                                      progress=True)
         answer_ids = [ids + [eos_id] for ids in batch_token_ids(tokenizer, [ex["target"] for ex in examples], False)]
-        keep = fit_to_length(tokenizer, template, examples, prompt_ids, answer_ids, seq_length)
+        keep = fit_to_length(tokenizer, template, examples, prompt_ids, answer_ids, seq_length, truncation)
     kept = [example for example, fits in zip(examples, keep) if fits]
     prefix = special_token_affixes(tokenizer)[0]
     splits = split_joined(tokenizer, [ex["prompt"] for ex in kept], [ex["target"] for ex in kept],
@@ -118,6 +137,21 @@ def tokenize_squad(tokenizer, examples: list[dict[str, Any]], seq_length: int | 
         items.append({"input_ids": prompt + answer, "labels": prompt_labels + answer})
         kept_examples.append(example)
     return items, {"examples": kept_examples, "num_dropped": len(examples) - len(items)}
+
+
+def count_answer_cut(examples: list[dict[str, Any]]) -> int:
+    """Questions with answers none of which is left in the (cut) context the model sees."""
+    return sum(bool(example.get("answer_cut")) for example in examples)
+
+
+def held_out_settings(node: dict[str, Any], key: str) -> dict[str, Any]:
+    """A SQuAD builder section of a held-out set, cut without looking at the answers (`context_start`)."""
+    if node.get("_target_") != SQUAD_BUILDER:
+        return node
+    if node.get("truncation", CONTEXT_START) != CONTEXT_START:
+        raise UserError(f"{key}.truncation: {node['truncation']!r} picks the context a held-out question shows by "
+                        f"its gold answer, which the model must not be told; use {CONTEXT_START} (the default)")
+    return {**node, "truncation": CONTEXT_START}
 
 
 def check_positive(name: str, value: int | None) -> None:
@@ -271,19 +305,23 @@ def locate_answer(context: str, answer: str, start: Any) -> int | None:
 # ---------------------------------------------------------------- truncation
 
 
-def fit_to_length(tokenizer, template, examples, prompt_ids, answer_ids, seq_length) -> list[bool]:
+def fit_to_length(tokenizer, template, examples, prompt_ids, answer_ids, seq_length,
+                  truncation: str = ANSWER_WINDOW) -> list[bool]:
     """Shorten the context of over-long examples in place; returns which examples fit `seq_length`.
 
-    Only the context is cut, to a window around the answer (at word boundaries, so the prompt stays
-    plain text that generation will see too): the question and the answer are what the example is
-    about, and the answer must stay readable in the prompt. An example whose question, answer and the
-    answer's own span in the context do not fit is dropped. Rows without an answer span in the context
-    (unanswerable ones) keep the start of their context.
+    Only the context is cut (at word boundaries, so the prompt stays plain text that generation will see
+    too): the question and the answer are what the example is about. `answer_window`: a window around the
+    answer, which must stay readable in the prompt; an example whose question, answer and the answer's own
+    span in the context do not fit is dropped, and rows without an answer span in the context (unanswerable
+    ones) keep the start of their context. `context_start`: every prompt longer than seq_length -
+    HELD_OUT_ANSWER_TOKENS keeps the start of its context, whatever the answers are (see make_squad_dataset).
     """
-    too_long = [i for i in range(len(examples)) if len(prompt_ids[i]) + len(answer_ids[i]) > seq_length]
+    held_out = truncation == CONTEXT_START
+    budgets = {i: seq_length - (HELD_OUT_ANSWER_TOKENS if held_out else len(answer_ids[i]))
+               for i in range(len(examples))}
+    too_long = [i for i in range(len(examples)) if len(prompt_ids[i]) > budgets[i]]
     keep = [True] * len(examples)
-    budgets = {i: seq_length - len(answer_ids[i]) for i in too_long}
-    spans = {i: answer_span(examples[i]) for i in too_long}
+    spans = {i: (0, 0) if held_out else answer_span(examples[i]) for i in too_long}
     smallest = [render(template, examples[i]["context"][slice(*spans[i])].strip(), examples[i]["question"])
                 for i in too_long]
     smallest_lengths = dict(zip(too_long, map(len, batch_token_ids(tokenizer, smallest, add_special_tokens=True))))
@@ -329,7 +367,11 @@ def apply_window(example: dict[str, Any], window: tuple[int, int], prompt: str) 
     offset = window[0] + len(text) - len(text.lstrip())
     if example["answer_start"] is not None:
         example["answer_start"] -= offset
-    example.update(context=stripped, prompt=prompt, truncated=True)
+        if not 0 <= example["answer_start"] <= len(stripped) - len(example["target"]):
+            example["answer_start"] = None  # the target's span is no longer in the context
+    answers = example["answers"]
+    example.update(context=stripped, prompt=prompt, truncated=True,
+                   answer_cut=bool(answers) and not any(answer in stripped for answer in answers))
 
 
 def shrink_window(context: str, window: tuple[int, int], span: tuple[int, int], excess_tokens: int,

@@ -1,8 +1,8 @@
-"""The tokenizer a run uses for its data (and saves with the model), with the options a config may set.
+"""The options a config may set on the tokenizer a run uses for its data (and saves with the model).
 
-`tokenizer:` or `dataset.tokenizer:` is a path / hub id string, a mapping with `pretrained_model_name_or_path`
-plus options, or a `_target_` mapping. Options: `add_bos`, `add_eos` (what the tokenizer adds around a text),
-`padding_side` and `chat_template` (a Jinja string or a path to a `.jinja` file). They are set on the tokenizer
+automodel/training/tokenizer.py `build_tokenizer` loads it (from the model's source unless `tokenizer:` or
+`dataset.tokenizer:` names another) and applies them here. Options: `add_bos`, `add_eos` (what the tokenizer adds
+around a text), `padding_side` and `chat_template` (a Jinja string or a path to a `.jinja` file). They are set on the tokenizer
 object itself, so the data builders see them and `save_pretrained` writes them next to the model.
 """
 
@@ -12,40 +12,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from automodel.config import TargetPolicy, build
 from automodel.errors import UserError
-from automodel.models import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 OPTION_KEYS = ("add_bos", "add_eos", "padding_side", "chat_template")
-
-
-def build_tokenizer(cfg: dict[str, Any], policy: TargetPolicy = TargetPolicy()):
-    """The run's tokenizer: the model's unless `tokenizer:` or `dataset.tokenizer:` names another (a `_target_`
-    from the packages `policy` trusts)."""
-    dataset = cfg.get("dataset") or {}
-    node, key = cfg.get("tokenizer"), "tokenizer"
-    if node is None:
-        node, key = dataset.get("tokenizer"), "dataset.tokenizer"
-    if node is None:
-        node, key = {}, "model"
-    if isinstance(node, str):
-        node = {"pretrained_model_name_or_path": node}
-    if not isinstance(node, dict):
-        raise UserError(f"{key}: expected a path, a hub id or a mapping, got {node!r}")
-    options = {k: node[k] for k in OPTION_KEYS if k in node}
-    rest = {k: v for k, v in node.items() if k not in OPTION_KEYS}
-    if "_target_" in rest:
-        tokenizer = build(rest, key, policy=policy)
-    else:
-        model_cfg = cfg.get("model") or {}
-        if "pretrained_model_name_or_path" not in rest and model_cfg.get("gguf_file") is not None:
-            rest["gguf_file"] = model_cfg["gguf_file"]  # the model's GGUF file holds its tokenizer too
-        source = rest.pop("pretrained_model_name_or_path", model_cfg.get("pretrained_model_name_or_path"))
-        tokenizer = load_tokenizer(source, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
-                                   key=f"{key}.pretrained_model_name_or_path", **rest)
-    return apply_tokenizer_options(tokenizer, key=key, **options)
 
 
 def apply_tokenizer_options(tokenizer, add_bos: bool | None = None, add_eos: bool | None = None,

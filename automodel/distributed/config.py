@@ -14,17 +14,20 @@ class DistributedConfig:
     - tp_size: tensor-parallel degree; the world is a `dp x tp` mesh and data parallelism runs over `dp`.
     - activation_checkpointing: recompute each decoder layer in backward (also in a single process).
     - cpu_offload: FSDP2 keeps parameters, gradients and optimizer state on the CPU (needs a GPU).
-    - mixed_precision (FSDP2): `auto` is bf16 parameters with fp32 gradient reduction where the device supports
-      bf16 (CUDA), fp32 elsewhere (so CPU runs, and the CPU tests, train in fp32); `bf16` or `fp32` force one.
+    FSDP2's mixed precision follows the top-level `precision` (config/precision.py); the older
+    `mixed_precision` key is refused with a line that says so.
     """
 
     strategy: Literal["auto", "fsdp2", "ddp", "none"] = "auto"
     tp_size: int = 1
     activation_checkpointing: bool = False
     cpu_offload: bool = False
-    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"
+    mixed_precision: str | None = None
 
     def __post_init__(self):
+        if self.mixed_precision is not None:
+            raise ValueError("replaced by the top-level `precision` (auto, fp32, bf16, bf16-mixed, bf16-frozen); "
+                             "remove distributed.mixed_precision")
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
 

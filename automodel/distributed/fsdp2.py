@@ -15,30 +15,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from automodel.config.precision import Precision
 from automodel.errors import UserError
 from automodel.models.decoder_layers import decoder_layers
 from automodel.models.unwrap import transformers_model
 
 
-def mixed_precision_policy(choice: str, device: torch.device):
-    """`auto`: bf16 parameters with fp32 gradient reduction where the device has bf16 (CUDA), else fp32."""
+def mixed_precision_policy(precision: Precision):
+    """Mixed precision (bf16-mixed, bf16-frozen): parameters gathered in the compute dtype, gradients reduced in
+    float32. Otherwise parameters are gathered and gradients reduced as stored."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if choice == "auto":
-        choice = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if choice == "bf16":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if precision.mixed:
+        return MixedPrecisionPolicy(param_dtype=precision.compute_dtype, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
 
-def apply_fsdp2(model: nn.Module, mesh, device: torch.device, mixed_precision: str = "auto",
+def apply_fsdp2(model: nn.Module, mesh, device: torch.device, precision: Precision = Precision("fp32", "default"),
                 cpu_offload: bool = False) -> nn.Module:
     """Shard `model` in place over `mesh` (the data-parallel mesh); returns it for chaining."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     if cpu_offload and device.type != "cuda":
         raise UserError("distributed.cpu_offload: offloading to the CPU needs a GPU run; this one is on the CPU")
-    options = {"mesh": mesh, "mp_policy": mixed_precision_policy(mixed_precision, device),
+    options = {"mesh": mesh, "mp_policy": mixed_precision_policy(precision),
                "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
     layers = decoder_layers(model)
     for layer in layers:

@@ -142,24 +142,27 @@ class WorkersFailed(Exception):
     """A launched job ended with failed workers; the message names each failed rank and why."""
 
 
-def check_config(config_path: str, overrides: list[str], world_size: int, allow_targets: tuple[str, ...] = ()) -> None:
-    """Catch config errors once in the launcher instead of once per worker."""
-    from automodel.config import check_sections, load_config, parse_section, target_policy
-    from automodel.distributed.config import DistEnvConfig, DistributedConfig
+def check_config(config_path: str, overrides: list[str], world_size: int, allow_targets: tuple[str, ...] = (),
+                 recipe: str | None = None) -> None:
+    """Catch config errors once in the launcher instead of once per worker: the recipe's own checks
+    (training/settings.py), then the process layout."""
+    from automodel.config import interpolate
+    from automodel.config.switches import load_person_config
     from automodel.distributed.parallel import resolve_strategy
+    from automodel.training.settings import RecipeSettings
 
-    cfg = load_config(config_path, overrides)
-    check_sections(cfg)
-    target_policy(cfg, allow_targets, log=False).check_config(cfg)
-    dist_cfg = parse_section(DistributedConfig, cfg.get("distributed"), "distributed")
-    parse_section(DistEnvConfig, cfg.get("dist_env"), "dist_env")
+    cfg = interpolate(load_person_config(config_path, overrides, allow_targets))
+    settings = RecipeSettings.from_config(cfg, cfg.get("recipe", recipe or "llm_finetune"), allow_targets, log=False)
+    dist_cfg = settings.distributed
     if world_size % dist_cfg.tp_size:
         raise UserError(f"distributed.tp_size {dist_cfg.tp_size} does not divide the number of processes "
                         f"({world_size})")
     resolve_strategy(dist_cfg, world_size)
+    settings.steps.grad_accumulation_steps(world_size // dist_cfg.tp_size)  # the batch splits over the ranks
 
 
-def launch_if_requested(args: argparse.Namespace, argv: list[str], overrides: list[str]) -> int | None:
+def launch_if_requested(args: argparse.Namespace, argv: list[str], overrides: list[str],
+                        recipe: str | None = None) -> int | None:
     """Launch the workers when launcher flags are given outside a started job; None means: run here."""
     if not launch_requested(args):
         return None
@@ -168,7 +171,7 @@ def launch_if_requested(args: argparse.Namespace, argv: list[str], overrides: li
         logger.info("already one rank of a job started by %s: the launcher flags are ignored", inside)
         return None
     check_config(args.config, overrides, (args.nproc_per_node or 1) * (args.nnodes or 1),
-                 tuple(getattr(args, "allow_target", ())))
+                 tuple(getattr(args, "allow_target", ())), recipe)
     return launch(args, strip_launcher_flags(argv))
 
 

@@ -1,7 +1,7 @@
 """The job's layout (a `dp x tp` device mesh) and what the recipe asks of it.
 
-`Parallelism.from_config(cfg)` joins the process group that torchrun or srun set up, builds the mesh and
-decides the strategy; the recipe then calls `parallelize(model)`, sums counts over the data-parallel ranks
+`Parallelism.from_config(cfg)` joins the process group that torchrun or srun set up, builds the mesh, decides the
+strategy and resolves the run's precision for this device (config/precision.py); the recipe then calls `parallelize(model)`, sums counts over the data-parallel ranks
 with `all_reduce_sum`, and skips gradient synchronisation on all but the last micro-batch of a step.
 In a single process every method is a no-op, so the recipe has one code path.
 """
@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from automodel.batch import IGNORE_INDEX
 from automodel.config.instantiate import parse_section
-from automodel.data.dataset import IGNORE_INDEX
+from automodel.config.precision import Precision, resolve_precision
 from automodel.distributed.config import DistEnvConfig, DistributedConfig
 from automodel.distributed.env import LaunchEnv, init_process_group, pick_device, read_launch_env
 from automodel.errors import UserError
@@ -47,11 +48,13 @@ def resolve_strategy(cfg: DistributedConfig, world_size: int) -> str:
 class Parallelism:
     """Rank layout, device and parallel strategy of this process."""
 
-    def __init__(self, cfg: DistributedConfig, env: LaunchEnv, device: torch.device, backend: str):
+    def __init__(self, cfg: DistributedConfig, env: LaunchEnv, device: torch.device, backend: str,
+                 precision: Precision = Precision("fp32", "default")):
         if env.world_size % cfg.tp_size:
             raise UserError(f"distributed.tp_size {cfg.tp_size} does not divide the number of processes "
                             f"({env.world_size})")
         self.cfg, self.env, self.device, self.backend = cfg, env, device, backend
+        self.precision = precision  # FSDP2's mixed-precision policy follows it
         self.rank, self.world_size = env.rank, env.world_size
         self.tp_size = cfg.tp_size
         self.dp_size = env.world_size // cfg.tp_size
@@ -66,13 +69,19 @@ class Parallelism:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> Parallelism:
-        """Read `distributed` and `dist_env`, join the process group (when launched with several), build the mesh."""
-        dist_cfg = parse_section(DistributedConfig, cfg.get("distributed"), "distributed")
-        env_cfg = parse_section(DistEnvConfig, cfg.get("dist_env"), "dist_env")
+        """Read `distributed` and `dist_env`, then `start`."""
+        return cls.start(cfg, parse_section(DistributedConfig, cfg.get("distributed"), "distributed"),
+                         parse_section(DistEnvConfig, cfg.get("dist_env"), "dist_env"))
+
+    @classmethod
+    def start(cls, cfg: dict[str, Any], dist_cfg: DistributedConfig, env_cfg: DistEnvConfig) -> Parallelism:
+        """Join the process group (when launched with several), build the mesh, resolve `cfg`'s precision for this
+        process's device."""
         env = read_launch_env()
         device = pick_device(env.local_rank)
         backend = init_process_group(env, env_cfg, device)
-        parallel = cls(dist_cfg, env, device, backend)
+        parallel = cls(dist_cfg, env, device, backend,
+                       resolve_precision(cfg, device, peft=cfg.get("peft") is not None))
         if not parallel.is_main:
             logging.getLogger("automodel").setLevel(logging.WARNING)  # rank 0 speaks for the job
         if env.world_size > 1:
@@ -105,7 +114,7 @@ class Parallelism:
         if self.dp_size > 1 and self.strategy == "fsdp2":
             from automodel.distributed.fsdp2 import apply_fsdp2
 
-            return apply_fsdp2(model, self.mesh["dp"], self.device, self.cfg.mixed_precision, self.cfg.cpu_offload)
+            return apply_fsdp2(model, self.mesh["dp"], self.device, self.precision, self.cfg.cpu_offload)
         return model
 
     def replicate(self, model: nn.Module) -> nn.Module:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from automodel.config.precision import resolve_precision
+from automodel.config.switches import check_saved_config
 from automodel.errors import UserError
 from automodel.inference.sources import ModelSource, resolve_source
 from automodel.models import load_causal_lm, load_tokenizer
@@ -52,8 +54,13 @@ class GenerationSettings:
 
 def load_model_and_tokenizer(source: ModelSource, dtype: str | None = None, trust_remote_code: bool = False,
                              device: str | torch.device | None = None):
-    """The model (base, with the adapter attached when there is one) in eval mode, and its tokenizer."""
-    dtype = dtype or ((source.train_config or {}).get("model") or {}).get("dtype", "float32")
+    """The model (base, with the adapter attached when there is one) in eval mode, and its tokenizer. `dtype`
+    defaults to the compute dtype of the training run's precision on this device (config/precision.py: bf16 where
+    the device computes it natively unless the run said fp32)."""
+    # A saved config.yaml's model.trust_remote_code counts only with the person's --trust-remote-code.
+    check_saved_config(source.train_config, source.saved_config, trust_remote_code)
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or resolve_precision(source.train_config or {}, device, peft=source.adapter is not None).compute_dtype
     model = load_causal_lm(source.base, dtype=dtype, trust_remote_code=trust_remote_code, gguf_file=source.gguf_file)
     if source.adapter is not None:
         from peft import PeftModel
@@ -64,7 +71,6 @@ def load_model_and_tokenizer(source: ModelSource, dtype: str | None = None, trus
     else:
         tokenizer = load_tokenizer(source.base, trust_remote_code=trust_remote_code, key="model",
                                    **({"gguf_file": source.gguf_file} if source.gguf_file else {}))
-    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 
 

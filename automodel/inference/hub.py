@@ -19,7 +19,7 @@ from automodel.config.loader import load_yaml
 from automodel.config.redact import redact
 from automodel.errors import UserError
 from automodel.inference.sources import ModelSource
-from automodel.paths import check_inside
+from automodel.paths import check_not_link
 
 logger = logging.getLogger("automodel")
 
@@ -32,10 +32,15 @@ UPLOAD_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "config.json", "
 
 def select_files(folder: Path) -> list[str]:
     """The file names of `folder` to upload (sorted); the model card is written separately."""
+    check_not_link(folder, "push")
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, pattern) for pattern in UPLOAD_PATTERNS)]
-    for name in chosen:  # a link inside the folder must not upload a file from elsewhere
-        check_inside(folder / name, folder, "push")
+    for name in chosen:  # a link must not upload a file from elsewhere, nor a hard link one that lives elsewhere too
+        check_not_link(folder / name, "push")
+        if (folder / name).stat().st_nlink > 1:
+            raise UserError(f"push: {folder / name} is a hard link ({(folder / name).stat().st_nlink} names for one "
+                            "file), so it may be a file from elsewhere; copy it into the folder (cp, not ln) to "
+                            "upload it")
     if not any(n.endswith(".safetensors") for n in chosen):
         raise UserError(f"{folder}: no .safetensors weights to upload")
     return chosen
@@ -53,22 +58,22 @@ def model_card(source: ModelSource, repo_id: str, scores: dict[str, Any] | None 
     """README.md text: YAML metadata (base model, library, datasets, tags) + training config and final metrics."""
     from huggingface_hub import ModelCardData
 
-    config = source.train_config or {}
+    # Everything the card says about the run is the config as the run wrote it down: `${oc.env:...}` unresolved,
+    # secret-looking values redacted (config/redact.py; again here, for a config.yaml written elsewhere).
+    saved = source.step_dir / "config.yaml" if source.step_dir is not None else None
+    config = redact(load_yaml(saved) if saved is not None and saved.is_file() else source.train_config or {})
+    base = _base_as_written(source, config)
     lora = source.adapter is not None
     datasets = sorted({name for name in _dataset_names(config) if is_hub_id(name)})
     data = ModelCardData(
-        base_model=source.base if lora and is_hub_id(source.base) else _base_of_full_model(config),
+        base_model=base if lora and is_hub_id(base) else _base_of_full_model(config),
         library_name="peft" if lora else "transformers", datasets=datasets or None,
         tags=["automodel", "lora" if lora else "full-fine-tune", "text-generation"], pipeline_tag="text-generation")
-    parts = [f"---\n{data.to_yaml()}\n---\n", f"# {repo_id.rsplit('/', 1)[-1]}\n", _summary(source, config),
+    parts = [f"---\n{data.to_yaml()}\n---\n", f"# {repo_id.rsplit('/', 1)[-1]}\n", _summary(source, config, base),
              _metrics_section(source.metrics), _scores_section(scores), _usage_section(source, repo_id)]
     if config:
-        # As the run wrote it down: `${oc.env:...}` unresolved, secret-looking values redacted (config/redact.py;
-        # again here, for a config.yaml written elsewhere).
-        saved = source.step_dir / "config.yaml" if source.step_dir is not None else None
-        written = redact(load_yaml(saved) if saved is not None and saved.is_file() else config)
         parts.append("## Training configuration\n\nThe `automodel` recipe config of the run:\n\n"
-                     f"```yaml\n{yaml.safe_dump(written, sort_keys=False)}```\n")
+                     f"```yaml\n{yaml.safe_dump(config, sort_keys=False)}```\n")
     return "\n".join(part for part in parts if part)
 
 
@@ -82,8 +87,22 @@ def _base_of_full_model(config: dict) -> str | None:
     return base if is_hub_id(base) else None
 
 
-def _summary(source: ModelSource, config: dict) -> str:
-    base = source.base if source.adapter else (config.get("model") or {}).get("pretrained_model_name_or_path")
+def _base_as_written(source: ModelSource, written: dict) -> str:
+    """The base model as the run's config (or the adapter's config) writes it, unless another base was named."""
+    from automodel.config.loader import interpolate
+    from automodel.inference.sources import ADAPTER_CONFIG, read_json
+
+    candidates = [(written.get("model") or {}).get("pretrained_model_name_or_path")]
+    if source.adapter is not None:
+        candidates.append(read_json(source.adapter / ADAPTER_CONFIG).get("base_model_name_or_path"))
+    for candidate in candidates:
+        if isinstance(candidate, str) and "${" in candidate and interpolate(candidate) == source.base:
+            return candidate
+    return source.base
+
+
+def _summary(source: ModelSource, config: dict, base: str) -> str:
+    base = base if source.adapter else (config.get("model") or {}).get("pretrained_model_name_or_path")
     peft = config.get("peft") or {}
     method = (f"a LoRA adapter (rank {peft.get('dim', '?')}, alpha {peft.get('alpha', '?')}, target modules "
               f"{peft.get('target_modules', '?')})" if source.adapter else "a full fine-tune")

@@ -47,8 +47,9 @@ def merge_lora(source: ModelSource, output_dir: str | Path, dtype: str | None = 
     output_dir = Path(output_dir)
     check_output_folder(output_dir, "--output", [source.adapter, Path(source.base)])
     check_output_dir(output_dir, overwrite)
-    # A GGUF base is quantised: it is dequantised to the dtype the run trained in (float32 by default).
-    dtype = dtype or (None if source.gguf_file else stored_dtype(source.base))
+    # A GGUF base is quantised and has no float convention of its own: float32 holds its dequantised values exactly,
+    # whatever precision the run trained in.
+    dtype = dtype or ("float32" if source.gguf_file else stored_dtype(source.base))
     model, tokenizer = load_model_and_tokenizer(source, dtype, trust_remote_code, device="cpu")
     merged = model.merge_and_unload()
     output_dir.mkdir(parents=True, exist_ok=True)

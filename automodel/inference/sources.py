@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from automodel.config.loader import interpolate
 from automodel.config.redact import read_run_config
 from automodel.errors import UserError
 from automodel.models import gguf
-from automodel.paths import check_step_name
+from automodel.paths import check_not_link, check_step_name
 
 ADAPTER_CONFIG = "adapter_config.json"
 MODEL_CONFIG = "config.json"
@@ -39,6 +40,11 @@ class ModelSource:
         if self.adapter is not None:
             return self.adapter
         return Path(self.base) if Path(self.base).is_dir() and self.gguf_file is None else None
+
+    @property
+    def saved_config(self) -> Path | None:
+        """The training run's config.yaml this source was read with, if any."""
+        return self.step_dir / "config.yaml" if self.step_dir is not None else None
 
     def describe(self) -> str:
         base = f"{self.base} (GGUF {self.gguf_file})" if self.gguf_file else self.base
@@ -83,7 +89,7 @@ def _latest(checkpoint_dir: Path) -> Path:
     step = checkpoint_dir / check_step_name((checkpoint_dir / "LATEST").read_text(), checkpoint_dir / "LATEST")
     if not step.is_dir():
         raise UserError(f"{checkpoint_dir}/LATEST names {step.name}, which does not exist")
-    return step
+    return check_not_link(step, "model")
 
 
 def _from_step_dir(step_dir: Path, key: str) -> ModelSource:
@@ -113,6 +119,8 @@ def adapter_base(adapter: Path, train_config: dict | None, key: str) -> tuple[st
     """The base model an adapter was trained on, and its GGUF file if it is one: the training config's, else
     adapter_config.json's (a folder holding a single GGUF file is that file)."""
     recorded = read_json(adapter / ADAPTER_CONFIG).get("base_model_name_or_path")
+    if isinstance(recorded, str) and "${" in recorded:  # written as the run's config wrote it: resolve it here
+        recorded = interpolate(recorded)
     model_config = (train_config or {}).get("model") or {}
     from_config = model_config.get("pretrained_model_name_or_path")
     if from_config and model_config.get("gguf_file"):

@@ -2,7 +2,9 @@
 
 The questions go through the same builder as training (`make_squad_dataset`), with the run's
 `prompt_template`, `seq_length` and `unanswerable_target` read from the checkpoint's config.yaml, so a
-prompt here is byte for byte the string the model was trained on (contexts shortened the same way).
+prompt here is byte for byte the string the run validated on. A context too long for `seq_length` keeps its
+start (`truncation: context_start`), as the run's validation set did: the gold answer never decides what a
+question shows, and the questions whose every answer was cut away are counted in the report.
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from automodel.data.squad import DEFAULT_PROMPT_TEMPLATE, make_squad_dataset
+from automodel.data.squad import (CONTEXT_START, DEFAULT_PROMPT_TEMPLATE, SQUAD_BUILDER, count_answer_cut,
+                                  make_squad_dataset)
 from automodel.errors import UserError
 from automodel.inference.generate import GenerationSettings, Generator
 from automodel.inference.squad_metrics import normalize_answer, squad_scores
 
 logger = logging.getLogger("automodel")
 
-SQUAD_BUILDER = "automodel.data.squad.make_squad_dataset"
 PREDICTIONS_FILE = "predictions.json"
 SCORES_FILE = "scores.json"
 
@@ -62,7 +64,8 @@ def resolve_options(options: SquadEvalOptions, train_config: dict | None, max_po
     return {"dataset_name": dataset, "split": options.split if options.dataset else run.get("split", options.split),
             "seq_length": seq_length, "limit_dataset_samples": limit,
             "prompt_template": options.prompt_template or run.get("prompt_template", DEFAULT_PROMPT_TEMPLATE),
-            "unanswerable_target": options.unanswerable_target or run.get("unanswerable_target", "unanswerable")}
+            "unanswerable_target": options.unanswerable_target or run.get("unanswerable_target", "unanswerable"),
+            "truncation": CONTEXT_START}
 
 
 def load_questions(tokenizer, builder_args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -98,7 +101,9 @@ def evaluate_squad(generator: Generator, options: SquadEvalOptions, settings: Ge
     logger.info("SQuAD v%s: generating answers for %d questions", version, len(questions))
     predictions, unstopped = predict(generator, questions, settings, builder_args["unanswerable_target"], version)
     scores = squad_scores(predictions, {q["id"]: q["answers"] for q in questions}, version)
-    report = {"version": version, **scores, "ran_to_max_new_tokens": unstopped, "model": generator.source.describe() if generator.source else None,
+    report = {"version": version, **scores, "ran_to_max_new_tokens": unstopped,
+              "answer_cut_away": count_answer_cut(questions),
+              "model": generator.source.describe() if generator.source else None,
               "dataset": str(builder_args["dataset_name"]), "split": builder_args["split"],
               "prompt_template": builder_args["prompt_template"], "seq_length": builder_args["seq_length"],
               "generation": asdict(settings)}
@@ -116,7 +121,8 @@ def write_results(output_dir: Path, predictions: dict[str, str], report: dict[st
 def format_summary(report: dict[str, Any]) -> str:
     line = (f"SQuAD v{report['version']} | {report['total']} questions | exact match {report['exact_match']:.2f} | "
             f"F1 {report['f1']:.2f} | {report['ran_to_max_new_tokens']} ran to max_new_tokens "
-            f"({report['generation']['max_new_tokens']}) without EOS")
+            f"({report['generation']['max_new_tokens']}) without EOS | {report['answer_cut_away']} with every "
+            f"answer cut out of the context (seq_length {report['seq_length']})")
     if report["version"] == "2.0":
         line += (f" | HasAns EM {report['HasAns_exact_match']:.2f} F1 {report['HasAns_f1']:.2f} "
                  f"({report['HasAns_total']}) | NoAns EM {report['NoAns_exact_match']:.2f} ({report['NoAns_total']})")
@@ -141,8 +147,10 @@ def squad_eval_during_training(model, tokenizer, dataset, step: int, metrics,
     finally:
         tokenizer.padding_side = padding_side
     scores = squad_scores(predictions, {q["id"]: q["answers"] for q in questions}, version)
+    cut_away = count_answer_cut(questions)
     metrics.write({"kind": "generation", "step": step, "exact_match": scores["exact_match"], "f1": scores["f1"],
-                   "total": scores["total"], "ran_to_max_new_tokens": unstopped})
+                   "total": scores["total"], "ran_to_max_new_tokens": unstopped, "answer_cut_away": cut_away})
     metrics.echo(f"step {step} | SQuAD by generation: exact match {scores['exact_match']:.2f} | "
-                 f"F1 {scores['f1']:.2f} over {scores['total']} questions ({unstopped} without EOS)")
+                 f"F1 {scores['f1']:.2f} over {scores['total']} questions ({unstopped} without EOS, "
+                 f"{cut_away} with every answer cut out of the context)")
     return scores

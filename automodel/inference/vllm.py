@@ -22,6 +22,7 @@ from automodel.errors import UserError
 from automodel.inference.merge import check_output_dir, merge_lora
 from automodel.inference.sources import ADAPTER_CONFIG, ModelSource, read_json
 from automodel.inference.vllm_runtime import VllmInstall, ask_vllm
+from automodel.paths import check_output_folder
 
 logger = logging.getLogger("automodel")
 
@@ -138,16 +139,28 @@ def lora_rules(adapter: Path, architecture: str | None, ask: VllmInstall | None)
 
 
 def prepare_for_vllm(source: ModelSource, output_dir: str | Path, name: str, merge: bool = False,
-                     overwrite: bool = False, ask: VllmInstall | None = None) -> ServePlan:
+                     overwrite: bool = False, ask: VllmInstall | None = None,
+                     trust_remote_code: bool = False) -> ServePlan:
     """Write the folder vLLM loads under `output_dir`; return it with the server's model arguments.
 
-    `ask`: check a LoRA adapter against this installed vLLM rather than the table."""
+    `ask`: check a LoRA adapter against this installed vLLM rather than the table. `trust_remote_code`: the
+    person's --trust-remote-code, for the merge and for vLLM."""
+    plan = _prepare(source, output_dir, name, merge, overwrite, ask, trust_remote_code)
+    if trust_remote_code:
+        plan.model_args.append("--trust-remote-code")
+    return plan
+
+
+def _prepare(source: ModelSource, output_dir: str | Path, name: str, merge: bool, overwrite: bool,
+             ask: VllmInstall | None, trust_remote_code: bool) -> ServePlan:
+    # As merge-lora's: before resolving, which would follow a link (the files would land where it points).
+    check_output_folder(Path(output_dir), "--output", [p for p in (source.adapter, Path(source.base)) if p])
     output_dir = Path(output_dir).resolve()
     if source.gguf_file and not (merge and source.adapter is not None):
         raise UserError(f"model: the base is the GGUF file {source.gguf_file}: serve merged weights (a LoRA run: "
                         "--merge), a full fine-tune's model folder, or the GGUF file itself with `vllm serve FILE`")
     if merge and source.adapter is not None:
-        merge_lora(source, output_dir, overwrite=overwrite)
+        merge_lora(source, output_dir, overwrite=overwrite, trust_remote_code=trust_remote_code)
         return ServePlan(output_dir, ["--model", str(output_dir), "--served-model-name", name])
     if source.adapter is None:
         if not Path(source.base).is_dir():

@@ -10,8 +10,10 @@ is not free, so the CPU default is small.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -22,6 +24,7 @@ from pathlib import Path
 from automodel.errors import UserError
 
 VLLM_PYTHON_ENV = "AUTOMODEL_VLLM_PYTHON"
+API_KEY_ENV = "VLLM_API_KEY"  # vLLM's own: its server requires this key in every request when it is set
 VENV_NAME = ".venv-vllm"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 CPU_MEMORY_FRACTION = 0.25
@@ -50,24 +53,27 @@ def _query(python: str) -> VllmInstall | None:
     return VllmInstall(python, answer["cpu_build"]) if answer["vllm"] else None
 
 
+def project_vllm_python() -> Path:
+    """The interpreter `scripts/setup_vllm.sh` installs: .venv-vllm beside automodel's own checkout (never the
+    current directory's, which may be anyone's)."""
+    return Path(__file__).resolve().parents[2] / VENV_NAME / "bin" / "python"
+
+
 def find_vllm(configured: str | None = None) -> VllmInstall | None:
-    """`configured` (--vllm-python or $AUTOMODEL_VLLM_PYTHON), else .venv-vllm here or in automodel's checkout,
-    else this interpreter; None when none has vLLM."""
+    """`configured` (--vllm-python or $AUTOMODEL_VLLM_PYTHON), else the project's .venv-vllm, else this
+    interpreter; None when none has vLLM."""
     configured = configured or os.environ.get(VLLM_PYTHON_ENV)
     if configured:
-        python = shutil.which(configured) or configured
+        found = shutil.which(configured) or configured
+        python = str(Path(found).absolute())  # the command printed and run names it unambiguously
         install = _query(python) if Path(python).is_file() else None
         if install is None:
             raise UserError(f"--vllm-python: {configured} cannot import vllm (or is not a Python interpreter); "
                             f"{INSTALL_HINT}")
         return install
-    checkout = Path(__file__).resolve().parents[2]
-    candidates = [Path.cwd() / VENV_NAME / "bin" / "python", checkout / VENV_NAME / "bin" / "python"]
-    for python in dict.fromkeys(str(c) for c in candidates if c.is_file()):
-        install = _query(python)
-        if install is not None:
-            return install
-    return _query(sys.executable)
+    project = project_vllm_python()
+    install = _query(str(project)) if project.is_file() else None
+    return install if install is not None else _query(sys.executable)
 
 
 @dataclass
@@ -112,7 +118,39 @@ class ServerSettings:
 
 def server_command(install: VllmInstall | None, model_args: list[str], settings: ServerSettings) -> list[str]:
     python = install.python if install is not None else "python"
-    return [python, "-m", SERVER_MODULE, *model_args, *settings.arguments(install)]
+    # -I: `-m` would otherwise put the current directory first on sys.path, and a `vllm/` folder there would run.
+    return [python, "-I", "-m", SERVER_MODULE, *model_args, *settings.arguments(install)]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable only from this machine (127.0.0.0/8, ::1, or a name that resolves only there)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def api_key_environment(settings: ServerSettings, environ: dict[str, str]) -> tuple[dict[str, str], str | None]:
+    """The server's environment and what to tell the person: on an address other machines reach, vLLM checks an
+    API key (`VLLM_API_KEY`, which vLLM reads itself; kept out of the command line, which `ps` shows): the
+    person's own, or one generated now and printed once."""
+    if is_loopback(settings.host):
+        return dict(environ), None
+    if "--api-key" in settings.extra_args or any(a.startswith("--api-key=") for a in settings.extra_args):
+        return dict(environ), (f"--host {settings.host} accepts other machines: vLLM checks the API key given in "
+                               "--vllm-args")
+    if environ.get(API_KEY_ENV):
+        return dict(environ), (f"--host {settings.host} accepts other machines: clients must send the API key from "
+                               f"${API_KEY_ENV} (header Authorization: Bearer KEY)")
+    key = secrets.token_urlsafe(32)
+    return {**environ, API_KEY_ENV: key}, (
+        f"--host {settings.host} accepts other machines: clients must send this API key, shown only now: {key} "
+        f"(header Authorization: Bearer KEY; set ${API_KEY_ENV} to choose your own)")
 
 
 def check_port_free(host: str, port: int) -> None:

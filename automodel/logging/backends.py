@@ -10,7 +10,7 @@ import importlib
 import importlib.util
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -62,6 +62,9 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
     mode: Literal["online", "offline", "disabled"] = "online"
     dir: str | None = None
+    # wandb copies the console into the run's files by default; the console names resolved paths (a checkpoint_dir
+    # from `${oc.env:...}`), so it stays out unless asked for ("wrap").
+    console: Literal["off", "wrap", "auto"] = "off"
 
 
 class WandbBackend:
@@ -71,7 +74,7 @@ class WandbBackend:
         folder.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=settings.project, entity=settings.entity, name=settings.name or default_name,
                               tags=settings.tags or None, mode=settings.mode, dir=str(folder),
-                              reinit="create_new")
+                              reinit="create_new", settings=wandb.Settings(console=settings.console))
 
     def log_metrics(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)
@@ -176,11 +179,33 @@ def backend_settings(log_cfg) -> dict[str, Any]:
     return settings
 
 
+# What a tracker stores as names and labels: taken as the config writes them (before `${oc.env:...}`), like the
+# config itself. Where data goes (wandb entity/project/dir, mlflow tracking_uri, tensorboard log_dir) is resolved.
+AS_WRITTEN = {"wandb": ("name", "tags"), "mlflow": ("experiment", "run_name", "tags")}
+
+
+def as_written(settings: dict[str, Any], written: dict[str, Any]) -> dict[str, Any]:
+    """`settings` with the AS_WRITTEN fields replaced by the at-rest config's `logging.<tracker>` values."""
+    chosen = {}
+    for tracker, parsed in settings.items():
+        section = written.get(tracker) if isinstance(written.get(tracker), dict) else {}
+        chosen[tracker] = replace(parsed, **{key: redact(section[key]) for key in AS_WRITTEN.get(tracker, ())
+                                              if key in section})
+    return chosen
+
+
+def default_run_name(run_dir: Path, cfg: dict[str, Any]) -> str:
+    """The checkpoint folder's name, as the config writes it when it comes from the environment."""
+    written = str((cfg.get("checkpoint") or {}).get("checkpoint_dir", ""))
+    return Path(written).name if "${" in written else run_dir.resolve().name
+
+
 def build_backends(log_cfg, run_dir: Path, cfg: dict[str, Any], resume_step: int = 0) -> list[MetricsBackend]:
     """The trackers whose `logging.<name>` sections are present, each holding the config as written down (before
-    `${oc.env:...}` interpolation; secret-looking values redacted again here, whoever passes `cfg`)."""
-    name = run_dir.resolve().name
-    settings = backend_settings(log_cfg)
+    `${oc.env:...}` interpolation; secret-looking values redacted again here, whoever passes `cfg`) and its run
+    names and tags as written (`cfg` is the config at rest: config/redact.py)."""
+    name = default_run_name(run_dir, cfg)
+    settings = as_written(backend_settings(log_cfg), cfg.get("logging") or {})
     backends: list[MetricsBackend] = []
     if "wandb" in settings:
         backends.append(WandbBackend(settings["wandb"], run_dir, name))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from automodel.paths import check_plain_name
+from automodel.paths import check_not_link, check_plain_name, open_no_follow, write_text_no_follow
 
 logger = logging.getLogger("automodel")
 
@@ -48,8 +48,10 @@ def format_duration(seconds: float) -> str:
 
 
 def format_train_line(record: dict, max_steps: int) -> str:
-    line = (f"step {record['step']}/{max_steps} | loss {record['loss']:.4f} | grad_norm {record['grad_norm']:.3f} | "
-            f"lr {record['lr']:.2e} | tokens/s {record['tokens_per_s']:,.0f}")
+    # The kd recipe's two terms (automodel/training/kd.py) follow the loss they make up.
+    terms = f" (ce {record['ce_loss']:.4f}, kd {record['kd_loss']:.4f})" if "kd_loss" in record else ""
+    line = (f"step {record['step']}/{max_steps} | loss {record['loss']:.4f}{terms} | "
+            f"grad_norm {record['grad_norm']:.3f} | lr {record['lr']:.2e} | tokens/s {record['tokens_per_s']:,.0f}")
     if "label_tokens_per_s" in record:
         line += f" (labels {record['label_tokens_per_s']:,.0f})"
     if "mfu" in record:
@@ -77,6 +79,7 @@ class MetricsLogger:
         self.start = time.perf_counter()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            check_not_link(path, "logging.metrics_file")  # a planted link would have every record written there
             self._keep_until(resume_step)
 
     def _keep_until(self, step: int) -> None:
@@ -86,14 +89,14 @@ class MetricsLogger:
         if step > 0 and self.path.is_file():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        write_text_no_follow(self.path, "".join(line + "\n" for line in kept), "logging.metrics_file")
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
     def write(self, record: dict) -> None:
         if self.path is not None:
-            with open(self.path, "a") as handle:
+            with open_no_follow(self.path, "logging.metrics_file", append=True) as handle:
                 handle.write(json.dumps(record) + "\n")
         prefix = "train" if record["kind"] == "train" else "val"
         for backend in self.backends:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,32 +41,46 @@ def describe_processes(parallel: Any) -> str:
     return f"{text}, device {parallel.device.type}"
 
 
-def format_start_banner(recipe: Any, steps_reason: str) -> str:
+@dataclass(frozen=True)
+class StartFacts:
+    """What the start banner says about a run (the recipe fills it in: FinetuneRecipe.start_facts)."""
+
+    command: str                     # "automodel finetune llm"
+    model_source: str                # the model section's pretrained_model_name_or_path
+    lora: bool
+    model: Any                       # parameters counted and their dtype read from it
+    train_set: Any
+    val_set: Any | None
+    batch: str
+    steps: str
+    parallel: Any                    # distributed/parallel.py's Parallelism
+    loss: str                        # the forward's loss path
+    output: Path
+    extra: tuple[tuple[str, str], ...] = ()  # rows a recipe adds after the model's (the kd recipe's teacher)
+
+
+def format_start_banner(facts: StartFacts) -> str:
     """What this run trains: model and parameters, data, batch, processes, precision and output folder."""
     from automodel.peft import count_parameters
 
-    total, trainable = count_parameters(recipe.model)
-    model_cfg = recipe.cfg.get("model") or {}
-    dtype = str(next(recipe.model.parameters()).dtype).removeprefix("torch.")
-    steps = recipe.steps
+    total, trainable = count_parameters(facts.model)
     rows = [
-        ("model", f"{model_cfg.get('pretrained_model_name_or_path', '?')} "
-                  f"({'LoRA' if recipe.peft_cfg else 'full SFT'})"),
+        ("model", f"{facts.model_source} ({'LoRA' if facts.lora else 'full SFT'})"),
+        *facts.extra,
         ("parameters", f"{total:,} total, {trainable:,} trainable ({100 * trainable / total:.2f}%)"),
-        ("train data", describe_dataset(recipe.train_set)),
+        ("train data", describe_dataset(facts.train_set)),
     ]
-    if recipe.val_set is not None:
-        rows.append(("validation", describe_dataset(recipe.val_set)))
+    if facts.val_set is not None:
+        rows.append(("validation", describe_dataset(facts.val_set)))
     rows += [
-        ("batch", f"{steps.global_batch_size} per step = {steps.local_batch_size} per micro-batch x "
-                  f"{recipe.grad_acc} accumulation x {recipe.dp_size} data-parallel"),
-        ("steps", f"{recipe.max_steps}: {steps_reason}"),
-        ("processes", describe_processes(recipe.parallel)),
-        ("precision", dtype),
-        ("loss", recipe.forward_loss.describe()),
-        ("output", str(recipe.out_dir)),
+        ("batch", facts.batch),
+        ("steps", facts.steps),
+        ("processes", describe_processes(facts.parallel)),
+        ("precision", facts.parallel.precision.describe()),
+        ("loss", facts.loss),
+        ("output", str(facts.output)),
     ]
-    return _rows("automodel finetune llm", rows)
+    return _rows(facts.command, rows)
 
 
 def next_commands(model_dir: Path, run_dir: Path) -> list[str]:

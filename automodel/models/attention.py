@@ -86,6 +86,7 @@ def automodel_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value
     """transformers' attention-function signature: (batch, heads, seq, head_dim) in, (batch, seq, heads, head_dim)
     out. `cu_seq_lens_q` (a padding-free batch) splits the single row into its examples; `automodel_last_layer_rows`
     (`LAST_LAYER_ROWS`) limits the last layer to the rows the loss reads."""
+    query, key, value = same_dtype(query, key, value)
     kwargs.pop("cu_seq_lens_k", None)
     kwargs.pop("max_length_q", None)
     kwargs.pop("max_length_k", None)
@@ -117,6 +118,16 @@ def automodel_sdpa_forward(module, query: torch.Tensor, key: torch.Tensor, value
         mask = None if attention_mask is None else attention_mask[..., start:end, start:end]
         outputs.append(_causal_blocks(module, q, k, v, mask, **kwargs))
     return torch.cat(outputs, dim=1), None
+
+
+def same_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """Query, key and value in the dtype SDPA would compute in. Under autocast with float32 weights the rotary
+    embedding leaves query and key in float32 while value comes from its projection in bf16; autocast casts SDPA's
+    inputs to its dtype, and the kernels called here directly need the same."""
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else \
+        torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in (query, key, value))
 
 
 def _plain_causal(module, query, key, value, attention_mask, kwargs) -> bool:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from automodel.config import TargetPolicy, build, parse_section
+from automodel.config.precision import Precision
 from automodel.errors import UserError
 from automodel.models import attention, families, gguf
 from automodel.models.conversion import check_converted, fp8_dequantizer, load_converted_weights
@@ -40,6 +41,7 @@ from automodel.models.materialize import (
     load_checkpoint_weights,
     lora_initial_values,
     loaded_names,
+    module_registrations,
 )
 from automodel.models.unwrap import transformers_model
 from automodel.models.weights import WeightFiles, check_matches_model, find_bin, find_safetensors
@@ -61,20 +63,36 @@ def lora_settings(cfg: dict[str, Any]) -> LoraSettings | None:
     return parse_section(LoraSettings, cfg["peft"], "peft") if cfg.get("peft") is not None else None
 
 
+FROM_CFG: Any = object()  # build_model's `lora` when the caller has not parsed the `peft` section itself
+
+
 def build_model(cfg: dict[str, Any], parallel=None, device: torch.device | None = None,
-                policy: TargetPolicy = TargetPolicy()) -> nn.Module:
-    """The model of `cfg` (LoRA applied when `peft` is set), spread over `parallel`'s processes when given.
-    A `model._target_` other than automodel's loader must come from a package `policy` trusts."""
+                policy: TargetPolicy = TargetPolicy(), precision: Precision | None = None,
+                lora: LoraSettings | None = FROM_CFG) -> nn.Module:
+    """The model of `cfg` (LoRA applied when `peft` is set), spread over `parallel`'s processes when given, its
+    weights built in `precision.weights_dtype` (default: `parallel`'s; without either, `model.dtype`, else float32;
+    peft keeps the adapters of a bf16 base in float32). A `model._target_` other than automodel's loader must come
+    from a package `policy` trusts. `lora`: the `peft` section already parsed (a recipe's settings), else it is
+    read from `cfg`."""
     device = parallel.device if parallel is not None else (device or torch.device("cpu"))
-    node, lora = model_section(cfg), lora_settings(cfg)
+    node = model_section(cfg)
+    lora = lora_settings(cfg) if lora is FROM_CFG else lora
+    precision = precision or (parallel.precision if parallel is not None else None)
+    if precision is not None and node["_target_"] == LOAD_CAUSAL_LM:
+        node["dtype"] = precision.weights_dtype
+    return _build(node, lora, parallel, device, policy)
+
+
+def _build(node: dict[str, Any], lora: LoraSettings | None, parallel, device: torch.device,
+           policy: TargetPolicy) -> nn.Module:
     if lora is not None and lora.quantization is not None:
         return build_quantized(node, lora, parallel, device, policy)
     if node["_target_"] == LOAD_CAUSAL_LM:
         options = {k: v for k, v in node.items() if k != "_target_"}
         if options.get("gguf_file"):  # read from its dequantised copy, an ordinary safetensors folder (gguf.py)
             source = check_source(options["pretrained_model_name_or_path"], MODEL_KEY)
-            options["pretrained_model_name_or_path"] = gguf.dequantised_folder(source, options.pop("gguf_file"),
-                                                                               options.pop("revision", None))
+            options["pretrained_model_name_or_path"] = gguf.dequantised_folder(
+                source, options.pop("gguf_file"), options.pop("revision", None), dtype=options.get("dtype"))
         folder = resolve_model_folder(options.get("pretrained_model_name_or_path"), options.get("revision"))
         weights = find_safetensors(folder) or find_bin(folder)
         if weights is not None:
@@ -139,12 +157,14 @@ def meta_model(options: dict[str, Any], folder: Path):
             if dequantizer is None:
                 return None
             del config.quantization_config  # the model trains and is saved in float
+        stored_dtype = getattr(config, "dtype", None)
         with torch.device("meta"):
             if family_class is not None:
                 model = family_class._from_config(config, dtype=dtype, attn_implementation=attn)
             else:
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn,
                                                          trust_remote_code=trust)
+        keep_stored_dtype(model, stored_dtype, dtype)
     except (OSError, ValueError) as err:
         raise model_error(str(folder), err) from err
     if published is not None:
@@ -152,6 +172,19 @@ def meta_model(options: dict[str, Any], folder: Path):
     if attn is None:
         attention.use_automodel_sdpa(model)
     return model, dequantizer
+
+
+def keep_stored_dtype(model: nn.Module, stored: torch.dtype | str | None, built: torch.dtype) -> None:
+    """The config keeps the checkpoint's own dtype (transformers sets the build's), so a saved `model/` follows the
+    checkpoint's convention whatever the run computed in (checkpoint/hf_writer.py casts to it)."""
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    if not isinstance(stored, torch.dtype) or not stored.is_floating_point:
+        return
+    if stored == torch.float16 and built == torch.bfloat16:
+        logger.info("model: the checkpoint stores float16 weights; they are read into bfloat16 (same exponent range "
+                    "as float32, 3 fewer mantissa bits) and a saved model/ is written back in float16")
+    model.config.dtype = stored
 
 
 def build_on_meta(options: dict[str, Any], weights: WeightFiles, lora: LoraSettings | None, parallel,
@@ -175,8 +208,9 @@ def build_on_meta(options: dict[str, Any], weights: WeightFiles, lora: LoraSetti
     lora_values = {}
     if lora is not None:
         rng_before = torch.get_rng_state()
-        model = lora.apply(model)
-        lora_values = lora_initial_values(model, rng_before)
+        with module_registrations() as attached:
+            model = lora.apply(model)
+        lora_values = lora_initial_values(model, rng_before, attached)
     if parallel is not None:
         model = parallel.shard(model)
     model.to_empty(device=device)

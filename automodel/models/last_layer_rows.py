@@ -13,14 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from automodel.models.attention import AUTOMODEL_SDPA, LAST_LAYER_ROWS
+from automodel.models.attention import LAST_LAYER_ROWS
 from automodel.models.decoder_layers import decoder_layers
-from automodel.models.registry import LAST_LAYER_ROWS_VERIFIED
-
-
-def last_layer_rows_supported(config) -> bool:
-    """Whether the model's last layer may compute only the rows the loss reads (`LAST_LAYER_ROWS`)."""
-    return config._attn_implementation == AUTOMODEL_SDPA and config.model_type in LAST_LAYER_ROWS_VERIFIED
 
 
 class LastLayerRows:

@@ -108,7 +108,7 @@ def load_causal_lm(pretrained_model_name_or_path: str, dtype: str = "float32", a
 
     source = check_source(pretrained_model_name_or_path, MODEL_KEY, required_file=None if gguf_file else "config.json")
     if gguf_file is not None:
-        source = gguf.dequantised_folder(source, gguf_file, revision)
+        source = gguf.dequantised_folder(source, gguf_file, revision, dtype=dtype)
     if attn_implementation == attention.AUTOMODEL_SDPA:
         attention.register()
     try:
@@ -132,7 +132,7 @@ def load_tokenizer(pretrained_model_name_or_path: str, trust_remote_code: bool =
 
     source = check_source(pretrained_model_name_or_path, key)
     if kwargs.get("gguf_file") is not None:
-        source = gguf.dequantised_folder(source, kwargs.pop("gguf_file"), revision)
+        source = gguf.tokenizer_folder(source, kwargs.pop("gguf_file"), revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision,
                                                   **kwargs)

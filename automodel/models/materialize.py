@@ -9,9 +9,11 @@ into the parameter, casting bf16/fp16 storage to the training dtype on the way. 
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
 
 PEFT_PREFIX = "base_model.model."
 
@@ -33,39 +35,75 @@ def loaded_names(model: nn.Module) -> dict[str, tuple[tuple[int, ...], bool]]:
     return wanted
 
 
-def lora_initial_values(model: nn.Module, rng_before: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The values peft gave the adapters when it applied them to the meta model (peft moved them to the meta
-    device, so they are recomputed): the same draws from the same generator state, in the same order as peft's
-    `update_layer` made them (lora_A's and lora_B's nn.Linear init, then `reset_lora_parameters` with the adapter's
-    `init_lora_weights`), rounded through the base layer's dtype as peft's move to it does. Full-size CPU tensors
-    (rank x features: small)."""
-    from peft.tuners.lora import LoraLayer
+@contextmanager
+def module_registrations():
+    """The modules attached to a parent while the block runs, in the order they were attached (torch's global
+    registration hook, removed on exit). Around peft's `get_peft_model` it gives the order in which peft made each
+    layer's adapters, hence the order of its random draws: peft releases differ (0.21 made the module targets'
+    adapters in the model's order, then the fused-parameter targets' (ParamWrapper); 0.22 makes the parameter
+    targets' first), and each draws its own way."""
+    attached: list[nn.Module] = []
 
+    def record(parent: nn.Module, name: str, child: nn.Module | None) -> None:
+        if child is not None:
+            attached.append(child)
+
+    handle = register_module_module_registration_hook(record)
+    try:
+        yield attached
+    finally:
+        handle.remove()
+
+
+def lora_initial_values(model: nn.Module, rng_before: torch.Tensor,
+                        attached: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """The values peft gave the adapters when it applied them to the meta model (peft moved them to the meta
+    device, so they are recomputed): the same draws from the same generator state, in the order peft made the
+    adapters (`attached`: what `module_registrations` saw while peft ran), each as peft's `update_layer` draws it
+    (lora_A's and lora_B's nn.Linear init, then `reset_lora_parameters` with the adapter's `init_lora_weights`),
+    rounded through the base layer's dtype as peft's move to it does. Full-size CPU tensors (rank x features:
+    small)."""
     rng_after = torch.get_rng_state()
     torch.set_rng_state(rng_before)
     values = {}
-    for name, layer in lora_layers_in_creation_order(model, LoraLayer):
+    for name, layer, adapter in adapters_in_creation_order(model, attached):
         # peft's ParamWrapper (LoRA on a fused expert parameter) names its base tensor; other layers wrap a weight
         base = layer.get_param() if hasattr(layer, "get_param") else layer.get_base_layer().weight
         base_dtype = base.dtype
-        for adapter in layer.lora_A:
-            parts = {"lora_A": layer.lora_A[adapter], "lora_B": layer.lora_B[adapter]}
-            dtypes = {part: module.weight.dtype for part, module in parts.items()}
-            for module in parts.values():
-                module.to_empty(device="cpu").float().reset_parameters()
-            init = model.peft_config[adapter].init_lora_weights
-            if init == "orthogonal":  # peft's update_layer dispatch, for the inits LoraSettings allows
-                layer.orthogonal_init(adapter)
-            elif init:
-                layer.reset_lora_parameters(adapter, init)
-            for part, module in parts.items():
-                for pname, param in module.named_parameters():
-                    values[f"{name}.{part}.{adapter}.{pname}"] = param.detach().to(base_dtype).to(dtypes[part])
-                module.to(device="meta", dtype=dtypes[part])
+        parts = {"lora_A": layer.lora_A[adapter], "lora_B": layer.lora_B[adapter]}
+        dtypes = {part: module.weight.dtype for part, module in parts.items()}
+        for module in parts.values():
+            module.to_empty(device="cpu").float().reset_parameters()
+        init = model.peft_config[adapter].init_lora_weights
+        if init == "orthogonal":  # peft's update_layer dispatch, for the inits LoraSettings allows
+            layer.orthogonal_init(adapter)
+        elif init:
+            layer.reset_lora_parameters(adapter, init)
+        for part, module in parts.items():
+            for pname, param in module.named_parameters():
+                values[f"{name}.{part}.{adapter}.{pname}"] = param.detach().to(base_dtype).to(dtypes[part])
+            module.to(device="meta", dtype=dtypes[part])
     if not torch.equal(torch.get_rng_state(), rng_after):
         raise RuntimeError("LoRA initial values could not be reproduced on the meta device (peft drew a different "
                            "sequence of random numbers); this peft version or adapter type is not supported here")
     return values
+
+
+def adapters_in_creation_order(model: nn.Module, attached: list[nn.Module]) -> list[tuple[str, nn.Module, str]]:
+    """(layer name, LoRA layer, adapter name) of every adapter, in the order peft attached its lora_A module (peft
+    makes lora_A, lora_B and their initial values of one adapter before it moves on to the next)."""
+    from peft.tuners.lora import LoraLayer
+
+    first_seen: dict[int, int] = {}
+    for position, module in enumerate(attached):
+        first_seen.setdefault(id(module), position)
+    adapters = [(name, layer, adapter) for name, layer in model.named_modules() if isinstance(layer, LoraLayer)
+                for adapter in layer.lora_A]
+    unseen = [f"{name}.lora_A.{adapter}" for name, layer, adapter in adapters
+              if id(layer.lora_A[adapter]) not in first_seen]
+    if unseen:
+        raise RuntimeError(f"LoRA adapters made outside the recorded peft call: {unseen[:3]}")
+    return sorted(adapters, key=lambda entry: first_seen[id(entry[1].lora_A[entry[2]])])
 
 
 def checkpoint_targets(model: nn.Module, wanted: set[str], peft: bool) -> dict[str, torch.Tensor]:
@@ -81,15 +119,6 @@ def checkpoint_targets(model: nn.Module, wanted: set[str], peft: bool) -> dict[s
     if missing:
         raise RuntimeError(f"model parameters not found after wrapping: {sorted(missing)[:3]}")
     return targets
-
-
-def lora_layers_in_creation_order(module: nn.Module, lora_layer: type, prefix: str = ""):
-    """(name, layer) of each LoRA layer in the order peft created them: the modules' order, except that a layer
-    wrapping another (two adapted parameters of one fused-experts module) was created after the one it wraps."""
-    for child_name, child in module.named_children():
-        yield from lora_layers_in_creation_order(child, lora_layer, f"{prefix}{child_name}.")
-    if isinstance(module, lora_layer):
-        yield prefix.removesuffix("."), module
 
 
 def load_checkpoint_weights(model: nn.Module, folder, wanted: set[str], peft: bool) -> None:

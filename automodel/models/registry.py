@@ -1,29 +1,21 @@
 """The supported-models table: the single source of truth for `automodel models`, the docs page
-docs/supported_models.md and the parametrised architecture tests (tests/models/test_architectures.py).
+docs/supported_models.md and the rows the architecture tests run (tests/models/test_architectures.py).
 
-Pure data, no torch/transformers import, so `automodel models` answers at once.
+Pure data, no torch/transformers import, so `automodel models` answers at once. Two neighbours hold what is not the
+table: what a built model can take at run time (padding-free rows, the last layer on label rows) is
+automodel/models/capabilities.py, and the tiny config each row's test builds is tests/models/tiny_configs.py.
 
-Each native row carries the tiny config its test builds (2 layers, hidden 64, few heads/experts; the vocabulary
-comes from the row's tokenizer) and the leaf names of the modules LoRA's default `all-linear` must adapt.
-Remote-code rows carry the reason they are not supported yet.
+Each tested row carries the leaf names of the modules LoRA's default `all-linear` must adapt and the real tokenizer
+its test uses. Remote-code rows carry the reason they are not supported yet.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 TESTED = "tested"
 PARTLY = "partly tested"  # some of the row's published variants load and are tested; the others stop with an error
 NOT_YET = "not yet supported"
-
-# The shape every tiny test model shares; rows override what their architecture names differently.
-TINY_BASE: dict[str, Any] = {
-    "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True,
-}
-# Few experts, top-2, so a handful of batches routes tokens to every expert.
-TINY_MOE: dict[str, Any] = {"moe_intermediate_size": 32, "num_experts_per_tok": 2}
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 GATED_MLP = ("gate_proj", "up_proj", "down_proj")
@@ -45,7 +37,6 @@ class Architecture:
     kind: str = "dense"                   # dense | moe | hybrid | gpt2-style
     tokenizer: str | None = None          # folder under assets/tokenizers/ the test uses
     own_tokenizer: bool = False           # True: that is the family's real tokenizer; False: a stand-in
-    tiny: dict[str, Any] = field(default_factory=dict)
     lora_targets: tuple[str, ...] = ()    # leaf names `all-linear` adapts (never the output head)
     notes: str = ""                       # architecture-specific handling, documented
     reason: str = ""                      # why a remote-code row is not supported yet
@@ -73,15 +64,11 @@ class Architecture:
     def test_id(self) -> str:
         return self.architecture.split(" ")[0]
 
-    def tiny_config(self) -> dict[str, Any]:
-        """Config overrides of the tiny test model (vocabulary and special tokens come from the tokenizer)."""
-        return {**TINY_BASE, **self.tiny}
-
 
 def _native(architecture, models, checkpoints, model_type, native_class, tokenizer, lora_targets=LLAMA_LIKE,
-            kind="dense", own_tokenizer=False, notes="", **tiny) -> Architecture:
+            kind="dense", own_tokenizer=False, notes="") -> Architecture:
     return Architecture(architecture, models, tuple(checkpoints), model_type, native_class, kind, tokenizer,
-                        own_tokenizer, tiny, tuple(lora_targets), notes)
+                        own_tokenizer, tuple(lora_targets), notes)
 
 
 def _remote(architecture, models, checkpoints, reason=REMOTE_CODE) -> Architecture:
@@ -89,27 +76,23 @@ def _remote(architecture, models, checkpoints, reason=REMOTE_CODE) -> Architectu
 
 
 def _family(architecture, models, checkpoints, published_type, loads_into, tokenizer, route, notes="",
-            lora_targets=LLAMA_LIKE, untested_variants="", **tiny) -> Architecture:
-    """A remote-code row read into a native class; `tiny` holds config fields under the family's own names."""
-    return Architecture(architecture, models, tuple(checkpoints), tokenizer=tokenizer, tiny=tiny,
+            lora_targets=LLAMA_LIKE, untested_variants="") -> Architecture:
+    """A remote-code row read into a native class."""
+    return Architecture(architecture, models, tuple(checkpoints), tokenizer=tokenizer,
                         lora_targets=tuple(lora_targets), notes=notes, published_type=published_type,
                         loads_into=loads_into, route=route, untested_variants=untested_variants)
 
 
-# Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3): rotary runs over qk_rope_head_dim, which is head_dim.
-MLA = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-           v_head_dim=16, head_dim=8)
-
 MLA_ATTENTION = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
-DEEPSEEK_EXPERTS = ("experts.gate_up_proj", "experts.down_proj")
-PEFT_MOE_REMAP = ("LoRA all-linear: peft 0.21's transformers-v4 compatibility maps the gate_proj/up_proj/down_proj "
-                  "targets to the routed experts' fused parameters, so the experts get adapters and the dense-layer "
-                  "and shared-expert MLPs do not (automodel logs this)")
+# The dense-layer and shared-expert MLPs, and the routed experts' fused parameters peft adds for their names.
+DEEPSEEK_MLP = ("gate_proj", "up_proj", "down_proj", "experts.gate_up_proj", "experts.down_proj")
+PEFT_MOE_REMAP = ("LoRA all-linear: peft 0.22's transformers-v4 compatibility maps the gate_proj/up_proj/down_proj "
+                  "targets to the routed experts' fused parameters as well, so the routed experts get adapters next "
+                  "to the dense-layer and shared-expert MLPs (automodel logs this)")
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     _family("AquilaForCausalLM", "Aquila, Aquila2", ["BAAI/Aquila-7B", "BAAI/AquilaChat-7B"], "aquila",
-            "LlamaForCausalLM", "llama2", "config only: the Llama decoder under Aquila's names (same weight names)",
-            tie_word_embeddings=False),
+            "LlamaForCausalLM", "llama2", "config only: the Llama decoder under Aquila's names (same weight names)"),
     _family("BaiChuanForCausalLM", "Baichuan2, Baichuan",
             ["baichuan-inc/Baichuan2-13B-Chat", "baichuan-inc/Baichuan-7B"], "baichuan", "LlamaForCausalLM", "llama2",
             "one weight conversion: Baichuan-7B is the Llama decoder whose q, k, v are one `W_pack` (rows q, k, v); "
@@ -134,13 +117,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                   "logits); `z_loss_weight` other than 0, and an ALiBi config whose vocabulary is neither 64000 nor "
                   "125696 or that names a rotary or ALiBi-scaling field, stop with a one-line error; the 13B "
                   "models take no flash/flex attention and no tensor parallelism; vLLM 0.32 no longer has "
-                  "Baichuan (removed after 0.23), so it is checked against the reference forward only",
-            tie_word_embeddings=False, num_key_value_heads=None),
+                  "Baichuan (removed after 0.23), so it is checked against the reference forward only"),
     _native("BambaForCausalLM", "Bamba", ["ibm-ai-platform/Bamba-9B"], "bamba", "BambaForCausalLM", "llama2",
             ATTENTION + GATED_MLP + ("in_proj", "out_proj"), kind="hybrid",
             notes="layer 0 mamba2, layer 1 attention; on CPU the mamba mixer runs transformers' pure-torch path "
-                  "(no mamba_ssm/causal_conv1d kernels needed)",
-            attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=32),
+                  "(no mamba_ssm/causal_conv1d kernels needed)"),
     _family("ChatGLMModel / ChatGLMForConditionalGeneration", "ChatGLM", ["THUDM/chatglm2-6b", "THUDM/chatglm3-6b"],
             "chatglm", "GlmForCausalLM", "llama2",
             "one weight conversion onto transformers' GLM (the same decoder as GLM-4-9B): `query_key_value` "
@@ -150,17 +131,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             lora_targets=ATTENTION + ("gate_up_proj", "down_proj"),
             notes="the saved folder omits the published `transformer.rotary_pos_emb.inv_freq` buffer (derived from "
                   "the config; ChatGLM's code and vLLM compute it); P-tuning prefixes (`pre_seq_len`) and "
-                  "post-layernorm residuals stop with a one-line error",
-            num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, kv_channels=16,
-            multi_query_attention=True, multi_query_group_num=2, seq_length=256, layernorm_epsilon=1e-5,
-            rmsnorm=True, add_bias_linear=False, add_qkv_bias=True, apply_query_key_layer_scaling=True,
-            apply_residual_connection_post_layernorm=False, attention_softmax_in_fp32=True, bias_dropout_fusion=True,
-            fp32_residual_connection=False, original_rope=True, post_layer_norm=True, hidden_dropout=0.0,
-            attention_dropout=0.0, rope_ratio=1, tie_word_embeddings=False),
+                  "post-layernorm residuals stop with a one-line error"),
     _native("CohereForCausalLM", "Command-R", ["CohereForAI/c4ai-command-r-v01"], "cohere", "CohereForCausalLM",
             "llama2"),
     _native("Cohere2ForCausalLM", "Command-R7B", ["CohereForAI/c4ai-command-r7b-12-2024"], "cohere2",
-            "Cohere2ForCausalLM", "llama2", sliding_window=16),
+            "Cohere2ForCausalLM", "llama2"),
     _family("DeciLMForCausalLM", "DeciLM", ["nvidia/Llama-3_3-Nemotron-Super-49B-v1"], "nemotron-nas",
             "LlamaForCausalLM", "llama2",
             "a small native module (automodel/models/families/decilm.py): LlamaForCausalLM whose decoder layers "
@@ -168,14 +143,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "layer's KV heads, ffn_mult its MLP width (2/3 x ffn_mult x hidden rounded up to 256); Llama's weight "
             "names; `rope_scaling` llama3 becomes rope_parameters",
             notes="`replace_with_linear`, sparsity and sink/window attention entries stop with a one-line error "
-                  "naming the block_configs entry",
-            num_hidden_layers=3, intermediate_size=None, num_key_value_heads=None, tie_word_embeddings=False,
-            block_configs=[{"attention": {"no_op": False, "n_heads_in_group": 2, "replace_with_linear": False},
-                            "ffn": {"no_op": True, "ffn_mult": None, "replace_with_linear": False}},
-                           {"attention": {"no_op": True, "n_heads_in_group": None, "replace_with_linear": False},
-                            "ffn": {"no_op": False, "ffn_mult": 7.0, "replace_with_linear": False}},
-                           {"attention": {"no_op": False, "n_heads_in_group": 4, "replace_with_linear": False},
-                            "ffn": {"no_op": False, "ffn_mult": 1.0, "replace_with_linear": False}}]),
+                  "naming the block_configs entry"),
     _family("DeepseekForCausalLM", "DeepSeek", ["deepseek-ai/deepseek-llm-7b-chat"], "deepseek", "LlamaForCausalLM",
             "llama2", "config only: dense DeepSeek LLM v1 configs are the Llama decoder. DeepSeek-MoE "
             "(deepseek-moe-16b, `n_routed_experts` set) loads into a small native module "
@@ -190,46 +158,39 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                   "LoRA all-linear adapts attention and the dense and shared-expert MLPs, not the routed experts "
                   "(fused 3-D parameters) nor the router; against vLLM 0.32's DeepseekForCausalLM "
                   "(`scripts/check_families_against_vllm.py OUT deepseek-moe`, head_dim 32, fp32): max |log p(ours) "
-                  "- log p(vLLM)| 3.2e-06 over 23 prompt tokens",
-            tie_word_embeddings=False),
+                  "- log p(vLLM)| 3.2e-06 over 23 prompt tokens"),
     _native("DeepseekV2ForCausalLM", "DeepSeek-V2", ["deepseek-ai/DeepSeek-V2-Lite"], "deepseek_v2",
-            "DeepseekV2ForCausalLM", "llama2", MLA_ATTENTION + DEEPSEEK_EXPERTS, kind="moe",
-            notes="multi-head latent attention; layer 0 dense, layer 1 MoE. " + PEFT_MOE_REMAP,
-            **MLA, **TINY_MOE, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1),
+            "DeepseekV2ForCausalLM", "llama2", MLA_ATTENTION + DEEPSEEK_MLP, kind="moe",
+            notes="multi-head latent attention; layer 0 dense, layer 1 MoE. " + PEFT_MOE_REMAP),
     _native("DeepseekV3ForCausalLM", "DeepSeek-V3", ["deepseek-ai/DeepSeek-V3"], "deepseek_v3",
-            "DeepseekV3ForCausalLM", "llama2", MLA_ATTENTION + DEEPSEEK_EXPERTS, kind="moe",
+            "DeepseekV3ForCausalLM", "llama2", MLA_ATTENTION + DEEPSEEK_MLP, kind="moe",
             notes="multi-head latent attention; layer 0 dense, layer 1 MoE; routing balances by a bias buffer "
-                  "(no auxiliary loss). " + PEFT_MOE_REMAP,
-            **MLA, **TINY_MOE, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
-            topk_group=1),
+                  "(no auxiliary loss). " + PEFT_MOE_REMAP),
     _native("ExaoneForCausalLM", "EXAONE-3", ["LGAI-EXAONE/EXAONE-3.0-7.8B-Instruct"], "exaone", "LlamaForCausalLM",
             "llama2", notes="transformers reads the EXAONE weight names (transformer.h.N.attn.attention...) into "
                             "LlamaForCausalLM and writes them back in that layout"),
     _native("Exaone4ForCausalLM", "EXAONE-4", ["LGAI-EXAONE/EXAONE-4.0-1.2B"], "exaone4", "Exaone4ForCausalLM",
-            "llama2", sliding_window=16, sliding_window_pattern=2),
+            "llama2"),
     _native("FalconForCausalLM", "Falcon", ["tiiuae/falcon-7b", "tiiuae/falcon-40b", "tiiuae/falcon-rw-7b"],
             "falcon", "FalconForCausalLM", "gpt2", NEOX_LIKE),
     _native("GemmaForCausalLM", "Gemma", ["google/gemma-2b", "google/gemma-1.1-2b-it"], "gemma",
-            "GemmaForCausalLM", "llama2", notes="embeddings scaled by sqrt(hidden) inside the transformers model",
-            head_dim=16),
+            "GemmaForCausalLM", "llama2", notes="embeddings scaled by sqrt(hidden) inside the transformers model"),
     _native("Gemma2ForCausalLM", "Gemma 2", ["google/gemma-2-9b"], "gemma2", "Gemma2ForCausalLM", "llama2",
             notes="attention and final-logit soft-capping; SDPA cannot soft-cap, so the default attention is "
-                  "eager (see automodel/models/loader.py)",
-            head_dim=16, query_pre_attn_scalar=16, sliding_window=16),
+                  "eager (see automodel/models/loader.py)"),
     _native("Gemma3ForCausalLM", "Gemma 3", ["google/gemma-3-1b-it"], "gemma3_text", "Gemma3ForCausalLM", "llama2",
-            notes="sliding-window and global layers; q/k norms", head_dim=16, query_pre_attn_scalar=16,
-            sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
+            notes="sliding-window and global layers; q/k norms"),
     _native("GlmForCausalLM", "GLM-4", ["THUDM/glm-4-9b-chat-hf"], "glm", "GlmForCausalLM", "llama2",
-            ATTENTION + ("gate_up_proj", "down_proj"), head_dim=16),
+            ATTENTION + ("gate_up_proj", "down_proj")),
     _native("Glm4ForCausalLM", "GLM-4-0414", ["THUDM/GLM-4-32B-0414"], "glm4", "Glm4ForCausalLM", "llama2",
-            ATTENTION + ("gate_up_proj", "down_proj"), head_dim=16),
+            ATTENTION + ("gate_up_proj", "down_proj")),
     _native("GPTBigCodeForCausalLM", "StarCoder, SantaCoder, WizardCoder",
             ["bigcode/starcoder", "bigcode/gpt_bigcode-santacoder", "WizardLM/WizardCoder-15B-V1.0"],
             "gpt_bigcode", "GPTBigCodeForCausalLM", "gpt2", ("c_attn", "c_proj", "c_fc"), kind="gpt2-style",
             notes="multi-query attention; fused c_attn projection"),
     _native("GPTJForCausalLM", "GPT-J", ["EleutherAI/gpt-j-6b", "nomic-ai/gpt4all-j"], "gptj", "GPTJForCausalLM",
             "gpt2", ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"), kind="gpt2-style",
-            own_tokenizer=True, rotary_dim=8, tie_word_embeddings=False),
+            own_tokenizer=True),
     _native("GPTNeoXForCausalLM", "GPT-NeoX, Pythia, OpenAssistant, Dolly V2, StableLM",
             ["EleutherAI/gpt-neox-20b", "EleutherAI/pythia-12b", "databricks/dolly-v2-12b",
              "stabilityai/stablelm-tuned-alpha-7b"], "gpt_neox", "GPTNeoXForCausalLM", "gpt2", NEOX_LIKE,
@@ -240,16 +201,15 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             notes="embedding/residual/attention/logit multipliers inside the transformers model"),
     _native("GraniteMoeForCausalLM", "Granite 3.0 MoE, PowerMoE",
             ["ibm-granite/granite-3.0-1b-a400m-base", "ibm/PowerMoE-3b"], "granitemoe", "GraniteMoeForCausalLM",
-            "llama2", ATTENTION, kind="moe", num_local_experts=4, **TINY_MOE),
+            "llama2", ATTENTION, kind="moe"),
     _native("GraniteMoeSharedForCausalLM", "Granite MoE Shared", ["ibm-research/moe-7b-1b-active-shared-experts"],
             "granitemoeshared", "GraniteMoeSharedForCausalLM", "llama2", ATTENTION + ("input_linear", "output_linear"),
-            kind="moe", num_local_experts=4, shared_intermediate_size=64, **TINY_MOE),
+            kind="moe"),
     _native("GritLM", "GritLM", ["parasail-ai/GritLM-7B-vllm"], "mistral", "MistralForCausalLM", "mistral-7b-v0.1",
             own_tokenizer=True, notes="a Mistral checkpoint; trained here as a causal LM"),
     _family("InternLMForCausalLM", "InternLM", ["internlm/internlm-7b", "internlm/internlm-chat-7b"], "internlm",
             "LlamaForCausalLM", "llama2", "config only: Llama with `attention_bias` from `bias` (q, k, v and o "
-            "biased); `rotary` {base, type origin or dynamic, scaling_factor} becomes rope_parameters",
-            tie_word_embeddings=False, bias=True, rotary={"base": 10000, "type": "dynamic"}),
+            "biased); `rotary` {base, type origin or dynamic, scaling_factor} becomes rope_parameters"),
     _family("InternLM2ForCausalLM", "InternLM2", ["internlm/internlm2-7b", "internlm/internlm2-chat-7b"],
             "internlm2", "LlamaForCausalLM", "llama2",
             "one weight conversion: the Llama decoder under InternLM2's names (tok_embeddings, attention.wo, "
@@ -257,11 +217,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "head and is split on load, regrouped on save (transformers' checkpoint conversion mapping); "
             "`rope_scaling` dynamic/linear becomes rope_parameters",
             notes="LoRA adapters name q_proj/k_proj/v_proj/o_proj/gate_proj/up_proj/down_proj (merge-lora writes "
-                  "the InternLM2 names back); `bias: true` stops with a one-line error",
-            tie_word_embeddings=False, bias=False, rope_theta=1000000.0,
-            rope_scaling={"type": "dynamic", "factor": 2.0}),
+                  "the InternLM2 names back); `bias: true` stops with a one-line error"),
     _native("InternLM3ForCausalLM", "InternLM3", ["internlm/internlm3-8b-instruct"], "internlm3", "LlamaForCausalLM",
-            "llama2", notes="transformers loads the internlm3 config into LlamaForCausalLM", head_dim=16),
+            "llama2", notes="transformers loads the internlm3 config into LlamaForCausalLM"),
     _family("JAISLMHeadModel", "Jais", ["inceptionai/jais-13b", "inceptionai/jais-30b-v3"], "jais", "GPT2LMHeadModel",
             "gpt2",
             "a small native module (automodel/models/families/jais.py): GPT-2's blocks and Conv1D weight names with "
@@ -274,11 +232,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                   "flash path; the muP learning-rate scalings are training-recipe choices the config does not apply. "
                   "No vLLM comparison: vLLM 0.32 rejects JAISLMHeadModel (supported until 0.22); the reference is "
                   "tests/models/test_family_jais.py's",
-            lora_targets=("c_attn", "c_proj", "c_fc", "c_fc2"),
-            n_embd=64, n_head=4, n_layer=2, n_inner=96, n_positions=256, activation_function="swiglu",
-            position_embedding_type="alibi", embeddings_scale=14.6, width_scale=0.0625, scale_qk_dot_by_d=True,
-            layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, scale_attn_weights=True,
-            scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False),
+            lora_targets=("c_attn", "c_proj", "c_fc", "c_fc2")),
     _native("LlamaForCausalLM", "Llama 3.1, Llama 3, Llama 2, LLaMA, Yi",
             ["meta-llama/Meta-Llama-3.1-70B", "meta-llama/Llama-2-70b-hf", "01-ai/Yi-34B"], "llama",
             "LlamaForCausalLM", "llama2", own_tokenizer=True),
@@ -286,30 +240,26 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "minicpm", "GraniteForCausalLM", "llama2",
             "config only: Granite's multipliers: embedding_multiplier = `scale_emb`, residual_multiplier = "
             "`scale_depth` / sqrt(layers), logits_scaling = hidden_size / `dim_model_base`, attention 1/sqrt(head_dim)",
-            notes="MiniCPM-MoE configs (`num_experts`) stop with a one-line error",
-            scale_emb=12, dim_model_base=16, scale_depth=1.4),
+            notes="MiniCPM-MoE configs (`num_experts`) stop with a one-line error"),
     _native("MiniCPM3ForCausalLM", "MiniCPM3", ["openbmb/MiniCPM3-4B"], "minicpm3", "MiniCPM3ForCausalLM", "llama2",
-            MLA_ATTENTION + GATED_MLP, notes="multi-head latent attention; muP embedding/depth scaling", **MLA),
+            MLA_ATTENTION + GATED_MLP, notes="multi-head latent attention; muP embedding/depth scaling"),
     _native("MistralForCausalLM", "Mistral, Mistral-Instruct",
             ["mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.1"], "mistral", "MistralForCausalLM",
             "mistral-7b-v0.1", own_tokenizer=True),
     _native("MixtralForCausalLM", "Mixtral-8x7B",
             ["mistralai/Mixtral-8x7B-v0.1", "mistralai/Mixtral-8x7B-Instruct-v0.1"], "mixtral", "MixtralForCausalLM",
             "mistral-7b-v0.1", ATTENTION, kind="moe", own_tokenizer=True,
-            notes="checkpoint layout block_sparse_moe.experts.N.w1/w2/w3, fused on load by transformers",
-            num_local_experts=4, num_experts_per_tok=2),
+            notes="checkpoint layout block_sparse_moe.experts.N.w1/w2/w3, fused on load by transformers"),
     _native("NemotronForCausalLM", "Nemotron-3, Nemotron-4, Minitron", ["nvidia/Minitron-8B-Base"], "nemotron",
-            "NemotronForCausalLM", "llama2", ATTENTION + ("up_proj", "down_proj"), head_dim=16),
+            "NemotronForCausalLM", "llama2", ATTENTION + ("up_proj", "down_proj")),
     _native("OLMoForCausalLM", "OLMo", ["allenai/OLMo-1B-hf", "allenai/OLMo-7B-hf"], "olmo", "OlmoForCausalLM", "gpt2",
             notes="non-parametric layer norm"),
     _native("OLMo2ForCausalLM", "OLMo2", ["allenai/OLMo2-7B-1124"], "olmo2", "Olmo2ForCausalLM", "gpt2"),
     _native("OLMoEForCausalLM", "OLMoE", ["allenai/OLMoE-1B-7B-0924", "allenai/OLMoE-1B-7B-0924-Instruct"], "olmoe",
-            "OlmoeForCausalLM", "gpt2", ATTENTION, kind="moe", num_experts=4, intermediate_size=32,
-            num_experts_per_tok=2),
+            "OlmoeForCausalLM", "gpt2", ATTENTION, kind="moe"),
     _family("OrionForCausalLM", "Orion", ["OrionStarAI/Orion-14B-Base", "OrionStarAI/Orion-14B-Chat"], "orion",
             "StableLmForCausalLM", "llama2", "config only: Llama with biased LayerNorm (eps `rms_norm_eps`) is "
-            "StableLm with full rotary, sequential residuals, no q/k norm and no q/k/v bias",
-            tie_word_embeddings=False),
+            "StableLm with full rotary, sequential residuals, no q/k norm and no q/k/v bias"),
     _native("PhiForCausalLM", "Phi", ["microsoft/phi-1_5", "microsoft/phi-2"], "phi", "PhiForCausalLM", "gpt2",
             ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"), notes="partial rotary; parallel attention/MLP"),
     _native("Phi3ForCausalLM", "Phi-4, Phi-3",
@@ -338,26 +288,15 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                   "other `rope_scaling` types stop with one line; reference forward and padding/cache checks: "
                   "tests/models/test_family_phi3small.py, Phi-3-small-128k (both LongRoPE regimes, LoRA, SFT, "
                   "round trip): tests/models/test_family_phi3small_128k.py (vLLM 0.32 dropped "
-                  "Phi3SmallForCausalLM after 0.9.2, so there is no vLLM comparison)",
-            num_hidden_layers=2, hidden_size=64, ff_intermediate_size=128, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, hidden_act="gegelu", gegelu_limit=0.5,
-            gegelu_pad_to_256=True, ff_dim_multiplier=None, blocksparse_homo_head_pattern=False,
-            blocksparse_block_size=4, blocksparse_num_local_blocks=2, blocksparse_vert_stride=3,
-            blocksparse_triton_kernel_block_size=4, dense_attention_every_n_layers=2, embedding_dropout_prob=0.1,
-            attention_dropout_prob=0.0, ffn_dropout_prob=0.1, layer_norm_epsilon=1e-5, mup_use_scaling=True,
-            mup_width_multiplier=8.0, mup_embedding_multiplier=10.0, mup_attn_multiplier=1.0,
-            rope_embedding_base=1000000, rope_position_scale=1.0, rope_scaling=None, reorder_and_upcast_attn=False,
-            pad_sequence_to_multiple_of_64=True, initializer_range=0.02),
+                  "Phi3SmallForCausalLM after 0.9.2, so there is no vLLM comparison)"),
     _native("Qwen2ForCausalLM", "QwQ, Qwen2", ["Qwen/QwQ-32B-Preview", "Qwen/Qwen2-7B-Instruct", "Qwen/Qwen2-7B"],
             "qwen2", "Qwen2ForCausalLM", "qwen", own_tokenizer=True),
     _native("Qwen2MoeForCausalLM", "Qwen2MoE", ["Qwen/Qwen1.5-MoE-A2.7B", "Qwen/Qwen1.5-MoE-A2.7B-Chat"],
             "qwen2_moe", "Qwen2MoeForCausalLM", "qwen", LLAMA_LIKE + ("shared_expert_gate",), kind="moe",
-            own_tokenizer=True, notes="routed experts plus a gated shared expert",
-            num_experts=4, shared_expert_intermediate_size=64, **TINY_MOE),
-    _native("Qwen3ForCausalLM", "Qwen3", ["Qwen/Qwen3-8B"], "qwen3", "Qwen3ForCausalLM", "qwen", own_tokenizer=True,
-            head_dim=16),
+            own_tokenizer=True, notes="routed experts plus a gated shared expert"),
+    _native("Qwen3ForCausalLM", "Qwen3", ["Qwen/Qwen3-8B"], "qwen3", "Qwen3ForCausalLM", "qwen", own_tokenizer=True),
     _native("Qwen3MoeForCausalLM", "Qwen3MoE", ["Qwen/Qwen3-30B-A3B"], "qwen3_moe", "Qwen3MoeForCausalLM", "qwen",
-            ATTENTION, kind="moe", own_tokenizer=True, head_dim=16, num_experts=4, **TINY_MOE),
+            ATTENTION, kind="moe", own_tokenizer=True),
     _native("StableLmForCausalLM", "StableLM", ["stabilityai/stablelm-3b-4e1t", "stabilityai/stablelm-base-alpha-7b-v2"],
             "stablelm", "StableLmForCausalLM", "gpt2", notes="partial rotary"),
     _native("Starcoder2ForCausalLM", "Starcoder2",
@@ -373,10 +312,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                   "with a one-line error naming the field. `sliding_window` limits every attention path as in "
                   "transformers' Mistral (a query sees its last `sliding_window` keys); vLLM 0.32's Solar attends to "
                   "all earlier tokens, so the two differ past that many tokens. Against vLLM 0.32 (inference blend, "
-                  "window wider than the prompt): max |log p| difference 2.9e-06 over 23 prompt tokens",
-            num_hidden_layers=6, tie_word_embeddings=False, rope_theta=10000.0, attention_bias=False, mlp_bias=False,
-            attention_dropout=0.0, sliding_window=16, bskcn_1=[1, 3], bskcn_2=[2], bskcn_3=[2, 5], bskcn_4=[4],
-            bskcn_tv=[0.9, 0.8]),
+                  "window wider than the prompt): max |log p| difference 2.9e-06 over 23 prompt tokens"),
 )
 
 BY_NAME: dict[str, Architecture] = {row.architecture: row for row in ARCHITECTURES}
@@ -407,32 +343,6 @@ FSDP2_VERIFIED: dict[str, tuple[str, ...]] = {
     "Phi3SmallForCausalLM": ("sft",),
     "JAISLMHeadModel": ("sft",),
 }
-
-# model_type values whose padding-free batches (examples back to back in one row, automodel/data/packing.py) give
-# each example the logits it gets alone: tests/models/test_padding_free.py checks every native row and this list
-# (baichuan_alibi, Baichuan-13B, which no row's own checkpoint is: tests/models/test_family_baichuan13b.py).
-PADDING_FREE_VERIFIED: frozenset[str] = frozenset({
-    "baichuan_alibi",
-    "cohere", "cohere2", "deepseek_v2", "deepseek_v3", "exaone", "exaone4", "gemma", "gemma3_text", "glm", "glm4",
-    "gpt_bigcode", "gpt_neox", "gptj", "granite", "granitemoe", "granitemoeshared", "internlm3", "jais", "llama",
-    "minicpm3", "mistral", "mixtral", "olmo", "olmo2", "olmoe", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
-    "qwen3_moe", "starcoder2",
-})
-
-# Of those, the model_types whose packed rows transformers' own attention (the CUDA default) keeps apart from the
-# restarting position ids alone; checked by the same test. The ALiBi attentions (Jais, Baichuan-13B) build their
-# bias from the mask automodel's collator passes, which the position-ids-only rows do not carry.
-ALIBI_TYPES = frozenset({"jais", "baichuan_alibi"})
-POSITION_IDS_PACKING_VERIFIED: frozenset[str] = PADDING_FREE_VERIFIED - ALIBI_TYPES
-
-# Where the last layer may compute only the rows the loss reads (automodel/models/last_layer_rows.py): the
-# padding-free rows except mixture-of-experts ones, whose router would still route the skipped rows (and count them
-# in its load-balancing loss). tests/models/test_padding_free.py checks each in float64.
-# Jais's ALiBi attention calls SDPA itself (automodel/models/families/jais.py), not automodel_sdpa, which limits rows;
-# Baichuan-13B's passes automodel_sdpa a float mask (the ALiBi bias), with which it computes every row.
-LAST_LAYER_ROWS_VERIFIED: frozenset[str] = PADDING_FREE_VERIFIED - {
-    row.model_type for row in ARCHITECTURES if row.kind == "moe"} - ALIBI_TYPES
-
 
 def native_rows() -> list[Architecture]:
     """Rows transformers loads natively (the published model_type is transformers')."""

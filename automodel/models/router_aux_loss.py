@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from automodel.data.collate import count_label_tokens
+from automodel.batch import count_label_tokens
 from automodel.errors import UserError
 
 

@@ -105,7 +105,7 @@ class LoraSettings:
         adapted = adapted_targets(peft_model)
         if adapted != wanted:
             # peft's transformers-v4 adapter compatibility maps gate_proj/up_proj/down_proj targets of some MoE
-            # model types (DeepSeek-V2/V3) to the fused expert parameters; say what was adapted instead.
+            # model types (DeepSeek-V2/V3) to the fused expert parameters too; say what was adapted instead.
             logger.warning("peft adapted %s instead of the selected %s (its MoE target conversion for %s)",
                            sorted(adapted), sorted(wanted), getattr(model.config, "model_type", "this model"))
         return peft_model

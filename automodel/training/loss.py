@@ -4,7 +4,7 @@ The recipe divides the sum by the label-token count of the whole optimizer step 
 all ranks), so gradient accumulation and data parallelism give the gradient of one large batch.
 
 A loss function takes `(logits, targets)` already aligned: targets are the labels shifted by one
-(`automodel.data.collate.shift_labels`), and when the model computed logits only at label positions, just those
+(`automodel.batch.shift_labels`), and when the model computed logits only at label positions, just those
 targets. `head_loss` takes the last hidden states at the label positions instead and applies the output head
 (automodel/models/output_head.py) and the cross-entropy `chunk_size` label tokens at a time: each chunk's gradients
 (for the hidden states and the head's trainable parameters) are computed right away and its logits freed, so at most
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from automodel.data.dataset import IGNORE_INDEX
+from automodel.batch import IGNORE_INDEX
 from automodel.errors import UserError
 from automodel.models.output_head import OutputHead
 

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from automodel.data import PadCollator, make_squad_dataset
+from automodel.batch import shift_labels
 from automodel.data.packing import PackingCollator, build_collator, pack_rows
 from automodel.errors import UserError
-from automodel.data.collate import shift_labels
+from automodel.models.capabilities import batch_layouts
 from automodel.training.loss import MaskedCrossEntropy
 from tests.conftest import SQUAD_DEV, STORIES
 
@@ -94,9 +95,10 @@ def test_collator_layout_and_errors(examples, stories_tokenizer):
         assert (batch["labels"][r, start:] == -100).all() and (batch["input_ids"][r, start:] == 0).all()
     with pytest.raises(UserError, match=f"an example of {max(lengths)} tokens does not fit in 100"):
         PackingCollator(0, 100)(examples)
-    assert isinstance(build_collator(None, 0), PadCollator)
-    assert build_collator({"packed_sequence_size": 256}, 0, "sdpa") == PackingCollator(0, 256)
-    with pytest.raises(UserError, match="needs model.attn_implementation sdpa"):
-        build_collator({"packed_sequence_size": 256}, 0, "eager")
+    unknown = batch_layouts(None, None)  # a model nothing is known of: padded, packing allowed
+    assert isinstance(build_collator(None, 0, unknown), PadCollator)
+    assert build_collator({"packed_sequence_size": 256}, 0, batch_layouts("sdpa", "llama")) == PackingCollator(0, 256)
+    with pytest.raises(UserError, match="packing needs model.attn_implementation sdpa"):
+        build_collator({"packed_sequence_size": 256}, 0, batch_layouts("eager", "llama"))
     with pytest.raises(UserError, match="packed_sequence.packed_sequence_size: expected int"):
-        build_collator({"packed_sequence_size": "big"}, 0)
+        build_collator({"packed_sequence_size": "big"}, 0, unknown)

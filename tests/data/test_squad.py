@@ -14,6 +14,7 @@ import torch
 from transformers import AutoTokenizer
 
 from automodel.data import PadCollator, SFTDataset, make_squad_dataset, pad_collate
+from automodel.data.squad import HELD_OUT_ANSWER_TOKENS, count_answer_cut
 from automodel.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -157,6 +158,62 @@ def test_train_file_at_512_tokens_keeps_every_answer_in_its_prompt(llama_tok):
         assert example["target"] in example["prompt"].split(" Question: ")[0]
         late += example["truncated"] and example["answer_start"] > len(example["context"]) // 2
     assert late > 0
+
+
+def with_late_answers(rows):
+    """The same questions with another gold answer: the last three words of the context (an answer window would
+    then show the context's end)."""
+    twins = []
+    for row in rows:
+        words = row["context"].split()
+        text = " ".join(words[-3:])
+        twins.append({**row, "answers": {"text": [text], "answer_start": [row["context"].rindex(text)]}})
+    return twins
+
+
+def test_held_out_contexts_keep_their_start_whatever_the_gold_answer(tmp_path, llama_tok, nested_dev):
+    """Evaluation and validation (`context_start`) show a question the same context whatever its gold answer;
+    training (`answer_window`) keeps a window around it, which is where the loss is."""
+    from automodel.inference.squad_eval import SquadEvalOptions, load_questions, resolve_options
+
+    rows = flat_rows(nested_dev, 40)
+    files = [write_jsonl(tmp_path / "gold.jsonl", rows), write_jsonl(tmp_path / "late.jsonl", with_late_answers(rows))]
+    evaluated = [load_questions(llama_tok, resolve_options(SquadEvalOptions(dataset=str(f), seq_length=160), None,
+                                                           None, 32)) for f in files]
+    assert [q["prompt"] for q in evaluated[0]] == [q["prompt"] for q in evaluated[1]]
+    gold, late = evaluated
+    truncated = [q for q in gold if q["truncated"]]
+    assert len(truncated) > 10 and len(gold) == 40
+    for question, row in zip(gold, rows):
+        assert row["context"].startswith(question["context"])
+        assert len(llama_tok(question["prompt"])["input_ids"]) <= 160 - HELD_OUT_ANSWER_TOKENS
+        assert question["answer_cut"] == (not any(a in question["context"] for a in row["answers"]["text"]))
+    # The late answers are cut away from every truncated context, and counted; some gold ones are too.
+    assert count_answer_cut(late) == len(truncated) and 0 < count_answer_cut(gold) < len(truncated)
+
+    windows = [make_squad_dataset(llama_tok, str(f), seq_length=160, cache=False).examples for f in files]
+    assert [q["prompt"] for q in windows[0]] != [q["prompt"] for q in windows[1]]
+    assert all(q["target"] in q["context"] and not q["answer_cut"] for q in windows[0] + windows[1])
+
+
+def test_the_recipe_validates_on_held_out_cuts_only(llama_tok):
+    from automodel.config import TargetPolicy
+    from automodel.data.loaders import build_dataset
+
+    node = {"_target_": "automodel.data.squad.make_squad_dataset", "dataset_name": str(NESTED_DEV),
+            "seq_length": 160, "limit_dataset_samples": 40, "cache": False}
+    validation = build_dataset({"validation_dataset": node}, "validation_dataset", TargetPolicy(), llama_tok)
+    assert validation.num_truncated > 10
+    original = {q["id"]: q["context"] for q in make_squad_dataset(llama_tok, str(NESTED_DEV),
+                                                                  limit_dataset_samples=40).examples}
+    assert all(original[q["id"]].startswith(q["context"]) for q in validation.examples)
+    training = build_dataset({"dataset": node}, "dataset", TargetPolicy(), llama_tok)
+    assert any(not original[q["id"]].startswith(q["context"]) for q in training.examples)  # answer windows
+    with pytest.raises(UserError, match="validation_dataset.truncation: 'answer_window' picks the context"):
+        build_dataset({"validation_dataset": {**node, "truncation": "answer_window"}}, "validation_dataset",
+                      TargetPolicy(), llama_tok)
+    with pytest.raises(UserError, match="truncation: expected one of answer_window, context_start, got 'middle'"):
+        make_squad_dataset(llama_tok, str(NESTED_DEV), truncation="middle")
 
 
 def test_tiny_seq_length_drops_what_cannot_fit(gpt2_tok, nested_dev):

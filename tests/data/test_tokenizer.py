@@ -9,7 +9,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from automodel.data.cache import tokenizer_fingerprint
-from automodel.data.tokenizer import apply_tokenizer_options, build_tokenizer, special_token_affixes
+from automodel.data.tokenizer import apply_tokenizer_options, special_token_affixes
+from automodel.training.tokenizer import build_tokenizer
 from automodel.errors import UserError
 from tests.conftest import ASSETS, REPO_ROOT, STORIES
 

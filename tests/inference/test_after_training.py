@@ -52,21 +52,25 @@ def test_eval_squad_base_vs_lora_on_the_same_50_questions(lora_run, tmp_path, ca
         assert report["f1"] == pytest.approx(expected["f1"]) and report["total"] == 50
         unstopped = report["ran_to_max_new_tokens"]
         assert 0 <= unstopped <= 50
+        cut_away = report["answer_cut_away"]
+        assert 0 <= cut_away < 50
         assert summary == f"SQuAD v1.1 | 50 questions | exact match {expected['exact_match']:.2f} | " \
-                          f"F1 {expected['f1']:.2f} | {unstopped} ran to max_new_tokens (32) without EOS"
+                          f"F1 {expected['f1']:.2f} | {unstopped} ran to max_new_tokens (32) without EOS | " \
+                          f"{cut_away} with every answer cut out of the context (seq_length 256)"
     assert read_json(lora_dir / "scores.json")["prompt_template"] == DEFAULT_PROMPT_TEMPLATE
 
 
 def test_eval_prompts_are_the_training_prompts(lora_run):
-    """A trained prompt changed by one character would mean evaluating a different task."""
-    from automodel.config import build
-    from automodel.inference.squad_eval import SquadEvalOptions, load_questions, resolve_options
+    """A trained prompt changed by one character would mean evaluating a different task; eval squad and the run's
+    validation set both cut held-out contexts at their end (the recipe's build, data/loaders.py)."""
+    from automodel.config import TargetPolicy
     from automodel.config.loader import load_yaml
+    from automodel.data.loaders import build_dataset
+    from automodel.inference.squad_eval import SquadEvalOptions, load_questions, resolve_options
 
     generator = Generator.load(str(lora_run))
     config = load_yaml(lora_run / "config.yaml")
-    node = {k: v for k, v in config["validation_dataset"].items()}
-    trained = build(node, "validation_dataset", tokenizer=generator.tokenizer).examples
+    trained = build_dataset(config, "validation_dataset", TargetPolicy(), generator.tokenizer).examples
     args = resolve_options(SquadEvalOptions(), generator.source.train_config, 512, 32)
     evaluated = load_questions(generator.tokenizer, args)
     assert [q["prompt"] for q in evaluated] == [q["prompt"] for q in trained]

@@ -39,7 +39,7 @@ def test_push_uploads_no_file_from_outside_the_folder(tmp_path, capsys):
     (folder / "model.safetensors").symlink_to(private)
     assert main(["push", str(folder), "--repo-id", "me/model", "--dry-run"]) == 2
     line = one_error_line(capsys)
-    assert line.startswith(f"error: push: {folder / 'model.safetensors'} leads to {private}, outside {folder}")
+    assert line.startswith(f"error: push: {folder / 'model.safetensors'} is a link to {private}; ")
 
 
 def test_latest_naming_a_path_elsewhere_is_refused(tmp_path):
@@ -98,12 +98,13 @@ def test_checkpoint_dir_that_is_a_file_is_one_line(tmp_path, capsys):
                                       "folder (it is created when missing)")
 
 
-def test_a_checkpoint_from_elsewhere_is_loaded_only_when_trusted(sft_run, tmp_path, capsys):
-    """A step folder copied in (as one downloaded would be) is refused by resume and export until accepted."""
+def test_a_checkpoint_from_elsewhere_is_loaded_only_when_trusted(sft_run, tmp_path, capsys, monkeypatch):
+    """A step folder written on another machine (another ledger) is refused by resume and export until accepted."""
     step = latest_step_dir(sft_run)
     assert sorted(p.suffix for p in (step / "model").iterdir() if p.suffix in (".bin", ".pt", ".pkl", ".pth")) == []
     foreign = tmp_path / "downloaded" / step.name
     shutil.copytree(step, foreign)
+    monkeypatch.setenv("AUTOMODEL_CACHE", str(tmp_path / "this_machine"))  # whose ledger never saw the step
     risk = "its dcp/ training state is read with Python's pickle, which can run any code the files hold"
 
     assert main(["export", str(foreign), "--output", str(tmp_path / "out")]) == 2
@@ -135,12 +136,11 @@ def test_a_damaged_trusted_checkpoint_is_one_line(sft_run, tmp_path, capsys, dam
     shutil.copytree(step, copy)
     (copy / damage).write_bytes(b"\x80\x04{oops")
     cfg = __import__("yaml").safe_load((step / "config.yaml").read_text())
-    cfg["checkpoint"] = {"checkpoint_dir": str(tmp_path / "new"), "restore_from": str(copy),
-                         "trust_pickled_state": True}
+    cfg["checkpoint"] = {"checkpoint_dir": str(tmp_path / "new"), "restore_from": str(copy)}
     cfg["step_scheduler"]["max_steps"] = 3
     path = tmp_path / "cfg.yaml"
     path.write_text(__import__("yaml").safe_dump(cfg))
-    assert main(["finetune", "llm", "-c", str(path)]) == 2
+    assert main(["finetune", "llm", "-c", str(path), "--checkpoint.trust_pickled_state", "true"]) == 2
     out = capsys.readouterr()
     line = one_error_line_of(out.err)
     assert message in line and "Traceback" not in out.out, line
@@ -163,3 +163,101 @@ def test_export_output_may_not_be_a_link_or_inside_its_state(sft_run, tmp_path, 
     assert one_error_line(capsys) == (f"error: --output: {step / 'dcp' / 'model'} overlaps the input folder "
                                       f"{step / 'dcp'}; write somewhere else")
     assert not (tmp_path / "target").exists() and not (step / "dcp" / "model").exists()
+
+
+# ---- writes never follow links (issue 26, point 6) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("planted", ["config.yaml", "metrics.jsonl", "LATEST", "step_1", "mlflow.db", "tensorboard"])
+def test_a_link_planted_in_the_checkpoint_dir_stops_the_run_before_it_writes(tmp_path, capsys, planted):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "important").write_text("keep me")
+    cfg = tiny_squad_config(tmp_path, max_steps=1)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / planted).symlink_to(victim if planted in ("step_1", "tensorboard") else victim / "important")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(__import__("yaml").safe_dump(cfg))
+    assert main(["finetune", "llm", "-c", str(path)]) == 2
+    assert one_error_line(capsys).startswith(f"error: checkpoint.checkpoint_dir: {ckpt / planted} is a link to ")
+    assert sorted(p.name for p in ckpt.iterdir()) == [planted]
+    assert sorted(p.name for p in victim.iterdir()) == ["important"]
+    assert (victim / "important").read_text() == "keep me"
+
+
+def test_the_writers_themselves_never_follow_a_final_link(tmp_path):
+    from automodel.checkpoint import write_config
+    from automodel.checkpoint.save import write_atomically
+    from automodel.logging.metrics import MetricsLogger
+
+    target = tmp_path / "target"
+    target.write_text("keep me")
+    for name in ("config.yaml", "metrics.jsonl", ".LATEST.tmp"):
+        (tmp_path / name).symlink_to(target)
+    with pytest.raises(UserError, match=r"config.yaml is a link to .*target; automodel reads and writes"):
+        write_config({"a": 1}, tmp_path / "config.yaml")
+    with pytest.raises(UserError, match=r"logging.metrics_file: .*metrics.jsonl is a link to"):
+        MetricsLogger(tmp_path / "metrics.jsonl")
+    with pytest.raises(UserError, match=r"\.LATEST\.tmp is a link to"):
+        write_atomically(tmp_path / "LATEST", "step_1\n")
+    assert target.read_text() == "keep me" and not (tmp_path / "LATEST").exists()
+
+
+def test_latest_naming_a_linked_step_folder_is_refused(sft_run, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "step_9").symlink_to(latest_step_dir(sft_run), target_is_directory=True)
+    (ckpt / "LATEST").write_text("step_9\n")
+    with pytest.raises(UserError, match=r"checkpoint: .*step_9 is a link to"):
+        latest_step_dir(ckpt)
+    with pytest.raises(UserError, match=r"model: .*step_9 is a link to"):
+        resolve_source(str(ckpt))
+
+
+def test_serve_merge_output_goes_through_the_merge_output_check(fresh_adapter, tmp_path, capsys):
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "target", target_is_directory=True)
+    assert main(["serve", str(STORIES), "--adapter", str(fresh_adapter), "--merge", "--output", str(link)]) == 2
+    assert one_error_line(capsys).startswith(f"error: --output: {link} is a link to")
+    assert main(["serve", str(STORIES), "--adapter", str(fresh_adapter), "--merge", "--output",
+                 str(fresh_adapter), "--overwrite"]) == 2
+    assert one_error_line(capsys) == (f"error: --output: {fresh_adapter} overlaps the input folder {fresh_adapter}; "
+                                      "write somewhere else")
+    assert not (tmp_path / "target").exists()
+
+
+def test_overwriting_an_output_folder_that_holds_a_link_is_refused(fresh_adapter, tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (tmp_path / "bashrc").write_text("keep me")
+    (output / "model.safetensors").symlink_to(tmp_path / "bashrc")
+    assert main(["merge-lora", str(STORIES), "--adapter", str(fresh_adapter), "--output", str(output),
+                 "--overwrite"]) == 2
+    assert one_error_line(capsys).startswith(f"error: --output: {output / 'model.safetensors'} inside the output "
+                                             "folder is a link to")
+    assert (tmp_path / "bashrc").read_text() == "keep me"
+
+
+def push_folder(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"):
+        shutil.copy(STORIES / name, folder / name)
+    return folder
+
+
+def test_push_refuses_a_hard_link_and_a_linked_model_folder(tmp_path, capsys):
+    folder = push_folder(tmp_path)
+    assert main(["push", str(folder), "--repo-id", "me/model", "--dry-run"]) == 0
+    capsys.readouterr()
+    (tmp_path / "elsewhere").mkdir()
+    __import__("os").link(folder / "model.safetensors", tmp_path / "elsewhere" / "other")
+    assert main(["push", str(folder), "--repo-id", "me/model", "--dry-run"]) == 2
+    assert one_error_line(capsys) == (f"error: push: {folder / 'model.safetensors'} is a hard link (2 names for one "
+                                      "file), so it may be a file from elsewhere; copy it into the folder (cp, not "
+                                      "ln) to upload it")
+    link = tmp_path / "linked_model"
+    link.symlink_to(folder, target_is_directory=True)
+    assert main(["push", str(link), "--repo-id", "me/model", "--dry-run"]) == 2
+    assert one_error_line(capsys).startswith(f"error: push: {link} is a link to {folder}")

@@ -36,12 +36,12 @@ def test_lora_folder_and_command(fresh_adapter, tmp_path, capsys):
     assert sorted(p.name for p in adapter_dir.iterdir()) == sorted(p.name for p in fresh_adapter.iterdir())
     install = find_vllm()
     command = served_command(out)
-    assert command[:3] == [install.python if install else "python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert command[:4] == [install.python if install else "python", "-I", "-m", "vllm.entrypoints.openai.api_server"]
     expected = ["--model", str(STORIES), "--enable-lora", "--lora-modules", f"squad-lora={adapter_dir}",
                 "--max-lora-rank", "8", "--host", "127.0.0.1", "--port", "8000"]
     if install is not None and install.cpu_build:  # vLLM's CPU build reserves a share of host memory
         expected += ["--gpu-memory-utilization", "0.25"]
-    assert command[3:] == expected
+    assert command[4:] == expected
     if install is None:
         assert out.splitlines()[-1] == f"note: {INSTALL_HINT}"
 
@@ -50,7 +50,7 @@ def test_server_settings_become_vllm_arguments(tmp_path, capsys):
     assert main(["serve", str(STORIES), "--output", str(tmp_path / "serve"), "--name", "tiny", "--device", "cpu",
                  "--host", "0.0.0.0", "--port", "8123", "--memory-fraction", "0.1", "--dtype", "float32",
                  "--vllm-args", "--max-model-len 512 --enforce-eager"]) == 0
-    assert served_command(capsys.readouterr().out)[3:] == [
+    assert served_command(capsys.readouterr().out)[4:] == [
         "--model", str((tmp_path / "serve").resolve()), "--served-model-name", "tiny", "--host", "0.0.0.0",
         "--port", "8123", "--gpu-memory-utilization", "0.1", "--dtype", "float32", "--max-model-len", "512",
         "--enforce-eager"]

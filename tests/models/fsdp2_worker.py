@@ -40,7 +40,7 @@ def fsdp2_config(architecture: str, model_dir, out_dir, lora: bool) -> dict:
     cfg["dataset"]["limit_dataset_samples"] = GLOBAL_BATCH * STEPS
     cfg["step_scheduler"].update(global_batch_size=GLOBAL_BATCH, local_batch_size=1, max_steps=STEPS,
                                  ckpt_every_steps=STEPS)
-    cfg["distributed"] = {"strategy": "fsdp2", "mixed_precision": "fp32"}
+    cfg["distributed"] = {"strategy": "fsdp2"}
     cfg["dist_env"] = {"backend": "gloo", "timeout_minutes": 3}  # a failed peer ends the job in minutes, not 30
     return cfg
 
@@ -76,10 +76,11 @@ def main(runs_file: str) -> None:
         out_dir = Path(run["out_dir"])
         try:
             recipe = FinetuneRecipe(fsdp2_config(run["architecture"], run["model_dir"], out_dir, run["lora"]))
-            assert recipe.parallel.strategy == "fsdp2" and recipe.dp_size == 2, recipe.parallel.strategy
-            recipe.setup()
+            recipe.setup()  # joins the process group
+            parallel = recipe.parts.parallel
+            assert parallel.strategy == "fsdp2" and parallel.dp_size == 2, parallel.strategy
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / f"layout-rank{rank}.json").write_text(json.dumps(fsdp2_layout(recipe.model)))
+            (out_dir / f"layout-rank{rank}.json").write_text(json.dumps(fsdp2_layout(recipe.parts.model)))
             recipe.train()
         except BaseException:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +89,7 @@ def main(runs_file: str) -> None:
         if rank == 0:
             (out_dir / "DONE").write_text("ok")
     if recipe is not None:
-        recipe.parallel.shutdown()
+        recipe.parts.parallel.shutdown()
 
 
 if __name__ == "__main__":

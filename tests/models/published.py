@@ -8,7 +8,6 @@ inference engines describe them; see docs/supported_models.md). Weights are rand
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,6 +17,7 @@ from safetensors.torch import save_file
 
 from automodel.models.registry import Architecture
 from tests.models.tiny import shared_tokenizer
+from tests.models.tiny_configs import Variant, tiny_fields, tiny_overrides, variant
 
 AUTO_MAP = {
     "aquila": ("configuration_aquila.AquilaConfig", "modeling_aquila.AquilaForCausalLM"),
@@ -58,13 +58,12 @@ VARIANTS = {
 }
 
 
-def variant_row(name: str) -> Architecture:
+def variant_row(name: str) -> Variant:
     """The row of VARIANTS[name], its tiny config extended by the variant's fields."""
     from automodel.models.registry import BY_NAME
 
     architecture, fields = VARIANTS[name]
-    row = BY_NAME[architecture]
-    return dataclasses.replace(row, tiny={**row.tiny, **fields})
+    return variant(BY_NAME[architecture], **fields)
 
 
 # Families whose norms are LayerNorm with a bias (Orion) and whose q/k/v/o carry a bias (InternLM `bias`).
@@ -76,21 +75,21 @@ def published_config(row: Architecture, tokenizer) -> dict:
     auto_map = {"AutoConfig": config_class, "AutoModelForCausalLM": model_class}
     if row.published_type == "chatglm":  # its own field names throughout; no bos, no hidden_act
         return {"architectures": [row.test_id], "model_type": "chatglm",
-                "auto_map": {**auto_map, "AutoModel": model_class}, **row.tiny, "padded_vocab_size": len(tokenizer),
+                "auto_map": {**auto_map, "AutoModel": model_class}, **tiny_fields(row), "padded_vocab_size": len(tokenizer),
                 "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                 "torch_dtype": "float32", "use_cache": True}
     if row.published_type == "phi3small":  # its own field names, nulls included; no bos of its own
-        return {"architectures": [row.test_id], "model_type": "phi3small", "auto_map": auto_map, **row.tiny,
+        return {"architectures": [row.test_id], "model_type": "phi3small", "auto_map": auto_map, **tiny_fields(row),
                 "vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id,
                 "eos_token_id": tokenizer.eos_token_id, "torch_dtype": "float32", "use_cache": True}
     if row.published_type == "jais":  # GPT-2's field names (n_embd, n_head, ...) and Jais's own
         return {"architectures": [row.test_id], "model_type": "jais",
-                "auto_map": {**auto_map, "AutoModel": "modeling_jais.JAISModel"}, **row.tiny,
+                "auto_map": {**auto_map, "AutoModel": "modeling_jais.JAISModel"}, **tiny_fields(row),
                 "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                 "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                 "torch_dtype": "float32", "use_cache": True}
     config = {"architectures": [row.test_id], "model_type": row.published_type, "auto_map": auto_map,
-              **row.tiny_config(), "vocab_size": len(tokenizer), "hidden_act": "silu", "rms_norm_eps": 1e-6,
+              **tiny_overrides(row), "vocab_size": len(tokenizer), "hidden_act": "silu", "rms_norm_eps": 1e-6,
               "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
               "pad_token_id": tokenizer.pad_token_id, "torch_dtype": "float32", "use_cache": True}
     return {name: value for name, value in config.items() if value is not None}  # None: a field it does not have

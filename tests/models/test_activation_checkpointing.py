@@ -28,6 +28,7 @@ from automodel.models.registry import tested_rows
 from automodel.models.unwrap import transformers_model
 from automodel.training.recipe import FinetuneRecipe
 from tests.models.test_architectures import checkpoint, one_thread, run_config  # noqa: F401 (fixtures)
+from tests.models.tiny_configs import tiny_overrides
 
 ROWS = tested_rows()
 GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-6
@@ -55,7 +56,7 @@ def one_backward(recipe: FinetuneRecipe) -> tuple[float, dict[str, torch.Tensor 
     """Loss, gradients and, per decoder layer, the names of the modules inside it in the order they ran, for one
     backward on the first two training rows. transformers checkpoints a layer's `forward`, not its `__call__` (so
     FSDP2's hooks on the layer stay outside the checkpoint): the recompute shows in the modules inside the layer."""
-    layers = decoder_layers(recipe.model)
+    layers = decoder_layers(recipe.parts.model)
     calls: list[list[str]] = [[] for _ in layers]
 
     def recorder(index, name):
@@ -66,15 +67,15 @@ def one_backward(recipe: FinetuneRecipe) -> tuple[float, dict[str, torch.Tensor 
     handles = [inner.register_forward_hook(recorder(i, name))
                for i, layer in enumerate(layers) for name, inner in layer.named_modules() if inner is not layer]
     try:
-        recipe.model.train()
+        recipe.parts.model.train()
         torch.manual_seed(0)  # the same dropout masks in both runs; the checkpoint must replay them in backward
-        batch = pad_collate([recipe.train_set[0], recipe.train_set[1]], recipe.tokenizer.pad_token_id)
+        batch = pad_collate([recipe.parts.data.train_set[0], recipe.parts.data.train_set[1]], recipe.parts.tokenizer.pad_token_id)
         loss, _ = recipe.backward([batch])
     finally:
         for handle in handles:
             handle.remove()
     grads = {n: None if p.grad is None else p.grad.detach().clone()
-             for n, p in recipe.model.named_parameters() if p.requires_grad}
+             for n, p in recipe.parts.model.named_parameters() if p.requires_grad}
     return loss, grads, calls
 
 
@@ -84,12 +85,12 @@ def test_activation_checkpointing_recomputes_layers_and_keeps_gradients(row, lor
     model_dir = checkpoint(row)
     plain = build_recipe(row, model_dir, tmp_path / "plain", lora, checkpointing=False)
     ckpt = build_recipe(row, model_dir, tmp_path / "ckpt", lora, checkpointing=True)
-    assert not transformers_model(plain.model).is_activation_checkpointing
+    assert not transformers_model(plain.parts.model).is_activation_checkpointing
     assert transformers_model(ckpt.model).is_activation_checkpointing
 
     loss_plain, grads_plain, calls_plain = one_backward(plain)
     loss_ckpt, grads_ckpt, calls_ckpt = one_backward(ckpt)
-    assert len(calls_plain) == row.tiny_config()["num_hidden_layers"]
+    assert len(calls_plain) == tiny_overrides(row)["num_hidden_layers"]
     for plain_calls, ckpt_calls in zip(calls_plain, calls_ckpt):
         # The forward, then the recompute in backward from the layer's start; torch's non-reentrant checkpoint
         # stops recomputing once every tensor the backward needs is back, so the replay may skip a tail.

@@ -68,6 +68,9 @@ def run_config(row, model_dir, out_dir, lora: bool) -> dict:
     cfg = {
         "recipe": "llm_finetune",
         "seed": 0,
+        # fp32: these runs check exact round trips of every architecture (the bf16 precisions are checked on real
+        # runs in tests/test_precision.py, test_precision_curves.py and test_distributed_bf16.py).
+        "precision": "fp32",
         "model": {"pretrained_model_name_or_path": str(model_dir)},
         "tokenizer": {"_target_": "tests.models.tiny.shared_tokenizer", "name": row.tokenizer},
         "allow_targets": ["tests.models.tiny"],
@@ -99,7 +102,7 @@ def logits(model, batch) -> torch.Tensor:
 def first_batch(recipe, tokens: int = 16) -> dict[str, torch.Tensor]:
     """The start of one training example: enough to compare logits, small enough to compare 150k-token vocabularies
     quickly."""
-    batch = pad_collate([recipe.train_set[0]], recipe.tokenizer.pad_token_id)
+    batch = pad_collate([recipe.parts.data.train_set[0]], recipe.parts.tokenizer.pad_token_id)
     return {k: v[:, :tokens] for k, v in batch.items()}
 
 
@@ -132,17 +135,17 @@ def test_lora_all_linear_adapts_projections_and_round_trips(row, checkpoint, tmp
     model_dir = checkpoint(row)
     recipe = FinetuneRecipe(run_config(row, model_dir, tmp_path / "out", lora=True))
     recipe.setup()
-    base = recipe.model.get_base_model()
+    base = recipe.parts.model.get_base_model()
     assert_loaded_natively(recipe, row, base)
-    assert adapted_targets(recipe.model) == set(row.lora_targets)
+    assert adapted_targets(recipe.parts.model) == set(row.lora_targets)
     assert not isinstance(base.get_output_embeddings(), LoraLayer), "all-linear must not adapt the output head"
 
-    before = snapshot(recipe.model)
+    before = snapshot(recipe.parts.model)
     result = recipe.train()
     assert_finite(result)
-    after = snapshot(recipe.model)
+    after = snapshot(recipe.parts.model)
     lora = [n for n in before if "lora_" in n]
-    assert lora and all(recipe.model.get_parameter(n).requires_grad for n in lora)
+    assert lora and all(recipe.parts.model.get_parameter(n).requires_grad for n in lora)
     unchanged = [n for n in lora if torch.equal(before[n], after[n])]
     assert not unchanged, f"adapter weights that did not train: {unchanged}"
     changed_base = [n for n in before if "lora_" not in n and not torch.equal(before[n], after[n])]
@@ -150,7 +153,7 @@ def test_lora_all_linear_adapts_projections_and_round_trips(row, checkpoint, tmp
 
     reloaded = PeftModel.from_pretrained(load_base(row, model_dir), result.final_dir / "model")
     batch = first_batch(recipe)
-    torch.testing.assert_close(logits(reloaded, batch), logits(recipe.model, batch), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(reloaded, batch), logits(recipe.parts.model, batch), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.test_id for r in ROWS])
@@ -158,11 +161,11 @@ def test_full_sft_changes_every_parameter_and_round_trips(row, checkpoint, tmp_p
     model_dir = checkpoint(row)
     recipe = FinetuneRecipe(run_config(row, model_dir, tmp_path / "out", lora=False))
     recipe.setup()
-    assert_loaded_natively(recipe, row, recipe.model)
-    before = snapshot(recipe.model)
+    assert_loaded_natively(recipe, row, recipe.parts.model)
+    before = snapshot(recipe.parts.model)
     result = recipe.train()
     assert_finite(result)
-    after = snapshot(recipe.model)
+    after = snapshot(recipe.parts.model)
     unchanged = [n for n in before if torch.equal(before[n], after[n]) and not n.endswith(NO_GRADIENT_BY_DESIGN)]
     assert not unchanged, f"parameters that did not train: {unchanged}"
 
@@ -173,7 +176,7 @@ def test_full_sft_changes_every_parameter_and_round_trips(row, checkpoint, tmp_p
         assert json.loads((saved / "config.json").read_text()) == json.loads((model_dir / "config.json").read_text())
     reloaded = load_base(row, saved)
     batch = first_batch(recipe)
-    torch.testing.assert_close(logits(reloaded, batch), logits(recipe.model, batch), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(reloaded, batch), logits(recipe.parts.model, batch), rtol=1e-5, atol=1e-5)
 
 
 def weight_names(folder) -> set[str]:

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from automodel.data.collate import FlatCollator, model_inputs, pad_collate
+from automodel.batch import model_inputs
+from automodel.data.collate import FlatCollator, pad_collate
 from automodel.models import load_causal_lm
 from automodel.models.attention import AUTOMODEL_SDPA, QUERY_BLOCK, automodel_sdpa_forward, register
 from automodel.models.causal_attention import SPLIT_MIN

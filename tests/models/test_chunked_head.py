@@ -19,8 +19,7 @@ from automodel.models.output_head import LOGIT_TRANSFORMS, find_output_head
 from automodel.models.loader import load_causal_lm
 from automodel.models.registry import family_rows, native_rows
 from automodel.training.forward import forward_chunked_loss
-from automodel.data.collate import shift_labels
-from automodel.data.dataset import IGNORE_INDEX
+from automodel.batch import IGNORE_INDEX, shift_labels
 from automodel.training.loss import MaskedCrossEntropy
 from tests.conftest import SQUAD_DEV
 from tests.models.test_architectures import one_thread  # noqa: F401 (fixture)

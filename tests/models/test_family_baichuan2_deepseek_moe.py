@@ -13,7 +13,6 @@ dense first layers). The reference forward itself is test_families.reference_log
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -38,6 +37,7 @@ from tests.models.test_families import reference_logits
 from tests.models.test_families import test_published_checkpoint_matches_reference_and_saves_back_bit_for_bit as \
     reference_check
 from tests.models.tiny import shared_tokenizer
+from tests.models.tiny_configs import variant
 
 
 BAICHUAN2, DEEPSEEK_MOE = variant_row("baichuan2"), variant_row("deepseek-moe")
@@ -108,9 +108,8 @@ def test_deepseek_moe_unsupported_fields_stop_with_one_line(fields, message, tmp
 def test_deepseek_moe_layer_choice_and_plain_topk_match_the_reference(tmp_path):
     """The published deepseek-moe-16b settings (norm_topk_prob false) with every other layer MoE from layer 0:
     layers 0 and 2 route, 1 and 3 stay dense; two shared experts."""
-    row = dataclasses.replace(DEEPSEEK_MOE, tiny={**DEEPSEEK_MOE.tiny, "num_hidden_layers": 4,
-                                                  "norm_topk_prob": False, "first_k_dense_replace": 0,
-                                                  "moe_layer_freq": 2, "n_shared_experts": 2})
+    row = variant(DEEPSEEK_MOE, num_hidden_layers=4, norm_topk_prob=False, first_k_dense_replace=0, moe_layer_freq=2,
+                  n_shared_experts=2)
     source = write_published_checkpoint(row, tmp_path / "published")
     model = load_causal_lm(str(source), dtype="float32").eval()
     assert [isinstance(layer.mlp, DeepseekMoeBlock) for layer in model.model.layers] == [True, False, True, False]
@@ -148,8 +147,8 @@ def assert_fsdp2_sft_matches_one_process(checkpoints: dict[str, object], tmp_pat
     try:
         for i, (architecture, folder) in enumerate(checkpoints.items()):
             recipe = FinetuneRecipe(fsdp2_config(architecture, folder, tmp_path / f"single-{i}", lora=False))
-            assert recipe.parallel.strategy == "none"
             recipe.setup()
+            assert recipe.parts.parallel.strategy == "none"
             recipe.train()
         deadline = time.monotonic() + 600
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:

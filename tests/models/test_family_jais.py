@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from automodel.checkpoint import write_hf_model
-from automodel.data.collate import FlatCollator, model_inputs
+from automodel.batch import model_inputs
+from automodel.data.collate import FlatCollator
 from automodel.errors import UserError
 from automodel.models import load_causal_lm
 from automodel.models.families.jais import alibi_slopes

@@ -117,8 +117,8 @@ def test_fsdp2_two_processes_match_one_process(architecture, mode, fsdp2_group, 
     single = tmp_path / "single"
     cfg = fsdp2_config(architecture, checkpoint(BY_NAME[architecture]), single, lora=mode == "lora")
     recipe = FinetuneRecipe(cfg)
-    assert recipe.parallel.strategy == "none" and recipe.grad_acc == 2
     recipe.setup()
+    assert recipe.parts.parallel.strategy == "none" and recipe.parts.grad_acc == 2
     recipe.train()
 
     sharded = fsdp2_group.result((architecture, mode))

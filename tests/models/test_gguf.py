@@ -1,7 +1,7 @@
 """GGUF checkpoints as a model source, on the real SmolLM2-135M-Instruct Q4_1 file of the shared assets.
 
-The first load on a machine dequantises the file into the cache ($AUTOMODEL_CACHE/gguf, ~1 minute on 2 cores);
-these tests then read that folder, as every run does.
+The first load dequantises the file into the cache ($AUTOMODEL_CACHE/gguf, ~40 s on 2 cores); these tests use a
+cache of their own, so that copy is made by the code under test, and then read that folder, as every run does.
 """
 
 from __future__ import annotations
@@ -22,6 +22,14 @@ from tests.conftest import ASSETS, REPO_ROOT
 
 SMOL = ASSETS / "models" / "SmolLM2-135M-Instruct-GGUF"
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_cache(tmp_path_factory):
+    """A cache of this module's own, so the copies are made by the code under test (as on a fresh machine)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AUTOMODEL_CACHE", str(tmp_path_factory.mktemp("automodel_cache")))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +72,31 @@ def test_complete_says_which_answers_ended_with_eos(smol):
     assert generator.generate([prompt], GenerationSettings(max_new_tokens=24)) == [answer]
 
 
-def test_training_dtype_is_applied():
+def test_the_streamed_copy_is_transformers_dequantisation_tensor_for_tensor(smol):
+    """The copy written tensor by tensor (gguf's reader, transformers' name map and Q/K permutation) holds what
+    transformers' whole-model from_pretrained makes of the file, bit for bit in float32; a bfloat16 run gets
+    its own copy (its own cache folder), which is that float32 copy cast."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    [fp32_folder] = cache_root().glob(f"{SMOL_FILE[:-5]}-{file_sha256(SMOL / SMOL_FILE)[:16]}")
+    streamed = load_file(fp32_folder / "model.safetensors")
+    reference = AutoModelForCausalLM.from_pretrained(SMOL, gguf_file=SMOL_FILE, dtype=torch.float32)
+    want = {k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}  # tied: stored once
+    assert streamed.keys() == want.keys() and all(torch.equal(streamed[k], want[k]) for k in want)
+    saved = json.loads((fp32_folder / "config.json").read_text())
+    assert {k: v for k, v in reference.config.to_diff_dict().items()
+            if k not in ("quantization_config", "_name_or_path")} == saved
+
     model = load_causal_lm(str(SMOL), gguf_file=SMOL_FILE, dtype="bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    [bf16_folder] = cache_root().glob(f"{fp32_folder.name}-bfloat16")
+    in_bf16 = load_file(bf16_folder / "model.safetensors")
+    assert in_bf16.keys() == want.keys()
+    assert all(in_bf16[k].dtype == torch.bfloat16 and torch.equal(in_bf16[k], want[k].bfloat16()) for k in want)
+    assert json.loads((bf16_folder / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_a_gguf_base_builds_on_the_meta_device_from_its_dequantised_copy(smol, caplog):

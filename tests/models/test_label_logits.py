@@ -11,9 +11,8 @@ import torch
 from automodel.data.collate import pad_collate
 from automodel.data.squad import make_squad_dataset
 from automodel.models.registry import native_rows
-from automodel.data.collate import shift_labels
-from automodel.data.dataset import IGNORE_INDEX
-from automodel.training.forward import supports_label_logits
+from automodel.batch import IGNORE_INDEX, shift_labels
+from automodel.models.forward_plan import supports_label_logits
 from automodel.training.loss import MaskedCrossEntropy
 from tests.conftest import SQUAD_DEV
 from tests.models.test_architectures import one_thread  # noqa: F401 (fixture)

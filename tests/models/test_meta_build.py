@@ -130,7 +130,7 @@ def test_dora_on_two_fsdp2_processes_matches_the_whole_model(tmp_path):
     parameter of the whole-model load (magnitudes included), and training steps give the whole model's losses."""
     cfg = {"model": {"pretrained_model_name_or_path": str(STORIES)},
            "peft": {**LORA, "use_dora": True, "init_lora_weights": False},
-           "distributed": {"strategy": "fsdp2", "mixed_precision": "fp32"},
+           "distributed": {"strategy": "fsdp2"}, "precision": "fp32",
            "dist_env": {"backend": "gloo", "timeout_minutes": 2}}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     port = free_port()

@@ -1,4 +1,4 @@
-"""Padding-free batches (automodel/data/packing.py `FlatCollator` + `automodel_sdpa`) are exact where they are on.
+"""Padding-free batches (automodel/data/collate.py `FlatCollator` + `automodel_sdpa`) are exact where they are on.
 
 For every tested architecture (a remote-code family read from its published layout): the examples of one
 flattened row get the logits each gets alone (fp32, atol 1e-5),
@@ -18,16 +18,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from automodel.data.collate import FlatCollator, model_inputs, pad_collate, shift_labels
-from automodel.data.dataset import IGNORE_INDEX
+from automodel.batch import IGNORE_INDEX, model_inputs, shift_labels
+from automodel.data.collate import FlatCollator, pad_collate
 from automodel.data.packing import build_collator, padding_free
 from automodel.errors import UserError
 from automodel.models import load_causal_lm
 from automodel.models.attention import AUTOMODEL_SDPA, LAST_LAYER_ROWS, automodel_sdpa_by_default, use_automodel_sdpa
 from automodel.models.decoder_layers import decoder_layers
 from automodel.models.last_layer_rows import install_last_layer_rows
-from automodel.models.registry import (BY_NAME, LAST_LAYER_ROWS_VERIFIED, PADDING_FREE_VERIFIED,
-                                       POSITION_IDS_PACKING_VERIFIED, tested_rows)
+from automodel.models.capabilities import (LAST_LAYER_ROWS_VERIFIED, PADDING_FREE_VERIFIED,
+                                           POSITION_IDS_PACKING_VERIFIED, batch_layouts)
+from automodel.models.registry import BY_NAME, tested_rows
 from tests.models.test_architectures import one_thread  # noqa: F401 (fixture)
 from tests.models.test_attention import FlashCalls
 from tests.models.published import write_published_checkpoint
@@ -133,19 +134,25 @@ def test_last_layer_on_the_label_rows_only_is_exact(row, collate, one_thread):
     assert mlp_rows == [int(keep.sum())]  # and its MLP on the label rows only
 
 
+def flattened(requested, attention, model_type, device_type="cpu") -> bool:
+    """The collator's padding-free decision for a model of this attention and type (models/capabilities.py)."""
+    return padding_free(requested, batch_layouts(attention, model_type, device_type))
+
+
 def test_padding_free_is_the_default_where_verified_and_refused_where_not():
-    assert padding_free(None, AUTOMODEL_SDPA, "llama")
-    assert not padding_free(None, "sdpa", "llama")
-    assert not padding_free(None, AUTOMODEL_SDPA, "bamba")
-    assert not padding_free(False, AUTOMODEL_SDPA, "llama")
+    assert flattened(None, AUTOMODEL_SDPA, "llama")
+    assert not flattened(None, "sdpa", "llama")
+    assert not flattened(None, AUTOMODEL_SDPA, "bamba")
+    assert not flattened(False, AUTOMODEL_SDPA, "llama")
     with pytest.raises(UserError, match="packed_sequence.padding_free: is not verified for model_type 'bamba'"):
-        padding_free(True, AUTOMODEL_SDPA, "bamba")
+        flattened(True, AUTOMODEL_SDPA, "bamba")
     with pytest.raises(UserError, match="padding_free: needs model.attn_implementation automodel_sdpa"):
-        padding_free(True, "eager", "llama")
-    assert isinstance(build_collator(None, 0, AUTOMODEL_SDPA, "llama"), FlatCollator)
-    assert not isinstance(build_collator(None, 0, AUTOMODEL_SDPA, "llama", train=False), FlatCollator)
+        flattened(True, "eager", "llama")
+    llama = batch_layouts(AUTOMODEL_SDPA, "llama")
+    assert isinstance(build_collator(None, 0, llama), FlatCollator)
+    assert not isinstance(build_collator(None, 0, llama, train=False), FlatCollator)
     with pytest.raises(UserError, match="choose one"):
-        build_collator({"padding_free": True, "packed_sequence_size": 64}, 0, AUTOMODEL_SDPA, "llama")
+        build_collator({"padding_free": True, "packed_sequence_size": 64}, 0, llama)
 
 
 def test_cuda_runs_transformers_own_attention_with_position_ids_until_measured_there():
@@ -155,11 +162,12 @@ def test_cuda_runs_transformers_own_attention_with_position_ids_until_measured_t
     assert model.config._attn_implementation == "sdpa"  # transformers' choice
     assert not use_automodel_sdpa(model, "cuda") and model.config._attn_implementation == "sdpa"
     for attention in ("sdpa", "flash_attention_2"):
-        assert padding_free(None, attention, "llama", "cuda")
-        assert build_collator(None, 0, attention, "llama", device_type="cuda") == FlatCollator(position_ids_only=True)
-    assert not padding_free(None, "sdpa", "bamba", "cuda") and not padding_free(None, "eager", "llama", "cuda")
-    assert padding_free(None, "automodel_sdpa", "jais", "cuda") and not padding_free(None, "sdpa", "jais", "cuda")
-    assert not padding_free(None, "sdpa", "llama", "cpu")  # on CPU, transformers' sdpa stays padded as measured
+        assert flattened(None, attention, "llama", "cuda")
+        cuda_llama = batch_layouts(attention, "llama", "cuda")
+        assert build_collator(None, 0, cuda_llama) == FlatCollator(position_ids_only=True)
+    assert not flattened(None, "sdpa", "bamba", "cuda") and not flattened(None, "eager", "llama", "cuda")
+    assert flattened(None, "automodel_sdpa", "jais", "cuda") and not flattened(None, "sdpa", "jais", "cuda")
+    assert not flattened(None, "sdpa", "llama", "cpu")  # on CPU, transformers' sdpa stays padded as measured
     batch = FlatCollator(position_ids_only=True)([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
                                                   {"input_ids": [8, 9], "labels": [8, 9]}])
     assert sorted(model_inputs(batch)) == ["input_ids", "position_ids"]  # no mask: transformers reads the restarts
@@ -193,7 +201,7 @@ def test_default_run_equals_the_padded_sdpa_run(tmp_path, peft):
             cfg["packed_sequence"] = {"padding_free": False}
         recipe = FinetuneRecipe(cfg)
         result = recipe.run()
-        assert isinstance(recipe.train_loader.collate_fn, FlatCollator) == (name == "default")
+        assert isinstance(recipe.parts.data.train_loader.collate_fn, FlatCollator) == (name == "default")
         losses[name] = (result.train_losses, result.val_losses)
     assert losses["default"][0] == pytest.approx(losses["padded"][0], rel=1e-5)
     assert losses["default"][1] == pytest.approx(losses["padded"][1], rel=1e-5)

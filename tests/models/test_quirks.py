@@ -11,7 +11,7 @@ import torch
 from automodel.errors import UserError
 from automodel.models import load_causal_lm
 from automodel.models.registry import BY_NAME, native_rows
-from automodel.data.collate import shift_labels
+from automodel.batch import shift_labels
 from automodel.training.recipe import FinetuneRecipe
 from tests.models.test_architectures import first_batch, one_thread, run_config  # noqa: F401 (fixture)
 from tests.models.tiny import write_tiny_checkpoint
@@ -45,21 +45,21 @@ def test_router_aux_loss_is_added_and_its_gradient_reaches_the_router(row, tmp_p
     recipe = FinetuneRecipe(aux_config(row, model_dir, tmp_path / "out"))
     recipe.setup()
     batch = first_batch(recipe, tokens=64)
-    recipe.model.train()
-    output = recipe.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    cross_entropy = recipe.loss_fn(output.logits, shift_labels(batch["labels"]))
-    total = recipe.forward_loss.router_aux.add(cross_entropy, output, batch["labels"])
+    recipe.parts.model.train()
+    output = recipe.parts.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    cross_entropy = recipe.parts.forward_loss.loss_fn(output.logits, shift_labels(batch["labels"]))
+    total = recipe.parts.forward_loss.router_aux.add(cross_entropy, output, batch["labels"])
     label_tokens = int((batch["labels"][:, 1:] != -100).sum())
     assert output.aux_loss > 0
     torch.testing.assert_close(total - cross_entropy, 0.5 * output.aux_loss * label_tokens)
 
     (total - cross_entropy).backward()  # the aux term alone
-    routers = {n: p for n, p in recipe.model.named_parameters()
-               if "Router" in type(recipe.model.get_submodule(n.rsplit(".", 1)[0])).__name__}
+    routers = {n: p for n, p in recipe.parts.model.named_parameters()
+               if "Router" in type(recipe.parts.model.get_submodule(n.rsplit(".", 1)[0])).__name__}
     assert len(routers) == 2, list(routers)  # one per layer
     for name, param in routers.items():
         assert param.grad is not None and param.grad.abs().sum() > 0, f"no aux-loss gradient reached {name}"
-    final_norm = recipe.model.model.norm.weight  # after the last router: the aux loss cannot depend on it
+    final_norm = recipe.parts.model.model.norm.weight  # after the last router: the aux loss cannot depend on it
     assert final_norm.grad is None or not final_norm.grad.any()
 
 

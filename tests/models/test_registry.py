@@ -86,6 +86,16 @@ def test_fsdp2_verified_rows_are_native_and_cover_every_kind():
     assert sum("lora" in modes for modes in FSDP2_VERIFIED.values()) >= 2
 
 
+def test_runtime_capabilities_name_the_table_s_model_types():
+    """automodel/models/capabilities.py holds its own sets (the runtime does not read the docs table); they name only
+    model types the table has (or Baichuan-13B's, a family variant), and its MoE types are the table's MoE rows."""
+    from automodel.models.capabilities import LAST_LAYER_ROWS_VERIFIED, MOE_TYPES, PADDING_FREE_VERIFIED
+
+    assert MOE_TYPES == {row.model_type for row in ARCHITECTURES if row.kind == "moe"}
+    assert PADDING_FREE_VERIFIED <= {row.model_type for row in native_rows()} | {"jais", "baichuan_alibi"}
+    assert not LAST_LAYER_ROWS_VERIFIED & MOE_TYPES
+
+
 def test_models_command_prints_every_row_with_its_status(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out

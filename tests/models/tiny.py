@@ -15,6 +15,7 @@ import torch
 
 from automodel.models.registry import Architecture
 from tests.conftest import ASSETS
+from tests.models.tiny_configs import tiny_overrides
 
 
 @lru_cache(maxsize=None)
@@ -32,7 +33,7 @@ def tiny_config(row: Architecture, tokenizer):
 
     specials = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                 "pad_token_id": tokenizer.pad_token_id}
-    return AutoConfig.for_model(row.model_type, **row.tiny_config(), vocab_size=len(tokenizer), **specials)
+    return AutoConfig.for_model(row.model_type, **tiny_overrides(row), vocab_size=len(tokenizer), **specials)
 
 
 def write_tiny_checkpoint(row: Architecture, folder: Path, seed: int = 0) -> Path:

@@ -61,7 +61,7 @@ class BaichuanLlamaForCausalLM(LlamaForCausalLM):
 
 class BaichuanAlibiConfig(LlamaConfig):
     """LlamaConfig of the 13B models, under a model_type of its own: padding-free batching is verified for it apart
-    from Llama's (automodel/models/registry.py), and its rotary settings are unused. No tensor-parallel plan: the
+    from Llama's (automodel/models/capabilities.py), and its rotary settings are unused. No tensor-parallel plan: the
     ALiBi slopes belong to all heads, not to one rank's share."""
 
     model_type = "baichuan_alibi"

@@ -1,0 +1,55 @@
+"""bf16 trains like fp32 on the real model: the README's main job (SmolLM2-135M-Instruct, LoRA) and a full SFT run of
+the same model, a few steps each in `precision: fp32` and in the default precision (bf16 on a CPU that has it), on
+the same rows in the same order. Each step's training loss must stay within RTOL of fp32's.
+
+RTOL, derived: a bf16 matmul rounds its inputs to 8 significant bits (unit roundoff u = 2^-8, accumulation in
+float32), so each layer's output carries a relative error of about u, and through the model's 30 layers those
+independent errors add like a random walk: sqrt(30) x u = 2.1% on the last hidden state, which moves a token's
+cross-entropy by at most about that fraction of its logit spread and much less on the mean over hundreds of tokens
+(the per-token errors have both signs). Later steps add the optimizer's response to slightly different gradients,
+which Adam's normalised, clipped, lr-bounded steps keep to the same order. So 2x the random walk, rtol 2^-4.5 = 4.4%,
+is loose enough for what bf16 is and tight enough to catch what breaks it (an fp32 run that silently trains
+nothing, a bf16 loss on wrong labels, a divergent update all move the loss far more within 4 steps).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from automodel.config import load_config
+from automodel.config.precision import native_bf16
+from automodel.training.recipe import FinetuneRecipe
+from tests.conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not native_bf16(__import__("torch").device("cpu"))[0],
+                                                   reason="this CPU has no native bf16")]
+
+EXAMPLE = REPO_ROOT / "examples" / "llm_finetune" / "smollm2_135m_squad_peft.yaml"
+RTOL = 2 ** -4.5
+STEPS = 4
+
+
+def losses(tmp_path, precision: str, peft: bool) -> tuple[str, list[float]]:
+    overrides = [f"--precision={precision}", f"--step_scheduler.max_steps={STEPS}",
+                 "--step_scheduler.val_generate_at_start=false", "--step_scheduler.val_generate_every_steps=null",
+                 "--step_scheduler.val_every_steps=null", "--validation_dataset=null", "--checkpoint.enabled=false",
+                 f"--checkpoint.checkpoint_dir={tmp_path / precision}", "--logging.progress_bar=false",
+                 "--logging.plot=false", "--dataset.limit_dataset_samples=16"]
+    if not peft:
+        overrides += ["--peft=null", "--optimizer.lr=2e-5"]
+    recipe = FinetuneRecipe(load_config(EXAMPLE, overrides))
+    result = recipe.run()
+    return recipe.parts.parallel.precision.name, result.train_losses
+
+
+@pytest.mark.parametrize("peft", [True, False], ids=["main-job-lora", "full-sft"])
+def test_bf16_loss_curve_stays_within_rtol_of_fp32(tmp_path, peft):
+    _, fp32 = losses(tmp_path, "fp32", peft)
+    name, bf16 = losses(tmp_path, "auto", peft)
+    assert name == ("bf16-frozen" if peft else "bf16-mixed")
+    print(f"\n{name}: {[round(x, 4) for x in bf16]}\nfp32: {[round(x, 4) for x in fp32]}")
+    assert len(bf16) == len(fp32) == STEPS
+    assert bf16 != fp32, "bf16 and fp32 gave the same bits: the bf16 run did not compute in bf16"
+    assert bf16 == pytest.approx(fp32, rel=RTOL)
+    if peft:  # the main job's lr learns within 4 steps
+        assert bf16[-1] < bf16[0] and fp32[-1] < fp32[0]
