@@ -30,19 +30,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--adapter", help="--format gguf: a LoRA adapter folder (or checkpoint) to merge into MODEL")
     parser.add_argument("--quantizer", metavar="PATH",
                         help="llama.cpp's llama-quantize, or a Python with llama-cpp-python, for the k-quants")
-    parser.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own code (off)")
     parser.add_argument("--trust-pickled-state", action="store_true",
                         help="read a step folder your runs did not write: its dcp/ state is unpickled, which can run "
                              "code (docs/security.md)")
     parser.add_argument("--allow-target", action="append", default=[], metavar="PREFIX",
                         help="let the step's config `_target_`s come from PREFIX too (docs/security.md)")
     parser.add_argument("--trust-remote-code", action="store_true",
-                        help="the step's config sets model.trust_remote_code: run the model repo's own code (off)")
+                        help="run the model repo's own code (off); hf: the step's config sets model.trust_remote_code")
     args = parser.parse_args(argv)
     if args.format == "hf":
         given = [flag for flag, value in (("--type", args.type != "F16"), ("--adapter", args.adapter),
-                                          ("--quantizer", args.quantizer),
-                                          ("--trust-remote-code", args.trust_remote_code)) if value]
+                                          ("--quantizer", args.quantizer)) if value]
         if given:
             from automodel.errors import UserError
 
