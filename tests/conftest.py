@@ -76,3 +76,16 @@ def vllm_python() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         subprocess.run(["bash", "scripts/setup_vllm.sh"], cwd=REPO_ROOT, check=True, timeout=3600)
     return REPO_ROOT / ".venv-vllm" / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
+def llamacpp_python() -> Path:
+    """llama.cpp's Python binding in .venv-llamacpp, built by the project's script when missing (a no-op when
+    present; the first build takes about 5 minutes). A file lock keeps two xdist workers from building it at once."""
+    import fcntl
+    import subprocess
+
+    with open(REPO_ROOT / ".setup_llamacpp.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run(["bash", "scripts/setup_llamacpp.sh"], cwd=REPO_ROOT, check=True, timeout=3600)
+    return REPO_ROOT / ".venv-llamacpp" / "bin" / "python"

@@ -40,6 +40,7 @@ usage:
   automodel kd llm -c CONFIG.yaml [--section.key VALUE ...]   knowledge distillation from a teacher_model
   automodel CONFIG.yaml [--section.key VALUE ...]      (the YAML's `recipe:` key names the recipe)
   automodel export STEP_DIR [--output DIR]             (HF model folder from any checkpoint step)
+  automodel export MODEL --format gguf --output F.gguf  one GGUF file for llama.cpp / Ollama (--type Q8_0 ...)
   automodel models [--markdown]                        the supported architectures and their status
   automodel plot CHECKPOINT_DIR [--output PNG]         (loss, lr, tokens/s of a run as a picture)
   automodel generate MODEL --prompt TEXT               (also --prompts-file, --squad)
