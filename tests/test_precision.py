@@ -74,8 +74,11 @@ def test_a_lora_run_stores_the_base_in_bf16_trains_fp32_adapters_and_computes_in
     seen = {}  # the fast path: the adapted projections compute in bf16 under the run's autocast
     q_proj = recipe.parts.model.base_model.model.model.layers[0].self_attn.q_proj
     q_proj.register_forward_hook(lambda module, args, out: seen.setdefault("q_proj", out.dtype) and None)
+    q_proj.lora_A["default"].register_forward_pre_hook(
+        lambda module, args: seen.setdefault("lora_A input", args[0].dtype) and None)
     result = recipe.train()
     assert seen["q_proj"] == torch.bfloat16
+    assert seen["lora_A input"] == torch.bfloat16, "peft cast the adapter's input to float32 (no autocast fast path)"
     states = [t for state in recipe.parts.optimizer.state.values() for t in state.values() if t.dim() > 0]
     assert states and {t.dtype for t in states} == {torch.float32}
     assert all(torch.isfinite(torch.tensor(loss)) for loss in result.train_losses)

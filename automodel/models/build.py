@@ -82,7 +82,20 @@ def build_model(cfg: dict[str, Any], parallel=None, device: torch.device | None 
     precision = precision or (parallel.precision if parallel is not None else None)
     if precision is not None and node["_target_"] == LOAD_CAUSAL_LM:
         node["dtype"] = precision.weights_dtype
-    return _build(node, lora, parallel, device, policy)
+    model = _build(node, lora, parallel, device, policy)
+    if lora is not None and precision is not None and precision.mixed:
+        adapters_take_autocast_inputs(model)
+    return model
+
+
+def adapters_take_autocast_inputs(model: nn.Module) -> None:
+    """Under mixed precision every forward of the training model runs in autocast, which casts the float32 adapter
+    weights to bf16 for their matmuls (once per forward: autocast caches leaf weights). peft would first cast each
+    adapted layer's bf16 input to float32 (a full-size copy per layer, and autocast's cast back): its documented
+    switch (`cast_input_dtype_enabled`, see peft.helpers.disable_input_dtype_casting) lets the input through."""
+    for module in model.modules():
+        if hasattr(module, "_cast_input_dtype"):
+            module.cast_input_dtype_enabled = False
 
 
 def _build(node: dict[str, Any], lora: LoraSettings | None, parallel, device: torch.device,
