@@ -39,7 +39,7 @@ def bf16_config(tmp_path, peft: bool, **distributed) -> dict:
 def test_fsdp2_in_bf16_matches_one_process_in_bf16(tmp_path, peft):
     reference = FinetuneRecipe(bf16_config(tmp_path / "one", peft=peft))
     result = reference.run()
-    name = reference.precision.name
+    name = reference.parts.parallel.precision.name
     assert name == ("bf16-frozen" if peft else "bf16-mixed")
     out = run(automodel_cmd(write_config(tmp_path, bf16_config(tmp_path, peft=peft, strategy="fsdp2")),
                             "--nproc-per-node", "2"))
@@ -53,7 +53,7 @@ def test_a_preempted_bf16_run_resumes_bit_for_bit(tmp_path):
     cfg = bf16_config(tmp_path, peft=False)
     uninterrupted = FinetuneRecipe(bf16_config(tmp_path / "whole", peft=False)).run().train_losses
     micro = cfg["step_scheduler"]["global_batch_size"] // cfg["step_scheduler"]["local_batch_size"]
-    out = run(automodel_cmd(write_config(tmp_path, _preempt_at_step(cfg, 2, micro))))
+    out = run(automodel_cmd(write_config(tmp_path, _preempt_at_step(cfg, 2, micro)), "--allow-target", "tests.faults"))
     assert "preempted at step 2" in out.stdout
     out = run(automodel_cmd(write_config(tmp_path, cfg)))
     assert "resuming from" in out.stdout and "precision   bf16-mixed:" in out.stdout

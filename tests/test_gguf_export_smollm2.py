@@ -24,7 +24,9 @@ pytestmark = pytest.mark.slow
 EXAMPLE = REPO_ROOT / "examples" / "llm_finetune" / "smollm2_135m_squad_peft.yaml"
 STEPS = 4
 QUESTIONS = 24
-F1_POINTS = 2.0
+# The bound, 2 F1 points, is for 200+ questions (benchmarks/gguf_squad.py); on 24 one question moves F1 by
+# up to 100/24 = 4.2 points, so here Q8_0 may change at most one question's answer's worth.
+F1_POINTS = 100 / QUESTIONS
 
 
 @pytest.fixture(scope="module")

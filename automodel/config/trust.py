@@ -66,6 +66,8 @@ DENIED: tuple[str, ...] = (
     "automodel.inference.vllm_runtime",              # starts vLLM's interpreter
     "automodel.checkpoint",                          # DCP training state is unpickled
     "automodel.logging.backends",                    # imports the tracker module it is given
+    "automodel.training.host_memory",                # loads libc through ctypes (the CLI's allocator phases)
+    "automodel.gguf_out.llamacpp",                   # starts llama.cpp's quantizer
 )
 
 

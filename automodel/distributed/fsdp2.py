@@ -42,8 +42,10 @@ def mixed_precision_policy(precision: Precision):
 
 
 def apply_fsdp2(model: nn.Module, mesh, device: torch.device, precision: Precision = Precision("fp32", "default"),
-                cpu_offload: bool = False) -> nn.Module:
-    """Shard `model` in place over `mesh` (the data-parallel mesh); returns it for chaining."""
+                cpu_offload: bool = False, split_vocab: bool = True) -> nn.Module:
+    """Shard `model` in place over `mesh` (the data-parallel mesh); returns it for chaining. `split_vocab`: split
+    a frozen embedding and output head by vocabulary rows (step 3 of the module docstring); a KD teacher, whose
+    head the KD loss reads whole, keeps them replicated."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     if cpu_offload and device.type != "cuda":
@@ -59,7 +61,8 @@ def apply_fsdp2(model: nn.Module, mesh, device: torch.device, precision: Precisi
     frozen = frozen_root_parameters(model, [*layers, *([embedding] if embedding is not None else [])])
     param_dtype = options["mp_policy"].param_dtype
     base = transformers_model(model)
-    by_vocab = [m for m in (base.get_input_embeddings(), base.get_output_embeddings()) if vocab_shardable(m, frozen)]
+    by_vocab = [m for m in (base.get_input_embeddings(), base.get_output_embeddings())
+                if split_vocab and vocab_shardable(m, frozen)]
     split = {m.weight for m in by_vocab}
     sharded = shard_vocab_modules(by_vocab, mesh, device, lambda p: param_dtype or p.dtype)
     if by_vocab:

@@ -100,7 +100,7 @@ class Parallelism:
         """Activation checkpointing, then tensor parallel over `tp`, then FSDP2 or DDP over `dp`."""
         return self.replicate(self.shard(model))
 
-    def shard(self, model: nn.Module) -> nn.Module:
+    def shard(self, model: nn.Module, split_vocab: bool = True) -> nn.Module:
         """Activation checkpointing, tensor parallel over `tp` and FSDP2 over `dp`: the steps that also work on a
         model whose parameters are still on the meta device (each process then allocates only its shards)."""
         from automodel.distributed.activation_checkpointing import enable_activation_checkpointing
@@ -114,7 +114,8 @@ class Parallelism:
         if self.dp_size > 1 and self.strategy == "fsdp2":
             from automodel.distributed.fsdp2 import apply_fsdp2
 
-            return apply_fsdp2(model, self.mesh["dp"], self.device, self.precision, self.cfg.cpu_offload)
+            return apply_fsdp2(model, self.mesh["dp"], self.device, self.precision, self.cfg.cpu_offload,
+                               split_vocab=split_vocab)
         return model
 
     def replicate(self, model: nn.Module) -> nn.Module:

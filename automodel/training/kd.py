@@ -42,7 +42,7 @@ class FrozenShard:
 
     def shard(self, model: nn.Module) -> nn.Module:
         model.requires_grad_(False)
-        return self.parallel.shard(model)
+        return self.parallel.shard(model, split_vocab=False)
 
     def replicate(self, model: nn.Module) -> nn.Module:
         return model
