@@ -69,7 +69,8 @@ def one_backward(recipe: FinetuneRecipe) -> tuple[float, dict[str, torch.Tensor 
     try:
         recipe.parts.model.train()
         torch.manual_seed(0)  # the same dropout masks in both runs; the checkpoint must replay them in backward
-        batch = pad_collate([recipe.parts.data.train_set[0], recipe.parts.data.train_set[1]], recipe.parts.tokenizer.pad_token_id)
+        train_set = recipe.parts.data.train_set
+        batch = pad_collate([train_set[0], train_set[1]], recipe.parts.tokenizer.pad_token_id)
         loss, _ = recipe.backward([batch])
     finally:
         for handle in handles:
@@ -86,7 +87,7 @@ def test_activation_checkpointing_recomputes_layers_and_keeps_gradients(row, lor
     plain = build_recipe(row, model_dir, tmp_path / "plain", lora, checkpointing=False)
     ckpt = build_recipe(row, model_dir, tmp_path / "ckpt", lora, checkpointing=True)
     assert not transformers_model(plain.parts.model).is_activation_checkpointing
-    assert transformers_model(ckpt.model).is_activation_checkpointing
+    assert transformers_model(ckpt.parts.model).is_activation_checkpointing
 
     loss_plain, grads_plain, calls_plain = one_backward(plain)
     loss_ckpt, grads_ckpt, calls_ckpt = one_backward(ckpt)
