@@ -51,6 +51,25 @@ class FrozenShard:
         return self.shard(model)
 
 
+class WholeVocabulary:
+    """The run's Parallelism for the student of a KD run: its frozen embedding and output head stay whole under
+    FSDP2 (distributed/vocab_shard.py's split gathers the head only on the cross-entropy loss's path, and the KD loss
+    reads the student's head as well)."""
+
+    def __init__(self, parallel):
+        self.parallel, self.device, self.world_size = parallel, parallel.device, parallel.world_size
+        self.precision = parallel.precision
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        return self.parallel.shard(model, split_vocab=False)
+
+    def replicate(self, model: nn.Module) -> nn.Module:
+        return self.parallel.replicate(model)
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        return self.replicate(self.shard(model))
+
+
 def build_teacher(node: dict[str, Any], parallel, policy) -> nn.Module:
     """The frozen teacher, built like the student (meta device, each process reading its shard), in eval mode."""
     frozen = FrozenShard(parallel)
@@ -124,6 +143,9 @@ class KDRecipe(FinetuneRecipe):
     belongs to the micro-batch forward (`parts.forward_loss.teacher`), built in `build_forward_loss`."""
 
     recipe_name = "llm_kd"
+
+    def build_model(self, parallel) -> nn.Module:
+        return build_model(self.cfg, WholeVocabulary(parallel), policy=self.settings.targets, lora=self.settings.peft)
 
     def build_forward_loss(self, model: nn.Module, loss_fn, parallel) -> DistillForwardLoss:
         kd = self.settings.kd
