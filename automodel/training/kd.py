@@ -31,26 +31,6 @@ from automodel.training.recipe import FinetuneRecipe
 logger = logging.getLogger("automodel")
 
 
-class FrozenShard:
-    """The run's Parallelism as the teacher's builder sees it: parameters frozen before sharding (FSDP2 then keeps
-    the frozen root, the output head among it, whole on every rank: models/build.py's docstring), and never wrapped
-    in DDP, which refuses a model with nothing to train (each rank then holds the whole teacher, as DDP would)."""
-
-    def __init__(self, parallel):
-        self.parallel, self.device, self.world_size = parallel, parallel.device, parallel.world_size
-        self.precision = parallel.precision  # the teacher is built in the run's weights dtype, like the student
-
-    def shard(self, model: nn.Module) -> nn.Module:
-        model.requires_grad_(False)
-        return self.parallel.shard(model, split_vocab=False)
-
-    def replicate(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def parallelize(self, model: nn.Module) -> nn.Module:
-        return self.shard(model)
-
-
 class WholeVocabulary:
     """The run's Parallelism for the student of a KD run: its frozen embedding and output head stay whole under
     FSDP2 (distributed/vocab_shard.py's split gathers the head only on the cross-entropy loss's path, and the KD loss
@@ -68,6 +48,18 @@ class WholeVocabulary:
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         return self.replicate(self.shard(model))
+
+
+class FrozenShard(WholeVocabulary):
+    """The teacher's view: WholeVocabulary with parameters frozen before sharding, and never wrapped in DDP, which
+    refuses a model with nothing to train (each rank then holds the whole teacher, as DDP would)."""
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        model.requires_grad_(False)
+        return super().shard(model)
+
+    def replicate(self, model: nn.Module) -> nn.Module:
+        return model
 
 
 def build_teacher(node: dict[str, Any], parallel, policy) -> nn.Module:
