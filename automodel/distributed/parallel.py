@@ -164,6 +164,9 @@ class Parallelism:
         import torch.distributed as dist
 
         if self.world_size > 1 and dist.is_initialized():
+            # every rank is done before any tears down: gloo aborts a process whose peer closed a connection
+            # that still had work on it
+            dist.barrier()
             dist.destroy_process_group()
 
 
