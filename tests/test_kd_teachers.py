@@ -58,6 +58,8 @@ def test_a_gguf_teacher_teaches_a_tiny_student_with_its_vocabulary(tmp_path, cap
     out = run_kd(tmp_path, capsys, cfg)
     # read from the file (its dequantised copy in the cache: made now on a cold cache, else reused)
     assert f"GGUF {SMOL_FILE}: reading its dequantised copy" in out or f"{SMOL / SMOL_FILE}: dequantising" in out
+    # built like any safetensors folder: on the meta device, then each process reads its shard of the copy
+    assert "each process reads its shard of " in out and f"/gguf/{SMOL_FILE.removesuffix('.gguf')}-" in out
     assert f"  teacher     {SMOL / SMOL_FILE} (frozen, {SMOL_PARAMETERS} parameters, held whole" in out
     steps = records(tmp_path / "ckpt", "train")
     assert [r["step"] for r in steps] == [1, 2]
