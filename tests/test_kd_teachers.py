@@ -8,10 +8,11 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 import yaml
 
 from automodel.cli.main import main
-from automodel.models import load_tokenizer
+from automodel.models import gguf, load_tokenizer
 from tests.conftest import ASSETS
 from tests.test_kd import kd_config, records
 
@@ -27,15 +28,13 @@ def tiny_smollm2_student(folder) -> str:
     initialised, saved with SmolLM2's tokenizer (read from the GGUF file): 3.2M parameters, mostly the embedding."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(str(SMOL), gguf_file=SMOL_FILE)
-    config = AutoConfig.from_pretrained(tokenizer.name_or_path)  # the folder the tokenizer came from has its config
+    smollm2 = gguf.tokenizer_folder(str(SMOL), SMOL_FILE)  # the file's config and tokenizer (a cached folder)
+    config = AutoConfig.from_pretrained(smollm2)
     config.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, head_dim=16, max_position_embeddings=512))
-    import torch
-
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    load_tokenizer(smollm2).save_pretrained(folder)
     return str(folder)
 
 
