@@ -10,6 +10,7 @@ checkpoints and resuming are the fine-tuning recipe's own.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import replace
 from typing import Any
 
@@ -170,7 +171,26 @@ class KDRecipe(FinetuneRecipe):
         return val_loss
 
     def start_facts(self) -> StartFacts:
-        teacher = self.settings.kd.teacher.get("pretrained_model_name_or_path", "?")
-        parameters = sum(p.numel() for p in self.parts.forward_loss.teacher.model.parameters())
+        node = self.settings.kd.teacher
+        source = str(node.get("pretrained_model_name_or_path", "?"))
+        if node.get("gguf_file"):  # name the file it was read from, not only its folder (models/gguf.py)
+            source = f"{source.rstrip('/')}/{node['gguf_file']}"
+        teacher = self.parts.forward_loss.teacher.model
+        parameters = sum(p.numel() for p in teacher.parameters())
         return replace(super().start_facts(), command="automodel kd llm",
-                       extra=(("teacher", f"{teacher} (frozen, {parameters:,} parameters)"),))
+                       extra=(("teacher", f"{source} (frozen, {parameters:,} parameters, {held_as(teacher)})"),))
+
+
+def held_as(model: nn.Module) -> str:
+    """How this process holds `model`'s parameters, read from the parameters themselves: whole, or how many are
+    split over each mesh dimension (FSDP2's `dp`, tensor parallel's `tp`), so the banner shows the teacher sharded
+    like the student."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    split = Counter(f"{name} ({size} processes)" for param in params if isinstance(param, DTensor)
+                    for name, size, placement in zip(param.device_mesh.mesh_dim_names, param.device_mesh.shape,
+                                                     param.placements) if placement.is_shard())
+    if not split:
+        return "held whole by each process"
+    return ", ".join(f"{count} of {len(params)} tensors split over {dim}" for dim, count in split.items())
