@@ -60,6 +60,6 @@ class ForwardLoss:
             kwargs = {"logits_to_keep": keep, **rows} if self.label_logits_only else {}
             output = self.model(**model_inputs(batch), use_cache=False, **kwargs)
             summed = self.loss_fn(output.logits, targets[keep] if self.label_logits_only else targets)
-        if self.model.training:
+        if self.router_aux is not None and self.model.training:
             summed = self.router_aux.add(summed, output, batch["labels"])
         return summed, count_label_tokens(batch["labels"])

@@ -118,7 +118,9 @@ class DistillForwardLoss:
         self._sums = [self._sums[0] + ce.item(), self._sums[1] + kd.item(), self._sums[2] + tokens]
         if not self.model.training:
             return ce, tokens
-        return self.router_aux.add(weighted, output, batch["labels"]), tokens
+        if self.router_aux is not None:
+            weighted = self.router_aux.add(weighted, output, batch["labels"])
+        return weighted, tokens
 
     @staticmethod
     def _rows(forward: ForwardLoss, keep: torch.Tensor) -> dict[str, torch.Tensor]:

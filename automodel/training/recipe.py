@@ -351,9 +351,10 @@ class FinetuneRecipe:
         parts.optimizer.zero_grad(set_to_none=True)
         (tokens,) = parts.parallel.all_reduce_sum(sum(count_tokens(b) for b in micro_batches))
         seconds = time.perf_counter() - start
+        router_aux = parts.forward_loss.router_aux
         return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "tokens": int(tokens),
                 "label_tokens": label_tokens, "tokens_per_s": tokens / seconds, "step_s": seconds,
-                **parts.forward_loss.router_aux.pop_metrics()}
+                **(router_aux.pop_metrics() if router_aux is not None else {})}
 
     def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
         """`skip`: drop this update (the schedule still advances); `stop`: end the run, saving nothing new."""
