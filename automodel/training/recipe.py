@@ -34,8 +34,7 @@ from automodel.checkpoint.provenance import check_trusted
 from automodel.config import build, config_at_rest
 from automodel.data.loaders import RankBatches, build_dataset, build_loader
 from automodel.data.streaming import is_streaming
-from automodel.distributed.grad_norm import clip_grad_norm
-from automodel.distributed.parallel import Parallelism, mask_rows_after
+from automodel.distributed.parallel import Parallelism, clip_grad_norm, mask_rows_after
 from automodel.errors import TrainingStopped, UserError
 from automodel.logging import (
     format_end_summary,
