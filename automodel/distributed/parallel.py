@@ -57,6 +57,8 @@ class Parallelism:
                             f"({env.world_size})")
         self.cfg, self.env, self.device, self.backend = cfg, env, device, backend
         self.precision = precision  # FSDP2's mixed-precision policy follows it
+        # The context every forward runs in (autocast when mixed), chosen once: `with parallel.forward_context():`.
+        self.forward_context = precision.forward_context(device)
         self.rank, self.world_size = env.rank, env.world_size
         self.tp_size = cfg.tp_size
         self.dp_size = env.world_size // cfg.tp_size

@@ -329,7 +329,7 @@ class FinetuneRecipe:
             return
         from automodel.inference.squad_eval import squad_eval_during_training
 
-        with parts.parallel.precision.autocast(parts.parallel.device):
+        with parts.parallel.forward_context():
             squad_eval_during_training(parts.model, parts.tokenizer, parts.data.val_set, step, parts.metrics)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -380,7 +380,7 @@ class FinetuneRecipe:
         for index, batch in enumerate(micro_batches):
             batch = {k: v.to(parallel.device, non_blocking=True) for k, v in batch.items()}
             with parallel.gradient_sync(model, enabled=index == len(micro_batches) - 1):
-                with parallel.precision.autocast(parallel.device):
+                with parallel.forward_context():
                     summed, _ = self.parts.forward_loss(batch)
                 (summed * scale).backward()
             loss_sum += summed.detach()
@@ -399,7 +399,7 @@ class FinetuneRecipe:
             # The sampler pads the last ranks with repeated rows so all run the same batches; they do not count.
             batch, seen = mask_rows_after(batch, real_rows - seen), seen + len(batch["labels"])
             batch = {k: v.to(parts.parallel.device) for k, v in batch.items()}
-            with parts.parallel.precision.autocast(parts.parallel.device):
+            with parts.parallel.forward_context():
                 summed, label_tokens = parts.forward_loss(batch)
             loss_sum, tokens = loss_sum + summed.item(), tokens + label_tokens
         loss_sum, tokens = parts.parallel.all_reduce_sum(loss_sum, tokens)
