@@ -1,7 +1,7 @@
 """How the training forward runs for one model and loss: decided once, right after the model is built.
 
 `plan_forward(model, loss_fn)` (called from the recipe's setup) decides which of these optimisations apply, installs
-the hooks the second one needs on the model, and returns the `ForwardPlan` that training/forward.py `ForwardLoss`
+the hooks the second one needs on the model, and returns the `ForwardPlan` that training/loss.py `ForwardLoss`
 runs on every micro-batch, in this order:
 
 1. Logits only at label positions (transformers' boolean `logits_to_keep`): on answer-only data few positions carry
@@ -13,9 +13,9 @@ runs on every micro-batch, in this order:
    so no `[label tokens x vocab]` logits tensor exists.
 
 Plus, in training, the mixture-of-experts router auxiliary loss (automodel/models/router_aux_loss.py), which
-transformers adds only to the loss it computes itself: planned only for a model whose config enables it. Where a model or loss cannot take an optimisation, the
-forward does without it and the plan's `describe()` (the start banner's `loss` row) says so, with one log line
-naming the reason. The loss is duck-typed (a `chunk_size` and a `head_loss`): models/ imports nothing of training/.
+transformers adds only to the loss it computes itself: planned only for a model whose config enables it. Where a
+model or loss cannot take an optimisation, the forward does without it and the plan's `describe()` (the start
+banner's `loss` row) says so, with one log line naming the reason. The loss is duck-typed (a `chunk_size` and a `head_loss`): models/ imports nothing of training/.
 """
 
 from __future__ import annotations

@@ -23,9 +23,8 @@ from automodel.models.attention import LAST_LAYER_ROWS
 from automodel.models.build import build_model
 from automodel.models.forward_plan import plan_forward
 from automodel.models.unwrap import transformers_model
-from automodel.training.forward import ForwardLoss, label_hidden_states
 from automodel.training.kd_loss import KDLoss, chunked_head_distillation
-from automodel.training.loss import MaskedCrossEntropy
+from automodel.training.loss import ForwardLoss, MaskedCrossEntropy, label_hidden_states
 from automodel.training.recipe import FinetuneRecipe
 
 logger = logging.getLogger("automodel")

@@ -50,7 +50,7 @@ from automodel.models.capabilities import model_batch_layouts
 from automodel.models.forward_plan import plan_forward
 from automodel.models.unwrap import transformers_model
 from automodel.training import host_memory
-from automodel.training.forward import ForwardLoss
+from automodel.training.loss import ForwardLoss
 from automodel.training.preemption import PreemptionHandler
 from automodel.training.settings import RecipeParts, RecipeSettings, RunData
 from automodel.training.step_scheduler import StepSchedulerConfig
