@@ -17,8 +17,7 @@ at the label positions through the model's own forward (`logits_to_keep`) instea
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -49,30 +48,15 @@ LOGIT_TRANSFORMS: dict[str, dict[str, str]] = {
 
 @dataclass(frozen=True)
 class OutputHead:
-    """`logits = post(module(pre(hidden)))`, in the same operations and order as transformers.
-
-    What the chunked loss asks of the head for every chunk is fixed for the run, so it is decided here, once:
-    `logits`, the callable that computes a chunk's logits (the module itself for an architecture that transforms
-    nothing, most of them), and `trainable`, the head's parameters that get gradients."""
+    """`logits = post(module(pre(hidden)))`, in the same operations and order as transformers."""
 
     module: nn.Module                  # the output projection: lm_head, or the LoRA layer wrapping it
     hidden_divisor: float | None = None
     logit_scale: float | None = None
     logit_divisor: float | None = None
     softcap: float | None = None
-    logits: Callable[[torch.Tensor], torch.Tensor] = field(init=False, repr=False, compare=False)
-    trainable: tuple[nn.Parameter, ...] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self):
-        transforms = (self.hidden_divisor, self.logit_scale, self.logit_divisor, self.softcap)
-        plain = all(value is None for value in transforms)
-        object.__setattr__(self, "logits", self.module if plain else self._transformed)
-        object.__setattr__(self, "trainable", tuple(p for p in self.module.parameters() if p.requires_grad))
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.logits(hidden)
-
-    def _transformed(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.hidden_divisor is not None:
             hidden = hidden / self.hidden_divisor
         logits = self.module(hidden)
@@ -83,6 +67,9 @@ class OutputHead:
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
 
 
 def head_class_name(model: nn.Module) -> str:

@@ -65,10 +65,10 @@ class _ChunkedHeadDistillation(torch.autograd.Function):
         size = kd_loss.chunk_size
         for start in range(0, len(hidden), size):
             with torch.no_grad():
-                teacher_logits = teacher_head.logits(teacher_hidden[start:start + size])
+                teacher_logits = teacher_head(teacher_hidden[start:start + size])
             chunk = hidden[start:start + size].detach().requires_grad_(wrt_hidden)
             with torch.enable_grad():
-                logits = head.logits(chunk)
+                logits = head(chunk)
                 ce = F.cross_entropy(at_least_fp32(logits), targets[start:start + size], reduction="sum")
                 kd = kd_loss.kl(logits, teacher_logits)
                 loss = ce_weight * ce + kd_weight * kd
@@ -96,7 +96,7 @@ def chunked_head_distillation(head: OutputHead, hidden: torch.Tensor, targets: t
                               kd_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """((1 - kd_ratio) x CE + kd_ratio x KD, CE, KD), each summed over the label rows. `hidden` / `teacher_hidden`:
     the two models' last hidden states at the label positions (`[label_tokens, hidden]`), `targets` their labels."""
-    params = head.trainable if torch.is_grad_enabled() else ()
+    params = head.trainable_parameters() if torch.is_grad_enabled() else []
     weights = (1.0 - kd_ratio, kd_ratio)
     if torch.is_grad_enabled() and (hidden.requires_grad or params):
         return _ChunkedHeadDistillation.apply(hidden, targets, teacher_hidden, head, teacher_head, kd_loss, weights,
@@ -105,7 +105,7 @@ def chunked_head_distillation(head: OutputHead, hidden: torch.Tensor, targets: t
         totals = torch.zeros(3, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         for start in range(0, len(hidden), kd_loss.chunk_size):
             rows = slice(start, start + kd_loss.chunk_size)
-            logits, teacher_logits = head.logits(hidden[rows]), teacher_head.logits(teacher_hidden[rows])
+            logits, teacher_logits = head(hidden[rows]), teacher_head(teacher_hidden[rows])
             ce = F.cross_entropy(at_least_fp32(logits), targets[rows], reduction="sum")
             kd = kd_loss.kl(logits, teacher_logits)
             totals += torch.stack([weights[0] * ce + weights[1] * kd, ce, kd]).to(totals.dtype)

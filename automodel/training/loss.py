@@ -75,7 +75,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, len(hidden), chunk_size):
             chunk = hidden[start:start + chunk_size].detach().requires_grad_(wrt_hidden)
             with torch.enable_grad():
-                loss = F.cross_entropy(at_least_fp32(head.logits(chunk)), targets[start:start + chunk_size],
+                loss = F.cross_entropy(at_least_fp32(head(chunk)), targets[start:start + chunk_size],
                                        reduction="sum")
             grads = torch.autograd.grad(loss, [chunk] * wrt_hidden + list(params), allow_unused=True)
             if wrt_hidden:
@@ -109,10 +109,10 @@ def chunked_head_cross_entropy(head: OutputHead, hidden: torch.Tensor, targets: 
 
     if isinstance(head.module, VocabShardedLinear):
         head = dataclasses.replace(head, module=head.module.whole())
-    params = head.trainable if torch.is_grad_enabled() else ()
+    params = head.trainable_parameters() if torch.is_grad_enabled() else []
     if not (torch.is_grad_enabled() and (hidden.requires_grad or params)):
         with torch.no_grad():
-            return sum((F.cross_entropy(at_least_fp32(head.logits(hidden[start:start + chunk_size])),
+            return sum((F.cross_entropy(at_least_fp32(head(hidden[start:start + chunk_size])),
                                         targets[start:start + chunk_size], reduction="sum")
                         for start in range(0, len(hidden), chunk_size)),
                        torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device))
