@@ -98,13 +98,6 @@ def trace_kd(folder: Path) -> FileTrace:
     return core
 
 
-def show(name: str, trace: FileTrace, earlier: set[str], elsewhere: str, mark: str) -> None:
-    new = [file for file in trace.files if file not in earlier]
-    print(f"{name}: {len(trace.files)} files ({len(new)} not in {elsewhere})")
-    for file, function in trace.files.items():
-        print(f"  {file:44s} first: {function}" + (mark if file in earlier else ""))
-
-
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as folder:
@@ -112,11 +105,13 @@ def main() -> None:
         kd = trace_kd(Path(folder) / "kd")
     seen: set[str] = set()
     for name, trace in (("core step", core), ("bookkeeping", bookkeeping), ("save", save)):
-        show(name, trace, seen, "the parts above", "  (again)")
+        new = [file for file in trace.files if file not in seen]
+        print(f"{name}: {len(trace.files)} files ({len(new)} not in the parts above)")
+        for file, function in trace.files.items():
+            print(f"  {file:44s} first: {function}" + ("" if file in new else "  (again)"))
         seen.update(trace.files)
-    kd_only = {file for file in kd.files if file not in core.files}
-    new = [file for file in kd.files if file in kd_only]
-    print(f"kd core step: {len(kd.files)} files ({len(new)} not in the fine-tuning core step)")
+    kd_only = [file for file in kd.files if file not in core.files]
+    print(f"kd core step: {len(kd.files)} files ({len(kd_only)} not in the fine-tuning core step)")
     for file, function in kd.files.items():
         print(f"  {file:44s} first: {function}" + ("  (KD only)" if file in kd_only else ""))
 
