@@ -90,7 +90,7 @@ def test_the_forward_plan_installs_its_hooks_and_the_loss_only_runs_it():
     from automodel.models import load_causal_lm
     from automodel.models.decoder_layers import decoder_layers
     from automodel.models.forward_plan import plan_forward
-    from automodel.training.forward import ForwardLoss
+    from automodel.training.loss import ForwardLoss
 
     model = load_causal_lm(str(STORIES)).eval()
     last = decoder_layers(model)[-1]

@@ -15,7 +15,7 @@ from automodel.distributed.config import DistributedConfig
 from automodel.distributed.env import LaunchEnv, read_launch_env
 from automodel.distributed.fsdp2 import apply_fsdp2, mixed_precision_policy
 from automodel.models.decoder_layers import decoder_layers
-from automodel.distributed.grad_norm import clip_grad_norm
+from automodel.distributed.parallel import clip_grad_norm
 from automodel.distributed.launcher import (LAUNCH_FLAGS, describe_failures, strip_launcher_flags, torchrun_args)
 from automodel.distributed.parallel import mask_rows_after, resolve_strategy
 from automodel.distributed.tp import build_plan, check_heads_split

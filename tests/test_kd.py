@@ -12,10 +12,9 @@ import yaml
 from automodel.cli.main import main
 from automodel.batch import IGNORE_INDEX
 from automodel.models.forward_plan import plan_forward
-from automodel.training.forward import ForwardLoss
 from automodel.training.kd import DistillForwardLoss, KDRecipe
 from automodel.training.kd_loss import KDLoss
-from automodel.training.loss import MaskedCrossEntropy
+from automodel.training.loss import ForwardLoss, MaskedCrossEntropy
 from tests.conftest import STORIES
 from tests.distributed_helpers import FAST, automodel_cmd, run
 from tests.helpers import tiny_squad_config

@@ -24,9 +24,8 @@ from automodel.models.attention import LAST_LAYER_ROWS
 from automodel.models.build import build_model
 from automodel.models.forward_plan import plan_forward
 from automodel.models.unwrap import transformers_model
-from automodel.training.forward import ForwardLoss, label_hidden_states
 from automodel.training.kd_loss import KDLoss, chunked_head_distillation
-from automodel.training.loss import MaskedCrossEntropy
+from automodel.training.loss import ForwardLoss, MaskedCrossEntropy, label_hidden_states
 from automodel.training.recipe import FinetuneRecipe
 
 logger = logging.getLogger("automodel")
@@ -119,7 +118,9 @@ class DistillForwardLoss:
         self._sums = [self._sums[0] + ce.item(), self._sums[1] + kd.item(), self._sums[2] + tokens]
         if not self.model.training:
             return ce, tokens
-        return self.router_aux.add(weighted, output, batch["labels"]), tokens
+        if self.router_aux is not None:
+            weighted = self.router_aux.add(weighted, output, batch["labels"])
+        return weighted, tokens
 
     @staticmethod
     def _rows(forward: ForwardLoss, keep: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""The chunked output head (automodel/training/loss.py `head_loss`, automodel/training/forward.py) gives the full-logits loss and gradients.
+"""The chunked output head (automodel/training/loss.py `head_loss`, `ForwardLoss` there) gives the full-logits loss
+and gradients.
 
 For every native architecture (tied heads; untied for Llama and the architectures with a final transform: Gemma 2/3
 soft-capping, Cohere logit scale, Granite logits scaling, MiniCPM3 hidden scaling) and for a LoRA-adapted lm_head:
@@ -18,9 +19,8 @@ from automodel.data.squad import make_squad_dataset
 from automodel.models.output_head import LOGIT_TRANSFORMS, find_output_head
 from automodel.models.loader import load_causal_lm
 from automodel.models.registry import family_rows, native_rows
-from automodel.training.forward import forward_chunked_loss
 from automodel.batch import IGNORE_INDEX, shift_labels
-from automodel.training.loss import MaskedCrossEntropy
+from automodel.training.loss import MaskedCrossEntropy, forward_chunked_loss
 from tests.conftest import SQUAD_DEV
 from tests.models.test_architectures import one_thread  # noqa: F401 (fixture)
 from tests.models.published import write_published_checkpoint
