@@ -21,7 +21,8 @@ from automodel.batch import IGNORE_INDEX
 from automodel.config.instantiate import parse_section
 from automodel.config.precision import Precision, resolve_precision
 from automodel.distributed.config import DistEnvConfig, DistributedConfig
-from automodel.distributed.env import LaunchEnv, init_process_group, pick_device, read_launch_env
+from automodel.distributed.env import (LaunchEnv, init_process_group, leave_process_group, pick_device,
+                                      read_launch_env)
 from automodel.errors import UserError
 
 logger = logging.getLogger("automodel")
@@ -165,13 +166,8 @@ class Parallelism:
             dist.barrier()
 
     def shutdown(self) -> None:
-        import torch.distributed as dist
-
-        if self.world_size > 1 and dist.is_initialized():
-            # every rank is done before any tears down: gloo aborts a process whose peer closed a connection
-            # that still had work on it
-            dist.barrier()
-            dist.destroy_process_group()
+        """The run's normal end: every rank finishes before any leaves the process group."""
+        leave_process_group(wait_for_peers=True)
 
 
 def mask_rows_after(batch: dict[str, torch.Tensor], keep: int) -> dict[str, torch.Tensor]:

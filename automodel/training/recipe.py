@@ -34,6 +34,7 @@ from automodel.checkpoint.provenance import check_trusted
 from automodel.config import build, config_at_rest
 from automodel.data.loaders import RankBatches, build_dataset, build_loader
 from automodel.data.streaming import is_streaming
+from automodel.distributed.env import leave_process_group
 from automodel.distributed.parallel import Parallelism, clip_grad_norm, mask_rows_after
 from automodel.errors import TrainingStopped, UserError
 from automodel.logging import (
@@ -203,8 +204,12 @@ class FinetuneRecipe:
     # ---- training -------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        self.setup()
-        result = self.train()
+        try:
+            self.setup()
+            result = self.train()
+        except BaseException:
+            leave_process_group(wait_for_peers=False)  # the error, not a gloo abort at exit, ends the process
+            raise
         self.parts.parallel.shutdown()
         return result
 
