@@ -2,7 +2,8 @@
 
 Runs a real LoRA fine-tune setup on one process (stories260K on SQuAD, the defaults: padding-free batches,
 `automodel_sdpa`, the chunked output head, the last layer on label rows; 2 micro-batches a step), then records every
-Python function call (`sys.setprofile`) while it runs:
+Python function call (`sys.setprofile`) while it runs step 2, a step in the middle of an epoch (step 1 runs
+untraced: an epoch's start also asks the dataset its length):
 
   core step   the recipe's loop body from a batch to an update: `_next_micro_batches` (the loader and its
               collator) and `train_step` (forward, loss, backward, gradient clipping, optimizer and LR scheduler)
@@ -52,14 +53,24 @@ class FileTrace:
 
 
 def step_config(folder: Path) -> dict:
-    """One LoRA fine-tune of stories260K on SQuAD: step 1 of 2 logs its line and neither validates nor saves."""
+    """One LoRA fine-tune of stories260K on SQuAD: step 2 of 3 logs its line and neither validates nor saves."""
     from tests.helpers import tiny_squad_config
 
-    cfg = tiny_squad_config(folder, peft=True, max_steps=2, train_samples=16)
+    cfg = tiny_squad_config(folder, peft=True, max_steps=3, train_samples=16)
     cfg["step_scheduler"].update(val_every_steps=None, ckpt_every_steps=1000, log_every_steps=1)
     cfg["checkpoint"]["save_consolidated"] = "every"  # the save writes `model/` too, as the last step's does
     del cfg["validation_dataset"]
     return cfg
+
+
+def first_step(recipe, batches) -> None:
+    """Step 1, untraced: the traced step is one in the middle of an epoch, without the epoch's start (the sampler
+    asks the dataset its length once per epoch, in data/dataset.py)."""
+    from automodel.training.recipe import RunResult
+
+    record = recipe.train_step(recipe._next_micro_batches(batches))
+    recipe._advance()
+    recipe._after_step(record, RunResult())
 
 
 def trace_finetune(folder: Path) -> tuple[FileTrace, FileTrace, FileTrace]:
@@ -70,6 +81,7 @@ def trace_finetune(folder: Path) -> tuple[FileTrace, FileTrace, FileTrace]:
     recipe.setup()
     batches = recipe._epoch_batches()
     with recipe.parts.metrics:
+        first_step(recipe, batches)
         with FileTrace() as core:
             record = recipe.train_step(recipe._next_micro_batches(batches))
         with FileTrace() as bookkeeping:
@@ -92,6 +104,7 @@ def trace_kd(folder: Path) -> FileTrace:
     recipe.setup()
     batches = recipe._epoch_batches()
     with recipe.parts.metrics:
+        first_step(recipe, batches)
         with FileTrace() as core:
             recipe.train_step(recipe._next_micro_batches(batches))
     recipe.parts.parallel.shutdown()

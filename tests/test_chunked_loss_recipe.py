@@ -49,7 +49,7 @@ def test_unknown_architecture_falls_back_with_one_log_line(caplog):
     with caplog.at_level(logging.INFO, logger="automodel"):
         assert chunked_head_for(torch.nn.Linear(2, 2), MaskedCrossEntropy()) is None
     assert [r.getMessage() for r in caplog.records] == [
-        "chunked output head off: Linear is not in automodel's output-head table (automodel/models/output_head.py); "
+        "chunked output head off: Linear is not in automodel's output-head table (automodel/models/label_rows.py); "
         "computing logits at the label positions with logits_to_keep"]
 
 

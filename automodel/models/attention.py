@@ -22,7 +22,7 @@ gave `sdpa` to it. What it adds to transformers' `sdpa_attention_forward` (which
 
 - Only the rows the loss reads, in the last layer: given `LAST_LAYER_ROWS` (a bool batch x seq mask passed through
   the model's forward as a keyword), the last layer's attention computes those query rows alone and leaves zeros
-  elsewhere (automodel/models/last_layer_rows.py says why that is exact).
+  elsewhere (automodel/models/label_rows.py says why that is exact).
 
 The softmax of every computed query row sees exactly the keys `sdpa` would let it see, so results equal `sdpa` up
 to float rounding (tests/models/test_attention.py).

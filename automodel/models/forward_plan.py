@@ -6,10 +6,10 @@ runs on every micro-batch, in this order:
 
 1. Logits only at label positions (transformers' boolean `logits_to_keep`): on answer-only data few positions carry
    a label, and the output head is a large share of the FLOPs.
-2. The last decoder layer only at the label rows (automodel/models/last_layer_rows.py): the loss reads no other row
+2. The last decoder layer only at the label rows (automodel/models/label_rows.py): the loss reads no other row
    of the last hidden state, and nothing after the last layer's attention mixes positions.
 3. The chunked output head (`loss_fn.head_loss`, automodel/training/loss.py): the model's forward computes no
-   logits; the head (automodel/models/output_head.py) and the cross-entropy run a chunk of label tokens at a time,
+   logits; the head (automodel/models/label_rows.py) and the cross-entropy run a chunk of label tokens at a time,
    so no `[label tokens x vocab]` logits tensor exists.
 
 Plus, in training, the mixture-of-experts router auxiliary loss (automodel/models/router_aux_loss.py), which
@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from automodel.models.capabilities import last_layer_rows_supported
-from automodel.models.last_layer_rows import LastLayerRows, install_last_layer_rows
-from automodel.models.output_head import OutputHead, find_output_head
+from automodel.models.label_rows import LastLayerRows, OutputHead, find_output_head, install_last_layer_rows
 from automodel.models.router_aux_loss import RouterAuxLoss, router_aux_loss
 from automodel.models.unwrap import transformers_model, without_ddp
 

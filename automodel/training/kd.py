@@ -94,7 +94,7 @@ class DistillForwardLoss:
         for role, forward in (("model", student), ("teacher_model", teacher)):
             if forward.output_head is None:
                 raise UserError(f"{role}: {type(transformers_model(forward.model)).__name__} has no chunked output "
-                                "head (automodel/models/output_head.py); KD computes both models' logits a chunk "
+                                "head (automodel/models/label_rows.py); KD computes both models' logits a chunk "
                                 "of label tokens at a time and needs one")
         self.student, self.teacher, self.kd_loss, self.kd_ratio = student, teacher, kd_loss, kd_ratio
         self.router_aux = student.router_aux

@@ -10,7 +10,7 @@ optimizer step (all micro-batches, all ranks), so gradient accumulation and data
 large batch. A loss function takes `(logits, targets)` already aligned: targets are the labels shifted by one
 (`automodel.batch.shift_labels`), and when the model computed logits only at label positions, just those targets.
 `head_loss` takes the last hidden states at the label positions instead and applies the output head
-(automodel/models/output_head.py) and the cross-entropy `chunk_size` label tokens at a time: each chunk's gradients
+(automodel/models/label_rows.py) and the cross-entropy `chunk_size` label tokens at a time: each chunk's gradients
 (for the hidden states and the head's trainable parameters) are computed right away and its logits freed, so at most
 one chunk's `[chunk_size x vocab]` logits exist at any time, and the head costs 3 matmuls per chunk as unchunked
 (no recomputation in backward).
@@ -28,7 +28,7 @@ from automodel.batch import IGNORE_INDEX, count_label_tokens, model_inputs, shif
 from automodel.errors import UserError
 from automodel.models.attention import LAST_LAYER_ROWS
 from automodel.models.forward_plan import ForwardPlan
-from automodel.models.output_head import OutputHead
+from automodel.models.label_rows import OutputHead
 
 DEFAULT_CHUNK_SIZE = 1024
 

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from automodel.data.collate import pad_collate
 from automodel.data.squad import make_squad_dataset
-from automodel.models.output_head import LOGIT_TRANSFORMS, find_output_head
+from automodel.models.label_rows import LOGIT_TRANSFORMS, find_output_head
 from automodel.models.loader import load_causal_lm
 from automodel.models.registry import family_rows, native_rows
 from automodel.batch import IGNORE_INDEX, shift_labels
@@ -173,7 +173,7 @@ def test_chunked_head_never_materialises_label_tokens_x_vocab(one_thread):  # no
 
 def test_micro_batch_without_labels_gives_zero_loss_and_zero_head_gradients():
     """Every trainable head parameter still gets a gradient (zeros), as DDP expects of every step."""
-    from automodel.models.output_head import OutputHead
+    from automodel.models.label_rows import OutputHead
     from automodel.training.loss import chunked_head_cross_entropy
 
     head = OutputHead(torch.nn.Linear(4, 10))
