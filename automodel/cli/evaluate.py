@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from automodel.cli.common import add_logging_arguments, add_model_arguments, new_parser, start
@@ -22,6 +23,9 @@ def build_parser():
     parser.add_argument("--dataset", help="SQuAD file, folder or hub id (default: the run's validation set)")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--limit", type=int, help="only the first N questions (default: the run's validation limit)")
+    parser.add_argument("--spread-over-articles", action=argparse.BooleanOptionalAction,
+                        help="take the N questions from every article in turn, not the file's first N (default: "
+                             "as the run's validation set did)")
     parser.add_argument("--seq-length", type=int, help="prompt + answer token budget (default: the run's)")
     parser.add_argument("--prompt-template", help="default: the run's, else 'Context: {context} Question: "
                                                   "{question} Answer: '")
@@ -51,7 +55,7 @@ def main(argv: list[str]) -> int:
     generator = Generator.load(args.model, args.adapter, args.dtype, args.trust_remote_code, args.device)
     options = SquadEvalOptions(dataset=args.dataset, split=args.split, limit=args.limit, seq_length=args.seq_length,
                                prompt_template=args.prompt_template, unanswerable_target=args.unanswerable_target,
-                               version=args.version)
+                               version=args.version, spread_over_articles=args.spread_over_articles)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(generator.source)
     report = evaluate_squad(generator, options, settings, output_dir)

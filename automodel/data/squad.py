@@ -6,8 +6,10 @@ Sources: a hub id (`rajpurkar/squad`), a local `.json` in the original nested SQ
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import random
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,9 @@ SQUAD_BUILDER = "automodel.data.squad.make_squad_dataset"
 ANSWER_WINDOW, CONTEXT_START = "answer_window", "context_start"
 TRUNCATIONS = (ANSWER_WINDOW, CONTEXT_START)
 HELD_OUT_ANSWER_TOKENS = 32
+# `spread_over_articles`: the fixed seed that orders each article's questions, so the selection is the same on
+# every machine and run.
+SPREAD_SEED = 0
 # Tokenizing in chunks lets a progress bar show on large files.
 PROGRESS_CHUNK = 2000
 PROGRESS_MIN_TEXTS = 5000
@@ -56,6 +61,7 @@ def make_squad_dataset(
     cache: bool = True,
     cache_dir: str | None = None,
     truncation: str = ANSWER_WINDOW,
+    spread_over_articles: bool = False,
 ) -> SFTDataset:
     """Tokenized SQuAD: `input_ids = prompt + answer + eos`, labels aligned with input_ids (not shifted).
 
@@ -70,21 +76,28 @@ def make_squad_dataset(
     (all answer texts), `target`, `prompt` (the exact string tokenized, so generation can reuse it) and
     `truncated`, `answer_cut`; `context` is the possibly shortened one that is in the prompt and `answer_start` is where
     the target is in it (None when it is not: unanswerable rows, answers not found in the context).
+    `limit_dataset_samples` takes the source's first questions, which come from one or two articles; with
+    `spread_over_articles` it takes them from every article in turn (round robin over the articles, in file order;
+    within an article, in an order shuffled with the fixed SPREAD_SEED), the same questions on every run.
     Local files are tokenized once and cached (`cache_dir`, default ~/.cache/automodel or $AUTOMODEL_CACHE).
     """
     check_positive("seq_length", seq_length)
     check_positive("limit_dataset_samples", limit_dataset_samples)
     check_template(prompt_template)
+    if not isinstance(spread_over_articles, bool):
+        raise UserError(f"spread_over_articles must be true or false, got {spread_over_articles!r}")
     if truncation not in TRUNCATIONS:
         raise UserError(f"truncation: expected one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no eos token; SQuAD targets end with eos so generation knows where to stop")
     settings = dict(seq_length=seq_length, template=prompt_template, unanswerable=unanswerable_target,
                     answer_only_loss=answer_only_loss, truncation=truncation)
-    cache_settings = dict(settings, split=split, limit=limit_dataset_samples, split_rule=SPLIT_RULE)
+    cache_settings = dict(settings, split=split, limit=limit_dataset_samples, split_rule=SPLIT_RULE,
+                          spread=spread_over_articles)
 
     def build() -> tuple[list[dict[str, list[int]]], dict[str, Any]]:
-        return tokenize_squad(tokenizer, load_examples(dataset_name, split, limit_dataset_samples), **settings)
+        examples = load_examples(dataset_name, split, limit_dataset_samples, spread_over_articles)
+        return tokenize_squad(tokenizer, examples, **settings)
 
     if cache and looks_like_local_path(dataset_name):
         key = cache_key(resolve_data_file(dataset_name, split), tokenizer, cache_settings, __file__)
@@ -94,8 +107,10 @@ def make_squad_dataset(
     kept_examples = meta["examples"]
     num_truncated = sum(ex["truncated"] for ex in kept_examples)
     logger.info(
-        "SQuAD %s (%s): %d examples, %d truncated and %d dropped to fit seq_length=%s",
-        dataset_name, split, len(items), num_truncated, meta["num_dropped"], seq_length,
+        "SQuAD %s (%s): %d examples%s, %d truncated and %d dropped to fit seq_length=%s",
+        dataset_name, split, len(items),
+        f" from {len({ex['title'] for ex in kept_examples})} articles" if spread_over_articles else "",
+        num_truncated, meta["num_dropped"], seq_length,
     )
     if truncation == CONTEXT_START and num_truncated:
         logger.info("SQuAD %s (%s): held out, so a context is cut at its end, without looking at the answers: "
@@ -194,18 +209,37 @@ def batch_token_ids(tokenizer, texts: list[str], add_special_tokens: bool, progr
 # ---------------------------------------------------------------- loading
 
 
-def load_examples(dataset_name: str, split: str, limit: int | None) -> list[dict[str, Any]]:
-    """The first `limit` questions of the source as `{id, title, context, question, answers}` dicts."""
+def load_examples(dataset_name: str, split: str, limit: int | None,
+                  spread: bool = False) -> list[dict[str, Any]]:
+    """The first `limit` questions of the source (with `spread`, of its articles in turn, see make_squad_dataset)
+    as `{id, title, context, question, answers}` dicts."""
     if looks_like_local_path(dataset_name):
         path = resolve_data_file(dataset_name, split)
         rows = read_local_rows(path)
         source = str(path)
     else:
-        rows = read_hub_rows(dataset_name, split, limit)
+        rows = read_hub_rows(dataset_name, split, None if spread else limit)
         source = f"{dataset_name} (split {split})"
+    numbered = list(enumerate(rows))  # file positions, for the errors
+    if spread:
+        numbered = spread_over_articles(numbered)
     if limit is not None:
-        rows = rows[:limit]
-    return [normalize_row(row, index, source) for index, row in enumerate(rows)]
+        numbered = numbered[:limit]
+    return [normalize_row(row, index, source) for index, row in numbered]
+
+
+def spread_over_articles(numbered: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """`(position, row)` pairs reordered to take one question of each article in turn (articles in file order, by
+    `title`; rows without one count as one article), each article's questions shuffled with SPREAD_SEED."""
+    articles: dict[Any, list[tuple[int, Any]]] = {}
+    for position, row in numbered:
+        title = str(row.get("title", "")) if isinstance(row, dict) else ""
+        articles.setdefault(title, []).append((position, row))
+    rng = random.Random(SPREAD_SEED)
+    for questions in articles.values():
+        rng.shuffle(questions)
+    turns = itertools.zip_longest(*articles.values())
+    return [pair for turn in turns for pair in turn if pair is not None]
 
 
 def read_local_rows(path: Path) -> list[dict[str, Any]]:

@@ -38,6 +38,7 @@ class SquadEvalOptions:
     prompt_template: str | None = None
     unanswerable_target: str | None = None
     version: str | None = None
+    spread_over_articles: bool | None = None
 
 
 def run_squad_settings(train_config: dict | None) -> dict[str, Any]:
@@ -59,13 +60,16 @@ def resolve_options(options: SquadEvalOptions, train_config: dict | None, max_po
     seq_length = options.seq_length or run.get("seq_length")
     # The run's own validation questions, as many as it validated on, unless another set is named.
     limit = options.limit or (None if options.dataset else run.get("limit_dataset_samples"))
+    spread = options.spread_over_articles
+    if spread is None:
+        spread = False if options.dataset else run.get("spread_over_articles", False)
     if seq_length is None and max_positions:
         seq_length = max_positions - max_new_tokens  # prompt + answer must leave room inside the model's context
     return {"dataset_name": dataset, "split": options.split if options.dataset else run.get("split", options.split),
             "seq_length": seq_length, "limit_dataset_samples": limit,
             "prompt_template": options.prompt_template or run.get("prompt_template", DEFAULT_PROMPT_TEMPLATE),
             "unanswerable_target": options.unanswerable_target or run.get("unanswerable_target", "unanswerable"),
-            "truncation": CONTEXT_START}
+            "truncation": CONTEXT_START, "spread_over_articles": spread}
 
 
 def load_questions(tokenizer, builder_args: dict[str, Any]) -> list[dict[str, Any]]:

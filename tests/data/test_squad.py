@@ -196,6 +196,44 @@ def test_held_out_contexts_keep_their_start_whatever_the_gold_answer(tmp_path, l
     assert all(q["target"] in q["context"] and not q["answer_cut"] for q in windows[0] + windows[1])
 
 
+def test_spread_over_articles_takes_every_article_in_turn(tmp_path, llama_tok, nested_dev):
+    """`spread_over_articles`: N questions from all articles (the first N come from one), the same ones on every
+    run and from either layout, each still its own question with its context cut without looking at the answer."""
+    rows = flat_rows(nested_dev, None)
+    titles = [article["title"] for article in nested_dev["data"]]
+    first = make_squad_dataset(llama_tok, str(NESTED_DEV), seq_length=384, limit_dataset_samples=60, cache=False,
+                               truncation="context_start")
+    assert {q["title"] for q in first.examples} == {titles[0]}
+    spread = make_squad_dataset(llama_tok, str(NESTED_DEV), seq_length=384, limit_dataset_samples=60, cache=False,
+                                truncation="context_start", spread_over_articles=True)
+    picked = [q["title"] for q in spread.examples]
+    assert len(picked) == 60 and picked[:len(titles)] == titles  # one of each article, in file order, then again
+    assert all(picked.count(title) in (2, 3) for title in titles)
+    by_id = {row["id"]: row for row in rows}
+    for question in spread.examples:
+        row = by_id[question["id"]]
+        assert (question["title"], question["question"]) == (row["title"], row["question"])
+        assert row["context"].startswith(question["context"])
+    # Not each article's first questions: within an article the order is shuffled (with a fixed seed).
+    article_firsts = {}
+    for row in rows:
+        article_firsts.setdefault(row["title"], row["id"])
+    assert sum(q["id"] == article_firsts[q["title"]] for q in spread.examples[:len(titles)]) < len(titles) // 2
+    flat = make_squad_dataset(llama_tok, str(write_jsonl(tmp_path / "dev.jsonl", rows)), seq_length=384,
+                              limit_dataset_samples=60, cache=False, truncation="context_start",
+                              spread_over_articles=True)
+    assert [q["id"] for q in flat.examples] == [q["id"] for q in spread.examples]
+    # `automodel eval squad` on a checkpoint asks the run's validation set's questions unless told otherwise.
+    from automodel.inference.squad_eval import SquadEvalOptions, resolve_options
+    run = {"validation_dataset": {"_target_": "automodel.data.squad.make_squad_dataset",
+                                  "dataset_name": str(NESTED_DEV), "spread_over_articles": True}}
+    assert resolve_options(SquadEvalOptions(), run, None, 32)["spread_over_articles"] is True
+    assert resolve_options(SquadEvalOptions(dataset=str(NESTED_DEV)), run, None, 32)["spread_over_articles"] is False
+    assert resolve_options(SquadEvalOptions(spread_over_articles=False), run, None, 32)["spread_over_articles"] is False
+    with pytest.raises(UserError, match="spread_over_articles must be true or false, got 'yes'"):
+        make_squad_dataset(llama_tok, str(NESTED_DEV), spread_over_articles="yes")
+
+
 def test_the_recipe_validates_on_held_out_cuts_only(llama_tok):
     from automodel.config import TargetPolicy
     from automodel.data.loaders import build_dataset
