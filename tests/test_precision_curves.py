@@ -36,7 +36,8 @@ def losses(tmp_path, precision: str, peft: bool) -> tuple[str, list[float]]:
                  "--step_scheduler.val_generate_at_start=false", "--step_scheduler.val_generate_every_steps=null",
                  "--step_scheduler.val_every_steps=null", "--validation_dataset=null", "--checkpoint.enabled=false",
                  f"--checkpoint.checkpoint_dir={tmp_path / precision}", "--logging.progress_bar=false",
-                 "--logging.plot=false", "--dataset.limit_dataset_samples=16"]
+                 "--logging.plot=false", "--dataset.limit_dataset_samples=16",
+                 "--step_scheduler.global_batch_size=4", "--step_scheduler.local_batch_size=4"]
     if not peft:
         overrides += ["--peft=null", "--optimizer.lr=2e-5"]
     recipe = FinetuneRecipe(load_config(EXAMPLE, overrides))
