@@ -38,7 +38,7 @@ SMOL = ASSETS / "models" / "SmolLM2-135M-Instruct-GGUF"
 SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SQUAD_TRAIN = ASSETS / "squad_v1.1" / "train-v1.1.subset.json"
 SQUAD_DEV = ASSETS / "squad_v1.1" / "dev-v1.1.part_a.json"
-SFT_LR = "5.0e-5"  # full SFT moves every weight: a learning rate 20x below LoRA's
+SFT_LR = "5.0e-5"  # full SFT moves every weight: a learning rate 40x below LoRA's
 BOUNDARY_TEMPLATE = "Context: {context} Question: {question} Answer: "  # automodel's default SQuAD template
 
 
