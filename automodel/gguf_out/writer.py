@@ -78,27 +78,31 @@ def encode(tensor: torch.Tensor, qtype) -> np.ndarray:
 
 
 def plan_tensors(model: nn.Module, rules, config: dict, type_name: str) -> list[PlannedTensor]:
-    """Every tensor of the model (each parameter once: a tied output head is llama.cpp's token embedding) with
-    its GGUF name from the gguf package's TensorNameMap; an unmapped name stops the export."""
+    """Every tensor of the model (each parameter once: a tied output head is llama.cpp's token embedding, a fused
+    tensor llama.cpp keeps apart as its pieces) with its GGUF name from the gguf package's TensorNameMap; an
+    unmapped name stops the export."""
     import gguf
 
     arch = gguf.MODEL_ARCH[rules.arch]
-    name_map = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    name_map = gguf.get_tensor_name_map(arch, architectures.block_count(config))
     planned = [PlannedTensor(name, tuple(t.shape), gguf.GGMLQuantizationType.F32, lambda t=t: t)
                for name, t in architectures.extra_tensors(rules, config).items()]
     for hf_name, tensor in saved_tensors(model).items():
         if hf_name in rules.skipped:
             continue
-        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise UserError(f"--format gguf: {config.get('architectures', ['?'])[0]} tensor {hf_name} has no name "
-                            f"in llama.cpp's {rules.arch.lower()} tensor map")
         shape = tuple(tensor.shape)
+        pieces = (rules.split and rules.split(hf_name, shape, config)) or [(hf_name, shape, lambda t: t)]
+        for piece_name, piece_shape, take in pieces:
+            gguf_name = name_map.get_name(piece_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise UserError(f"--format gguf: {config.get('architectures', ['?'])[0]} tensor {hf_name} has no "
+                                f"name in llama.cpp's {rules.arch.lower()} tensor map")
 
-        def produce(hf_name=hf_name, tensor=tensor) -> torch.Tensor:
-            return rules.tensor(hf_name, tensor.detach().to(torch.float32), config)
+            def produce(piece_name=piece_name, tensor=tensor, take=take) -> torch.Tensor:
+                return rules.tensor(piece_name, take(tensor.detach()).to(torch.float32), config)
 
-        planned.append(PlannedTensor(gguf_name, shape, tensor_type(gguf_name, shape, type_name), produce))
+            planned.append(PlannedTensor(gguf_name, piece_shape, tensor_type(gguf_name, piece_shape, type_name),
+                                         produce))
     names = {tensor.name: tensor for tensor in planned}
     if rules.needs_output and "output.weight" not in names:  # a tied head, which this llama.cpp graph cannot share
         embedding = names["token_embd.weight"]
