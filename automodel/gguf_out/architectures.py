@@ -10,12 +10,15 @@ each llama.cpp graph reads, Llama's Q/K row permutation (llama.cpp's rope pairs 
 pairs halves), Gemma's and Nemotron's `1 + weight` norms, the fused QKV layouts of GPT-NeoX and Falcon, the fused
 experts split into gate and up. llama.cpp itself checks every row in tests/test_gguf_export.py.
 
-Exported: llama, mistral, internlm3, exaone, granite, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, phi,
-stablelm, starcoder2, gpt_bigcode, gpt_neox, falcon, olmo, olmo2, cohere, cohere2, nemotron, glm4, mixtral,
-qwen2_moe, qwen3_moe, olmoe, granitemoe. A config using what llama.cpp's graph for its architecture lacks (a rope
-type, sliding-window Qwen, StableLM's q/k norms, Phi's q/k norms, Falcon's ALiBi or biases, Gemma's query scale
-other than llama.cpp's, dense layers inside a Qwen MoE, ...) stops with one line naming it, as does every other
-model_type.
+Exported: llama, mistral, internlm3, exaone, exaone4, granite, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, phi,
+stablelm, starcoder2, gpt_bigcode, gpt_neox, falcon, olmo, olmo2, cohere, cohere2, nemotron, glm, glm4, mixtral,
+qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared. A config using what llama.cpp's graph for its
+architecture lacks stops with one line naming it (a rope type other than the row's, sliding-window Qwen2/3,
+StableLM's, Phi's or Command-R's q/k norms, Falcon's ALiBi, biases or sequential attention, GPTBigCode without
+multi-query, Gemma 2/3's query scale other than llama.cpp's, Gemma 3's attention soft-capping, EXAONE-4's sliding
+layers below 64 layers, grouped-query OLMoE, dense layers or another top-k normalisation in the Qwen MoEs and
+OLMoE), as does every other model_type (GPT-J: llama.cpp's converter has no rules for it; Bamba, MiniCPM3,
+DeepSeek-V2/V3 and the others: not restated here).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ RULES = {
     "mistral": Rules("LLAMA", "LlamaModel (MistralForCausalLM)", dense.llama_parameters, llama_tensor),
     "internlm3": Rules("LLAMA", "InternLM3Model", dense.llama_parameters, llama_tensor),
     "exaone": Rules("EXAONE", "ExaoneModel", dense.exaone_parameters, rope_types=LLAMA_ROPES),
+    "exaone4": Rules("EXAONE4", "Exaone4Model", dense.exaone4_parameters, check=dense.exaone4_check),
     "granite": Rules("GRANITE", "GraniteModel", dense.granite_parameters, llama_tensor),
     "qwen2": Rules("QWEN2", "Qwen2Model", unsupported=(("use_sliding_window", is_false, "false"),)),
     "qwen3": Rules("QWEN3", "Qwen3Model", unsupported=(("use_sliding_window", is_false, "false"),)),
@@ -61,9 +65,12 @@ RULES = {
     "olmo": Rules("OLMO", "OlmoModel", dense.olmo_parameters, dense.olmo_tensor),
     "olmo2": Rules("OLMO2", "Olmo2Model", dense.olmo2_parameters, needs_output=True),
     "cohere": Rules("COMMAND_R", "CommandR2Model", dense.cohere_parameters,
-                    unsupported=(("use_qk_norm", is_false, "false"),)),
-    "cohere2": Rules("COHERE2", "Cohere2Model", dense.cohere2_parameters),
+                    unsupported=(("use_qk_norm", is_false, "false"), ("attention_bias", is_false, "false"))),
+    # (Cohere2Model drops all-zero biases and stops on others; llama.cpp's cohere2 has none)
+    "cohere2": Rules("COHERE2", "Cohere2Model", dense.cohere2_parameters,
+                     unsupported=(("attention_bias", is_false, "false"),)),
     "nemotron": Rules("NEMOTRON", "NemotronModel", dense.nemotron_parameters, norm_plus_one, needs_output=True),
+    "glm": Rules("CHATGLM", "ChatGLMModel (GlmForCausalLM)", dense.chatglm_parameters),
     "glm4": Rules("GLM4", "Glm4Model", dense.glm4_parameters),
     "mixtral": Rules("LLAMA", "LlamaModel (MixtralForCausalLM)", dense.llama_parameters, llama_tensor,
                      split=moe.split_experts),
@@ -75,6 +82,8 @@ RULES = {
                    check=moe.olmoe_check),
     "granitemoe": Rules("GRANITE_MOE", "GraniteMoeModel", moe.granitemoe_parameters, llama_tensor,
                         split=moe.split_experts),
+    "granitemoeshared": Rules("GRANITE_MOE", "GraniteMoeModel (GraniteMoeSharedForCausalLM)",
+                              moe.granitemoe_parameters, llama_tensor, split=moe.split_experts),
 }
 
 

@@ -146,3 +146,30 @@ def glm4_parameters(writer, config: dict[str, Any]) -> None:
     text_model_parameters(writer, config)
     factor = hparam(config.get("rope_parameters") or {}, "partial_rotary_factor", default=0.5)
     writer.add_rope_dimension_count(int(head_dim(config) * factor))
+
+
+def exaone4_parameters(writer, config: dict[str, Any]) -> None:
+    """Exaone4Model.set_gguf_parameters (llama.cpp's exaone4 ropes only the sliding layers when there are any, as
+    transformers does)."""
+    text_model_parameters(writer, config)
+    writer.add_vocab_size(config["vocab_size"])
+    sliding_window_parameters(writer, config)
+
+
+def exaone4_check(config: dict[str, Any]) -> str | None:
+    """llama.cpp's exaone4 slides (and leaves the global layers unroped) only in the 64-layer 32B model; any other
+    depth runs every layer global with rope."""
+    sliding = config.get("sliding_window") and "sliding_attention" in (config.get("layer_types") or [])
+    if sliding and config["num_hidden_layers"] != 64:
+        return (f"sliding-window layers in {config['num_hidden_layers']} layers (llama.cpp's exaone4 has them only "
+                "in the 64-layer model)")
+    return None
+
+
+def chatglm_parameters(writer, config: dict[str, Any]) -> None:
+    """ChatGLMModel.set_gguf_parameters for transformers' GlmForCausalLM (GLM-4-9B): the config's own context,
+    norm eps and rope base, which ChatGLMModel reads under ChatGLM's names (seq_length, layernorm_epsilon,
+    rope_ratio)."""
+    text_model_parameters(writer, config)
+    factor = hparam(config.get("rope_parameters") or {}, "partial_rotary_factor", default=0.5)
+    writer.add_rope_dimension_count(int(head_dim(config) * factor))

@@ -1,7 +1,7 @@
 """llama.cpp's conversion rules for the mixture-of-experts decoders: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite
-MoE. transformers 5 holds each layer's experts fused: `experts.gate_up_proj` [experts, 2 x ffn, hidden] (gate rows
-first) and `experts.down_proj` [experts, hidden, ffn]; llama.cpp's 3-D `ffn_gate_exps`/`ffn_up_exps`/
-`ffn_down_exps` are the same arrays, gate and up apart: `split_experts` cuts the fused one in two, as
+MoE (and Granite MoE Shared). transformers 5 holds each layer's experts fused: `experts.gate_up_proj` [experts,
+2 x ffn, hidden] (gate rows first) and `experts.down_proj` [experts, hidden, ffn]; llama.cpp's 3-D `ffn_gate_exps`/
+`ffn_up_exps`/`ffn_down_exps` are the same arrays, gate and up apart: `split_experts` cuts the fused one in two, as
 Qwen2MoeModel.modify_tensors does for the same layout (the converter's older path stacks per-expert tensors, which
 a transformers 5 model no longer has)."""
 
@@ -13,20 +13,25 @@ from typing import Any
 from automodel.gguf_out.hparams import Piece, text_model_parameters
 from automodel.gguf_out.rules_dense import granite_parameters
 
-EXPERTS = re.compile(r"(?P<layer>model\.layers\.\d+)\.(mlp|block_sparse_moe)\.(?P<what>experts\.gate_up_proj|"
-                     r"experts\.down_proj|router\.weight)")
+EXPERTS = re.compile(r"(?P<layer>model\.layers\.\d+)\.(mlp|block_sparse_moe|shared_mlp)\."
+                     r"(?P<what>experts\.gate_up_proj|experts\.down_proj|router\.weight|input_linear\.weight)")
 
 
 def split_experts(name: str, shape: tuple[int, ...], config: dict[str, Any]) -> list[Piece] | None:
     """A fused expert tensor as llama.cpp's per-kind expert tensors, named as the converter names them for its
     tensor map (`model.layers.N.mlp.experts.gate_proj.weight`, ...); Granite MoE's router under the same map's
-    name. None for any other tensor."""
+    name, and Granite MoE Shared's fused shared expert (GraniteMoeModel.modify_tensors) as the shared expert's gate
+    and up. None for any other tensor."""
     match = EXPERTS.fullmatch(name)
     if match is None:
         return None
     layer, what = match["layer"], match["what"]
     if what == "router.weight":  # GraniteMoe
         return [(f"{layer}.mlp.gate.weight", shape, lambda t: t)]
+    if what == "input_linear.weight":  # GraniteMoeShared's shared expert: [gate; up] rows
+        ffn = shape[0] // 2
+        return [(f"{layer}.mlp.shared_expert.gate_proj.weight", (ffn, shape[1]), lambda t: t[:ffn]),
+                (f"{layer}.mlp.shared_expert.up_proj.weight", (ffn, shape[1]), lambda t: t[ffn:])]
     if what == "experts.down_proj":
         return [(f"{layer}.mlp.experts.down_proj.weight", shape, lambda t: t)]
     experts, rows, hidden = shape
