@@ -198,6 +198,38 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert existing.read_bytes() == b"x"
 
 
+# Configs of exported families that need what llama.cpp's graph for them lacks: (model_type, config fields, what the
+# one-line refusal names). Published examples: Gemma-2-27B-like scaling on another depth, Falcon-RW's ALiBi, the
+# EXAONE-4 default (32 layers with sliding ones), Qwen3-MoE without renormalised top-k, Phi-3.5-MoE-style dense
+# layers in a Qwen2-MoE, SantaCoder-style multi-head GPTBigCode, Command-R+'s q/k norms, a YaRN Llama.
+LLAMACPP_LACKS = [
+    ("gemma2", dict(head_dim=256, query_pre_attn_scalar=144), "query_pre_attn_scalar=144"),
+    ("gemma3_text", dict(attn_logit_softcapping=50.0), "attn_logit_softcapping=50.0"),
+    ("falcon", dict(alibi=True), "alibi=True"),
+    ("exaone4", {}, "sliding-window layers in 32 layers"),
+    ("qwen3_moe", dict(norm_topk_prob=False), "norm_topk_prob=False"),
+    ("qwen2_moe", dict(mlp_only_layers=[0]), "mlp_only_layers=[0]"),
+    ("gpt_bigcode", dict(multi_query=False), "multi_query=False"),
+    ("cohere", dict(use_qk_norm=True), "use_qk_norm=True"),
+    ("llama", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                    "original_max_position_embeddings": 4096}), "rope type 'yarn'"),
+]
+
+
+@pytest.mark.parametrize(("model_type", "fields", "named"), LLAMACPP_LACKS, ids=[c[0] for c in LLAMACPP_LACKS])
+def test_configs_llamacpp_cannot_run_stop_with_one_line(model_type, fields, named):
+    from transformers import AutoConfig
+
+    from automodel.errors import UserError
+    from automodel.gguf_out.architectures import rules_for
+
+    config = AutoConfig.for_model(model_type, **fields).to_dict()
+    with pytest.raises(UserError) as raised:
+        rules_for(config)
+    message = str(raised.value)
+    assert named in message and "has no GGUF export" in message and "\n" not in message, message
+
+
 def test_k_quants_need_llama_cpps_quantizer(tmp_path, capsys, monkeypatch):
     """Without llama-quantize on PATH or llama_cpp in this Python: one line saying how to get it."""
     if shutil.which("llama-quantize"):
