@@ -261,3 +261,19 @@ def test_k_quant_through_llama_cpps_quantizer_runs_in_llamacpp(tmp_path, llamacp
     ids = [generator.tokenizer(p)["input_ids"] for p in PROMPTS]
     result, _ = run_llamacpp(llamacpp_python, gguf_file, tmp_path, ids, logits=False)
     assert [len(t) for t in result["greedy"]] == [NEW_TOKENS] * len(PROMPTS)
+
+
+def test_q8_0_keeps_routers_f32_and_runs_in_llamacpp(tmp_path, llamacpp_python):
+    """llama.cpp's converter keeps MoE routers F32 in a quantised file; the experts' 3-D tensors are Q8_0."""
+    from gguf import GGUFReader
+
+    folder = tiny_model_folder("qwen2_moe", tmp_path / "model", "gpt2")
+    gguf_file = export(folder, tmp_path / "q8.gguf", "Q8_0")
+    types = {t.name: t.tensor_type.name for t in GGUFReader(gguf_file).tensors}
+    assert types["blk.0.ffn_gate_inp.weight"] == types["blk.0.ffn_gate_inp_shexp.weight"] == "F32"
+    assert types["blk.0.ffn_gate_exps.weight"] == types["blk.0.ffn_down_exps.weight"] == "Q8_0"
+    from tests.models.tiny import shared_tokenizer
+
+    prompt = shared_tokenizer(name="gpt2")(PROMPTS[0])["input_ids"]
+    result, _ = run_llamacpp(llamacpp_python, gguf_file, tmp_path, [prompt], logits=False)
+    assert len(result["greedy"][0]) == NEW_TOKENS

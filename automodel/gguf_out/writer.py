@@ -4,8 +4,8 @@ The `gguf` package's GGUFWriter is used in its streaming mode: every tensor's GG
 first from the model's parameters (no data touched), the header, metadata and tensor table are written, then each
 tensor is converted (llama.cpp's per-architecture change, cast, quantisation) and appended at once, so the most
 the export holds besides the model is one tensor in float32 and its encoded bytes. Which tensors are quantised
-follows llama.cpp's `prepare_tensors`: 1-D tensors, norms and biases stay F32; a tensor whose rows are not whole
-Q8_0 blocks is written F16, as llama.cpp's converter does. The file is written under a temporary name beside the
+follows llama.cpp's `prepare_tensors`: 1-D tensors, norms, biases, MoE routers and position embeddings stay F32; a
+tensor whose rows are not whole Q8_0 blocks is written F16, as llama.cpp's converter does. The file is written under a temporary name beside the
 output and renamed when complete.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +48,24 @@ def file_type(type_name: str):
     return gguf.LlamaFileType.ALL_F32 if type_name == "F32" else gguf.LlamaFileType[f"MOSTLY_{type_name}"]
 
 
+def always_f32(gguf_name: str) -> bool:
+    """llama.cpp's prepare_tensors keeps these in F32 whatever the file type (as its quantizer does): MoE routers,
+    position and token-type embeddings."""
+    import gguf
+
+    kinds = gguf.MODEL_TENSOR
+    base = re.sub(r"^blk\.\d+\.", "blk.{bid}.", gguf_name.removesuffix(".weight"))
+    return base in {gguf.TENSOR_NAMES[kind] for kind in (kinds.FFN_GATE_INP, kinds.FFN_GATE_INP_SHEXP,
+                                                          kinds.POS_EMBD, kinds.TOKEN_TYPES)}
+
+
 def tensor_type(gguf_name: str, shape: tuple[int, ...], type_name: str):
     """llama.cpp's prepare_tensors: which GGML type a tensor gets in a file of `type_name`."""
     import gguf
 
     kinds = gguf.GGMLQuantizationType
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+    if (len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight")
+            or always_f32(gguf_name)):
         return kinds.F32
     qtype = kinds[type_name]
     block_size, _ = gguf.GGML_QUANT_SIZES[qtype]
