@@ -45,12 +45,15 @@ pytestmark = pytest.mark.slow
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "stablelm", "starcoder2", "internlm3", "exaone",
             "exaone4", "granite", "gemma2", "gemma3_text", "olmo", "olmo2", "phi", "gpt_neox", "falcon", "gpt_bigcode",
             "cohere", "cohere2", "nemotron", "glm", "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe",
-            "granitemoeshared"]
+            "granitemoeshared", "deepseek_v2", "deepseek_v3"]
 # What a family's tiny model sets here beyond its training tests' config: a window shorter than the prompts plus
 # the generated tokens (so llama.cpp's sliding layers really slide), soft-capping that binds on these small logits,
 # Granite's published multipliers, a Cohere2 global layer (no rope), and the published values of what llama.cpp's
 # graph hard-codes (Qwen3-MoE renormalises the top-k weights; OLMoE has as many KV heads as heads; EXAONE-4 below
-# 64 layers, as the 1.2B model, has no sliding layers).
+# 64 layers, as the 1.2B model, has no sliding layers), and DeepSeek's YaRN rope (the published models' scaling, on
+# an original context shorter than the prompts' positions reach in its low frequencies).
+YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32, beta_slow=1,
+            rope_theta=10000.0)
 EXPORT_CHECK_FIELDS = {
     "gemma2": dict(sliding_window=4, attn_logit_softcapping=0.05, final_logit_softcapping=0.5),
     "gemma3_text": dict(sliding_window=4),
@@ -62,6 +65,8 @@ EXPORT_CHECK_FIELDS = {
     "qwen3_moe": dict(norm_topk_prob=True),
     "olmoe": dict(num_key_value_heads=4),
     "exaone4": dict(sliding_window=None, layer_types=["full_attention", "full_attention"]),
+    "deepseek_v2": dict(rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707)),
+    "deepseek_v3": dict(rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=1.0)),
     "granitemoeshared": dict(embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22,
                              logits_scaling=8.0),
 }
@@ -202,7 +207,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
 # Configs of exported families that need what llama.cpp's graph for them lacks: (model_type, config fields, what the
 # one-line refusal names). Published examples: Gemma-2-27B-like scaling on another depth, Falcon-RW's ALiBi, the
 # EXAONE-4 default (32 layers with sliding ones), Qwen3-MoE without renormalised top-k, Phi-3.5-MoE-style dense
-# layers in a Qwen2-MoE, SantaCoder-style multi-head GPTBigCode, Command-R+'s q/k norms, a YaRN Llama.
+# layers in a Qwen2-MoE, SantaCoder-style multi-head GPTBigCode, Command-R+'s q/k norms, a YaRN Llama, a DeepSeek-V3
+# whose rope pairs halves.
 LLAMACPP_LACKS = [
     ("gemma2", dict(head_dim=256, query_pre_attn_scalar=144), "query_pre_attn_scalar=144"),
     ("gemma3_text", dict(attn_logit_softcapping=50.0), "attn_logit_softcapping=50.0"),
@@ -214,6 +220,7 @@ LLAMACPP_LACKS = [
     ("cohere", dict(use_qk_norm=True), "use_qk_norm=True"),
     ("llama", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                     "original_max_position_embeddings": 4096}), "rope type 'yarn'"),
+    ("deepseek_v3", dict(rope_interleave=False), "rope_interleave=False"),
 ]
 
 

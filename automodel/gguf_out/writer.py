@@ -2,11 +2,11 @@
 
 The `gguf` package's GGUFWriter is used in its streaming mode: every tensor's GGUF name, shape and type is planned
 first from the model's parameters (no data touched), the header, metadata and tensor table are written, then each
-tensor is converted (llama.cpp's per-architecture change, cast, quantisation) and appended at once, so the most
-the export holds besides the model is one tensor in float32 and its encoded bytes. Which tensors are quantised
-follows llama.cpp's `prepare_tensors`: 1-D tensors, norms, biases, MoE routers and position embeddings stay F32; a
-tensor whose rows are not whole Q8_0 blocks is written F16, as llama.cpp's converter does. The file is written under a temporary name beside the
-output and renamed when complete.
+tensor is converted (llama.cpp's per-architecture change, cast, quantisation) and appended at once, so the most the
+export holds besides the model is one tensor in float32 and its encoded bytes. Which tensors are quantised follows
+llama.cpp's `prepare_tensors`: 1-D tensors, norms, biases, MoE routers and position embeddings stay F32; a tensor
+whose rows are not whole Q8_0 blocks is written F16, as llama.cpp's converter does. The file is written under a
+temporary name beside the output and renamed when complete.
 """
 
 from __future__ import annotations
