@@ -45,7 +45,7 @@ pytestmark = pytest.mark.slow
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "stablelm", "starcoder2", "internlm3", "exaone",
             "exaone4", "granite", "gemma2", "gemma3_text", "olmo", "olmo2", "phi", "gpt_neox", "falcon", "gpt_bigcode",
             "cohere", "cohere2", "nemotron", "glm", "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe",
-            "granitemoeshared", "deepseek_v2", "deepseek_v3"]
+            "granitemoeshared", "deepseek_v2", "deepseek_v3", "minicpm3"]
 # What a family's tiny model sets here beyond its training tests' config: a window shorter than the prompts plus
 # the generated tokens (so llama.cpp's sliding layers really slide), soft-capping that binds on these small logits,
 # Granite's published multipliers, a Cohere2 global layer (no rope), and the published values of what llama.cpp's
@@ -208,7 +208,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
 # one-line refusal names). Published examples: Gemma-2-27B-like scaling on another depth, Falcon-RW's ALiBi, the
 # EXAONE-4 default (32 layers with sliding ones), Qwen3-MoE without renormalised top-k, Phi-3.5-MoE-style dense
 # layers in a Qwen2-MoE, SantaCoder-style multi-head GPTBigCode, Command-R+'s q/k norms, a YaRN Llama, a DeepSeek-V3
-# whose rope pairs halves.
+# whose rope pairs halves, a MiniCPM3 with another embedding scale.
 LLAMACPP_LACKS = [
     ("gemma2", dict(head_dim=256, query_pre_attn_scalar=144), "query_pre_attn_scalar=144"),
     ("gemma3_text", dict(attn_logit_softcapping=50.0), "attn_logit_softcapping=50.0"),
@@ -221,6 +221,7 @@ LLAMACPP_LACKS = [
     ("llama", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                     "original_max_position_embeddings": 4096}), "rope type 'yarn'"),
     ("deepseek_v3", dict(rope_interleave=False), "rope_interleave=False"),
+    ("minicpm3", dict(scale_emb=10), "scale_emb=10"),
 ]
 
 

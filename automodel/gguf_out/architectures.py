@@ -13,13 +13,14 @@ itself checks every row in tests/test_gguf_export.py.
 
 Exported: llama, mistral, internlm3, exaone, exaone4, granite, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, phi,
 stablelm, starcoder2, gpt_bigcode, gpt_neox, falcon, olmo, olmo2, cohere, cohere2, nemotron, glm, glm4, mixtral,
-qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared, deepseek_v2, deepseek_v3. A config using what llama.cpp's
-graph for its architecture lacks stops with one line naming it (a rope type other than the row's, sliding-window
-Qwen2/3, StableLM's, Phi's or Command-R's q/k norms, Falcon's ALiBi, biases or sequential attention, GPTBigCode
-without multi-query, Gemma 2/3's query scale other than llama.cpp's, Gemma 3's attention soft-capping, EXAONE-4's
-sliding layers below 64 layers, grouped-query OLMoE, dense layers or another top-k normalisation in the Qwen MoEs
-and OLMoE, DeepSeek without interleaved rope), as does every other model_type (GPT-J: llama.cpp's converter has no
-rules for it; Bamba, MiniCPM3 and the others: not restated here).
+qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared, deepseek_v2, deepseek_v3, minicpm3. A config using what
+llama.cpp's graph for its architecture lacks stops with one line naming it (a rope type other than the row's,
+sliding-window Qwen2/3, StableLM's, Phi's or Command-R's q/k norms, Falcon's ALiBi, biases or sequential attention,
+GPTBigCode without multi-query, Gemma 2/3's query scale other than llama.cpp's, Gemma 3's attention soft-capping,
+EXAONE-4's sliding layers below 64 layers, grouped-query OLMoE, dense layers or another top-k normalisation in the
+Qwen MoEs and OLMoE, DeepSeek without interleaved rope, MiniCPM3 with other muP scales than the published ones), as
+does every other model_type (GPT-J: llama.cpp's converter has no rules for it; Bamba and the others: not restated
+here).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ RULES = {
                          split=mla.split_deepseek, check=mla.deepseek_check),
     "deepseek_v3": Rules("DEEPSEEK2", "DeepseekV2Model (DeepseekV3ForCausalLM)", mla.deepseek_v3_parameters,
                          rope_types=("default", "yarn"), split=mla.split_deepseek, check=mla.deepseek_check),
+    "minicpm3": Rules("MINICPM3", "MiniCPM3Model", mla.minicpm3_parameters, check=mla.minicpm3_check),
     "granitemoeshared": Rules("GRANITE_MOE", "GraniteMoeModel (GraniteMoeSharedForCausalLM)",
                               moe.granitemoe_parameters, llama_tensor, split=moe.split_experts),
 }

@@ -111,3 +111,23 @@ def deepseek_v2_parameters(writer, config: dict[str, Any]) -> None:
 
 def deepseek_v3_parameters(writer, config: dict[str, Any]) -> None:
     deepseek2_parameters(writer, config, sigmoid_gating=True)
+
+
+def minicpm3_check(config: dict[str, Any]) -> str | None:
+    """llama.cpp's minicpm3 graph hard-codes the published muP scales."""
+    published = {"scale_emb": 12, "scale_depth": 1.4, "dim_model_base": 256}
+    for key, value in published.items():
+        if config.get(key, value) != value:
+            return f"{key}={config[key]!r} (llama.cpp's minicpm3 hard-codes {value})"
+    return None
+
+
+def minicpm3_parameters(writer, config: dict[str, Any]) -> None:
+    """MiniCPM3Model.set_gguf_parameters (without LongRoPE's factor tensors: that rope type stops in rules_for)."""
+    text_model_parameters(writer, {key: value for key, value in config.items() if key != "head_dim"})
+    writer.add_vocab_size(config["vocab_size"])
+    if config.get("q_lora_rank") is not None:
+        writer.add_q_lora_rank(config["q_lora_rank"])
+    writer.add_kv_lora_rank(config["kv_lora_rank"])
+    writer.add_key_length(config["qk_nope_head_dim"] + config["qk_rope_head_dim"])
+    writer.add_rope_dimension_count(config["qk_rope_head_dim"])
