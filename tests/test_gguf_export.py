@@ -65,6 +65,11 @@ EXPORT_CHECK_FIELDS = {
     "qwen3_moe": dict(norm_topk_prob=True),
     "olmoe": dict(num_key_value_heads=4),
     "exaone4": dict(sliding_window=None, layer_types=["full_attention", "full_attention"]),
+    # Phi-4-mini's shape: LongRoPE over 3/4 of each head, a 128k context from 4k (llama.cpp picks the short factors
+    # for its 2048-token context, as transformers does for these short prompts; the attention factor is 1.19)
+    "phi3": dict(max_position_embeddings=131072, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75, original_max_position_embeddings=4096,
+        long_factor=[1.0, 1.5, 2.0, 3.0, 5.0, 8.0], short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5])),
     "deepseek_v2": dict(rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707)),
     "deepseek_v3": dict(rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=1.0)),
     "granitemoeshared": dict(embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22,

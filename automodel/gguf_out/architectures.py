@@ -55,7 +55,7 @@ RULES = {
                     check=dense.query_scale_check),
     "gemma3_text": Rules("GEMMA3", "Gemma3Model", dense.gemma3_parameters, norm_plus_one,
                          skipped=("lm_head.weight",), check=dense.gemma3_check),
-    "phi3": Rules("PHI3", "Phi3MiniModel", dense.phi3_parameters),
+    "phi3": Rules("PHI3", "Phi3MiniModel", dense.phi3_parameters, rope_types=("default", "longrope")),
     "phi": Rules("PHI2", "Phi2Model", gpt.phi2_parameters, needs_output=True,
                  unsupported=(("qk_layernorm", is_false, "false"),)),
     "stablelm": Rules("STABLELM", "StableLMModel", dense.stablelm_parameters, needs_output=True,
@@ -122,8 +122,13 @@ def rules_for(config: dict[str, Any]) -> Rules:
 
 
 def extra_tensors(rules: Rules, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """LlamaModel/ExaoneModel.generate_extra_tensors: Llama 3's rope frequency factors as the `rope_freqs` tensor."""
+    """LlamaModel/ExaoneModel.generate_extra_tensors: Llama 3's rope frequency factors as the `rope_freqs` tensor;
+    Phi3MiniModel's: LongRoPE's long and short factors (llama.cpp takes the long ones when its context is longer
+    than the original, transformers when the sequence is)."""
     rope = rope_parameters(config)
+    if rope["rope_type"] == "longrope":
+        return {"rope_factors_long.weight": torch.tensor(rope["long_factor"], dtype=torch.float32),
+                "rope_factors_short.weight": torch.tensor(rope["short_factor"], dtype=torch.float32)}
     if rope["rope_type"] != "llama3":
         return {}
     dim, base = head_dim(config), rope["rope_theta"] or 10000.0

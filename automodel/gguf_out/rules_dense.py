@@ -3,12 +3,13 @@ conversion/ classes named in each function): which hparams each graph reads, and
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from automodel.gguf_out.hparams import (
-    head_dim, hparam, llama_tensor, rope_dims, sliding_window_parameters, text_model_parameters,
+    head_dim, hparam, llama_tensor, rope_dims, rope_parameters, sliding_window_parameters, text_model_parameters,
 )
 
 
@@ -20,12 +21,28 @@ def llama_parameters(writer, config: dict[str, Any]) -> None:
 
 
 def phi3_parameters(writer, config: dict[str, Any]) -> None:
-    """Phi3MiniModel.set_gguf_parameters (without longrope factors, which stop in `rules_for`)."""
+    """Phi3MiniModel.set_gguf_parameters, and LongRoPE's attention factor (its generate_extra_tensors; the factor
+    tensors: architectures.extra_tensors)."""
     text_model_parameters(writer, config)
     writer.add_rope_dimension_count(rope_dims(config))
-    writer.add_rope_scaling_orig_ctx_len(hparam(config, "original_max_position_embeddings",
-                                                "max_position_embeddings"))
+    rope = rope_parameters(config)
+    writer.add_rope_scaling_orig_ctx_len(hparam(rope, "original_max_position_embeddings", default=hparam(
+        config, "original_max_position_embeddings", "max_position_embeddings")))
     writer.add_sliding_window(config.get("sliding_window") or 0)
+    if rope["rope_type"] == "longrope":
+        writer.add_rope_scaling_attn_factors(longrope_attention_factor(config))
+
+
+def longrope_attention_factor(config: dict[str, Any]) -> float:
+    """transformers' _compute_longrope_parameters: `attention_factor`, else sqrt(1 + log(factor) / log(original
+    context)) with `factor`, else the context ratio (Phi3MiniModel always takes the ratio, which the published
+    configs' missing `factor` makes the same)."""
+    rope = rope_parameters(config)
+    original = rope["original_max_position_embeddings"]
+    if rope.get("attention_factor") is not None:
+        return rope["attention_factor"]
+    factor = rope.get("factor") or config["max_position_embeddings"] / original
+    return math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1.0 else 1.0
 
 
 def stablelm_parameters(writer, config: dict[str, Any]) -> None:
