@@ -16,10 +16,10 @@ per activation, which the residual stream carries to the logits at that relative
 1.3e-4 to 3.2e-4 for the GELU ones); a wrong export (a permutation, a missed norm offset, a wrong rope dimension,
 a missing soft-cap or multiplier) moves the logits by a large fraction of their size.
 
-Cost, measured with --durations on 2 cores shared with other agents (load average 2 to 4): this file 3m31s, of
-which the 31 tiny families 3m07s. The 23 families beyond the first 8 add 74 s (1.7 to 6.1 s each: export ~2 s, most
-of it loading the tokenizer twice; llama.cpp's load and run ~1 s; our forward, generation and float64 forward
-~1 s), the Q8_0 MoE check 5 s, the config refusals well under 1 s; folding the rounding premise into each family's
+Cost, measured with --durations on 2 cores shared with other agents (load average ~4.5): this file 3m29s, of
+which the 34 tiny families 3m07s. The 26 families beyond the first 8 add 100 s (2.1 to 5.8 s each: export ~2 s,
+most of it loading the tokenizer twice; llama.cpp's load and run ~1 s; our forward, generation and float64 forward
+~1 s), the Q8_0 MoE check 6 s, the config refusals well under 1 s; folding the rounding premise into each family's
 test saved the 18 s its own test took. Qwen2 (~60 s: the 151k-token tokenizer), Llama (the first test: the
 imports), Mistral, Qwen3 and the Q4_K_M check are most of the rest. The first run builds llama.cpp (~5 minutes on 2
 idle cores, ~25 on these busy ones).
