@@ -23,7 +23,7 @@ LAUNCH_ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROU
                    "TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE")
 
 
-# The loss path when every optimisation runs (automodel/training/forward.py), and the start banner's row showing it.
+# The loss path when every optimisation runs (automodel/training/loss.py), and the start banner's row showing it.
 FAST = "logits at label positions only, chunked output head (1024 label tokens a chunk), last layer on label rows"
 FAST_LOSS_PATH = f"  loss        {FAST}\n"
 

@@ -26,5 +26,5 @@ def test_the_page_shows_the_files_a_step_really_crosses():
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == shown_trace(), "rerun: python scripts/step_files.py, and update docs/architecture.md"
     core = done.stdout.split("bookkeeping:")[0]
-    assert "automodel/training/forward.py" in core and "automodel/models/forward_plan.py" not in core, (
+    assert "automodel/training/loss.py" in core and "automodel/models/forward_plan.py" not in core, (
         "the forward plan is decided once in setup, not in the step")

@@ -49,7 +49,7 @@ def test_unknown_architecture_falls_back_with_one_log_line(caplog):
     with caplog.at_level(logging.INFO, logger="automodel"):
         assert chunked_head_for(torch.nn.Linear(2, 2), MaskedCrossEntropy()) is None
     assert [r.getMessage() for r in caplog.records] == [
-        "chunked output head off: Linear is not in automodel's output-head table (automodel/models/output_head.py); "
+        "chunked output head off: Linear is not in automodel's output-head table (automodel/models/label_rows.py); "
         "computing logits at the label positions with logits_to_keep"]
 
 
@@ -90,7 +90,7 @@ def test_the_forward_plan_installs_its_hooks_and_the_loss_only_runs_it():
     from automodel.models import load_causal_lm
     from automodel.models.decoder_layers import decoder_layers
     from automodel.models.forward_plan import plan_forward
-    from automodel.training.forward import ForwardLoss
+    from automodel.training.loss import ForwardLoss
 
     model = load_causal_lm(str(STORIES)).eval()
     last = decoder_layers(model)[-1]

@@ -15,7 +15,7 @@ from automodel.distributed.config import DistributedConfig
 from automodel.distributed.env import LaunchEnv, read_launch_env
 from automodel.distributed.fsdp2 import apply_fsdp2, mixed_precision_policy
 from automodel.models.decoder_layers import decoder_layers
-from automodel.distributed.grad_norm import clip_grad_norm
+from automodel.distributed.parallel import clip_grad_norm
 from automodel.distributed.launcher import (LAUNCH_FLAGS, describe_failures, strip_launcher_flags, torchrun_args)
 from automodel.distributed.parallel import mask_rows_after, resolve_strategy
 from automodel.distributed.tp import build_plan, check_heads_split
@@ -120,6 +120,26 @@ def test_failure_report_names_the_killed_rank_first_and_an_exception_message(tmp
     assert report[0].startswith("worker rank 1 (local rank 1, pid 11") and report[0].endswith("SIGKILL")
     assert report[1].endswith("exited with code 1: RuntimeError: CUDA out of memory")
     assert report[2].endswith("killed by signal SIGTERM")
+
+
+def test_failure_report_keeps_the_exception_of_a_rank_stopped_while_exiting(tmp_path, monkeypatch):
+    """Both ranks refuse the same checkpoint; rank 1 exits first and torchrun SIGTERMs rank 0, which had already
+    recorded its exception: the report names it for both, not a signal for rank 0."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, ProcessFailure
+
+    files = []
+    for rank in range(2):
+        files.append(tmp_path / f"error{rank}.json")
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(files[-1]))
+        try:
+            raise ValueError("step_2 changed since your run wrote it")
+        except ValueError as err:
+            ErrorHandler().record_exception(err)
+    failures = {0: ProcessFailure(local_rank=0, pid=10, exitcode=-15, error_file=str(files[0])),
+                1: ProcessFailure(local_rank=1, pid=11, exitcode=2, error_file=str(files[1]))}
+    report = describe_failures(failures)
+    assert report.count("ValueError: step_2 changed since your run wrote it") == 2, report
+    assert "raised ValueError: step_2 changed since your run wrote it and then was killed by signal SIGTERM" in report
 
 
 # ---- strategy rules ------------------------------------------------------------------------------

@@ -4,9 +4,9 @@ A short run of the README's main job (examples/llm_finetune/smollm2_135m_squad_p
 12) is exported from its checkpoint_dir at F32 and at Q8_0. The F32 file: llama.cpp's greedy tokens and logits
 against `automodel generate`'s on chat prompts (tolerance derived in tests/test_gguf_export.py), llama.cpp's
 own chat-template handling answers, and transformers' GGUF reader gives the merged weights back exactly. Q8_0: the
-held-out SQuAD F1 in llama.cpp within 2 points of the F32 file's on QUESTIONS questions (benchmarks/gguf_squad.py
-measures it on 200). Cost: 29 minutes measured on 2 cores shared with ~20 other processes, most of it llama.cpp
-answering the 2 x 24 SQuAD prompts on one thread; on an idle 2-core machine a fraction of that.
+held-out SQuAD F1 in llama.cpp within one question's worth of the F32 file's on QUESTIONS questions: the issue's
+figure, on 200 questions, is benchmarks/gguf_squad.py's (in docs/guides/llm/deploy.md); llama.cpp answering
+SQuAD prompts on one thread is most of this file's time, so the test keeps few.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ pytestmark = pytest.mark.slow
 
 EXAMPLE = REPO_ROOT / "examples" / "llm_finetune" / "smollm2_135m_squad_peft.yaml"
 STEPS = 4
-QUESTIONS = 24
-# The issue's bound, 2 F1 points, is for 200+ questions (benchmarks/gguf_squad.py); on 24 one question moves F1 by
-# up to 100/24 = 4.2 points, so here Q8_0 may change at most one question's answer's worth.
+QUESTIONS = 8
+# The issue's bound, 2 F1 points, is for 200+ questions (benchmarks/gguf_squad.py); on 8 one question moves F1 by
+# up to 100/8 = 12.5 points, so here Q8_0 may change at most one question's answer's worth.
 F1_POINTS = 100 / QUESTIONS
 
 

@@ -12,10 +12,9 @@ import yaml
 from automodel.cli.main import main
 from automodel.batch import IGNORE_INDEX
 from automodel.models.forward_plan import plan_forward
-from automodel.training.forward import ForwardLoss
 from automodel.training.kd import DistillForwardLoss, KDRecipe
 from automodel.training.kd_loss import KDLoss
-from automodel.training.loss import MaskedCrossEntropy
+from automodel.training.loss import ForwardLoss, MaskedCrossEntropy
 from tests.conftest import STORIES
 from tests.distributed_helpers import FAST, automodel_cmd, run
 from tests.helpers import tiny_squad_config
@@ -211,21 +210,56 @@ def test_resumed_kd_run_is_bit_identical(tmp_path):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.slow
-def test_two_fsdp2_processes_train_like_one(tmp_path):
-    """LoRA student, teacher sharded like it: per-step loss, CE and KD terms as one process's."""
-    one = KDRecipe(kd_config(tmp_path / "one", peft=True))
-    one.run()
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The checkpoint folder of a one-process run with a LoRA student, done once for the multi-process tests."""
+    folder = tmp_path_factory.mktemp("kd_one")
+    KDRecipe(kd_config(folder, peft=True)).run()
+    return folder / "ckpt"
+
+
+def run_two_processes(tmp_path, **distributed) -> str:
+    """The LoRA run of `one_process` in two processes started by the launcher; their stdout."""
+    cfg = kd_config(tmp_path, peft=True)
+    if distributed:
+        cfg["distributed"] = distributed
     cfg_path = tmp_path / "two.yaml"
-    cfg_path.write_text(yaml.safe_dump(kd_config(tmp_path / "two", peft=True)))
+    cfg_path.write_text(yaml.safe_dump(cfg))
     out = run([*automodel_cmd(str(cfg_path), "--nproc-per-node", "2")[:3], "kd", "llm", "-c", str(cfg_path),
                "--nproc-per-node", "2"])
-    assert "world size 2, strategy fsdp2" in out.stdout and "── automodel kd llm" in out.stdout
-    got, want = records(tmp_path / "two" / "ckpt", "train"), records(tmp_path / "one" / "ckpt", "train")
+    assert "── automodel kd llm" in out.stdout
+    return out.stdout
+
+
+def assert_same_curves(ckpt, reference) -> None:
+    """Per-step loss, CE and KD terms and the validation KD as one process's: fp32, only the order of sums
+    differs (tests/test_distributed.py's tolerance)."""
+    got, want = records(ckpt, "train"), records(reference, "train")
     assert [r["step"] for r in got] == [1, 2, 3]
     for key in ("loss", "ce_loss", "kd_loss"):
         assert [r[key] for r in got] == pytest.approx([r[key] for r in want], rel=1e-5), key
-    assert got[-1]["kd_loss"] > 0
-    (val,) = records(tmp_path / "two" / "ckpt", "validation_kd")
-    assert val["val_kd_loss"] == pytest.approx(records(tmp_path / "one" / "ckpt", "validation_kd")[0]["val_kd_loss"],
-                                               rel=1e-5)
+    assert got[0]["kd_loss"] == 0.0 and got[-1]["kd_loss"] > 0, "teacher = student until the first update"
+    (val,) = records(ckpt, "validation_kd")
+    assert val["val_kd_loss"] == pytest.approx(records(reference, "validation_kd")[0]["val_kd_loss"], rel=1e-5)
+
+
+# The teacher's row of the start banner: how rank 0 holds its parameters, read from them (kd.py's held_as).
+TEACHER_ROW = f"  teacher     {STORIES} (frozen, 260,032 parameters, "
+
+
+@pytest.mark.slow
+def test_two_fsdp2_processes_train_like_one(tmp_path, one_process):
+    """LoRA student, teacher sharded like it: per-step loss, CE and KD terms as one process's."""
+    out = run_two_processes(tmp_path)  # strategy auto
+    assert "world size 2, strategy fsdp2" in out
+    assert TEACHER_ROW + "45 of 47 tensors split over dp (2 processes))" in out
+    assert_same_curves(tmp_path / "ckpt", one_process)
+
+
+@pytest.mark.slow
+def test_two_tensor_parallel_processes_train_like_one(tmp_path, one_process):
+    """tp_size 2: the teacher's projections split by the model's TP plan as the student's are."""
+    out = run_two_processes(tmp_path, tp_size=2)
+    assert "world size 2, strategy none, data parallel 1 x tensor parallel 2" in out
+    assert TEACHER_ROW + "35 of 47 tensors split over tp (2 processes))" in out
+    assert_same_curves(tmp_path / "ckpt", one_process)

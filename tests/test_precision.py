@@ -4,6 +4,7 @@ dtypes, autocast compute, the banner) and its one-line errors."""
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def test_fp32_and_the_older_model_dtype_keep_everything_in_float32():
         precision = resolve_precision(cfg, CPU, peft=True)
         assert precision.name == "fp32" and not precision.mixed
         assert {precision.weights_dtype, precision.trainable_dtype, precision.compute_dtype} == {torch.float32}
-        assert precision.autocast(CPU).__class__.__name__ == "nullcontext"
+        assert precision.forward_context(CPU) is nullcontext
     pure = resolve_precision({"model": {"dtype": "bfloat16"}}, CPU, peft=False)
     assert pure.name == "bf16-true" and pure.trainable_dtype == torch.bfloat16 and not pure.mixed
 

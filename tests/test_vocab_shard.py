@@ -31,7 +31,7 @@ def _worker(rank, init_file):
 
     from automodel.distributed.fsdp2 import apply_fsdp2
     from automodel.distributed.vocab_shard import VocabShardedEmbedding, VocabShardedLinear
-    from automodel.models.output_head import find_output_head
+    from automodel.models.label_rows import find_output_head
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:

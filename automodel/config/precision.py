@@ -16,7 +16,9 @@ that dtype (`bf16-true`, `fp16-true`): the least memory, but updates smaller tha
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,11 +48,13 @@ class Precision:
         """Compute in a lower dtype than the trained weights (autocast, FSDP2's param_dtype)."""
         return self.compute_dtype != self.trainable_dtype
 
-    def autocast(self, device: torch.device):
-        """The context forward passes run in: autocast to the compute dtype when mixed, else nothing."""
+    def forward_context(self, device: torch.device) -> Callable[[], AbstractContextManager]:
+        """What makes the context each forward pass runs in on `device`: autocast to the compute dtype when mixed,
+        else nothing. Chosen once for the run (distributed/parallel.py `Parallelism.forward_context`), called per
+        forward."""
         if not self.mixed:
-            return nullcontext()
-        return torch.autocast(device.type, dtype=self.compute_dtype)
+            return nullcontext
+        return functools.partial(torch.autocast, device.type, dtype=self.compute_dtype)
 
     def describe(self) -> str:
         """The banner's `precision` row."""

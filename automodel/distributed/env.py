@@ -96,6 +96,21 @@ def pick_backend(cfg: DistEnvConfig, device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def leave_process_group(wait_for_peers: bool) -> None:
+    """Destroy this process's process groups before the interpreter exits (a no-op when none was joined).
+
+    Gloo's worker threads outliving the interpreter's teardown abort the process (SIGABRT, "terminate called
+    without an active exception"), which would hide a run's real exit code. At a run's normal end every rank waits
+    for the others first, so none closes a connection a peer still uses; after an error it does not wait (the
+    peers may be gone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait_for_peers and dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def init_process_group(env: LaunchEnv, cfg: DistEnvConfig, device: torch.device) -> str:
     """Join the job's process group (a no-op for a single process); returns the backend used."""
     import torch.distributed as dist

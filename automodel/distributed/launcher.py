@@ -91,21 +91,28 @@ def torchrun_args(args: argparse.Namespace, worker_argv: list[str]) -> list[str]
 
 
 def _cause(failure) -> str:
-    if failure.exitcode < 0:
-        return f"was killed by signal {failure.signal_name()}"
+    """The worker's own exception when it recorded one, else how it ended.
+
+    A rank that raised but was still shutting down when torchrun stopped it (a peer exited first) reports its
+    exception, not the SIGTERM: an error every rank agreed on is named once per rank."""
     first_line = ""
     if _recorded(failure):  # the worker's exception, written by torch elastic's @record (see run_worker)
         message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
         first_line = next(iter(str(message).strip().splitlines()), "")
+    if failure.exitcode < 0:
+        killed = f"was killed by signal {failure.signal_name()}"
+        return f"raised {first_line} and then {killed}" if first_line else killed
     return f"exited with code {failure.exitcode}" + (f": {first_line}" if first_line else "")
 
 
 def _likely_cause_first(failure) -> int:
     """A rank killed from outside is the cause, its peers' connection errors the effect; SIGTERM is what torchrun
-    sends the survivors."""
-    if failure.exitcode < 0:
-        return 3 if failure.signal_name() == "SIGTERM" else 0
-    return 1 if _recorded(failure) else 2
+    sends the survivors (after a rank that raised, it may still have been recording its own exception)."""
+    if failure.exitcode < 0 and failure.signal_name() != "SIGTERM":
+        return 0
+    if _recorded(failure):
+        return 1
+    return 3 if failure.exitcode < 0 else 2
 
 
 def _recorded(failure) -> bool:

@@ -1,14 +1,16 @@
 """The job's layout (a `dp x tp` device mesh) and what the recipe asks of it.
 
 `Parallelism.from_config(cfg)` joins the process group that torchrun or srun set up, builds the mesh, decides the
-strategy and resolves the run's precision for this device (config/precision.py); the recipe then calls `parallelize(model)`, sums counts over the data-parallel ranks
-with `all_reduce_sum`, and skips gradient synchronisation on all but the last micro-batch of a step.
+strategy and resolves the run's precision for this device (config/precision.py); the recipe then calls
+`parallelize(model)`, sums counts over the data-parallel ranks with `all_reduce_sum`, skips gradient synchronisation
+on all but the last micro-batch of a step, and clips the gradients however the layout split them (`clip_grad_norm`).
 In a single process every method is a no-op, so the recipe has one code path.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -19,7 +21,8 @@ from automodel.batch import IGNORE_INDEX
 from automodel.config.instantiate import parse_section
 from automodel.config.precision import Precision, resolve_precision
 from automodel.distributed.config import DistEnvConfig, DistributedConfig
-from automodel.distributed.env import LaunchEnv, init_process_group, pick_device, read_launch_env
+from automodel.distributed.env import (LaunchEnv, init_process_group, leave_process_group, pick_device,
+                                      read_launch_env)
 from automodel.errors import UserError
 
 logger = logging.getLogger("automodel")
@@ -55,6 +58,8 @@ class Parallelism:
                             f"({env.world_size})")
         self.cfg, self.env, self.device, self.backend = cfg, env, device, backend
         self.precision = precision  # FSDP2's mixed-precision policy follows it
+        # The context every forward runs in (autocast when mixed), chosen once: `with parallel.forward_context():`.
+        self.forward_context = precision.forward_context(device)
         self.rank, self.world_size = env.rank, env.world_size
         self.tp_size = cfg.tp_size
         self.dp_size = env.world_size // cfg.tp_size
@@ -161,10 +166,8 @@ class Parallelism:
             dist.barrier()
 
     def shutdown(self) -> None:
-        import torch.distributed as dist
-
-        if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        """The run's normal end: every rank finishes before any leaves the process group."""
+        leave_process_group(wait_for_peers=True)
 
 
 def mask_rows_after(batch: dict[str, torch.Tensor], keep: int) -> dict[str, torch.Tensor]:
@@ -174,3 +177,38 @@ def mask_rows_after(batch: dict[str, torch.Tensor], keep: int) -> dict[str, torc
     labels = batch["labels"].clone()
     labels[max(keep, 0):] = IGNORE_INDEX
     return {**batch, "labels": labels}
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """Scale gradients so their global 2-norm is at most `max_norm` (None: only measure); returns the norm.
+
+    torch's `clip_grad_norm_` handles one kind of tensor at a time; tensor parallelism mixes sharded DTensors (the
+    split projections) with plain tensors (norms, embeddings), so the norm is computed per kind and mesh, then
+    combined."""
+    groups: dict = {}
+    for param in params:
+        if param.grad is not None:
+            groups.setdefault(_grad_group(param.grad), []).append(param)
+    if not groups:
+        return 0.0
+    squares = []
+    for key, members in groups.items():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in members], 2.0)
+        squares.append((norm.full_tensor() if key is not None else norm).float().square())
+    total = float(torch.stack(squares).sum().sqrt())
+    # The same coefficient as torch.nn.utils.clip_grad_norm_.
+    coef = max_norm / (total + 1e-6) if max_norm is not None and math.isfinite(max_norm) else 1.0
+    if coef < 1.0:
+        for members in groups.values():
+            for param in members:
+                param.grad.mul_(coef)
+    return total
+
+
+def _grad_group(tensor: torch.Tensor):
+    """The kind of a gradient for the norm: None for a plain tensor, (its mesh, its placements) for a DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        return (id(tensor.device_mesh), tuple(tensor.placements))
+    return None

@@ -34,7 +34,7 @@ POSITION_IDS_PACKING_VERIFIED: frozenset[str] = PADDING_FREE_VERIFIED - ALIBI_TY
 MOE_TYPES = frozenset({"deepseek_v2", "deepseek_v3", "granitemoe", "granitemoeshared", "mixtral", "olmoe",
                        "qwen2_moe", "qwen3_moe"})
 
-# Where the last layer may compute only the rows the loss reads (automodel/models/last_layer_rows.py): the
+# Where the last layer may compute only the rows the loss reads (automodel/models/label_rows.py): the
 # padding-free rows except mixture-of-experts ones, whose router would still route the skipped rows (and count them
 # in its load-balancing loss). tests/models/test_padding_free.py checks each in float64.
 # Jais's ALiBi attention calls SDPA itself (automodel/models/families/jais.py), not automodel_sdpa, which limits rows;

@@ -1,21 +1,21 @@
 """How the training forward runs for one model and loss: decided once, right after the model is built.
 
 `plan_forward(model, loss_fn)` (called from the recipe's setup) decides which of these optimisations apply, installs
-the hooks the second one needs on the model, and returns the `ForwardPlan` that training/forward.py `ForwardLoss`
+the hooks the second one needs on the model, and returns the `ForwardPlan` that training/loss.py `ForwardLoss`
 runs on every micro-batch, in this order:
 
 1. Logits only at label positions (transformers' boolean `logits_to_keep`): on answer-only data few positions carry
    a label, and the output head is a large share of the FLOPs.
-2. The last decoder layer only at the label rows (automodel/models/last_layer_rows.py): the loss reads no other row
+2. The last decoder layer only at the label rows (automodel/models/label_rows.py): the loss reads no other row
    of the last hidden state, and nothing after the last layer's attention mixes positions.
 3. The chunked output head (`loss_fn.head_loss`, automodel/training/loss.py): the model's forward computes no
-   logits; the head (automodel/models/output_head.py) and the cross-entropy run a chunk of label tokens at a time,
+   logits; the head (automodel/models/label_rows.py) and the cross-entropy run a chunk of label tokens at a time,
    so no `[label tokens x vocab]` logits tensor exists.
 
 Plus, in training, the mixture-of-experts router auxiliary loss (automodel/models/router_aux_loss.py), which
-transformers adds only to the loss it computes itself. Where a model or loss cannot take an optimisation, the
-forward does without it and the plan's `describe()` (the start banner's `loss` row) says so, with one log line
-naming the reason. The loss is duck-typed (a `chunk_size` and a `head_loss`): models/ imports nothing of training/.
+transformers adds only to the loss it computes itself: planned only for a model whose config enables it. Where a
+model or loss cannot take an optimisation, the forward does without it and the plan's `describe()` (the start
+banner's `loss` row) says so, with one log line naming the reason. The loss is duck-typed (a `chunk_size` and a `head_loss`): models/ imports nothing of training/.
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from automodel.models.capabilities import last_layer_rows_supported
-from automodel.models.last_layer_rows import LastLayerRows, install_last_layer_rows
-from automodel.models.output_head import OutputHead, find_output_head
-from automodel.models.router_aux_loss import RouterAuxLoss
+from automodel.models.label_rows import LastLayerRows, OutputHead, find_output_head, install_last_layer_rows
+from automodel.models.router_aux_loss import RouterAuxLoss, router_aux_loss
 from automodel.models.unwrap import transformers_model, without_ddp
 
 logger = logging.getLogger("automodel")
@@ -43,7 +42,7 @@ class ForwardPlan:
     last_layer_rows: bool
     output_head: OutputHead | None       # None: logits through the model's forward
     chunk_size: int | None               # label tokens a chunk of the output head (with `output_head`)
-    router_aux: RouterAuxLoss
+    router_aux: RouterAuxLoss | None     # None: the model's config computes no router auxiliary loss
     row_hooks: LastLayerRows | None = None  # installed on the last decoder layer when `last_layer_rows`
 
     def describe(self) -> str:
@@ -61,13 +60,13 @@ class ForwardPlan:
 def plan_forward(model: nn.Module, loss_fn) -> ForwardPlan:
     """Decide the forward of `model` (the training model: DDP, FSDP2, TP, peft, any wrapping) with `loss_fn`, and
     install the last layer's row hooks when that optimisation applies."""
-    router_aux = RouterAuxLoss(without_ddp(model))
+    router_aux = router_aux_loss(without_ddp(model))
     base = transformers_model(model)
     label_logits_only = supports_label_logits(base)
     if not label_logits_only:
         logger.info("%s.forward takes no logits_to_keep: computing logits at every position", type(base).__name__)
     # The router would still route (and count in its load-balancing loss) the rows the last layer skips.
-    last_layer_rows = label_logits_only and not router_aux.enabled and last_layer_rows_supported(base.config)
+    last_layer_rows = label_logits_only and router_aux is None and last_layer_rows_supported(base.config)
     row_hooks = install_last_layer_rows(model) if last_layer_rows else None
     output_head = chunked_head_for(base, loss_fn) if label_logits_only else None
     return ForwardPlan(label_logits_only, last_layer_rows, output_head,

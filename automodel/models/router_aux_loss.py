@@ -22,11 +22,10 @@ class RouterAuxLoss:
 
     def __init__(self, model: torch.nn.Module):
         config = model.config
-        self.enabled = bool(getattr(config, "output_router_logits", False))
         self.coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
         self.architecture = type(model).__name__
         self._weighted_sum, self._tokens = 0.0, 0
-        if self.enabled and not hasattr(config, "router_aux_loss_coef"):
+        if not hasattr(config, "router_aux_loss_coef"):
             raise self._unsupported()
 
     def _unsupported(self) -> UserError:
@@ -35,8 +34,6 @@ class RouterAuxLoss:
 
     def add(self, summed_loss: torch.Tensor, output, labels: torch.Tensor) -> torch.Tensor:
         """`summed_loss` plus the weighted aux term (training only; validation reports pure cross-entropy)."""
-        if not self.enabled:
-            return summed_loss
         aux = getattr(output, "aux_loss", None)
         if aux is None:
             raise self._unsupported()
@@ -47,8 +44,13 @@ class RouterAuxLoss:
 
     def pop_metrics(self) -> dict[str, float]:
         """The token-weighted mean aux loss since the last call (before the coefficient), for the step record."""
-        if not self.enabled:
-            return {}
         mean = self._weighted_sum / max(self._tokens, 1)
         self._weighted_sum, self._tokens = 0.0, 0
         return {"router_aux_loss": mean, "router_aux_loss_coef": self.coef}
+
+
+def router_aux_loss(model: torch.nn.Module) -> RouterAuxLoss | None:
+    """The router auxiliary loss the training step adds for `model`, or None when its config does not enable
+    `output_router_logits` (every dense model): decided once, when the forward is planned, so that the step of a
+    model without the loss never asks about it."""
+    return RouterAuxLoss(model) if getattr(model.config, "output_router_logits", False) else None

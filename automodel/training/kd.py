@@ -10,6 +10,7 @@ checkpoints and resuming are the fine-tuning recipe's own.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import replace
 from typing import Any
 
@@ -23,9 +24,8 @@ from automodel.models.attention import LAST_LAYER_ROWS
 from automodel.models.build import build_model
 from automodel.models.forward_plan import plan_forward
 from automodel.models.unwrap import transformers_model
-from automodel.training.forward import ForwardLoss, label_hidden_states
 from automodel.training.kd_loss import KDLoss, chunked_head_distillation
-from automodel.training.loss import MaskedCrossEntropy
+from automodel.training.loss import ForwardLoss, MaskedCrossEntropy, label_hidden_states
 from automodel.training.recipe import FinetuneRecipe
 
 logger = logging.getLogger("automodel")
@@ -94,7 +94,7 @@ class DistillForwardLoss:
         for role, forward in (("model", student), ("teacher_model", teacher)):
             if forward.output_head is None:
                 raise UserError(f"{role}: {type(transformers_model(forward.model)).__name__} has no chunked output "
-                                "head (automodel/models/output_head.py); KD computes both models' logits a chunk "
+                                "head (automodel/models/label_rows.py); KD computes both models' logits a chunk "
                                 "of label tokens at a time and needs one")
         self.student, self.teacher, self.kd_loss, self.kd_ratio = student, teacher, kd_loss, kd_ratio
         self.router_aux = student.router_aux
@@ -118,7 +118,9 @@ class DistillForwardLoss:
         self._sums = [self._sums[0] + ce.item(), self._sums[1] + kd.item(), self._sums[2] + tokens]
         if not self.model.training:
             return ce, tokens
-        return self.router_aux.add(weighted, output, batch["labels"]), tokens
+        if self.router_aux is not None:
+            weighted = self.router_aux.add(weighted, output, batch["labels"])
+        return weighted, tokens
 
     @staticmethod
     def _rows(forward: ForwardLoss, keep: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -170,7 +172,26 @@ class KDRecipe(FinetuneRecipe):
         return val_loss
 
     def start_facts(self) -> StartFacts:
-        teacher = self.settings.kd.teacher.get("pretrained_model_name_or_path", "?")
-        parameters = sum(p.numel() for p in self.parts.forward_loss.teacher.model.parameters())
+        node = self.settings.kd.teacher
+        source = str(node.get("pretrained_model_name_or_path", "?"))
+        if node.get("gguf_file"):  # name the file it was read from, not only its folder (models/gguf.py)
+            source = f"{source.rstrip('/')}/{node['gguf_file']}"
+        teacher = self.parts.forward_loss.teacher.model
+        parameters = sum(p.numel() for p in teacher.parameters())
         return replace(super().start_facts(), command="automodel kd llm",
-                       extra=(("teacher", f"{teacher} (frozen, {parameters:,} parameters)"),))
+                       extra=(("teacher", f"{source} (frozen, {parameters:,} parameters, {held_as(teacher)})"),))
+
+
+def held_as(model: nn.Module) -> str:
+    """How this process holds `model`'s parameters, read from the parameters themselves: whole, or how many are
+    split over each mesh dimension (FSDP2's `dp`, tensor parallel's `tp`), so the banner shows the teacher sharded
+    like the student."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    split = Counter(f"{name} ({size} processes)" for param in params if isinstance(param, DTensor)
+                    for name, size, placement in zip(param.device_mesh.mesh_dim_names, param.device_mesh.shape,
+                                                     param.placements) if placement.is_shard())
+    if not split:
+        return "held whole by each process"
+    return ", ".join(f"{count} of {len(params)} tensors split over {dim}" for dim, count in split.items())

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from automodel.batch import IGNORE_INDEX
 from automodel.errors import UserError
-from automodel.models.output_head import OutputHead
+from automodel.models.label_rows import OutputHead
 from automodel.training.loss import DEFAULT_CHUNK_SIZE, _accumulate, at_least_fp32
 
 

@@ -34,8 +34,8 @@ from automodel.checkpoint.provenance import check_trusted
 from automodel.config import build, config_at_rest
 from automodel.data.loaders import RankBatches, build_dataset, build_loader
 from automodel.data.streaming import is_streaming
-from automodel.distributed.grad_norm import clip_grad_norm
-from automodel.distributed.parallel import Parallelism, mask_rows_after
+from automodel.distributed.env import leave_process_group
+from automodel.distributed.parallel import Parallelism, clip_grad_norm, mask_rows_after
 from automodel.errors import TrainingStopped, UserError
 from automodel.logging import (
     format_end_summary,
@@ -51,7 +51,7 @@ from automodel.models.capabilities import model_batch_layouts
 from automodel.models.forward_plan import plan_forward
 from automodel.models.unwrap import transformers_model
 from automodel.training import host_memory
-from automodel.training.forward import ForwardLoss
+from automodel.training.loss import ForwardLoss
 from automodel.training.preemption import PreemptionHandler
 from automodel.training.settings import RecipeParts, RecipeSettings, RunData
 from automodel.training.step_scheduler import StepSchedulerConfig
@@ -204,8 +204,12 @@ class FinetuneRecipe:
     # ---- training -------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        self.setup()
-        result = self.train()
+        try:
+            self.setup()
+            result = self.train()
+        except BaseException:
+            leave_process_group(wait_for_peers=False)  # the error, not a gloo abort at exit, ends the process
+            raise
         self.parts.parallel.shutdown()
         return result
 
@@ -330,7 +334,7 @@ class FinetuneRecipe:
             return
         from automodel.inference.squad_eval import squad_eval_during_training
 
-        with parts.parallel.precision.autocast(parts.parallel.device):
+        with parts.parallel.forward_context():
             squad_eval_during_training(parts.model, parts.tokenizer, parts.data.val_set, step, parts.metrics)
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -351,9 +355,10 @@ class FinetuneRecipe:
         parts.optimizer.zero_grad(set_to_none=True)
         (tokens,) = parts.parallel.all_reduce_sum(sum(count_tokens(b) for b in micro_batches))
         seconds = time.perf_counter() - start
+        router_aux = parts.forward_loss.router_aux
         return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "tokens": int(tokens),
                 "label_tokens": label_tokens, "tokens_per_s": tokens / seconds, "step_s": seconds,
-                **parts.forward_loss.router_aux.pop_metrics()}
+                **(router_aux.pop_metrics() if router_aux is not None else {})}
 
     def _on_nonfinite(self, loss: float, grad_norm: float) -> None:
         """`skip`: drop this update (the schedule still advances); `stop`: end the run, saving nothing new."""
@@ -380,7 +385,7 @@ class FinetuneRecipe:
         for index, batch in enumerate(micro_batches):
             batch = {k: v.to(parallel.device, non_blocking=True) for k, v in batch.items()}
             with parallel.gradient_sync(model, enabled=index == len(micro_batches) - 1):
-                with parallel.precision.autocast(parallel.device):
+                with parallel.forward_context():
                     summed, _ = self.parts.forward_loss(batch)
                 (summed * scale).backward()
             loss_sum += summed.detach()
@@ -399,7 +404,7 @@ class FinetuneRecipe:
             # The sampler pads the last ranks with repeated rows so all run the same batches; they do not count.
             batch, seen = mask_rows_after(batch, real_rows - seen), seen + len(batch["labels"])
             batch = {k: v.to(parts.parallel.device) for k, v in batch.items()}
-            with parts.parallel.precision.autocast(parts.parallel.device):
+            with parts.parallel.forward_context():
                 summed, label_tokens = parts.forward_loss(batch)
             loss_sum, tokens = loss_sum + summed.item(), tokens + label_tokens
         loss_sum, tokens = parts.parallel.all_reduce_sum(loss_sum, tokens)

@@ -136,7 +136,7 @@ class RecipeParts:
     parallel: Any                # distributed/parallel.py's Parallelism: ranks, device, mesh, strategy
     tokenizer: Any
     model: torch.nn.Module       # the student: wrapped for the strategy, LoRA applied when `peft` is set
-    forward_loss: Any            # one micro-batch -> (summed loss, label tokens): training/forward.py (or kd.py)
+    forward_loss: Any            # one micro-batch -> (summed loss, label tokens): training/loss.py (or kd.py)
     data: RunData
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any

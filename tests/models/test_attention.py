@@ -17,8 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from automodel.batch import model_inputs
 from automodel.data.collate import FlatCollator, pad_collate
 from automodel.models import load_causal_lm
-from automodel.models.attention import AUTOMODEL_SDPA, QUERY_BLOCK, automodel_sdpa_forward, register
-from automodel.models.causal_attention import SPLIT_MIN
+from automodel.models.attention import AUTOMODEL_SDPA, QUERY_BLOCK, SPLIT_MIN, automodel_sdpa_forward, register
 from tests.conftest import STORIES
 
 LONG, SHORT = 3 * QUERY_BLOCK + 17, QUERY_BLOCK + 5  # several query blocks, and fewer than two (one SDPA call)
@@ -93,7 +92,7 @@ def test_the_upper_triangle_of_a_masked_row_is_skipped():
 @pytest.mark.parametrize("model_type,overrides", [("llama", {}), ("mistral", {"sliding_window": 100})],
                          ids=["llama-gqa", "mistral-sliding-window"])
 def test_padding_free_long_examples_equal_each_example_alone(model_type, overrides):
-    """Each example of a flattened row attends to itself only (batched by length, causal_attention.py);
+    """Each example of a flattened row attends to itself only (batched by length, `padding_free_causal`);
     sliding-window layers hand the attention a mask over the whole row, of which each example uses its diagonal
     block (in query blocks)."""
     model = tiny(model_type, **overrides).eval()

@@ -1,5 +1,5 @@
-"""automodel/models/causal_attention.py: causal attention as the CPU flash kernel's pieces (two half triangles and
-a rectangle), and the examples of a padding-free row batched by length.
+"""automodel/models/attention.py's CPU kernels: causal attention as the CPU flash kernel's pieces (two half
+triangles and a rectangle), and the examples of a padding-free row batched by length.
 
 Against PyTorch's SDPA (`is_causal`, one call per example) in fp64: outputs and the gradients of query, key and
 value within 1e-10 (the pieces change the summation order only); on a model in fp32, loss within rtol 1e-6 and
@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from automodel.data.collate import FlatCollator, pad_collate
-from automodel.models.attention import AUTOMODEL_SDPA
-from automodel.models.causal_attention import (PAD_TOLERANCE, SPLIT_MIN, causal_attention, group_examples,
-                                               padded_length, padding_free_causal)
+from automodel.models.attention import (AUTOMODEL_SDPA, PAD_TOLERANCE, SPLIT_MIN, causal_attention, group_examples,
+                                        padded_length, padding_free_causal)
 from tests.models.test_attention import FlashCalls, loss_and_grads, padded_batch, tiny
 
 

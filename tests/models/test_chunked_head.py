@@ -1,4 +1,5 @@
-"""The chunked output head (automodel/training/loss.py `head_loss`, automodel/training/forward.py) gives the full-logits loss and gradients.
+"""The chunked output head (automodel/training/loss.py `head_loss`, `ForwardLoss` there) gives the full-logits loss
+and gradients.
 
 For every native architecture (tied heads; untied for Llama and the architectures with a final transform: Gemma 2/3
 soft-capping, Cohere logit scale, Granite logits scaling, MiniCPM3 hidden scaling) and for a LoRA-adapted lm_head:
@@ -15,12 +16,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from automodel.data.collate import pad_collate
 from automodel.data.squad import make_squad_dataset
-from automodel.models.output_head import LOGIT_TRANSFORMS, find_output_head
+from automodel.models.label_rows import LOGIT_TRANSFORMS, find_output_head
 from automodel.models.loader import load_causal_lm
 from automodel.models.registry import family_rows, native_rows
-from automodel.training.forward import forward_chunked_loss
 from automodel.batch import IGNORE_INDEX, shift_labels
-from automodel.training.loss import MaskedCrossEntropy
+from automodel.training.loss import MaskedCrossEntropy, forward_chunked_loss
 from tests.conftest import SQUAD_DEV
 from tests.models.test_architectures import one_thread  # noqa: F401 (fixture)
 from tests.models.published import write_published_checkpoint
@@ -173,7 +173,7 @@ def test_chunked_head_never_materialises_label_tokens_x_vocab(one_thread):  # no
 
 def test_micro_batch_without_labels_gives_zero_loss_and_zero_head_gradients():
     """Every trainable head parameter still gets a gradient (zeros), as DDP expects of every step."""
-    from automodel.models.output_head import OutputHead
+    from automodel.models.label_rows import OutputHead
     from automodel.training.loss import chunked_head_cross_entropy
 
     head = OutputHead(torch.nn.Linear(4, 10))

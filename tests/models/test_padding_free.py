@@ -4,7 +4,7 @@ For every tested architecture (a remote-code family read from its published layo
 flattened row get the logits each gets alone (fp32, atol 1e-5),
 exactly for the model types in `PADDING_FREE_VERIFIED`, and the others really do mix examples (a hybrid's Mamba
 layers, for one), which is why they are padded. For every row of `LAST_LAYER_ROWS_VERIFIED`, a last layer limited to
-the label rows (`LAST_LAYER_ROWS`, automodel/models/last_layer_rows.py) gives the same hidden states there and the same
+the label rows (`LAST_LAYER_ROWS`, automodel/models/label_rows.py) gives the same hidden states there and the same
 gradients, in float64 (1e-9; fp32 rounding differs by up to ~1e-3 of a gradient on this squared-sum loss), padded
 and padding-free, while its attention computes fewer query rows and its MLP only the label rows. Plus: the recipe picks both by default where verified, and its run gives the per-step losses
 of padded batches on transformers' sdpa.
@@ -25,7 +25,7 @@ from automodel.errors import UserError
 from automodel.models import load_causal_lm
 from automodel.models.attention import AUTOMODEL_SDPA, LAST_LAYER_ROWS, automodel_sdpa_by_default, use_automodel_sdpa
 from automodel.models.decoder_layers import decoder_layers
-from automodel.models.last_layer_rows import install_last_layer_rows
+from automodel.models.label_rows import install_last_layer_rows
 from automodel.models.capabilities import (LAST_LAYER_ROWS_VERIFIED, PADDING_FREE_VERIFIED,
                                            POSITION_IDS_PACKING_VERIFIED, batch_layouts)
 from automodel.models.registry import BY_NAME, tested_rows

@@ -132,7 +132,7 @@ class JaisModel(GPT2PreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.wte = new_embeddings
 
-    @capture_outputs  # output_hidden_states, which the chunked loss reads (automodel/training/forward.py)
+    @capture_outputs  # output_hidden_states, which the chunked loss reads (automodel/training/loss.py)
     def forward(self, input_ids=None, cache=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 use_cache=None, cu_seq_lens_q=None, **kwargs) -> BaseModelOutputWithPast:
         """`position_ids` are not read: ALiBi depends on i - j only, and `cu_seq_lens_q` separates the examples
