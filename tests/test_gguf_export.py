@@ -8,16 +8,21 @@ file read back through `model.gguf_file` holds our weights exactly.
 
 LOGIT_TOLERANCE, derived: both sides compute the same float32 forward in a different order, so they differ by
 rounding, which grows with the magnitude of what is summed. A float32 forward of these models differs from the same
-forward in float64 by at most ~1e-6 of the largest logit (measured: test_our_float32_rounding_is_far_below_the_
-tolerance asserts it on each model); llama.cpp adds its own rounding of the same kind, plus, for GELU models
-(Gemma, StarCoder2), its GELU read from a float16 table (relative error <= 2^-11 ~ 5e-4 per activation, which the
-residual stream carries to the logits at that relative size). So 2^-11 of the largest |logit| bounds every model
-with margin over the float32 part; a wrong export (a permutation, a missed norm offset, a wrong rope dimension)
-moves the logits by a large fraction of their size.
+forward in float64 by at most ~1e-6 of the largest logit (measured: check_float32_rounding asserts it on each
+model, in the same test); llama.cpp adds its own rounding of the same kind, plus, for GELU models (Gemma 1/2/3,
+StarCoder, StarCoder2, Phi, GPT-NeoX, Falcon), its GELU read from a float16 table (relative error <= 2^-11 ~ 5e-4
+per activation, which the residual stream carries to the logits at that relative size). So 2^-11 of the largest
+|logit| bounds every model with margin over the float32 part (measured here: <= 6e-7 for the SiLU/ReLU^2 models,
+1.3e-4 to 3.2e-4 for the GELU ones); a wrong export (a permutation, a missed norm offset, a wrong rope dimension,
+a missing soft-cap or multiplier) moves the logits by a large fraction of their size.
 
-Cost, measured on 2 cores shared with ~20 other processes: the 8 tiny families ~10 minutes together (~1 minute
-each: export, llama.cpp, our forward and generation), the rounding premise ~2 minutes, the rest ~3 minutes; on an idle
-machine a fraction of that. The first run builds llama.cpp (~5 minutes on 2 idle cores, ~25 on these busy ones).
+Cost, measured with --durations on 2 cores shared with other agents (load average ~4.5): this file 3m29s, of
+which the 34 tiny families 3m07s. The 26 families beyond the first 8 add 100 s (2.1 to 5.8 s each: export ~2 s,
+most of it loading the tokenizer twice; llama.cpp's load and run ~1 s; our forward, generation and float64 forward
+~1 s), the Q8_0 MoE check 6 s, the config refusals well under 1 s; folding the rounding premise into each family's
+test saved the 18 s its own test took. Qwen2 (~60 s: the 151k-token tokenizer), Llama (the first test: the
+imports), Mistral, Qwen3 and the Q4_K_M check are most of the rest. The first run builds llama.cpp (~5 minutes on 2
+idle cores, ~25 on these busy ones).
 """
 
 from __future__ import annotations
@@ -37,7 +42,42 @@ from tests.conftest import ASSETS, REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "stablelm", "starcoder2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "stablelm", "starcoder2", "internlm3", "exaone",
+            "exaone4", "granite", "gemma2", "gemma3_text", "olmo", "olmo2", "phi", "gpt_neox", "falcon", "gpt_bigcode",
+            "cohere", "cohere2", "nemotron", "glm", "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe",
+            "granitemoeshared", "deepseek_v2", "deepseek_v3", "minicpm3"]
+# What a family's tiny model sets here beyond its training tests' config: a window shorter than the prompts plus
+# the generated tokens (so llama.cpp's sliding layers really slide), soft-capping that binds on these small logits,
+# Granite's published multipliers, a Cohere2 global layer (no rope), and the published values of what llama.cpp's
+# graph hard-codes (Qwen3-MoE renormalises the top-k weights; OLMoE has as many KV heads as heads; EXAONE-4 below
+# 64 layers, as the 1.2B model, has no sliding layers), and DeepSeek's YaRN rope (the published models' scaling, on
+# an original context shorter than the prompts' positions reach in its low frequencies).
+YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64, beta_fast=32, beta_slow=1,
+            rope_theta=10000.0)
+EXPORT_CHECK_FIELDS = {
+    "gemma2": dict(sliding_window=4, attn_logit_softcapping=0.05, final_logit_softcapping=0.5),
+    "gemma3_text": dict(sliding_window=4),
+    "cohere2": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    "granite": dict(embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22,
+                    logits_scaling=8.0),
+    "granitemoe": dict(embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22,
+                       logits_scaling=8.0),
+    "qwen3_moe": dict(norm_topk_prob=True),
+    "olmoe": dict(num_key_value_heads=4),
+    "exaone4": dict(sliding_window=None, layer_types=["full_attention", "full_attention"]),
+    # Phi-4-mini's shape: LongRoPE over 3/4 of each head, a 128k context from 4k (llama.cpp picks the short factors
+    # for its 2048-token context, as transformers does for these short prompts; the attention factor is 1.19)
+    "phi3": dict(max_position_embeddings=131072, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.75, original_max_position_embeddings=4096,
+        long_factor=[1.0, 1.5, 2.0, 3.0, 5.0, 8.0], short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5])),
+    "deepseek_v2": dict(rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707)),
+    "deepseek_v3": dict(rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=1.0)),
+    "granitemoeshared": dict(embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22,
+                             logits_scaling=8.0),
+}
+# The Qwen MoE rows with GPT-2's 50k-token tokenizer rather than Qwen's 151k: what they add is the expert layout,
+# and the Qwen tokenizer, which costs ~10 s a model here (export, llama.cpp's load), is checked by qwen2 and qwen3.
+EXPORT_CHECK_TOKENIZER = {"qwen2_moe": "gpt2", "qwen3_moe": "gpt2"}
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def add(a, b):\n    return"]
 NEW_TOKENS = 8
 # the families transformers' GGUF reader reads back (its Qwen3 reader ignores attention.key_length)
@@ -56,12 +96,17 @@ def run_llamacpp(python: Path, model: Path, work: Path, prompts: list[list[int]]
     return result, [np.load(work / f"logits_{i}.npy") for i in range(len(prompts))] if logits else []
 
 
-def tiny_model_folder(model_type: str, folder: Path) -> Path:
-    """A tiny random checkpoint of the family, with its real tokenizer saved beside it (what a user exports)."""
+def tiny_model_folder(model_type: str, folder: Path, tokenizer: str | None = None, **fields) -> Path:
+    """A tiny random checkpoint of the family (with `fields` on its tiny config), with its real tokenizer (or the
+    named one of assets/tokenizers) saved beside it (what a user exports)."""
+    import dataclasses
+
     from tests.models.tiny import shared_tokenizer, write_tiny_checkpoint
+    from tests.models.tiny_configs import variant
 
     row = next(r for r in ARCHITECTURES if r.model_type == model_type)
-    write_tiny_checkpoint(row, folder)
+    row = dataclasses.replace(row, tokenizer=tokenizer or row.tokenizer)
+    write_tiny_checkpoint(variant(row, **fields) if fields else row, folder)
     shared_tokenizer(name=row.tokenizer).save_pretrained(folder)
     return folder
 
@@ -115,23 +160,23 @@ def check_read_back(model, gguf_file: Path) -> None:
 def test_llamacpp_runs_the_f32_export_of_each_family(model_type, tmp_path, llamacpp_python):
     from automodel.inference.generate import Generator
 
-    folder = tiny_model_folder(model_type, tmp_path / "model")
+    folder = tiny_model_folder(model_type, tmp_path / "model", EXPORT_CHECK_TOKENIZER.get(model_type),
+                               **EXPORT_CHECK_FIELDS.get(model_type, {}))
     # (a file named after Mistral would make transformers' reader take its Llama architecture for Mistral's)
     gguf_file = export(folder, tmp_path / "out" / "model.gguf")
     generator = Generator.load(str(folder), dtype="float32", device="cpu")
     check_against_llamacpp(generator, gguf_file, llamacpp_python, tmp_path, PROMPTS)
     if model_type in READ_BACK:
         check_read_back(generator.model, gguf_file)
+    check_float32_rounding(generator.model, generator.tokenizer)
 
 
-@pytest.mark.parametrize("model_type", FAMILIES)
-def test_our_float32_rounding_is_far_below_the_tolerance(model_type, tmp_path):
-    """The derivation's premise: a float32 forward is within 1e-6 of the largest logit of a float64 one."""
-    from automodel.inference.generate import load_model_and_tokenizer
-    from automodel.inference.sources import resolve_source
-
-    folder = tiny_model_folder(model_type, tmp_path / "model")
-    model, tokenizer = load_model_and_tokenizer(resolve_source(str(folder)), "float32", device="cpu")
+def check_float32_rounding(model, tokenizer) -> None:
+    """The tolerance derivation's premise: a float32 forward is within 1e-6 of the largest logit of a float64 one
+    (the model is float64 afterwards). An MoE model's experts run as a loop of matmuls here: transformers' grouped
+    matmul has no float64 kernel."""
+    if model.config._experts_implementation != "eager":
+        model.set_experts_implementation("eager")
     ids = torch.tensor([tokenizer(PROMPTS[1])["input_ids"]])
     with torch.no_grad():
         single = model(ids).logits[0].double()
@@ -140,13 +185,17 @@ def test_our_float32_rounding_is_far_below_the_tolerance(model_type, tmp_path):
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
-    folder = tiny_model_folder("gpt_neox", tmp_path / "neox")
+    folder = tiny_model_folder("bamba", tmp_path / "bamba")
+    olmoe = tiny_model_folder("olmoe", tmp_path / "olmoe")
     llama = tiny_model_folder("llama", tmp_path / "llama")
     existing = tmp_path / "there.gguf"
     existing.write_bytes(b"x")
     capsys.readouterr()  # the tiny checkpoints' own save messages
     cases = {
-        "GPTNeoXForCausalLM (model_type 'gpt_neox') has no GGUF export": [str(folder), "--type", "f16"],
+        "BambaForCausalLM (model_type 'bamba') has no GGUF export": [str(folder), "--type", "f16"],
+        # a config needing what llama.cpp's graph lacks: grouped-query OLMoE
+        "OLMoEForCausalLM with num_key_value_heads=2 (llama.cpp's olmoe needs as many as num_attention_heads, 4) "
+        "has no GGUF export": [str(olmoe), "--type", "f16"],
         "unknown GGUF type 'q9_9'": [str(llama), "--type", "q9_9"],
         "already exists": [str(llama), "--output", str(existing)],
     }
@@ -158,6 +207,41 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert sorted(p.name for p in tmp_path.rglob("*")) == before
     assert existing.read_bytes() == b"x"
+
+
+# Configs of exported families that need what llama.cpp's graph for them lacks: (model_type, config fields, what the
+# one-line refusal names). Published examples: Gemma-2-27B-like scaling on another depth, Falcon-RW's ALiBi, the
+# EXAONE-4 default (32 layers with sliding ones), Qwen3-MoE without renormalised top-k, Phi-3.5-MoE-style dense
+# layers in a Qwen2-MoE, SantaCoder-style multi-head GPTBigCode, Command-R+'s q/k norms, a YaRN Llama, a DeepSeek-V3
+# whose rope pairs halves, a MiniCPM3 with another embedding scale.
+LLAMACPP_LACKS = [
+    ("gemma2", dict(head_dim=256, query_pre_attn_scalar=144), "query_pre_attn_scalar=144"),
+    ("gemma3_text", dict(attn_logit_softcapping=50.0), "attn_logit_softcapping=50.0"),
+    ("falcon", dict(alibi=True), "alibi=True"),
+    ("exaone4", {}, "sliding-window layers in 32 layers"),
+    ("qwen3_moe", dict(norm_topk_prob=False), "norm_topk_prob=False"),
+    ("qwen2_moe", dict(mlp_only_layers=[0]), "mlp_only_layers=[0]"),
+    ("gpt_bigcode", dict(multi_query=False), "multi_query=False"),
+    ("cohere", dict(use_qk_norm=True), "use_qk_norm=True"),
+    ("llama", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                    "original_max_position_embeddings": 4096}), "rope type 'yarn'"),
+    ("deepseek_v3", dict(rope_interleave=False), "rope_interleave=False"),
+    ("minicpm3", dict(scale_emb=10), "scale_emb=10"),
+]
+
+
+@pytest.mark.parametrize(("model_type", "fields", "named"), LLAMACPP_LACKS, ids=[c[0] for c in LLAMACPP_LACKS])
+def test_configs_llamacpp_cannot_run_stop_with_one_line(model_type, fields, named):
+    from transformers import AutoConfig
+
+    from automodel.errors import UserError
+    from automodel.gguf_out.architectures import rules_for
+
+    config = AutoConfig.for_model(model_type, **fields).to_dict()
+    with pytest.raises(UserError) as raised:
+        rules_for(config)
+    message = str(raised.value)
+    assert named in message and "has no GGUF export" in message and "\n" not in message, message
 
 
 def test_k_quants_need_llama_cpps_quantizer(tmp_path, capsys, monkeypatch):
@@ -191,3 +275,19 @@ def test_k_quant_through_llama_cpps_quantizer_runs_in_llamacpp(tmp_path, llamacp
     ids = [generator.tokenizer(p)["input_ids"] for p in PROMPTS]
     result, _ = run_llamacpp(llamacpp_python, gguf_file, tmp_path, ids, logits=False)
     assert [len(t) for t in result["greedy"]] == [NEW_TOKENS] * len(PROMPTS)
+
+
+def test_q8_0_keeps_routers_f32_and_runs_in_llamacpp(tmp_path, llamacpp_python):
+    """llama.cpp's converter keeps MoE routers F32 in a quantised file; the experts' 3-D tensors are Q8_0."""
+    from gguf import GGUFReader
+
+    folder = tiny_model_folder("qwen2_moe", tmp_path / "model", "gpt2")
+    gguf_file = export(folder, tmp_path / "q8.gguf", "Q8_0")
+    types = {t.name: t.tensor_type.name for t in GGUFReader(gguf_file).tensors}
+    assert types["blk.0.ffn_gate_inp.weight"] == types["blk.0.ffn_gate_inp_shexp.weight"] == "F32"
+    assert types["blk.0.ffn_gate_exps.weight"] == types["blk.0.ffn_down_exps.weight"] == "Q8_0"
+    from tests.models.tiny import shared_tokenizer
+
+    prompt = shared_tokenizer(name="gpt2")(PROMPTS[0])["input_ids"]
+    result, _ = run_llamacpp(llamacpp_python, gguf_file, tmp_path, [prompt], logits=False)
+    assert len(result["greedy"][0]) == NEW_TOKENS

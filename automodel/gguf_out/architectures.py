@@ -2,144 +2,101 @@
 
 The tensor names come from the `gguf` package (`gguf.get_tensor_name_map`, llama.cpp's own TensorNameMap) and the
 metadata keys from its GGUFWriter. What the package does not hold are the per-architecture rules of llama.cpp's
-converter, `convert_hf_to_gguf.py` (its `conversion/` classes: LlamaModel, Qwen2Model, Qwen3Model, GemmaModel,
-Phi3MiniModel, StableLMModel, StarCoder2Model). That converter is not in any installable package (it ships only in
-llama.cpp's source tree), reads a saved HF folder rather than a loaded model, and buffers lazily whole models of
-tensors; so the rules are restated here, one `Rules` row per Hugging Face `model_type`, each citing the class it
-follows. They are few: which hparams are written, Llama's Q/K row permutation (llama.cpp's rope pairs neighbouring
-dimensions, HF's pairs halves), Gemma's `1 + weight` RMSNorm. llama.cpp itself checks every row in
-tests/test_gguf_export.py.
+converter, `convert_hf_to_gguf.py` (its `conversion/` classes, named in each row). That converter is not in any
+installable package (it ships only in llama.cpp's source tree), reads a saved HF folder rather than a loaded model,
+and buffers lazily whole models of tensors; so the rules are restated here, one `Rules` row per Hugging Face
+`model_type` (the functions they name: rules_dense.py, rules_gpt.py, rules_moe.py, rules_mla.py). They are few:
+which hparams each llama.cpp graph reads, Llama's Q/K row permutation (llama.cpp's rope pairs neighbouring
+dimensions, HF's pairs halves), Gemma's and Nemotron's `1 + weight` norms, the fused QKV layouts of GPT-NeoX and
+Falcon, the fused experts split into gate and up, DeepSeek's kv_b_proj split into its absorbed halves. llama.cpp
+itself checks every row in tests/test_gguf_export.py.
+
+Exported: llama, mistral, internlm3, exaone, exaone4, granite, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, phi,
+stablelm, starcoder2, gpt_bigcode, gpt_neox, falcon, olmo, olmo2, cohere, cohere2, nemotron, glm, glm4, mixtral,
+qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared, deepseek_v2, deepseek_v3, minicpm3. A config using what
+llama.cpp's graph for its architecture lacks stops with one line naming it (a rope type other than the row's,
+sliding-window Qwen2/3, StableLM's, Phi's or Command-R's q/k norms, Falcon's ALiBi, biases or sequential attention,
+GPTBigCode without multi-query, Gemma 2/3's query scale other than llama.cpp's, Gemma 3's attention soft-capping,
+EXAONE-4's sliding layers below 64 layers, grouped-query OLMoE, dense layers or another top-k normalisation in the
+Qwen MoEs and OLMoE, DeepSeek without interleaved rope, MiniCPM3 with other muP scales than the published ones), as
+does every other model_type (GPT-J: llama.cpp's converter has no rules for it; Bamba and the others: not restated
+here).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import math
 from typing import Any
 
 import torch
 
 from automodel.errors import UserError
+from automodel.gguf_out import rules_dense as dense
+from automodel.gguf_out import rules_gpt as gpt
+from automodel.gguf_out import rules_mla as mla
+from automodel.gguf_out import rules_moe as moe
+from automodel.gguf_out.hparams import (
+    Rules, head_dim, hparam, is_false, llama_tensor, norm_plus_one, rope_parameters, rope_types,
+)
 
-
-def hparam(config: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    """The first of `keys` the config sets (llama.cpp's `find_hparam`)."""
-    return next((config[key] for key in keys if config.get(key) is not None), default)
-
-
-def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
-    """transformers 5 keeps rope_theta and scaling in `rope_parameters`; older configs at the top level."""
-    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    rope.setdefault("rope_theta", hparam(config, "rope_theta", "rotary_emb_base"))
-    rope.setdefault("partial_rotary_factor", hparam(config, "partial_rotary_factor", "rope_pct"))
-    rope.setdefault("rope_type", rope.get("type"))
-    return rope
-
-
-def head_dim(config: dict[str, Any]) -> int:
-    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-
-
-def permute_for_rope(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """LlamaModel.permute: HF's rotate-half layout of Q/K rows to llama.cpp's interleaved pairs."""
-    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
-
-
-def llama_tensor(name: str, tensor: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
-    """LlamaModel.modify_tensors (undo_permute): Q rows by attention heads, K rows by KV heads."""
-    if name.endswith(("q_proj.weight", "q_proj.bias")):
-        return permute_for_rope(tensor, config["num_attention_heads"])
-    if name.endswith(("k_proj.weight", "k_proj.bias")):
-        return permute_for_rope(tensor, config.get("num_key_value_heads") or config["num_attention_heads"])
-    return tensor
-
-
-def gemma_tensor(name: str, tensor: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
-    """GemmaModel.modify_tensors: Gemma's RMSNorm multiplies by (1 + weight), llama.cpp's by weight."""
-    return tensor + 1 if name.endswith("norm.weight") else tensor
-
-
-def unchanged(name: str, tensor: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
-    return tensor
-
-
-def text_model_parameters(writer, config: dict[str, Any]) -> None:
-    """TextModel.set_gguf_parameters, the part that applies to the dense decoders here."""
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(hparam(config, "max_position_embeddings", "n_positions"))
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(hparam(config, "num_key_value_heads", default=config["num_attention_heads"]))
-    rope = rope_parameters(config)
-    if rope["rope_theta"] is not None:
-        writer.add_rope_freq_base(rope["rope_theta"])
-    if (rms_eps := hparam(config, "rms_norm_eps")) is not None:
-        writer.add_layer_norm_rms_eps(rms_eps)
-    if (norm_eps := hparam(config, "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")) is not None:
-        writer.add_layer_norm_eps(norm_eps)
-    if config.get("head_dim") is not None:
-        writer.add_key_length(config["head_dim"])
-        writer.add_value_length(config["head_dim"])
-
-
-def llama_parameters(writer, config: dict[str, Any]) -> None:
-    """LlamaModel.set_gguf_parameters."""
-    text_model_parameters(writer, config)
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_rope_dimension_count(head_dim(config))
-
-
-def phi3_parameters(writer, config: dict[str, Any]) -> None:
-    """Phi3MiniModel.set_gguf_parameters (without longrope factors, which stop in `check_rope`)."""
-    text_model_parameters(writer, config)
-    rope = rope_parameters(config)
-    rope_dims = int((rope["partial_rotary_factor"] or 1.0) * config["hidden_size"]) // config["num_attention_heads"]
-    writer.add_rope_dimension_count(rope_dims)
-    writer.add_rope_scaling_orig_ctx_len(hparam(config, "original_max_position_embeddings",
-                                                "max_position_embeddings"))
-    writer.add_sliding_window(config.get("sliding_window") or 0)
-
-
-def stablelm_parameters(writer, config: dict[str, Any]) -> None:
-    """StableLMModel.set_gguf_parameters."""
-    text_model_parameters(writer, config)
-    factor = rope_parameters(config)["partial_rotary_factor"] or 1.0
-    writer.add_rope_dimension_count(int(factor * head_dim(config)))
-    writer.add_parallel_residual(config.get("use_parallel_residual", True))
-
-
-@dataclass(frozen=True)
-class Rules:
-    arch: str  # the gguf.MODEL_ARCH member's name
-    follows: str  # the convert_hf_to_gguf class these rules restate
-    parameters: Callable = text_model_parameters
-    tensor: Callable = unchanged
-    rope_types: tuple[str, ...] = ("default",)
-    # llama.cpp's loader for `arch` requires output.weight (no fallback to the token embedding): a tied head is
-    # written twice
-    needs_output: bool = False
-    skipped: tuple[str, ...] = ()  # HF tensors llama.cpp's converter leaves out (GemmaModel: lm_head.weight)
-    # config values llama.cpp's graph for `arch` does not implement: (key, what the model must have)
-    unsupported: tuple[tuple[str, Callable[[Any], bool], str], ...] = field(default=())
-
-
-def _false(value: Any) -> bool:
-    return not value
-
+LLAMA_ROPES = ("default", "linear", "llama3")
 
 RULES = {
-    "llama": Rules("LLAMA", "LlamaModel", llama_parameters, llama_tensor, ("default", "linear", "llama3")),
-    "mistral": Rules("LLAMA", "LlamaModel (MistralForCausalLM)", llama_parameters, llama_tensor),
-    "qwen2": Rules("QWEN2", "Qwen2Model", unsupported=(("use_sliding_window", _false, "false"),)),
-    "qwen3": Rules("QWEN3", "Qwen3Model", unsupported=(("use_sliding_window", _false, "false"),)),
-    "gemma": Rules("GEMMA", "GemmaModel", tensor=gemma_tensor, skipped=("lm_head.weight",)),
-    "phi3": Rules("PHI3", "Phi3MiniModel", phi3_parameters),
-    "stablelm": Rules("STABLELM", "StableLMModel", stablelm_parameters, needs_output=True,
-                      unsupported=(("qk_layernorm", _false, "false"),)),
+    "llama": Rules("LLAMA", "LlamaModel", dense.llama_parameters, llama_tensor, LLAMA_ROPES),
+    "mistral": Rules("LLAMA", "LlamaModel (MistralForCausalLM)", dense.llama_parameters, llama_tensor),
+    "internlm3": Rules("LLAMA", "InternLM3Model", dense.llama_parameters, llama_tensor),
+    "exaone": Rules("EXAONE", "ExaoneModel", dense.exaone_parameters, rope_types=LLAMA_ROPES),
+    "exaone4": Rules("EXAONE4", "Exaone4Model", dense.exaone4_parameters, check=dense.exaone4_check),
+    "granite": Rules("GRANITE", "GraniteModel", dense.granite_parameters, llama_tensor),
+    "qwen2": Rules("QWEN2", "Qwen2Model", unsupported=(("use_sliding_window", is_false, "false"),)),
+    "qwen3": Rules("QWEN3", "Qwen3Model", unsupported=(("use_sliding_window", is_false, "false"),)),
+    "gemma": Rules("GEMMA", "GemmaModel", tensor=norm_plus_one, skipped=("lm_head.weight",)),
+    "gemma2": Rules("GEMMA2", "Gemma2Model", dense.gemma2_parameters, norm_plus_one, skipped=("lm_head.weight",),
+                    check=dense.query_scale_check),
+    "gemma3_text": Rules("GEMMA3", "Gemma3Model", dense.gemma3_parameters, norm_plus_one,
+                         skipped=("lm_head.weight",), check=dense.gemma3_check),
+    "phi3": Rules("PHI3", "Phi3MiniModel", dense.phi3_parameters, rope_types=("default", "longrope")),
+    "phi": Rules("PHI2", "Phi2Model", gpt.phi2_parameters, needs_output=True,
+                 unsupported=(("qk_layernorm", is_false, "false"),)),
+    "stablelm": Rules("STABLELM", "StableLMModel", dense.stablelm_parameters, needs_output=True,
+                      unsupported=(("qk_layernorm", is_false, "false"),)),
     "starcoder2": Rules("STARCODER2", "StarCoder2Model"),
+    "gpt_bigcode": Rules("STARCODER", "StarCoderModel", gpt.starcoder_parameters,
+                         unsupported=(("multi_query", bool, "true"),)),
+    "gpt_neox": Rules("GPTNEOX", "GPTNeoXModel", gpt.gptneox_parameters, gpt.gptneox_tensor, needs_output=True),
+    "falcon": Rules("FALCON", "FalconModel", gpt.falcon_parameters, gpt.falcon_tensor, check=gpt.falcon_check),
+    "olmo": Rules("OLMO", "OlmoModel", dense.olmo_parameters, dense.olmo_tensor),
+    "olmo2": Rules("OLMO2", "Olmo2Model", dense.olmo2_parameters, needs_output=True),
+    "cohere": Rules("COMMAND_R", "CommandR2Model", dense.cohere_parameters,
+                    unsupported=(("use_qk_norm", is_false, "false"), ("attention_bias", is_false, "false"))),
+    # (Cohere2Model drops all-zero biases and stops on others; llama.cpp's cohere2 has none)
+    "cohere2": Rules("COHERE2", "Cohere2Model", dense.cohere2_parameters,
+                     unsupported=(("attention_bias", is_false, "false"),)),
+    "nemotron": Rules("NEMOTRON", "NemotronModel", dense.nemotron_parameters, norm_plus_one, needs_output=True),
+    "glm": Rules("CHATGLM", "ChatGLMModel (GlmForCausalLM)", dense.chatglm_parameters),
+    "glm4": Rules("GLM4", "Glm4Model", dense.glm4_parameters),
+    "mixtral": Rules("LLAMA", "LlamaModel (MixtralForCausalLM)", dense.llama_parameters, llama_tensor,
+                     split=moe.split_experts),
+    "qwen2_moe": Rules("QWEN2MOE", "Qwen2MoeModel", moe.qwen2moe_parameters, needs_output=True,
+                       split=moe.split_experts, check=moe.routing(normalised=False)),
+    "qwen3_moe": Rules("QWEN3MOE", "Qwen3MoeModel", moe.qwen2moe_parameters, split=moe.split_experts,
+                       check=moe.routing(normalised=True)),
+    "olmoe": Rules("OLMOE", "OlmoeModel", needs_output=True, split=moe.split_experts,
+                   check=moe.olmoe_check),
+    "granitemoe": Rules("GRANITE_MOE", "GraniteMoeModel", moe.granitemoe_parameters, llama_tensor,
+                        split=moe.split_experts),
+    "deepseek_v2": Rules("DEEPSEEK2", "DeepseekV2Model", mla.deepseek_v2_parameters, rope_types=("default", "yarn"),
+                         split=mla.split_deepseek, check=mla.deepseek_check),
+    "deepseek_v3": Rules("DEEPSEEK2", "DeepseekV2Model (DeepseekV3ForCausalLM)", mla.deepseek_v3_parameters,
+                         rope_types=("default", "yarn"), split=mla.split_deepseek, check=mla.deepseek_check),
+    "minicpm3": Rules("MINICPM3", "MiniCPM3Model", mla.minicpm3_parameters, check=mla.minicpm3_check),
+    "granitemoeshared": Rules("GRANITE_MOE", "GraniteMoeModel (GraniteMoeSharedForCausalLM)",
+                              moe.granitemoe_parameters, llama_tensor, split=moe.split_experts),
 }
+
+
+def block_count(config: dict[str, Any]) -> int:
+    return hparam(config, "num_hidden_layers", "n_layer")
 
 
 def rules_for(config: dict[str, Any]) -> Rules:
@@ -151,24 +108,29 @@ def rules_for(config: dict[str, Any]) -> Rules:
         raise UserError(f"--format gguf: {architecture} (model_type '{model_type}') has no GGUF export; "
                         f"supported model_types: {supported}")
     rules = RULES[model_type]
-    rope_type = rope_parameters(config)["rope_type"] or "default"
-    if rope_type not in rules.rope_types:
-        raise UserError(f"--format gguf: {architecture} with rope type '{rope_type}' has no GGUF export "
-                        f"(supported: {', '.join(rules.rope_types)})")
+    for rope_type in sorted(rope_types(config)):
+        if rope_type not in rules.rope_types:
+            raise UserError(f"--format gguf: {architecture} with rope type '{rope_type}' has no GGUF export "
+                            f"(supported: {', '.join(rules.rope_types)})")
     for key, allowed, expected in rules.unsupported:
         if not allowed(config.get(key)):
             raise UserError(f"--format gguf: {architecture} with {key}={config.get(key)!r} has no GGUF export "
                             f"(llama.cpp's {rules.arch.lower()} needs {expected})")
+    if rules.check is not None and (lacking := rules.check(config)) is not None:
+        raise UserError(f"--format gguf: {architecture} with {lacking} has no GGUF export")
     return rules
 
 
 def extra_tensors(rules: Rules, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """LlamaModel.generate_extra_tensors: Llama 3's rope frequency factors as the `rope_freqs` tensor."""
+    """LlamaModel/ExaoneModel.generate_extra_tensors: Llama 3's rope frequency factors as the `rope_freqs` tensor;
+    Phi3MiniModel's: LongRoPE's long and short factors (llama.cpp takes the long ones when its context is longer
+    than the original, transformers when the sequence is)."""
     rope = rope_parameters(config)
+    if rope["rope_type"] == "longrope":
+        return {"rope_factors_long.weight": torch.tensor(rope["long_factor"], dtype=torch.float32),
+                "rope_factors_short.weight": torch.tensor(rope["short_factor"], dtype=torch.float32)}
     if rope["rope_type"] != "llama3":
         return {}
-    import math
-
     dim, base = head_dim(config), rope["rope_theta"] or 10000.0
     freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     factor, low, high = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)

@@ -2,17 +2,18 @@
 
 The `gguf` package's GGUFWriter is used in its streaming mode: every tensor's GGUF name, shape and type is planned
 first from the model's parameters (no data touched), the header, metadata and tensor table are written, then each
-tensor is converted (llama.cpp's per-architecture change, cast, quantisation) and appended at once, so the most
-the export holds besides the model is one tensor in float32 and its encoded bytes. Which tensors are quantised
-follows llama.cpp's `prepare_tensors`: 1-D tensors, norms and biases stay F32; a tensor whose rows are not whole
-Q8_0 blocks is written F16, as llama.cpp's converter does. The file is written under a temporary name beside the
-output and renamed when complete.
+tensor is converted (llama.cpp's per-architecture change, cast, quantisation) and appended at once, so the most the
+export holds besides the model is one tensor in float32 and its encoded bytes. Which tensors are quantised follows
+llama.cpp's `prepare_tensors`: 1-D tensors, norms, biases, MoE routers and position embeddings stay F32; a tensor
+whose rows are not whole Q8_0 blocks is written F16, as llama.cpp's converter does. The file is written under a
+temporary name beside the output and renamed when complete.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +48,24 @@ def file_type(type_name: str):
     return gguf.LlamaFileType.ALL_F32 if type_name == "F32" else gguf.LlamaFileType[f"MOSTLY_{type_name}"]
 
 
+def always_f32(gguf_name: str) -> bool:
+    """llama.cpp's prepare_tensors keeps these in F32 whatever the file type (as its quantizer does): MoE routers,
+    position and token-type embeddings."""
+    import gguf
+
+    kinds = gguf.MODEL_TENSOR
+    base = re.sub(r"^blk\.\d+\.", "blk.{bid}.", gguf_name.removesuffix(".weight"))
+    return base in {gguf.TENSOR_NAMES[kind] for kind in (kinds.FFN_GATE_INP, kinds.FFN_GATE_INP_SHEXP,
+                                                          kinds.POS_EMBD, kinds.TOKEN_TYPES)}
+
+
 def tensor_type(gguf_name: str, shape: tuple[int, ...], type_name: str):
     """llama.cpp's prepare_tensors: which GGML type a tensor gets in a file of `type_name`."""
     import gguf
 
     kinds = gguf.GGMLQuantizationType
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+    if (len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight")
+            or always_f32(gguf_name)):
         return kinds.F32
     qtype = kinds[type_name]
     block_size, _ = gguf.GGML_QUANT_SIZES[qtype]
@@ -78,27 +91,31 @@ def encode(tensor: torch.Tensor, qtype) -> np.ndarray:
 
 
 def plan_tensors(model: nn.Module, rules, config: dict, type_name: str) -> list[PlannedTensor]:
-    """Every tensor of the model (each parameter once: a tied output head is llama.cpp's token embedding) with
-    its GGUF name from the gguf package's TensorNameMap; an unmapped name stops the export."""
+    """Every tensor of the model (each parameter once: a tied output head is llama.cpp's token embedding, a fused
+    tensor llama.cpp keeps apart as its pieces) with its GGUF name from the gguf package's TensorNameMap; an
+    unmapped name stops the export."""
     import gguf
 
     arch = gguf.MODEL_ARCH[rules.arch]
-    name_map = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    name_map = gguf.get_tensor_name_map(arch, architectures.block_count(config))
     planned = [PlannedTensor(name, tuple(t.shape), gguf.GGMLQuantizationType.F32, lambda t=t: t)
                for name, t in architectures.extra_tensors(rules, config).items()]
     for hf_name, tensor in saved_tensors(model).items():
         if hf_name in rules.skipped:
             continue
-        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gguf_name is None:
-            raise UserError(f"--format gguf: {config.get('architectures', ['?'])[0]} tensor {hf_name} has no name "
-                            f"in llama.cpp's {rules.arch.lower()} tensor map")
         shape = tuple(tensor.shape)
+        pieces = (rules.split and rules.split(hf_name, shape, config)) or [(hf_name, shape, lambda t: t)]
+        for piece_name, piece_shape, take in pieces:
+            gguf_name = name_map.get_name(piece_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise UserError(f"--format gguf: {config.get('architectures', ['?'])[0]} tensor {hf_name} has no "
+                                f"name in llama.cpp's {rules.arch.lower()} tensor map")
 
-        def produce(hf_name=hf_name, tensor=tensor) -> torch.Tensor:
-            return rules.tensor(hf_name, tensor.detach().to(torch.float32), config)
+            def produce(piece_name=piece_name, tensor=tensor, take=take) -> torch.Tensor:
+                return rules.tensor(piece_name, take(tensor.detach()).to(torch.float32), config)
 
-        planned.append(PlannedTensor(gguf_name, shape, tensor_type(gguf_name, shape, type_name), produce))
+            planned.append(PlannedTensor(gguf_name, piece_shape, tensor_type(gguf_name, piece_shape, type_name),
+                                         produce))
     names = {tensor.name: tensor for tensor in planned}
     if rules.needs_output and "output.weight" not in names:  # a tied head, which this llama.cpp graph cannot share
         embedding = names["token_embd.weight"]
