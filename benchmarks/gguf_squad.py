@@ -56,7 +56,8 @@ def held_out_questions(checkpoint_dir: Path, count: int):
     config = read_run_config(source.step_dir / "config.yaml")["validation_dataset"]
     _, tokenizer = load_model_and_tokenizer(source, "float32", device="cpu")
     builder = {"dataset_name": config["dataset_name"], "split": config["split"], "seq_length": config["seq_length"],
-               "limit_dataset_samples": count, "prompt_template": config["prompt_template"]}
+               "limit_dataset_samples": count, "prompt_template": config["prompt_template"],
+               "spread_over_articles": config.get("spread_over_articles", False)}
     return load_questions(tokenizer, builder), tokenizer
 
 
