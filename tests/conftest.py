@@ -23,8 +23,10 @@ def pytest_xdist_auto_num_workers(config):
 
 
 # The files that take a minute or more of one worker (`pytest --durations=0`, summed per file), longest first.
-# pytest-xdist's `--dist loadfile` hands files to the workers in collection order; a long file collected last runs
-# alone at the end while the other worker idles, so these are collected first.
+# pytest-xdist's `--dist loadfile` hands files to the workers in collection order (with `--no-loadscope-reorder`,
+# pyproject's addopts: by default it reorders files by their number of tests, which put one-test files of a minute
+# or more last); a long file collected last runs alone at the end while the other worker idles, so these are
+# collected first.
 LONGEST_FILES = ("tests/test_docs.py", "tests/test_resume.py", "tests/test_gguf_export.py", "tests/test_distributed.py",
                  "tests/test_gguf_export_smollm2.py", "tests/models/test_families_vllm.py", "tests/test_quality.py",
                  "tests/test_precision_curves.py", "tests/models/test_gguf.py", "tests/test_kd.py",
