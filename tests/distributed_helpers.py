@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from automodel.data.collate import pad_collate
+from automodel.batch import pad_collate
 from automodel.data.squad import make_squad_dataset
 from tests.conftest import REPO_ROOT, SQUAD_DEV
 from tests.helpers import tiny_squad_config

@@ -86,7 +86,7 @@ def test_the_forward_plan_installs_its_hooks_and_the_loss_only_runs_it():
     import torch
 
     from automodel.batch import shift_labels
-    from automodel.data.collate import pad_collate
+    from automodel.batch import pad_collate
     from automodel.models import load_causal_lm
     from automodel.models.decoder_layers import decoder_layers
     from automodel.models.forward_plan import plan_forward

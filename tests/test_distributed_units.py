@@ -246,7 +246,7 @@ def test_sampler_padding_rows_do_not_count():
 
 @pytest.mark.slow
 def test_activation_checkpointing_in_one_process_gives_the_same_gradients(tmp_path):
-    from automodel.data.collate import pad_collate
+    from automodel.batch import pad_collate
     from automodel.training.recipe import FinetuneRecipe
 
     def grads(checkpointing: bool):

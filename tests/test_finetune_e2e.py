@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from automodel.data.collate import pad_collate
+from automodel.batch import pad_collate
 from automodel.training.recipe import FinetuneRecipe
 from tests.helpers import tiny_squad_config
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from automodel.cli.main import main
-from automodel.data.collate import pad_collate
+from automodel.batch import pad_collate
 from automodel.errors import UserError
 from automodel.logging.backends import require
 from automodel.logging.throughput import flops_per_token

@@ -1,7 +1,7 @@
 """Datasets and batching for supervised fine-tuning."""
 
+from automodel.batch import PadCollator, pad_collate
 from automodel.data.chat import make_chat_dataset
-from automodel.data.collate import PadCollator, pad_collate
 from automodel.data.dataset import SFTDataset
 from automodel.data.instruction import make_instruction_dataset
 from automodel.data.packing import PackingCollator

@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 
-from automodel.batch import IGNORE_INDEX, BatchLayouts
+from automodel.batch import IGNORE_INDEX, BatchLayouts, FlatCollator, PadCollator
 from automodel.config import parse_section
-from automodel.data.collate import FlatCollator, PadCollator
 from automodel.errors import UserError
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from automodel.batch import BatchLayouts
 from automodel.models.attention import AUTOMODEL_SDPA
 
-# model_type values whose padding-free batches (examples back to back in one row, automodel/data/collate.py
+# model_type values whose padding-free batches (examples back to back in one row, automodel/batch.py
 # `FlatCollator`) give each example the logits it gets alone: tests/models/test_padding_free.py checks every native
 # row and this list (baichuan_alibi, Baichuan-13B, which no row's own checkpoint is:
 # tests/models/test_family_baichuan13b.py).

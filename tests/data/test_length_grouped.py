@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from automodel.data.collate import pad_collate
+from automodel.batch import pad_collate
 from automodel.data.length_grouped import LengthGroupedSampler, build_train_sampler
 from automodel.errors import UserError
 

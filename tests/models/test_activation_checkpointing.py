@@ -21,7 +21,7 @@ from functools import lru_cache
 import pytest
 import torch
 
-from automodel.data.collate import pad_collate
+from automodel.batch import pad_collate
 from automodel.data.squad import make_squad_dataset
 from automodel.models.decoder_layers import decoder_layers
 from automodel.models.registry import tested_rows

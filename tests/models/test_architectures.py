@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from automodel.data.collate import pad_collate
+from automodel.batch import pad_collate
 from automodel.models import load_causal_lm
 from automodel.models.families import FAMILIES, PUBLISHED_CONFIG
 from automodel.models.registry import tested_rows

@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from automodel.batch import model_inputs
-from automodel.data.collate import FlatCollator, pad_collate
+from automodel.batch import FlatCollator, pad_collate
 from automodel.models import load_causal_lm
 from automodel.models.attention import AUTOMODEL_SDPA, QUERY_BLOCK, SPLIT_MIN, automodel_sdpa_forward, register
 from tests.conftest import STORIES

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from automodel.data.collate import FlatCollator, pad_collate
+from automodel.batch import FlatCollator, pad_collate
 from automodel.models.attention import (AUTOMODEL_SDPA, PAD_TOLERANCE, SPLIT_MIN, causal_attention, group_examples,
                                         padded_length, padding_free_causal)
 from tests.models.test_attention import FlashCalls, loss_and_grads, padded_batch, tiny

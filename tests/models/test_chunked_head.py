@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from automodel.data.collate import pad_collate
+from automodel.batch import pad_collate
 from automodel.data.squad import make_squad_dataset
 from automodel.models.label_rows import LOGIT_TRANSFORMS, find_output_head
 from automodel.models.loader import load_causal_lm

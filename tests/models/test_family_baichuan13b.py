@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from automodel.checkpoint import write_hf_model
 from automodel.batch import model_inputs
-from automodel.data.collate import FlatCollator
+from automodel.batch import FlatCollator
 from automodel.data.packing import PackingCollator
 from automodel.errors import UserError
 from automodel.models import load_causal_lm

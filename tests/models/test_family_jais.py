@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from automodel.checkpoint import write_hf_model
 from automodel.batch import model_inputs
-from automodel.data.collate import FlatCollator
+from automodel.batch import FlatCollator
 from automodel.errors import UserError
 from automodel.models import load_causal_lm
 from automodel.models.families.jais import alibi_slopes

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from automodel.data.collate import pad_collate
+from automodel.batch import pad_collate
 from automodel.data.squad import make_squad_dataset
 from automodel.models.registry import native_rows
 from automodel.batch import IGNORE_INDEX, shift_labels

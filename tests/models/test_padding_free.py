@@ -1,4 +1,4 @@
-"""Padding-free batches (automodel/data/collate.py `FlatCollator` + `automodel_sdpa`) are exact where they are on.
+"""Padding-free batches (automodel/batch.py `FlatCollator` + `automodel_sdpa`) are exact where they are on.
 
 For every tested architecture (a remote-code family read from its published layout): the examples of one
 flattened row get the logits each gets alone (fp32, atol 1e-5),
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from automodel.batch import IGNORE_INDEX, model_inputs, shift_labels
-from automodel.data.collate import FlatCollator, pad_collate
+from automodel.batch import FlatCollator, pad_collate
 from automodel.data.packing import build_collator, padding_free
 from automodel.errors import UserError
 from automodel.models import load_causal_lm
