@@ -14,7 +14,8 @@ interleaved round by round, on the same rows in the same order.
 Prints, per scenario: real tokens/s, label tokens/s, padding share, peak RSS, mean loss of the last 4 steps, the
 ratios to the best peer (HF Trainer / TRL, each at its best precision: `hf-trainer:bf16` is the Trainer's `bf16=True`,
 which autocasts on a CPU too), and the share of this machine's bf16 limit: the work's necessary FLOPs per second (see
-`necessary_flops`) over the bf16 matmul rate measured at the model's own shapes in the same run. `automodel` uses the
+`necessary_flops`) over the bf16 matmul rate measured at the model's own shapes in the same run (the fp32 rate, and
+an `of fp32 limit` column, on a CPU without native bf16, where `precision: auto` trains in fp32 too). `automodel` uses the
 library defaults (precision auto, padding-free batches, `automodel_sdpa`); `automodel:fp32` forces fp32;
 `automodel:padded` pads the same batches as the peers; `automodel:sdpa` also runs transformers'
 own sdpa attention, as the peers do (the library as it was before `automodel_sdpa`); `automodel:grouped` and
@@ -122,16 +123,27 @@ def necessary_flops(shape: dict, lora: bool, result: dict) -> float:
     return body + attention + head
 
 
-def bf16_matmul_gflops(shape: dict, threads: int, repeats: int = 20) -> float:
-    """This machine's bf16 matmul rate with `threads` threads, at the model's shapes (4096 tokens against each of the
-    MLP's and attention's weight shapes) and a square 2048 one: the best of them, the limit to compare with."""
+def limit_dtype() -> str:
+    """The precision of this machine's matmul limit: bf16 where the CPU computes it natively, else fp32 (without
+    AVX512-BF16 or AMX, torch computes bf16 matmuls through a conversion far slower than fp32's: no limit at all)."""
+    import torch
+
+    from automodel.config.precision import native_bf16
+
+    return "bf16" if native_bf16(torch.device("cpu"))[0] else "fp32"
+
+
+def matmul_gflops(shape: dict, threads: int, dtype: str, repeats: int = 20) -> float:
+    """This machine's matmul rate in `dtype` with `threads` threads, at the model's shapes (4096 tokens against each
+    of the MLP's and attention's weight shapes) and a square 2048 one: the best of them, the limit to compare with."""
     import torch
 
     torch.set_num_threads(threads)
+    dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     hidden, inner = shape["hidden"], shape["intermediate"]
     best = 0.0
     for m, k, n in ((4096, hidden, inner), (4096, inner, hidden), (4096, hidden, hidden), (2048, 2048, 2048)):
-        a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         for _ in range(3):
             a @ b
         start = time.perf_counter()
@@ -157,9 +169,10 @@ def summarize(runs: list[dict]) -> dict:
     }
 
 
-def table(scenario: str, results: dict[str, dict], limit_of=None) -> str:
-    """`limit_of(result)`: the share of the machine's bf16 limit the contender reached (necessary FLOPs / s over the
-    measured bf16 matmul rate); None leaves that column out."""
+def table(scenario: str, results: dict[str, dict], limit_of=None, limit_name: str = "bf16") -> str:
+    """`limit_of(result)`: the share of the machine's matmul limit (`limit_name`: bf16, or fp32 on a CPU without
+    native bf16) the contender reached (necessary FLOPs / s over the measured matmul rate); None leaves that column
+    out."""
     peers = {name: r for name, r in results.items() if name in PEERS}
     best_speed = max((r["tokens_per_s"] for r in peers.values()), default=None)
     best_rss = min((r["peak_rss_mb"] for r in peers.values()), default=None)
@@ -167,7 +180,7 @@ def table(scenario: str, results: dict[str, dict], limit_of=None) -> str:
     lines = [f"### {scenario}", "",
              "| contender | real tokens/s | label tokens/s | padding | peak RSS | loss (last 4 steps) | "
              "speed vs best peer | RSS vs best peer | real tokens per CPU s | per CPU s vs best peer |"
-             + (" of bf16 limit |" if limit_of else ""),
+             + (f" of {limit_name} limit |" if limit_of else ""),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if limit_of else "")]
     for name, r in results.items():
         speed = f"{r['tokens_per_s'] / best_speed:.2f}x" if best_speed else "-"
@@ -241,8 +254,9 @@ def main(argv: list[str] | None = None) -> None:
             rows = 16 if args.quick else rows
             model_dir = model_folder(model, Path(tmp))
             shape = model_shape(model_dir)
-            gflops = bf16_matmul_gflops(shape, args.threads)
-            print(f"  {scenario}: bf16 matmul limit at the model's shapes {gflops:,.0f} GFLOP/s "
+            dtype = limit_dtype()
+            gflops = matmul_gflops(shape, args.threads, dtype)
+            print(f"  {scenario}: {dtype} matmul limit at the model's shapes {gflops:,.0f} GFLOP/s "
                   f"({args.threads} threads)", flush=True)
             runs: dict[str, list[dict]] = {c: [] for c in contenders}
             for _ in range(args.rounds):
@@ -258,9 +272,9 @@ def main(argv: list[str] | None = None) -> None:
                 return necessary_flops(shape, lora, result) / result["seconds"] / (gflops * 1e9)
 
             for name, result in everything[scenario].items():
-                result["bf16_limit_share"] = limit_of(result)
+                result["limit_share"], result["limit_dtype"] = limit_of(result), dtype
             print(table(f"{scenario} ({rows} rows, {'LoRA r=8' if lora else 'full SFT'})", everything[scenario],
-                        limit_of), flush=True)
+                        limit_of, dtype), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(everything, indent=2))
 

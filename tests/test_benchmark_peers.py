@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from automodel.config.precision import native_bf16
 from tests.conftest import ASSETS, REPO_ROOT
 
 
@@ -29,6 +31,10 @@ def test_peers_quick_runs_automodel_and_reports_the_work(tmp_path):
     # shapes round differently, by about bf16's unit roundoff 2^-8; in fp32 they agree to 1e-5.
     assert default["last4_loss"] == pytest.approx(padded["last4_loss"], rel=2 ** -8)
     assert all(math.isfinite(r["last4_loss"]) and r["tokens_per_s"] > 0 for r in results.values())
+    # the limit is the machine's native matmul rate: bf16's where the CPU computes it, fp32's elsewhere
+    native = "bf16" if native_bf16(torch.device("cpu"))[0] else "fp32"
+    assert f"{native} matmul limit at the model's shapes" in done.stdout and f"of {native} limit" in done.stdout
+    assert all(r["limit_dtype"] == native and r["limit_share"] > 0 for r in results.values())
 
 
 def test_gpu_script_cpu_parts_build_a_loadable_llama3_model_folder(tmp_path):

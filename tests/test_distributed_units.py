@@ -10,7 +10,7 @@ import torch
 
 from automodel.cli.main import main
 from automodel.config import parse_section
-from automodel.config.precision import resolve_precision
+from automodel.config.precision import Precision, resolve_precision
 from automodel.distributed.config import DistributedConfig
 from automodel.distributed.env import LaunchEnv, read_launch_env
 from automodel.distributed.fsdp2 import apply_fsdp2, mixed_precision_policy
@@ -158,8 +158,11 @@ def test_fsdp2_mixed_precision_follows_the_run_precision():
     cpu = torch.device("cpu")
     fp32 = mixed_precision_policy(resolve_precision({"precision": "fp32"}, cpu, peft=False))
     assert fp32.param_dtype is None and fp32.reduce_dtype is None
-    for peft in (False, True):  # bf16-mixed and bf16-frozen gather bf16 parameters and reduce in float32
-        bf16 = mixed_precision_policy(resolve_precision({"precision": "bf16"}, cpu, peft=peft))
+    # bf16-mixed and bf16-frozen (as resolve_precision makes them where the device has bf16) gather bf16 parameters
+    # and reduce in float32
+    for precision in (Precision("bf16-mixed", "test", compute_dtype=torch.bfloat16),
+                      Precision("bf16-frozen", "test", weights_dtype=torch.bfloat16, compute_dtype=torch.bfloat16)):
+        bf16 = mixed_precision_policy(precision)
         assert (bf16.param_dtype, bf16.reduce_dtype) == (torch.bfloat16, torch.float32)
     pure = mixed_precision_policy(resolve_precision({"model": {"dtype": "bfloat16"}}, cpu, peft=False))
     assert pure.param_dtype is None  # bf16-true: stored in bf16 already

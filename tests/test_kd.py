@@ -9,8 +9,9 @@ import pytest
 import torch
 import yaml
 
-from automodel.cli.main import main
 from automodel.batch import IGNORE_INDEX
+from automodel.cli.main import main
+from automodel.config.precision import native_bf16
 from automodel.models.forward_plan import plan_forward
 from automodel.training.kd import DistillForwardLoss, KDRecipe
 from automodel.training.kd_loss import KDLoss
@@ -113,8 +114,11 @@ def test_kd_loss_and_gradient_match_a_float64_reference(stories_tokenizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("peft, precision", [(True, "fp32"), (False, "fp32"), (False, "bf16-mixed")],
-                         ids=["lora", "full", "full-bf16-mixed"])
+@pytest.mark.parametrize("peft, precision", [
+    (True, "fp32"), (False, "fp32"),
+    pytest.param(False, "bf16-mixed", marks=pytest.mark.skipif(not native_bf16(torch.device("cpu"))[0],
+                                                               reason="this CPU has no native bf16"))],
+    ids=["lora", "full", "full-bf16-mixed"])
 def test_a_teacher_identical_to_the_student_gives_zero_kd_before_the_first_update(tmp_path, peft, precision):
     cfg = kd_config(tmp_path, peft=peft, max_steps=1)
     del cfg["model"]["dtype"]

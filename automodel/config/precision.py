@@ -94,6 +94,9 @@ def resolve_precision(cfg: dict[str, Any], device: torch.device, peft: bool) -> 
         return _from_model_dtype(legacy, choice, peft)
     if choice == "fp32":
         return Precision("fp32", "set in the config")
+    if choice == "bf16-frozen" and not peft:  # a config error on any machine, named before the hardware's
+        raise UserError("precision: bf16-frozen keeps a frozen base in bf16 and needs a `peft` section; full SFT "
+                        "trains every weight: use bf16-mixed (or bf16)")
     has_bf16, why = native_bf16(device)
     if choice == "auto":
         if not has_bf16:
@@ -106,9 +109,6 @@ def resolve_precision(cfg: dict[str, Any], device: torch.device, peft: bool) -> 
     if choice == "bf16":
         choice = "bf16-frozen" if peft else "bf16-mixed"
     if choice == "bf16-frozen":
-        if not peft:
-            raise UserError("precision: bf16-frozen keeps a frozen base in bf16 and needs a `peft` section; full SFT "
-                            "trains every weight: use bf16-mixed (or bf16)")
         return Precision("bf16-frozen", reason, weights_dtype=torch.bfloat16, compute_dtype=torch.bfloat16)
     return Precision("bf16-mixed", reason, compute_dtype=torch.bfloat16)
 
