@@ -18,7 +18,8 @@ adds tokens but no embedding rows.
 llama.cpp's graph (src/models/granite-hybrid.cpp, mamba-base.cpp) fixes what a config could vary: an expansion of
 2, the conv1d bias present and no in/out projection biases, SiLU, no time-step clamp, rope in every attention layer
 (which transformers' Bamba has). The chunk size only orders transformers' scan; llama.cpp scans token by token. Any
-state size runs (a CUDA build runs the scan on the CPU for states other than 96, 128 or 256).
+state size runs (a CUDA build runs the scan on the CPU unless the state is 96, 128 or 256 and the Mamba-2 head a
+multiple of 16).
 """
 
 from __future__ import annotations
