@@ -5,21 +5,23 @@ metadata keys from its GGUFWriter. What the package does not hold are the per-ar
 converter, `convert_hf_to_gguf.py` (its `conversion/` classes, named in each row). That converter is not in any
 installable package (it ships only in llama.cpp's source tree), reads a saved HF folder rather than a loaded model,
 and buffers lazily whole models of tensors; so the rules are restated here, one `Rules` row per Hugging Face
-`model_type` (the functions they name: rules_dense.py, rules_gpt.py, rules_moe.py, rules_mla.py). They are few:
-which hparams each llama.cpp graph reads, Llama's Q/K row permutation (llama.cpp's rope pairs neighbouring
-dimensions, HF's pairs halves), Gemma's and Nemotron's `1 + weight` norms, the fused QKV layouts of GPT-NeoX and
-Falcon, the fused experts split into gate and up, DeepSeek's kv_b_proj split into its absorbed halves. llama.cpp
-itself checks every row in tests/test_gguf_export.py.
+`model_type` (the functions they name: rules_dense.py, rules_gpt.py, rules_moe.py, rules_mla.py,
+rules_hybrid.py). They are few: which hparams each llama.cpp graph reads, Llama's Q/K row permutation (llama.cpp's
+rope pairs neighbouring dimensions, HF's pairs halves), Gemma's and Nemotron's `1 + weight` norms, the fused QKV
+layouts of GPT-NeoX and Falcon, the fused experts split into gate and up, DeepSeek's kv_b_proj split into its
+absorbed halves, Mamba-2's A = -exp(A_log) and tensor shapes. llama.cpp itself checks every row in
+tests/test_gguf_export.py.
 
 Exported: llama, mistral, internlm3, exaone, exaone4, granite, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, phi,
 stablelm, starcoder2, gpt_bigcode, gpt_neox, falcon, olmo, olmo2, cohere, cohere2, nemotron, glm, glm4, mixtral,
-qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared, deepseek_v2, deepseek_v3, minicpm3. A config using what
-llama.cpp's graph for its architecture lacks stops with one line naming it (a rope type other than the row's,
+qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared, deepseek_v2, deepseek_v3, minicpm3, bamba. A config using
+what llama.cpp's graph for its architecture lacks stops with one line naming it (a rope type other than the row's,
 sliding-window Qwen2/3, StableLM's, Phi's or Command-R's q/k norms, Falcon's ALiBi, biases or sequential attention,
 GPTBigCode without multi-query, Gemma 2/3's query scale other than llama.cpp's, Gemma 3's attention soft-capping,
 EXAONE-4's sliding layers below 64 layers, grouped-query OLMoE, dense layers or another top-k normalisation in the
-Qwen MoEs and OLMoE, DeepSeek without interleaved rope, MiniCPM3 with other muP scales than the published ones), as
-does every other model_type (GPT-J: llama.cpp's converter has no rules for it; Bamba and the others: not restated
+Qwen MoEs and OLMoE, DeepSeek without interleaved rope, MiniCPM3 with other muP scales than the published ones,
+Bamba with another Mamba-2 expansion than 2, projection biases, no conv1d bias, a time-step clamp, or not both layer
+kinds), as does every other model_type (GPT-J: llama.cpp's converter has no rules for it; the others: not restated
 here).
 """
 
@@ -33,6 +35,7 @@ import torch
 from automodel.errors import UserError
 from automodel.gguf_out import rules_dense as dense
 from automodel.gguf_out import rules_gpt as gpt
+from automodel.gguf_out import rules_hybrid as hybrid
 from automodel.gguf_out import rules_mla as mla
 from automodel.gguf_out import rules_moe as moe
 from automodel.gguf_out.hparams import (
@@ -92,6 +95,12 @@ RULES = {
     "minicpm3": Rules("MINICPM3", "MiniCPM3Model", mla.minicpm3_parameters, check=mla.minicpm3_check),
     "granitemoeshared": Rules("GRANITE_MOE", "GraniteMoeModel (GraniteMoeSharedForCausalLM)",
                               moe.granitemoe_parameters, llama_tensor, split=moe.split_experts),
+    "bamba": Rules("GRANITE_HYBRID", "GraniteHybridModel (BambaForCausalLM)", hybrid.bamba_parameters,
+                   hybrid.bamba_tensor, split=hybrid.split_mamba, check=hybrid.bamba_check,
+                   unsupported=(("hidden_act", lambda act: act == "silu", "silu"),
+                                ("mamba_expand", lambda expand: expand == 2, "an expansion of 2"),
+                                ("mamba_conv_bias", bool, "the conv1d bias"),
+                                ("mamba_proj_bias", is_false, "no in/out projection biases"))),
 }
 
 

@@ -50,13 +50,14 @@ def file_type(type_name: str):
 
 def always_f32(gguf_name: str) -> bool:
     """llama.cpp's prepare_tensors keeps these in F32 whatever the file type (as its quantizer does): MoE routers,
-    position and token-type embeddings."""
+    position and token-type embeddings, Mamba's conv1d (llama.cpp's ssm_conv takes F32 weights only)."""
     import gguf
 
     kinds = gguf.MODEL_TENSOR
     base = re.sub(r"^blk\.\d+\.", "blk.{bid}.", gguf_name.removesuffix(".weight"))
     return base in {gguf.TENSOR_NAMES[kind] for kind in (kinds.FFN_GATE_INP, kinds.FFN_GATE_INP_SHEXP,
-                                                          kinds.POS_EMBD, kinds.TOKEN_TYPES)}
+                                                          kinds.POS_EMBD, kinds.TOKEN_TYPES,
+                                                          kinds.SSM_CONV1D)}
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], type_name: str):
