@@ -24,7 +24,7 @@ from torch import nn
 
 from automodel.checkpoint.hf_writer import saved_tensors
 from automodel.errors import UserError
-from automodel.gguf_out import architectures
+from automodel.gguf_out import architectures, families
 from automodel.gguf_out.vocab import add_tokenizer
 
 logger = logging.getLogger("automodel")
@@ -147,7 +147,8 @@ def write_gguf(model: nn.Module, tokenizer, output: Path, type_name: str, name: 
     import gguf
 
     config = model.config.to_dict()
-    rules = architectures.rules_for(config)
+    families.check_loaded(model)
+    rules = families.with_norm_head(architectures.rules_for(config), config)
     planned = plan_tensors(model, rules, config, type_name)
     partial = output.with_name(f".{output.name}.partial")
     writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[rules.arch]])
