@@ -31,16 +31,16 @@ pytestmark = pytest.mark.slow
 ROWS = {row.published_type: row for row in family_rows()}
 # (case, its row: a published_type of ROWS or a VARIANTS name, config fields over its tiny ones (None: dropped),
 # the GGUF architecture it is written under, whether transformers' GGUF reader reads it back). The published
-# InternLM and InternLM2 configs use dynamic-NTK rope, which llama.cpp lacks (test_own_modules_and_dynamic_rope_
-# stop_with_one_line); their plain-rope configs are what exports.
+# InternLM and InternLM2 configs use dynamic-NTK rope, which llama.cpp lacks: written as plain rope, which it equals
+# up to max_position_embeddings, with a warning that says so (DYNAMIC_ROPE).
 # Aquila and dense DeepSeek load into LlamaForCausalLM itself, whose read-back test_gguf_export's llama row checks
 # (~8 s each here on 2 busy cores).
 CASES = [
     ("aquila", "aquila", {}, "llama", False),
     ("deepseek", "deepseek", {}, "llama", False),
     # biases on q, k, v and o, which transformers' llama GGUF reader does not read
-    ("internlm", "internlm", {"rotary": {"base": 10000, "type": "origin"}}, "llama", False),
-    ("internlm2", "internlm2", {"rope_scaling": None}, "llama", True),
+    ("internlm", "internlm", {}, "llama", False),
+    ("internlm2", "internlm2", {}, "llama", True),
     ("baichuan", "baichuan", {}, "llama", True),
     # its head is written normalised: the read-back holds the normalised rows, not the trained ones
     ("baichuan2", "baichuan2", {}, "llama", False),
@@ -48,6 +48,9 @@ CASES = [
     ("minicpm", "minicpm", {}, "granite", False),  # transformers' GGUF reader has no granite
     ("chatglm", "chatglm", {}, "chatglm", False),  # nor chatglm
 ]
+
+
+DYNAMIC_ROPE = "dynamic-NTK rope is written as plain rope, which it equals up to max_position_embeddings"
 
 
 def published_folder(name: str, folder: Path, **fields) -> Path:
@@ -65,13 +68,16 @@ def published_folder(name: str, folder: Path, **fields) -> Path:
 
 @pytest.mark.parametrize(("name", "fields", "arch", "read_back"), [case[1:] for case in CASES],
                          ids=[case[0] for case in CASES])
-def test_llamacpp_runs_the_f32_export_of_each_family(name, fields, arch, read_back, tmp_path, llamacpp_python):
+def test_llamacpp_runs_the_f32_export_of_each_family(name, fields, arch, read_back, tmp_path, llamacpp_python,
+                                                     capsys):
     from gguf import GGUFReader
 
     from automodel.inference.generate import Generator
 
     folder = published_folder(name, tmp_path / "model", **fields)
     gguf_file = export(folder, tmp_path / "out" / "model.gguf")
+    printed = capsys.readouterr()
+    assert (DYNAMIC_ROPE in printed.out + printed.err) == (name in ("internlm", "internlm2"))
     architecture = GGUFReader(gguf_file).fields["general.architecture"]
     assert bytes(architecture.parts[architecture.data[0]]).decode() == arch
     generator = Generator.load(str(folder), dtype="float32", device="cpu")
@@ -97,7 +103,7 @@ def check_normalised_head(folder: Path, gguf_file: Path) -> None:
     torch.testing.assert_close(written, stored / stored.norm(dim=-1, keepdim=True), rtol=1e-6, atol=1e-7)
 
 
-# Published configs read into automodel's own modules, or needing what llama.cpp lacks: (case, row, config fields,
+# Published configs read into automodel's own modules: (case, row, config fields,
 # what the one-line refusal names).
 REFUSED = [
     ("decilm", "nemotron-nas", {}, "DeciLMForCausalLM has no GGUF export: automodel reads it into its own "
@@ -112,15 +118,11 @@ REFUSED = [
     # Baichuan2-13B: no max_position_embeddings (ALiBi), Baichuan 2's vocabulary
     ("baichuan2-13b", "baichuan2", {"max_position_embeddings": None, "vocab_size": 125696},
      "BaichuanForCausalLM has no GGUF export: automodel reads it into its own BaichuanAlibiLlamaForCausalLM (ALiBi"),
-    ("internlm-dynamic", "internlm", {}, "InternLMForCausalLM (read as llama) with rope type 'dynamic' has no GGUF "
-                                         "export"),
-    ("internlm2-dynamic", "internlm2", {}, "InternLM2ForCausalLM (read as llama) with rope type 'dynamic' has no "
-                                           "GGUF export"),
 ]
 
 
 @pytest.mark.parametrize(("name", "fields", "named"), [case[1:] for case in REFUSED], ids=[c[0] for c in REFUSED])
-def test_own_modules_and_dynamic_rope_stop_with_one_line(name, fields, named, tmp_path, capsys):
+def test_own_modules_stop_with_one_line(name, fields, named, tmp_path, capsys):
     """Only config.json (and the tokenizer files): the refusal comes before anything is loaded."""
     folder = published_folder(name, tmp_path / "model", **fields)
     (folder / "model.safetensors").unlink()

@@ -52,7 +52,7 @@ def check_architecture(source, trust_remote_code: bool = False) -> None:
     from automodel.gguf_out.families import export_config
 
     config, _ = PretrainedConfig.get_config_dict(source.base)
-    rules_for(export_config(config, source.base, trust_remote_code))
+    rules_for(export_config(config, source.base, trust_remote_code), warn=False)
 
 
 def load_merged(source, dtype: str | None, trust_remote_code: bool):

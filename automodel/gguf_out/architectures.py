@@ -34,6 +34,7 @@ Baichuan 13B models: families.py).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -48,6 +49,8 @@ from automodel.gguf_out import rules_moe as moe
 from automodel.gguf_out.hparams import (
     Rules, head_dim, hparam, is_false, llama_tensor, norm_plus_one, rope_parameters, rope_types,
 )
+
+logger = logging.getLogger("automodel")
 
 LLAMA_ROPES = ("default", "linear", "llama3")
 
@@ -115,8 +118,9 @@ def block_count(config: dict[str, Any]) -> int:
     return hparam(config, "num_hidden_layers", "n_layer")
 
 
-def rules_for(config: dict[str, Any]) -> Rules:
-    """The export rules of a model config, or a one-line error naming the architecture."""
+def rules_for(config: dict[str, Any], warn: bool = True) -> Rules:
+    """The export rules of a model config, or a one-line error naming the architecture (`warn`: log what the file
+    writes as its closest llama.cpp equivalent; the check before loading passes False, the writer says it)."""
     model_type = config.get("model_type")
     architecture = (config.get("architectures") or [model_type])[0]
     if model_type not in RULES:
@@ -125,6 +129,15 @@ def rules_for(config: dict[str, Any]) -> Rules:
                         f"supported model_types: {supported}")
     rules = RULES[model_type]
     for rope_type in sorted(rope_types(config)):
+        if rope_type == "dynamic" and "default" in rules.rope_types:
+            # transformers' dynamic NTK rescales the rope base only past max_position_embeddings
+            if not warn:
+                continue
+            logger.warning("--format gguf: %s's dynamic-NTK rope is written as plain rope, which it equals up to "
+                           "max_position_embeddings (%s tokens, the file's context length); llama.cpp has no dynamic "
+                           "NTK, and its own converter writes it the same way", architecture,
+                           config.get("max_position_embeddings"))
+            continue
         if rope_type not in rules.rope_types:
             raise UserError(f"--format gguf: {architecture} with rope type '{rope_type}' has no GGUF export "
                             f"(supported: {', '.join(rules.rope_types)})")
