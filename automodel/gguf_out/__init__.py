@@ -41,16 +41,38 @@ def check_output(output: str | None) -> Path:
     return path
 
 
-def check_architecture(source) -> None:
+def check_architecture(source, trust_remote_code: bool = False) -> None:
     """Stop on an unsupported architecture before the weights are loaded (a GGUF base is checked once loaded)."""
     if source.gguf_file:
         return
     from transformers import PretrainedConfig
 
     from automodel.gguf_out.architectures import rules_for
+    from automodel.models.families import FAMILIES
 
     config, _ = PretrainedConfig.get_config_dict(source.base)
+    if config.get("model_type") in FAMILIES and not trust_remote_code:  # read into a native or own class
+        config, model_class = family_config(config, source.base)
+        rules_for(config, model_class)
+        return
     rules_for(config)
+
+
+def family_config(published: dict, source: str) -> tuple[dict, str]:
+    """A remote-code family's published config as the native config automodel loads it with, and the class it
+    loads into. Only the families whose own class has export rules (architectures.OWN_CLASS_RULES) are exported:
+    the others stop with one line."""
+    from automodel.gguf_out.architectures import OWN_CLASS_RULES
+    from automodel.models.families import FAMILIES, class_name, native_config
+
+    family = FAMILIES[published["model_type"]]
+    model_class = class_name(family, published)
+    architecture = (published.get("architectures") or [published["model_type"]])[0]
+    if model_class not in OWN_CLASS_RULES:
+        raise UserError(f"--format gguf: {architecture} (model_type '{published['model_type']}', read into "
+                        f"{model_class or 'a native class'}) has no GGUF export; exported remote-code classes: "
+                        f"{', '.join(sorted(OWN_CLASS_RULES))}")
+    return {**native_config(published, source).to_dict(), "architectures": [architecture]}, model_class
 
 
 def load_merged(source, dtype: str | None, trust_remote_code: bool):
@@ -79,7 +101,7 @@ def export_gguf(model: str, output: str | None, type_name: str = "F16", adapter:
     require_gguf_package("--format gguf")
     command = None if type_name in DIRECT_TYPES else llamacpp.find_quantizer(quantizer, type_name)
     source = resolve_source(model, adapter)
-    check_architecture(source)
+    check_architecture(source, trust_remote_code)
     # F32 is exact whatever the stored dtype; the other types are made from the stored dtype, as llama.cpp does
     loaded, tokenizer = load_merged(source, "float32" if type_name == "F32" else None, trust_remote_code)
     logger.info("exporting %s (%s) as GGUF %s", source.describe(), loaded.dtype, type_name)

@@ -32,6 +32,7 @@ import torch
 
 from automodel.errors import UserError
 from automodel.gguf_out import rules_dense as dense
+from automodel.gguf_out import rules_families as families
 from automodel.gguf_out import rules_gpt as gpt
 from automodel.gguf_out import rules_mla as mla
 from automodel.gguf_out import rules_moe as moe
@@ -95,19 +96,33 @@ RULES = {
 }
 
 
+# automodel's own classes of remote-code families (automodel/models/families/), keyed by class name: their native
+# config's model_type does not tell them apart (DeciLM and DeepSeek-MoE load as 'llama' configs with more fields)
+OWN_CLASS_RULES = {
+    "JaisGPT2LMHeadModel": families.JAIS,
+    "DeepseekMoeLlamaForCausalLM": families.DEEPSEEK_MOE,
+    "DeciLMLlamaForCausalLM": families.DECILM,
+    "BaichuanAlibiLlamaForCausalLM": families.BAICHUAN_ALIBI,
+}
+
+
 def block_count(config: dict[str, Any]) -> int:
     return hparam(config, "num_hidden_layers", "n_layer")
 
 
-def rules_for(config: dict[str, Any]) -> Rules:
-    """The export rules of a model config, or a one-line error naming the architecture."""
+def rules_for(config: dict[str, Any], model_class: str | None = None) -> Rules:
+    """The export rules of a model config (of a model of class `model_class`: automodel's own classes have rows of
+    their own), or a one-line error naming the architecture."""
     model_type = config.get("model_type")
-    architecture = (config.get("architectures") or [model_type])[0]
-    if model_type not in RULES:
+    architecture = (config.get("architectures") or [model_class or model_type])[0]
+    if model_class in OWN_CLASS_RULES:
+        rules = OWN_CLASS_RULES[model_class]
+    elif model_type not in RULES:
         supported = ", ".join(sorted(RULES))
         raise UserError(f"--format gguf: {architecture} (model_type '{model_type}') has no GGUF export; "
                         f"supported model_types: {supported}")
-    rules = RULES[model_type]
+    else:
+        rules = RULES[model_type]
     for rope_type in sorted(rope_types(config)):
         if rope_type not in rules.rope_types:
             raise UserError(f"--format gguf: {architecture} with rope type '{rope_type}' has no GGUF export "
