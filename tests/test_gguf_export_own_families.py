@@ -10,6 +10,11 @@ weights used as they are (deepseek-moe-16b's norm_topk_prob false); DeciLM's lay
 (an attention-free layer, a layer with neither part, two KV-head counts, two FFN widths; no attention without FFN);
 Baichuan-13B's 40 layers (llama.cpp's baichuan takes ALiBi from the 13B layer count), narrow, with 6 heads (40 is
 no power of two either), and Baichuan2-13B's NormHead.
+
+Cost, measured with --durations on 2 cores shared with other agents (load average ~6): this file 61 s. Jais 18.6 s
+(the first test: the imports), Baichuan-13B 11.5 s (40 layers), Baichuan2-13B 10.3 s (one prompt), DeepSeek-MoE
+9.7 s, DeciLM 8.7 s, the refusals under 1 s each. llama.cpp runs them in a 64-token context: its ALiBi masks every
+cell of the context at each step, which in the default 2048 took 30 s for Baichuan-13B alone.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ FAMILIES = {
                "DeciLMLlamaForCausalLM"),
 }
 BAICHUAN_13B = ("baichuan-13b", "baichuan2-13b")
+# Baichuan2-13B adds only its normalised head to Baichuan-13B's graph, and its 125,696-token vocabulary makes each
+# prompt cost ~3 s over 40 layers on both sides: one prompt checks the head.
+PROMPTS_OF = {"baichuan2-13b": PROMPTS[:1]}
 
 
 def published_folder(family: str, folder: Path) -> Path:
@@ -76,7 +84,8 @@ def test_llamacpp_runs_the_f32_export_of_each_own_family(family, tmp_path, llama
     gguf_file = export(folder, tmp_path / "out" / "model.gguf")
     generator = Generator.load(str(folder), dtype="float32", device="cpu")
     assert type(generator.model).__name__ == loaded_class(family)  # the own class is what ran on our side
-    check_against_llamacpp(generator, gguf_file, llamacpp_python, tmp_path, PROMPTS)
+    # (a context of 64 holds the prompts and their new tokens: llama.cpp's ALiBi masks every cell of its context)
+    check_against_llamacpp(generator, gguf_file, llamacpp_python, tmp_path, PROMPTS_OF.get(family, PROMPTS), n_ctx=64)
     check_float32_rounding(generator.model, generator.tokenizer)
 
 
