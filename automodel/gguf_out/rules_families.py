@@ -156,9 +156,10 @@ def deci_tensor(name: str, tensor: torch.Tensor, config: dict[str, Any]) -> torc
 
 
 def deci_check(config: dict[str, Any]) -> str | None:
-    """llama.cpp's deci graph: head size from layer 0's head count; a layer without FFN is skipped whole (its
-    attention dropped), which is right only for a layer with neither part, and not as the last layer (its rows
-    are never cut to the outputs asked for)."""
+    """llama.cpp's deci graph: head size from layer 0's head count (the file does not load without); a layer
+    without FFN is skipped whole (its attention dropped), which is right only for a layer with neither part, and
+    not as the last layer (its rows are never cut to the outputs asked for: llama.cpp aborts when it asks for fewer
+    logits than tokens, as in generation)."""
     layers = deci_layers(config)
     if layers[0][0] == 0:
         return "no attention in layer 0 (llama.cpp's deci sizes every head from layer 0's)"
@@ -166,7 +167,7 @@ def deci_check(config: dict[str, Any]) -> str | None:
         if heads and not width:
             return f"attention without FFN in layer {index} (llama.cpp's deci drops such a layer's attention)"
     if layers[-1] == (0, 0, 0):
-        return "neither attention nor FFN in the last layer (llama.cpp's deci skips its output rows)"
+        return "neither attention nor FFN in the last layer (llama.cpp's deci aborts on it in generation)"
     return None
 
 
