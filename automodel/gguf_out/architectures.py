@@ -21,6 +21,11 @@ EXAONE-4's sliding layers below 64 layers, grouped-query OLMoE, dense layers or 
 Qwen MoEs and OLMoE, DeepSeek without interleaved rope, MiniCPM3 with other muP scales than the published ones), as
 does every other model_type (GPT-J: llama.cpp's converter has no rules for it; Bamba and the others: not restated
 here).
+
+Also exported, by the loaded class (OWN_CLASS_RULES; rules_families.py): automodel's own modules of Jais (jais),
+DeepSeek-MoE v1 (deepseek), DeciLM / Nemotron-NAS (deci) and Baichuan-13B / Baichuan2-13B (baichuan, ALiBi), each
+stopping on what its llama.cpp graph lacks (Jais's 1/sqrt(head_dim) scores or other ALiBi slopes, DeepSeek-MoE's
+renormalised top-k or moe_layer_freq, DeciLM's attention without FFN, ALiBi Baichuan of other than 40 layers).
 """
 
 from __future__ import annotations
