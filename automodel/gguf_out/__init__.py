@@ -42,37 +42,18 @@ def check_output(output: str | None) -> Path:
 
 
 def check_architecture(source, trust_remote_code: bool = False) -> None:
-    """Stop on an unsupported architecture before the weights are loaded (a GGUF base is checked once loaded)."""
+    """Stop on an unsupported architecture before the weights are loaded (a GGUF base is checked once loaded). A
+    family automodel reads into a native class is checked as that native config, one read into an own class by
+    that class's rules (gguf_out/families.py)."""
     if source.gguf_file:
         return
     from transformers import PretrainedConfig
 
     from automodel.gguf_out.architectures import rules_for
-    from automodel.models.families import FAMILIES
+    from automodel.gguf_out.families import export_config, loaded_class
 
     config, _ = PretrainedConfig.get_config_dict(source.base)
-    if config.get("model_type") in FAMILIES and not trust_remote_code:  # read into a native or own class
-        config, model_class = family_config(config, source.base)
-        rules_for(config, model_class)
-        return
-    rules_for(config)
-
-
-def family_config(published: dict, source: str) -> tuple[dict, str]:
-    """A remote-code family's published config as the native config automodel loads it with, and the class it
-    loads into. Only the families whose own class has export rules (architectures.OWN_CLASS_RULES) are exported:
-    the others stop with one line."""
-    from automodel.gguf_out.architectures import OWN_CLASS_RULES
-    from automodel.models.families import FAMILIES, class_name, native_config
-
-    family = FAMILIES[published["model_type"]]
-    model_class = class_name(family, published)
-    architecture = (published.get("architectures") or [published["model_type"]])[0]
-    if model_class not in OWN_CLASS_RULES:
-        raise UserError(f"--format gguf: {architecture} (model_type '{published['model_type']}', read into "
-                        f"{model_class or 'a native class'}) has no GGUF export; exported remote-code classes: "
-                        f"{', '.join(sorted(OWN_CLASS_RULES))}")
-    return {**native_config(published, source).to_dict(), "architectures": [architecture]}, model_class
+    rules_for(export_config(config, source.base, trust_remote_code), loaded_class(config, trust_remote_code))
 
 
 def load_merged(source, dtype: str | None, trust_remote_code: bool):

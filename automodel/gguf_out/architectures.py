@@ -13,14 +13,20 @@ itself checks every row in tests/test_gguf_export.py.
 
 Exported: llama, mistral, internlm3, exaone, exaone4, granite, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, phi,
 stablelm, starcoder2, gpt_bigcode, gpt_neox, falcon, olmo, olmo2, cohere, cohere2, nemotron, glm, glm4, mixtral,
-qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared, deepseek_v2, deepseek_v3, minicpm3. A config using what
+qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared, deepseek_v2, deepseek_v3, minicpm3. Also the
+remote-code families automodel reads into these native classes (gguf_out/families.py), written under the llama.cpp
+architecture of the native class they are read into, by its rules: the loaded model IS that native model (a
+translated config, weights renamed or split), so llama.cpp's graph for it computes the same math: Aquila, dense
+DeepSeek, InternLM (q/k/v/o biases), InternLM2, Baichuan-7B and Baichuan2-7B (its head written normalised) as
+llama, Orion as stablelm, MiniCPM as granite, ChatGLM2/3 as chatglm (llama.cpp checks them in
+tests/test_gguf_export_families.py). A config using what
 llama.cpp's graph for its architecture lacks stops with one line naming it (a rope type other than the row's,
 sliding-window Qwen2/3, StableLM's, Phi's or Command-R's q/k norms, Falcon's ALiBi, biases or sequential attention,
 GPTBigCode without multi-query, Gemma 2/3's query scale other than llama.cpp's, Gemma 3's attention soft-capping,
 EXAONE-4's sliding layers below 64 layers, grouped-query OLMoE, dense layers or another top-k normalisation in the
 Qwen MoEs and OLMoE, DeepSeek without interleaved rope, MiniCPM3 with other muP scales than the published ones), as
 does every other model_type (GPT-J: llama.cpp's converter has no rules for it; Bamba and the others: not restated
-here).
+here) and every family read into automodel's own modules but these four (Solar, Phi-3-Small: families.py).
 
 Also exported, by the loaded class (OWN_CLASS_RULES; rules_families.py): automodel's own modules of Jais (jais),
 DeepSeek-MoE v1 (deepseek), DeciLM / Nemotron-NAS (deci) and Baichuan-13B / Baichuan2-13B (baichuan, ALiBi), each

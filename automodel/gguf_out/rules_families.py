@@ -189,15 +189,6 @@ def baichuan_parameters(writer, config: dict[str, Any]) -> None:
     writer.add_rope_dimension_count(head_dim(config))
 
 
-def baichuan_tensor(name: str, tensor: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
-    """BaichuanModel.modify_tensors (W_pack is split on load already: q and k permuted as Llama's), and Baichuan2's
-    NormHead written as what it computes with: each vocabulary row at unit L2 norm (llama.cpp's output is a plain
-    matmul)."""
-    if name == "lm_head.weight" and config.get("baichuan_norm_head"):
-        return torch.nn.functional.normalize(tensor, dim=-1)
-    return llama_tensor(name, tensor, config)
-
-
 def baichuan_alibi_check(config: dict[str, Any]) -> str | None:
     layers = hparam(config, "num_hidden_layers")
     if layers != BAICHUAN_ALIBI_LAYERS:
@@ -206,5 +197,7 @@ def baichuan_alibi_check(config: dict[str, Any]) -> str | None:
     return None
 
 
-BAICHUAN_ALIBI = Rules("BAICHUAN", "BaichuanModel", baichuan_parameters, baichuan_tensor, needs_output=True,
+# (BaichuanModel.modify_tensors: W_pack is split on load already, q and k permuted as Llama's; Baichuan2-13B's
+# NormHead is written normalised by families.with_norm_head, as Baichuan2-7B's)
+BAICHUAN_ALIBI = Rules("BAICHUAN", "BaichuanModel", baichuan_parameters, llama_tensor, needs_output=True,
                        check=baichuan_alibi_check)

@@ -24,7 +24,7 @@ from torch import nn
 
 from automodel.checkpoint.hf_writer import saved_tensors
 from automodel.errors import UserError
-from automodel.gguf_out import architectures
+from automodel.gguf_out import architectures, families
 from automodel.gguf_out.vocab import add_tokenizer
 
 logger = logging.getLogger("automodel")
@@ -146,7 +146,8 @@ def write_gguf(model: nn.Module, tokenizer, output: Path, type_name: str, name: 
     import gguf
 
     config = model.config.to_dict()
-    rules = architectures.rules_for(config, type(model).__name__)
+    families.check_loaded(model)
+    rules = families.with_norm_head(architectures.rules_for(config, type(model).__name__), config)
     if rules.model_check is not None and (lacking := rules.model_check(model)) is not None:
         raise UserError(f"--format gguf: {type(model).__name__} with {lacking} has no GGUF export")
     planned = plan_tensors(model, rules, config, type_name)
