@@ -11,10 +11,10 @@ weights used as they are (deepseek-moe-16b's norm_topk_prob false); DeciLM's lay
 Baichuan-13B's 40 layers (llama.cpp's baichuan takes ALiBi from the 13B layer count), narrow, with 6 heads (40 is
 no power of two either), and Baichuan2-13B's NormHead.
 
-Cost, measured with --durations on 2 cores shared with other agents (load average ~6): this file 61 s. Jais 18.6 s
-(the first test: the imports), Baichuan-13B 11.5 s (40 layers), Baichuan2-13B 10.3 s (one prompt), DeepSeek-MoE
-9.7 s, DeciLM 8.7 s, the refusals under 1 s each. llama.cpp runs them in a 64-token context: its ALiBi masks every
-cell of the context at each step, which in the default 2048 took 30 s for Baichuan-13B alone.
+Cost, measured with --durations on 2 cores shared with other agents (load average ~4): this file ~52 s.
+Baichuan-13B 13.2 s (40 layers), Jais 11.9 s (the first test: the imports), Baichuan2-13B 10.3 s (one prompt),
+DeciLM 7.6 s, DeepSeek-MoE 6.7 s, the refusals 0.1 to 1 s each. llama.cpp runs them in a 64-token context: its
+ALiBi masks every cell of the context at each step, which in the default 2048 took 30 s for Baichuan-13B alone.
 """
 
 from __future__ import annotations
