@@ -7,13 +7,14 @@ Each checkpoint is a tiny one in the family's PUBLISHED layout (tests/models/pub
 tests' checkpoints) with its real tokenizer beside it, exported from that folder as a user would, and each sets
 what llama.cpp's graph for the family needs where the training tests' tiny config differs: DeepSeek-MoE's top-k
 weights used as they are (deepseek-moe-16b's norm_topk_prob false); DeciLM's layers as llama.cpp's deci runs them
-(an attention-free layer, a layer with neither part, two KV-head counts, two FFN widths; no attention without FFN);
+(an attention-free layer, a layer with neither part, two KV-head counts, two FFN widths; no attention without FFN),
+and again with Llama 3's rope scaling, as the published ones have it (test_llamacpp_runs_decilm_with_llama3_rope);
 Baichuan-13B's 40 layers (llama.cpp's baichuan takes ALiBi from the 13B layer count), narrow, with 6 heads (40 is
 no power of two either), and Baichuan2-13B's NormHead.
 
-Cost, measured with --durations on 2 cores shared with other agents (load average ~4): this file ~52 s.
+Cost, measured with --durations on 2 cores shared with other agents (load average ~4): this file ~62 s.
 Baichuan-13B 13.2 s (40 layers), Jais 11.9 s (the first test: the imports), Baichuan2-13B 10.3 s (one prompt),
-DeciLM 7.6 s, DeepSeek-MoE 6.7 s, the refusals 0.1 to 1 s each. llama.cpp runs them in a 64-token context: its
+DeciLM 7.6 s, DeciLM with Llama 3's rope 9.6 s, DeepSeek-MoE 6.7 s, the refusals 0.1 to 1 s each. llama.cpp runs them in a 64-token context: its
 ALiBi masks every cell of the context at each step, which in the default 2048 took 30 s for Baichuan-13B alone.
 """
 
@@ -134,3 +135,28 @@ def test_jais_with_other_alibi_slopes_stops_with_one_line(tmp_path, capsys):
     assert "JaisGPT2LMHeadModel with ALiBi slopes other than the ALiBi paper's" in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.glob("*.gguf*"))
+
+
+# Llama 3's rope scaling, as the Nemotron-NAS models (Llama 3.1/3.3 derived) publish it, on an original context
+# short enough that the tiny head's frequencies fall in all three of its bands (llama.cpp: the rope_freqs tensor)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def test_llamacpp_runs_decilm_with_llama3_rope(tmp_path, llamacpp_python):
+    """Written by the writer itself, the tokenizer from the assets: `automodel export` of such a published folder
+    stops earlier, in transformers 5.25's AutoTokenizer (it validates the llama3 rope of the generic config it reads
+    for the unknown model_type nemotron-nas, and fails)."""
+    from automodel.gguf_out.writer import write_gguf
+    from automodel.inference.generate import Generator
+    from automodel.models import load_causal_lm, load_tokenizer
+    from tests.conftest import ASSETS
+
+    row, fields, _ = FAMILIES["decilm"]
+    folder = write_published_checkpoint(variant(row, **fields, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
+                                        tmp_path / "model")
+    model = load_causal_lm(str(folder), dtype="float32").eval()
+    assert model.config.rope_parameters["rope_type"] == "llama3"
+    tokenizer = load_tokenizer(str(ASSETS / "tokenizers" / row.tokenizer))
+    gguf_file = write_gguf(model, tokenizer, tmp_path / "model.gguf", "F32", "decilm")
+    check_against_llamacpp(Generator(model, tokenizer), gguf_file, llamacpp_python, tmp_path, PROMPTS, n_ctx=64)
