@@ -14,8 +14,9 @@ no power of two either), and Baichuan2-13B's NormHead.
 
 Cost, measured with --durations on 2 cores shared with other agents (load average ~4): this file ~62 s.
 Baichuan-13B 13.2 s (40 layers), Jais 11.9 s (the first test: the imports), Baichuan2-13B 10.3 s (one prompt),
-DeciLM 7.6 s, DeciLM with Llama 3's rope 9.6 s, DeepSeek-MoE 6.7 s, the refusals 0.1 to 1 s each. llama.cpp runs them in a 64-token context: its
-ALiBi masks every cell of the context at each step, which in the default 2048 took 30 s for Baichuan-13B alone.
+DeciLM 7.6 s, DeciLM with Llama 3's rope 9.6 s, DeepSeek-MoE 6.7 s, the refusals 0.1 to 1 s each. llama.cpp
+runs them in a 64-token context: its ALiBi masks every cell of the context at each step, which in the default 2048
+took 30 s for Baichuan-13B alone.
 """
 
 from __future__ import annotations
