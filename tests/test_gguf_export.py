@@ -105,10 +105,11 @@ LOGIT_TOLERANCE = 2.0 ** -11  # of the largest |logit|; derived in the module do
 
 
 def run_llamacpp(python: Path, model: Path, work: Path, prompts: list[list[int]], texts=(), answers=(),
-                 logits=True, max_new_tokens=NEW_TOKENS) -> tuple[dict, list[np.ndarray]]:
+                 logits=True, max_new_tokens=NEW_TOKENS, n_ctx=2048) -> tuple[dict, list[np.ndarray]]:
     request = work / "request.json"
     request.write_text(json.dumps({"model": str(model), "prompts": prompts, "texts": list(texts),
-                                   "answers": list(answers), "logits": logits, "max_new_tokens": max_new_tokens}))
+                                   "answers": list(answers), "logits": logits, "max_new_tokens": max_new_tokens,
+                                   "n_ctx": n_ctx}))
     subprocess.run([str(python), str(REPO_ROOT / "scripts" / "llamacpp_run.py"), str(request), str(work)],
                    check=True, timeout=600)
     result = json.loads((work / "result.json").read_text())
@@ -136,13 +137,14 @@ def export(model: Path, output: Path, type_name: str = "f32", *extra: str) -> Pa
     return output
 
 
-def check_against_llamacpp(generator, gguf_file: Path, python: Path, work: Path, prompts: list[str]) -> None:
+def check_against_llamacpp(generator, gguf_file: Path, python: Path, work: Path, prompts: list[str],
+                           n_ctx: int = 2048) -> None:
     """Greedy tokens equal to `automodel generate`'s, logits within the tolerance, tokenisation equal."""
     from automodel.inference.generate import GenerationSettings
 
     tokenizer, model = generator.tokenizer, generator.model
     ids = [tokenizer(p)["input_ids"] for p in prompts]
-    result, theirs = run_llamacpp(python, gguf_file, work, ids, texts=prompts)
+    result, theirs = run_llamacpp(python, gguf_file, work, ids, texts=prompts, n_ctx=n_ctx)
     assert result["tokenized"] == ids
     ours = generator.generate(prompts, GenerationSettings(max_new_tokens=NEW_TOKENS))
     assert [tokenizer.decode(t, skip_special_tokens=True).strip() for t in result["greedy"]] == ours

@@ -103,21 +103,13 @@ def check_normalised_head(folder: Path, gguf_file: Path) -> None:
     torch.testing.assert_close(written, stored / stored.norm(dim=-1, keepdim=True), rtol=1e-6, atol=1e-7)
 
 
-# Published configs read into automodel's own modules: (case, row, config fields,
-# what the one-line refusal names).
+# Published configs read into automodel's own modules without export rules (the four with rules:
+# tests/test_gguf_export_own_families.py): (case, row, config fields, what the one-line refusal names).
 REFUSED = [
-    ("decilm", "nemotron-nas", {}, "DeciLMForCausalLM has no GGUF export: automodel reads it into its own "
-                                   "DeciLMLlamaForCausalLM (per-layer block_configs"),
     ("solar", "solar", {}, "SolarForCausalLM has no GGUF export: automodel reads it into its own "
                            "SolarMistralForCausalLM (skip connections"),
-    ("jais", "jais", {}, "JAISLMHeadModel has no GGUF export: automodel reads it into its own JaisGPT2LMHeadModel"),
     ("phi3small", "phi3small", {}, "Phi3SmallForCausalLM has no GGUF export: automodel reads it into its own "
                                    "Phi3SmallLlamaForCausalLM (block-sparse attention"),
-    ("deepseek-moe", "deepseek-moe", {}, "DeepseekForCausalLM has no GGUF export: automodel reads it into its own "
-                                         "DeepseekMoeLlamaForCausalLM (mixture-of-experts"),
-    # Baichuan2-13B: no max_position_embeddings (ALiBi), Baichuan 2's vocabulary
-    ("baichuan2-13b", "baichuan2", {"max_position_embeddings": None, "vocab_size": 125696},
-     "BaichuanForCausalLM has no GGUF export: automodel reads it into its own BaichuanAlibiLlamaForCausalLM (ALiBi"),
 ]
 
 
@@ -152,10 +144,10 @@ def test_writer_refuses_a_loaded_own_module(tmp_path):
     from automodel.gguf_out.writer import write_gguf
     from automodel.models import load_causal_lm
 
-    folder = published_folder("deepseek-moe", tmp_path / "model")
+    folder = published_folder("solar", tmp_path / "model")
     model = load_causal_lm(str(folder), dtype="float32")
-    assert model.config.model_type == "llama"  # what rules_for alone would accept
-    with pytest.raises(UserError, match="DeepseekForCausalLM has no GGUF export: automodel reads it into its own "
-                                        "DeepseekMoeLlamaForCausalLM"):
-        write_gguf(model, shared_tokenizer(name="llama2"), tmp_path / "x.gguf", "F32", "x")
+    assert model.config.model_type == "mistral"  # what rules_for alone would accept
+    with pytest.raises(UserError, match="SolarForCausalLM has no GGUF export: automodel reads it into its own "
+                                        "SolarMistralForCausalLM"):
+        write_gguf(model, shared_tokenizer(name=ROWS["solar"].tokenizer), tmp_path / "x.gguf", "F32", "x")
     assert not list(tmp_path.glob("*.gguf*"))

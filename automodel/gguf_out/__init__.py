@@ -43,16 +43,18 @@ def check_output(output: str | None) -> Path:
 
 def check_architecture(source, trust_remote_code: bool = False) -> None:
     """Stop on an unsupported architecture before the weights are loaded (a GGUF base is checked once loaded). A
-    family automodel reads into a native class is checked as that native config (gguf_out/families.py)."""
+    family automodel reads into a native class is checked as that native config, one read into an own class by
+    that class's rules (gguf_out/families.py)."""
     if source.gguf_file:
         return
     from transformers import PretrainedConfig
 
     from automodel.gguf_out.architectures import rules_for
-    from automodel.gguf_out.families import export_config
+    from automodel.gguf_out.families import export_config, loaded_class
 
     config, _ = PretrainedConfig.get_config_dict(source.base)
-    rules_for(export_config(config, source.base, trust_remote_code), warn=False)
+    rules_for(export_config(config, source.base, trust_remote_code), loaded_class(config, trust_remote_code),
+              warn=False)
 
 
 def load_merged(source, dtype: str | None, trust_remote_code: bool):

@@ -28,8 +28,14 @@ EXAONE-4's sliding layers below 64 layers, grouped-query OLMoE, dense layers or 
 Qwen MoEs and OLMoE, DeepSeek without interleaved rope, MiniCPM3 with other muP scales than the published ones,
 Bamba with another Mamba-2 expansion than 2, projection biases, no conv1d bias, a time-step clamp, or not both layer
 kinds), as does every other model_type (GPT-J: llama.cpp's converter has no rules for it; the others: not restated
-here) and every family read into automodel's own modules (DeciLM, Solar, Jais, Phi-3-Small, DeepSeek-MoE, the ALiBi
-Baichuan 13B models: families.py).
+here) and every family read into automodel's own modules but these four (Solar, Phi-3-Small: families.py).
+A dynamic-NTK rope (InternLM, InternLM2) is written as plain rope, which it equals up to max_position_embeddings,
+with a warning.
+
+Also exported, by the loaded class (OWN_CLASS_RULES; rules_families.py): automodel's own modules of Jais (jais),
+DeepSeek-MoE v1 (deepseek), DeciLM / Nemotron-NAS (deci) and Baichuan-13B / Baichuan2-13B (baichuan, ALiBi), each
+stopping on what its llama.cpp graph lacks (Jais's 1/sqrt(head_dim) scores or other ALiBi slopes, DeepSeek-MoE's
+renormalised top-k or moe_layer_freq, DeciLM's attention without FFN, ALiBi Baichuan of other than 40 layers).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import torch
 
 from automodel.errors import UserError
 from automodel.gguf_out import rules_dense as dense
+from automodel.gguf_out import rules_families as families
 from automodel.gguf_out import rules_gpt as gpt
 from automodel.gguf_out import rules_hybrid as hybrid
 from automodel.gguf_out import rules_mla as mla
@@ -114,20 +121,34 @@ RULES = {
 }
 
 
+# automodel's own classes of remote-code families (automodel/models/families/), keyed by class name: their native
+# config's model_type does not tell them apart (DeciLM and DeepSeek-MoE load as 'llama' configs with more fields)
+OWN_CLASS_RULES = {
+    "JaisGPT2LMHeadModel": families.JAIS,
+    "DeepseekMoeLlamaForCausalLM": families.DEEPSEEK_MOE,
+    "DeciLMLlamaForCausalLM": families.DECILM,
+    "BaichuanAlibiLlamaForCausalLM": families.BAICHUAN_ALIBI,
+}
+
+
 def block_count(config: dict[str, Any]) -> int:
     return hparam(config, "num_hidden_layers", "n_layer")
 
 
-def rules_for(config: dict[str, Any], warn: bool = True) -> Rules:
-    """The export rules of a model config, or a one-line error naming the architecture (`warn`: log what the file
-    writes as its closest llama.cpp equivalent; the check before loading passes False, the writer says it)."""
+def rules_for(config: dict[str, Any], model_class: str | None = None, warn: bool = True) -> Rules:
+    """The export rules of a model config (of a model of class `model_class`: automodel's own classes have rows of
+    their own), or a one-line error naming the architecture (`warn`: log what the file writes as its closest
+    llama.cpp equivalent; the check before loading passes False, the writer says it)."""
     model_type = config.get("model_type")
-    architecture = (config.get("architectures") or [model_type])[0]
-    if model_type not in RULES:
+    architecture = (config.get("architectures") or [model_class or model_type])[0]
+    if model_class in OWN_CLASS_RULES:
+        rules = OWN_CLASS_RULES[model_class]
+    elif model_type not in RULES:
         supported = ", ".join(sorted(RULES))
         raise UserError(f"--format gguf: {architecture} (model_type '{model_type}') has no GGUF export; "
                         f"supported model_types: {supported}")
-    rules = RULES[model_type]
+    else:
+        rules = RULES[model_type]
     for rope_type in sorted(rope_types(config)):
         if rope_type == "dynamic" and "default" in rules.rope_types:
             # transformers' dynamic NTK rescales the rope base only past max_position_embeddings

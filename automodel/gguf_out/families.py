@@ -9,8 +9,9 @@ Baichuan2-7B as llama, Orion as stablelm, MiniCPM as granite, ChatGLM as chatglm
 lack is Baichuan2's normalised output head (with_norm_head).
 
 A family, or a variant of one, read into automodel's OWN module (a decoder whose math the native class lacks)
-stops with one line naming the published architecture and why: the native model_type's rules would write a file
-llama.cpp runs wrongly. The config is checked before loading (export_config) and the loaded class again by the
+is written by rules of that class where it has some (architectures.OWN_CLASS_RULES, rules_families.py: Jais,
+DeepSeek-MoE, DeciLM, the ALiBi Baichuan 13B models); the others stop with one line naming the published
+architecture and why: the native model_type's rules would write a file llama.cpp runs wrongly. The config is checked before loading (export_config) and the loaded class again by the
 writer (check_loaded), since a GGUF base skips the config check.
 """
 
@@ -30,18 +31,17 @@ EXPORTED_CLASSES = {"BaichuanLlamaForCausalLM", "InternLM2LlamaForCausalLM", "Ch
 
 # automodel's own modules: what their math adds to the native class's, which the native rules would drop.
 OWN_MATH = {
-    "DeciLMLlamaForCausalLM": "per-layer block_configs: skipped attention or MLP, per-layer KV heads and widths",
     "SolarMistralForCausalLM": "skip connections blended between layers (bskcn_*)",
-    "JaisGPT2LMHeadModel": "ALiBi, a SwiGLU MLP and muP scalings on GPT-2's layout",
-    "BaichuanAlibiLlamaForCausalLM": "ALiBi attention in place of rotary (the 13B models)",
-    "DeepseekMoeLlamaForCausalLM": "mixture-of-experts layers (n_routed_experts)",
     "Phi3SmallLlamaForCausalLM": "block-sparse attention, a gegelu MLP and muP scalings",
 }
 
 
 def check_class(name: str, architecture: str) -> None:
-    """Stop unless the conversions.py class `name` is exported through its native rules."""
-    if name in EXPORTED_CLASSES:
+    """Stop unless the conversions.py class `name` is exported through its native rules or its own
+    (architectures.OWN_CLASS_RULES: Jais, DeepSeek-MoE, DeciLM, the ALiBi Baichuan 13B models)."""
+    from automodel.gguf_out.architectures import OWN_CLASS_RULES
+
+    if name in EXPORTED_CLASSES or name in OWN_CLASS_RULES:
         return
     why = OWN_MATH.get(name, "its own modules")
     raise UserError(f"--format gguf: {architecture} has no GGUF export: automodel reads it into its own {name} "
@@ -62,6 +62,15 @@ def export_config(published: dict[str, Any], source: str, trust_remote_code: boo
         check_class(name, architecture)
     native = native_config(published, source).to_dict()
     return {**native, "architectures": [f"{architecture} (read as {native['model_type']})"]}
+
+
+def loaded_class(published: dict[str, Any], trust_remote_code: bool) -> str | None:
+    """The conversions.py class loading `published` gives (None: a native class, or the family's own code when
+    remote code is trusted), which rules_for takes: an own class has export rules of its own."""
+    from automodel.models.families import FAMILIES, class_name
+
+    family = FAMILIES.get(published.get("model_type"))
+    return None if family is None or trust_remote_code else class_name(family, published)
 
 
 def check_loaded(model) -> None:
