@@ -16,13 +16,23 @@ per activation, which the residual stream carries to the logits at that relative
 1.3e-4 to 3.2e-4 for the GELU ones); a wrong export (a permutation, a missed norm offset, a wrong rope dimension,
 a missing soft-cap or multiplier) moves the logits by a large fraction of their size.
 
+Bamba's Mamba-2 scan is float32 reordering of the same kind: transformers scans in chunks (exponentials of
+cumulative sums within a chunk, states passed between chunks), llama.cpp token by token. transformers keeps the scan
+in float32 in a float64 model, so check_float32_rounding does not cover it for Bamba; measured once against a
+float64 token-by-token scan, Bamba's float32 forward is within 4.4e-7 of the largest logit (the chunked scan's own
+share 1.2e-7), so the same bound holds (llama.cpp's logits: 4.8e-7). Wrong Bamba exports measured against it: the
+converter's whole-head Q/K permutation 3.4x the bound (the attention of a tiny random model is near uniform, so rope
+errors move its logits least), no permutation 2.7x, A_log written as is, a transposed grouped norm, D and dt_bias
+swapped 280x and more (the last two only with EXPORT_CHECK_VARIED: at transformers' initialisation they are ones).
+
 Cost, measured with --durations on 2 cores shared with other agents (load average ~4.5): this file 3m29s, of
 which the 34 tiny families 3m07s. The 26 families beyond the first 8 add 100 s (2.1 to 5.8 s each: export ~2 s,
 most of it loading the tokenizer twice; llama.cpp's load and run ~1 s; our forward, generation and float64 forward
 ~1 s), the Q8_0 MoE check 6 s, the config refusals well under 1 s; folding the rounding premise into each family's
 test saved the 18 s its own test took. Qwen2 (~60 s: the 151k-token tokenizer), Llama (the first test: the
-imports), Mistral, Qwen3 and the Q4_K_M check are most of the rest. The first run builds llama.cpp (~5 minutes on 2
-idle cores, ~25 on these busy ones).
+imports), Mistral, Qwen3 and the Q4_K_M check are most of the rest. Bamba, added later, 12 to 15 s at load ~7
+(its transformers forwards for generation ~4 s, the export ~4 s, most of it the tokenizer), its F16 check 8 to 9 s.
+The first run builds llama.cpp (~5 minutes on 2 idle cores, ~25 on these busy ones).
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ pytestmark = pytest.mark.slow
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "stablelm", "starcoder2", "internlm3", "exaone",
             "exaone4", "granite", "gemma2", "gemma3_text", "olmo", "olmo2", "phi", "gpt_neox", "falcon", "gpt_bigcode",
             "cohere", "cohere2", "nemotron", "glm", "glm4", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe",
-            "granitemoeshared", "deepseek_v2", "deepseek_v3", "minicpm3"]
+            "granitemoeshared", "deepseek_v2", "deepseek_v3", "minicpm3", "bamba"]
 # What a family's tiny model sets here beyond its training tests' config: a window shorter than the prompts plus
 # the generated tokens (so llama.cpp's sliding layers really slide), soft-capping that binds on these small logits,
 # Granite's published multipliers, a Cohere2 global layer (no rope), and the published values of what llama.cpp's
@@ -74,22 +84,32 @@ EXPORT_CHECK_FIELDS = {
     "deepseek_v3": dict(rope_parameters=dict(YARN, mscale=1.0, mscale_all_dim=1.0)),
     "granitemoeshared": dict(embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22,
                              logits_scaling=8.0),
+    # a Mamba-2 layer, then an attention layer (the training tests' [1]); two groups of heads sharing B and C (the
+    # published models have one: this checks the head-to-group order and the grouped norm), and chunks shorter than
+    # the prompts, so that transformers' scan carries its state across chunks as llama.cpp's does across tokens
+    "bamba": dict(attn_layer_indices=[1], mamba_n_groups=2, mamba_chunk_size=4),
 }
+# Families whose tiny model has parameters that transformers initialises to one constant and whose export moves or
+# reshapes them (Bamba's D and dt_bias, ones, and its grouped norm): spread around that constant, so that a swapped
+# or misshapen one shows in the logits.
+EXPORT_CHECK_VARIED = {"bamba"}
 # The Qwen MoE rows with GPT-2's 50k-token tokenizer rather than Qwen's 151k: what they add is the expert layout,
 # and the Qwen tokenizer, which costs ~10 s a model here (export, llama.cpp's load), is checked by qwen2 and qwen3.
 EXPORT_CHECK_TOKENIZER = {"qwen2_moe": "gpt2", "qwen3_moe": "gpt2"}
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "def add(a, b):\n    return"]
 NEW_TOKENS = 8
-# the families transformers' GGUF reader reads back (its Qwen3 reader ignores attention.key_length)
+# the families transformers' GGUF reader reads back (its Qwen3 reader ignores attention.key_length; it has no
+# reader for granitehybrid, Bamba's llama.cpp architecture: Bamba is checked in llama.cpp only)
 READ_BACK = ["llama", "mistral", "qwen2"]
 LOGIT_TOLERANCE = 2.0 ** -11  # of the largest |logit|; derived in the module docstring
 
 
 def run_llamacpp(python: Path, model: Path, work: Path, prompts: list[list[int]], texts=(), answers=(),
-                 logits=True, max_new_tokens=NEW_TOKENS) -> tuple[dict, list[np.ndarray]]:
+                 logits=True, max_new_tokens=NEW_TOKENS, n_ctx=2048) -> tuple[dict, list[np.ndarray]]:
     request = work / "request.json"
     request.write_text(json.dumps({"model": str(model), "prompts": prompts, "texts": list(texts),
-                                   "answers": list(answers), "logits": logits, "max_new_tokens": max_new_tokens}))
+                                   "answers": list(answers), "logits": logits, "max_new_tokens": max_new_tokens,
+                                   "n_ctx": n_ctx}))
     subprocess.run([str(python), str(REPO_ROOT / "scripts" / "llamacpp_run.py"), str(request), str(work)],
                    check=True, timeout=600)
     result = json.loads((work / "result.json").read_text())
@@ -117,13 +137,14 @@ def export(model: Path, output: Path, type_name: str = "f32", *extra: str) -> Pa
     return output
 
 
-def check_against_llamacpp(generator, gguf_file: Path, python: Path, work: Path, prompts: list[str]) -> None:
+def check_against_llamacpp(generator, gguf_file: Path, python: Path, work: Path, prompts: list[str],
+                           n_ctx: int = 2048) -> None:
     """Greedy tokens equal to `automodel generate`'s, logits within the tolerance, tokenisation equal."""
     from automodel.inference.generate import GenerationSettings
 
     tokenizer, model = generator.tokenizer, generator.model
     ids = [tokenizer(p)["input_ids"] for p in prompts]
-    result, theirs = run_llamacpp(python, gguf_file, work, ids, texts=prompts)
+    result, theirs = run_llamacpp(python, gguf_file, work, ids, texts=prompts, n_ctx=n_ctx)
     assert result["tokenized"] == ids
     ours = generator.generate(prompts, GenerationSettings(max_new_tokens=NEW_TOKENS))
     assert [tokenizer.decode(t, skip_special_tokens=True).strip() for t in result["greedy"]] == ours
@@ -162,6 +183,8 @@ def test_llamacpp_runs_the_f32_export_of_each_family(model_type, tmp_path, llama
 
     folder = tiny_model_folder(model_type, tmp_path / "model", EXPORT_CHECK_TOKENIZER.get(model_type),
                                **EXPORT_CHECK_FIELDS.get(model_type, {}))
+    if model_type in EXPORT_CHECK_VARIED:
+        vary_constant_parameters(folder)
     # (a file named after Mistral would make transformers' reader take its Llama architecture for Mistral's)
     gguf_file = export(folder, tmp_path / "out" / "model.gguf")
     generator = Generator.load(str(folder), dtype="float32", device="cpu")
@@ -169,6 +192,22 @@ def test_llamacpp_runs_the_f32_export_of_each_family(model_type, tmp_path, llama
     if model_type in READ_BACK:
         check_read_back(generator.model, gguf_file)
     check_float32_rounding(generator.model, generator.tokenizer)
+
+
+def vary_constant_parameters(folder: Path) -> None:
+    """Re-save the checkpoint with every parameter whose elements are all equal moved by uniform noise in
+    [-0.25, 0.25) (its config.json kept as written)."""
+    from transformers import AutoModelForCausalLM
+
+    config = (folder / "config.json").read_text()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    noise = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.numel() > 1 and bool((parameter == parameter.flatten()[0]).all()):
+                parameter.add_(torch.rand(parameter.shape, generator=noise) / 2 - 0.25)
+    model.save_pretrained(folder)
+    (folder / "config.json").write_text(config)
 
 
 def check_float32_rounding(model, tokenizer) -> None:
@@ -185,14 +224,14 @@ def check_float32_rounding(model, tokenizer) -> None:
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
-    folder = tiny_model_folder("bamba", tmp_path / "bamba")
+    folder = tiny_model_folder("gptj", tmp_path / "gptj")
     olmoe = tiny_model_folder("olmoe", tmp_path / "olmoe")
     llama = tiny_model_folder("llama", tmp_path / "llama")
     existing = tmp_path / "there.gguf"
     existing.write_bytes(b"x")
     capsys.readouterr()  # the tiny checkpoints' own save messages
     cases = {
-        "BambaForCausalLM (model_type 'bamba') has no GGUF export": [str(folder), "--type", "f16"],
+        "GPTJForCausalLM (model_type 'gptj') has no GGUF export": [str(folder), "--type", "f16"],
         # a config needing what llama.cpp's graph lacks: grouped-query OLMoE
         "OLMoEForCausalLM with num_key_value_heads=2 (llama.cpp's olmoe needs as many as num_attention_heads, 4) "
         "has no GGUF export": [str(olmoe), "--type", "f16"],
@@ -213,7 +252,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
 # one-line refusal names). Published examples: Gemma-2-27B-like scaling on another depth, Falcon-RW's ALiBi, the
 # EXAONE-4 default (32 layers with sliding ones), Qwen3-MoE without renormalised top-k, Phi-3.5-MoE-style dense
 # layers in a Qwen2-MoE, SantaCoder-style multi-head GPTBigCode, Command-R+'s q/k norms, a YaRN Llama, a DeepSeek-V3
-# whose rope pairs halves, a MiniCPM3 with another embedding scale.
+# whose rope pairs halves, a MiniCPM3 with another embedding scale, a Bamba with a wider Mamba-2 mixer, projection
+# biases, a time-step clamp, or no attention layer (BambaConfig's default).
 LLAMACPP_LACKS = [
     ("gemma2", dict(head_dim=256, query_pre_attn_scalar=144), "query_pre_attn_scalar=144"),
     ("gemma3_text", dict(attn_logit_softcapping=50.0), "attn_logit_softcapping=50.0"),
@@ -227,6 +267,10 @@ LLAMACPP_LACKS = [
                                     "original_max_position_embeddings": 4096}), "rope type 'yarn'"),
     ("deepseek_v3", dict(rope_interleave=False), "rope_interleave=False"),
     ("minicpm3", dict(scale_emb=10), "scale_emb=10"),
+    ("bamba", dict(attn_layer_indices=[1], mamba_expand=4), "mamba_expand=4"),
+    ("bamba", dict(attn_layer_indices=[1], mamba_proj_bias=True), "mamba_proj_bias=True"),
+    ("bamba", dict(attn_layer_indices=[1], time_step_limit=(0.0, 0.1)), "time_step_limit="),
+    ("bamba", {}, "attn_layer_indices=None"),
 ]
 
 
@@ -289,5 +333,21 @@ def test_q8_0_keeps_routers_f32_and_runs_in_llamacpp(tmp_path, llamacpp_python):
     from tests.models.tiny import shared_tokenizer
 
     prompt = shared_tokenizer(name="gpt2")(PROMPTS[0])["input_ids"]
+    result, _ = run_llamacpp(llamacpp_python, gguf_file, tmp_path, [prompt], logits=False)
+    assert len(result["greedy"][0]) == NEW_TOKENS
+
+
+def test_f16_keeps_mamba_conv1d_f32_and_runs_in_llamacpp(tmp_path, llamacpp_python):
+    """llama.cpp's ssm_conv takes F32 weights only (its converter keeps ssm_conv1d F32 in every type): a Bamba
+    export of the default type, F16, runs in llama.cpp."""
+    from gguf import GGUFReader
+
+    folder = tiny_model_folder("bamba", tmp_path / "model")
+    gguf_file = export(folder, tmp_path / "f16.gguf", "F16")
+    types = {t.name: t.tensor_type.name for t in GGUFReader(gguf_file).tensors}
+    assert types["blk.0.ssm_conv1d.weight"] == "F32" and types["blk.0.ssm_in.weight"] == "F16"
+    from tests.models.tiny import shared_tokenizer
+
+    prompt = shared_tokenizer(name="llama2")(PROMPTS[0])["input_ids"]
     result, _ = run_llamacpp(llamacpp_python, gguf_file, tmp_path, [prompt], logits=False)
     assert len(result["greedy"][0]) == NEW_TOKENS

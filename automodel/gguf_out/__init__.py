@@ -41,16 +41,20 @@ def check_output(output: str | None) -> Path:
     return path
 
 
-def check_architecture(source) -> None:
-    """Stop on an unsupported architecture before the weights are loaded (a GGUF base is checked once loaded)."""
+def check_architecture(source, trust_remote_code: bool = False) -> None:
+    """Stop on an unsupported architecture before the weights are loaded (a GGUF base is checked once loaded). A
+    family automodel reads into a native class is checked as that native config, one read into an own class by
+    that class's rules (gguf_out/families.py)."""
     if source.gguf_file:
         return
     from transformers import PretrainedConfig
 
     from automodel.gguf_out.architectures import rules_for
+    from automodel.gguf_out.families import export_config, loaded_class
 
     config, _ = PretrainedConfig.get_config_dict(source.base)
-    rules_for(config)
+    rules_for(export_config(config, source.base, trust_remote_code), loaded_class(config, trust_remote_code),
+              warn=False)
 
 
 def load_merged(source, dtype: str | None, trust_remote_code: bool):
@@ -79,7 +83,7 @@ def export_gguf(model: str, output: str | None, type_name: str = "F16", adapter:
     require_gguf_package("--format gguf")
     command = None if type_name in DIRECT_TYPES else llamacpp.find_quantizer(quantizer, type_name)
     source = resolve_source(model, adapter)
-    check_architecture(source)
+    check_architecture(source, trust_remote_code)
     # F32 is exact whatever the stored dtype; the other types are made from the stored dtype, as llama.cpp does
     loaded, tokenizer = load_merged(source, "float32" if type_name == "F32" else None, trust_remote_code)
     logger.info("exporting %s (%s) as GGUF %s", source.describe(), loaded.dtype, type_name)

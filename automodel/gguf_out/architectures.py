@@ -5,26 +5,42 @@ metadata keys from its GGUFWriter. What the package does not hold are the per-ar
 converter, `convert_hf_to_gguf.py` (its `conversion/` classes, named in each row). That converter is not in any
 installable package (it ships only in llama.cpp's source tree), reads a saved HF folder rather than a loaded model,
 and buffers lazily whole models of tensors; so the rules are restated here, one `Rules` row per Hugging Face
-`model_type` (the functions they name: rules_dense.py, rules_gpt.py, rules_moe.py, rules_mla.py). They are few:
-which hparams each llama.cpp graph reads, Llama's Q/K row permutation (llama.cpp's rope pairs neighbouring
-dimensions, HF's pairs halves), Gemma's and Nemotron's `1 + weight` norms, the fused QKV layouts of GPT-NeoX and
-Falcon, the fused experts split into gate and up, DeepSeek's kv_b_proj split into its absorbed halves. llama.cpp
-itself checks every row in tests/test_gguf_export.py.
+`model_type` (the functions they name: rules_dense.py, rules_gpt.py, rules_moe.py, rules_mla.py,
+rules_hybrid.py). They are few: which hparams each llama.cpp graph reads, Llama's Q/K row permutation (llama.cpp's
+rope pairs neighbouring dimensions, HF's pairs halves), Gemma's and Nemotron's `1 + weight` norms, the fused QKV
+layouts of GPT-NeoX and Falcon, the fused experts split into gate and up, DeepSeek's kv_b_proj split into its
+absorbed halves, Mamba-2's A = -exp(A_log) and tensor shapes. llama.cpp itself checks every row in
+tests/test_gguf_export.py.
 
 Exported: llama, mistral, internlm3, exaone, exaone4, granite, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3, phi,
 stablelm, starcoder2, gpt_bigcode, gpt_neox, falcon, olmo, olmo2, cohere, cohere2, nemotron, glm, glm4, mixtral,
-qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared, deepseek_v2, deepseek_v3, minicpm3. A config using what
+qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared, deepseek_v2, deepseek_v3, minicpm3, bamba. Also the
+remote-code families automodel reads into these native classes (gguf_out/families.py), written under the llama.cpp
+architecture of the native class they are read into, by its rules: the loaded model IS that native model (a
+translated config, weights renamed or split), so llama.cpp's graph for it computes the same math: Aquila, dense
+DeepSeek, InternLM (q/k/v/o biases), InternLM2, Baichuan-7B and Baichuan2-7B (its head written normalised) as
+llama, Orion as stablelm, MiniCPM as granite, ChatGLM2/3 as chatglm (llama.cpp checks them in
+tests/test_gguf_export_families.py). A config using what
 llama.cpp's graph for its architecture lacks stops with one line naming it (a rope type other than the row's,
 sliding-window Qwen2/3, StableLM's, Phi's or Command-R's q/k norms, Falcon's ALiBi, biases or sequential attention,
 GPTBigCode without multi-query, Gemma 2/3's query scale other than llama.cpp's, Gemma 3's attention soft-capping,
 EXAONE-4's sliding layers below 64 layers, grouped-query OLMoE, dense layers or another top-k normalisation in the
-Qwen MoEs and OLMoE, DeepSeek without interleaved rope, MiniCPM3 with other muP scales than the published ones), as
-does every other model_type (GPT-J: llama.cpp's converter has no rules for it; Bamba and the others: not restated
-here).
+Qwen MoEs and OLMoE, DeepSeek without interleaved rope, MiniCPM3 with other muP scales than the published ones,
+Bamba with another Mamba-2 expansion than 2, projection biases, no conv1d bias, a time-step clamp, or not both layer
+kinds), as does every other model_type (GPT-J: llama.cpp's converter has no rules for it; the others: not restated
+here) and every family read into automodel's own modules but these four (Solar, Phi-3-Small: families.py).
+A dynamic-NTK rope (InternLM, InternLM2) is written as plain rope, which it equals up to max_position_embeddings,
+with a warning.
+
+Also exported, by the loaded class (OWN_CLASS_RULES; rules_families.py): automodel's own modules of Jais (jais),
+DeepSeek-MoE v1 (deepseek), DeciLM / Nemotron-NAS (deci) and Baichuan-13B / Baichuan2-13B (baichuan, ALiBi), each
+stopping on what its llama.cpp graph lacks (Jais's 1/sqrt(head_dim) scores or other ALiBi slopes, DeepSeek-MoE's
+renormalised top-k or moe_layer_freq, DeciLM's attention without FFN, ALiBi Baichuan of other than 40 layers).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -32,12 +48,16 @@ import torch
 
 from automodel.errors import UserError
 from automodel.gguf_out import rules_dense as dense
+from automodel.gguf_out import rules_families as families
 from automodel.gguf_out import rules_gpt as gpt
+from automodel.gguf_out import rules_hybrid as hybrid
 from automodel.gguf_out import rules_mla as mla
 from automodel.gguf_out import rules_moe as moe
 from automodel.gguf_out.hparams import (
     Rules, head_dim, hparam, is_false, llama_tensor, norm_plus_one, rope_parameters, rope_types,
 )
+
+logger = logging.getLogger("automodel")
 
 LLAMA_ROPES = ("default", "linear", "llama3")
 
@@ -92,6 +112,22 @@ RULES = {
     "minicpm3": Rules("MINICPM3", "MiniCPM3Model", mla.minicpm3_parameters, check=mla.minicpm3_check),
     "granitemoeshared": Rules("GRANITE_MOE", "GraniteMoeModel (GraniteMoeSharedForCausalLM)",
                               moe.granitemoe_parameters, llama_tensor, split=moe.split_experts),
+    "bamba": Rules("GRANITE_HYBRID", "GraniteHybridModel (BambaForCausalLM)", hybrid.bamba_parameters,
+                   hybrid.bamba_tensor, split=hybrid.split_mamba, check=hybrid.bamba_check,
+                   unsupported=(("hidden_act", lambda act: act == "silu", "silu"),
+                                ("mamba_expand", lambda expand: expand == 2, "an expansion of 2"),
+                                ("mamba_conv_bias", bool, "the conv1d bias"),
+                                ("mamba_proj_bias", is_false, "no in/out projection biases"))),
+}
+
+
+# automodel's own classes of remote-code families (automodel/models/families/), keyed by class name: their native
+# config's model_type does not tell them apart (DeciLM and DeepSeek-MoE load as 'llama' configs with more fields)
+OWN_CLASS_RULES = {
+    "JaisGPT2LMHeadModel": families.JAIS,
+    "DeepseekMoeLlamaForCausalLM": families.DEEPSEEK_MOE,
+    "DeciLMLlamaForCausalLM": families.DECILM,
+    "BaichuanAlibiLlamaForCausalLM": families.BAICHUAN_ALIBI,
 }
 
 
@@ -99,16 +135,30 @@ def block_count(config: dict[str, Any]) -> int:
     return hparam(config, "num_hidden_layers", "n_layer")
 
 
-def rules_for(config: dict[str, Any]) -> Rules:
-    """The export rules of a model config, or a one-line error naming the architecture."""
+def rules_for(config: dict[str, Any], model_class: str | None = None, warn: bool = True) -> Rules:
+    """The export rules of a model config (of a model of class `model_class`: automodel's own classes have rows of
+    their own), or a one-line error naming the architecture (`warn`: log what the file writes as its closest
+    llama.cpp equivalent; the check before loading passes False, the writer says it)."""
     model_type = config.get("model_type")
-    architecture = (config.get("architectures") or [model_type])[0]
-    if model_type not in RULES:
+    architecture = (config.get("architectures") or [model_class or model_type])[0]
+    if model_class in OWN_CLASS_RULES:
+        rules = OWN_CLASS_RULES[model_class]
+    elif model_type not in RULES:
         supported = ", ".join(sorted(RULES))
         raise UserError(f"--format gguf: {architecture} (model_type '{model_type}') has no GGUF export; "
                         f"supported model_types: {supported}")
-    rules = RULES[model_type]
+    else:
+        rules = RULES[model_type]
     for rope_type in sorted(rope_types(config)):
+        if rope_type == "dynamic" and "default" in rules.rope_types:
+            # transformers' dynamic NTK rescales the rope base only past max_position_embeddings
+            if not warn:
+                continue
+            logger.warning("--format gguf: %s's dynamic-NTK rope is written as plain rope, which it equals up to "
+                           "max_position_embeddings (%s tokens, the file's context length); llama.cpp has no dynamic "
+                           "NTK, and its own converter writes it the same way", architecture,
+                           config.get("max_position_embeddings"))
+            continue
         if rope_type not in rules.rope_types:
             raise UserError(f"--format gguf: {architecture} with rope type '{rope_type}' has no GGUF export "
                             f"(supported: {', '.join(rules.rope_types)})")

@@ -123,6 +123,8 @@ class Rules:
     check: Callable[[dict[str, Any]], str | None] | None = None
     # an HF tensor that becomes other GGUF tensors (fused experts split into gate and up): its pieces, or None
     split: Callable[[str, tuple[int, ...], dict[str, Any]], list[Piece] | None] | None = None
+    # a check of the loaded model's own tensors (Jais's stored ALiBi slopes): what llama.cpp lacks, or None
+    model_check: Callable[[Any], str | None] | None = None
 
 
 def is_false(value: Any) -> bool:

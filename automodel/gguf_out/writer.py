@@ -24,7 +24,7 @@ from torch import nn
 
 from automodel.checkpoint.hf_writer import saved_tensors
 from automodel.errors import UserError
-from automodel.gguf_out import architectures
+from automodel.gguf_out import architectures, families
 from automodel.gguf_out.vocab import add_tokenizer
 
 logger = logging.getLogger("automodel")
@@ -50,13 +50,14 @@ def file_type(type_name: str):
 
 def always_f32(gguf_name: str) -> bool:
     """llama.cpp's prepare_tensors keeps these in F32 whatever the file type (as its quantizer does): MoE routers,
-    position and token-type embeddings."""
+    position and token-type embeddings, Mamba's conv1d (llama.cpp's ssm_conv takes F32 weights only)."""
     import gguf
 
     kinds = gguf.MODEL_TENSOR
     base = re.sub(r"^blk\.\d+\.", "blk.{bid}.", gguf_name.removesuffix(".weight"))
     return base in {gguf.TENSOR_NAMES[kind] for kind in (kinds.FFN_GATE_INP, kinds.FFN_GATE_INP_SHEXP,
-                                                          kinds.POS_EMBD, kinds.TOKEN_TYPES)}
+                                                          kinds.POS_EMBD, kinds.TOKEN_TYPES,
+                                                          kinds.SSM_CONV1D)}
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], type_name: str):
@@ -146,7 +147,10 @@ def write_gguf(model: nn.Module, tokenizer, output: Path, type_name: str, name: 
     import gguf
 
     config = model.config.to_dict()
-    rules = architectures.rules_for(config)
+    families.check_loaded(model)
+    rules = families.with_norm_head(architectures.rules_for(config, type(model).__name__), config)
+    if rules.model_check is not None and (lacking := rules.model_check(model)) is not None:
+        raise UserError(f"--format gguf: {type(model).__name__} with {lacking} has no GGUF export")
     planned = plan_tensors(model, rules, config, type_name)
     partial = output.with_name(f".{output.name}.partial")
     writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[rules.arch]])
