@@ -15,8 +15,8 @@ Prints, per scenario: real tokens/s, label tokens/s, padding share, peak RSS, me
 ratios to the best peer (HF Trainer / TRL, each at its best precision: `hf-trainer:bf16` is the Trainer's `bf16=True`,
 which autocasts on a CPU too), and the share of this machine's bf16 limit: the work's necessary FLOPs per second (see
 `necessary_flops`) over the bf16 matmul rate measured at the model's own shapes in the same run (the fp32 rate, and
-an `of fp32 limit` column, on a CPU without native bf16, where `precision: auto` trains in fp32 too). `automodel` uses the
-library defaults (precision auto, padding-free batches, `automodel_sdpa`); `automodel:fp32` forces fp32;
+an `of fp32 limit` column, on a CPU without native bf16, where `precision: auto` trains in fp32 too). `automodel`
+uses the library defaults (precision auto, padding-free batches, `automodel_sdpa`); `automodel:fp32` forces fp32;
 `automodel:padded` pads the same batches as the peers; `automodel:sdpa` also runs transformers'
 own sdpa attention, as the peers do (the library as it was before `automodel_sdpa`); `automodel:grouped` and
 `automodel:packedN` force length grouping or packing into rows of N tokens; `automodel:unchunked` computes the

@@ -145,19 +145,16 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 
 def test_llamacpp_runs_decilm_with_llama3_rope(tmp_path, llamacpp_python):
-    """Written by the writer itself, the tokenizer from the assets: `automodel export` of such a published folder
-    stops earlier, in transformers 5.25's AutoTokenizer (it validates the llama3 rope of the generic config it reads
-    for the unknown model_type nemotron-nas, and fails)."""
-    from automodel.gguf_out.writer import write_gguf
+    """A published Nemotron-NAS folder with Llama 3's rope, exported as a user would: transformers cannot read its
+    config.json as a bare config (its AutoTokenizer did, for the unknown model_type, and failed on this rope), so
+    the tokenizer loads with the native config (automodel/models/families `tokenizer_config`)."""
     from automodel.inference.generate import Generator
-    from automodel.models import load_causal_lm, load_tokenizer
-    from tests.conftest import ASSETS
 
     row, fields, _ = FAMILIES["decilm"]
     folder = write_published_checkpoint(variant(row, **fields, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
                                         tmp_path / "model")
-    model = load_causal_lm(str(folder), dtype="float32").eval()
-    assert model.config.rope_parameters["rope_type"] == "llama3"
-    tokenizer = load_tokenizer(str(ASSETS / "tokenizers" / row.tokenizer))
-    gguf_file = write_gguf(model, tokenizer, tmp_path / "model.gguf", "F32", "decilm")
-    check_against_llamacpp(Generator(model, tokenizer), gguf_file, llamacpp_python, tmp_path, PROMPTS, n_ctx=64)
+    shared_tokenizer(name=row.tokenizer).save_pretrained(folder)
+    gguf_file = export(folder, tmp_path / "out" / "model.gguf")
+    generator = Generator.load(str(folder), dtype="float32", device="cpu")
+    assert generator.model.config.rope_parameters["rope_type"] == "llama3"
+    check_against_llamacpp(generator, gguf_file, llamacpp_python, tmp_path, PROMPTS, n_ctx=64)

@@ -11,8 +11,9 @@ lack is Baichuan2's normalised output head (with_norm_head).
 A family, or a variant of one, read into automodel's OWN module (a decoder whose math the native class lacks)
 is written by rules of that class where it has some (architectures.OWN_CLASS_RULES, rules_families.py: Jais,
 DeepSeek-MoE, DeciLM, the ALiBi Baichuan 13B models); the others stop with one line naming the published
-architecture and why: the native model_type's rules would write a file llama.cpp runs wrongly. The config is checked before loading (export_config) and the loaded class again by the
-writer (check_loaded), since a GGUF base skips the config check.
+architecture and why: the native model_type's rules would write a file llama.cpp runs wrongly. The config is
+checked before loading (export_config) and the loaded class again by the writer (check_loaded), since a GGUF base
+skips the config check.
 """
 
 from __future__ import annotations

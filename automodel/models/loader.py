@@ -133,6 +133,10 @@ def load_tokenizer(pretrained_model_name_or_path: str, trust_remote_code: bool =
     source = check_source(pretrained_model_name_or_path, key)
     if kwargs.get("gguf_file") is not None:
         source = gguf.tokenizer_folder(source, kwargs.pop("gguf_file"), revision)
+    if not trust_remote_code and "config" not in kwargs:
+        from automodel.models import families
+
+        kwargs["config"] = families.tokenizer_config(source, revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision,
                                                   **kwargs)

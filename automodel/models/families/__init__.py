@@ -91,6 +91,23 @@ def native_config(published: dict[str, Any], source: str):
     return AutoConfig.for_model(native_type, **native, **specials)
 
 
+def tokenizer_config(source: str, revision: str | None = None):
+    """The native config of a checkpoint of a family here, for AutoTokenizer (None: no config.json, or no family).
+
+    AutoTokenizer reads config.json to pick a tokenizer class; a family's published `model_type` is unknown to
+    transformers, so it reads the file as a bare PretrainedConfig, which fails on some published configs (Nemotron-NAS's
+    Llama 3 rope: 'PreTrainedConfig' object has no attribute 'max_position_embeddings')."""
+    from transformers import PretrainedConfig
+
+    try:
+        published, _ = PretrainedConfig.get_config_dict(source, revision=revision)
+    except OSError:  # a tokenizer-only folder or repo has no config.json: AutoTokenizer needs none either
+        return None
+    if published.get("model_type") not in FAMILIES:
+        return None
+    return native_config(published, source)
+
+
 def meta_config(folder: Path, trust_remote_code: bool, config_overrides: dict[str, Any]):
     """For the meta-device build (automodel/models/build.py): `(native config, published config.json, class)` of a
     checkpoint of a family here (class None: the config-only route, built by transformers' Auto class), and
