@@ -51,7 +51,8 @@ CASES = [
 ]
 
 
-DYNAMIC_ROPE = "dynamic-NTK rope is written as plain rope, which it equals up to max_position_embeddings"
+# named after the published architecture, as the refusals are
+DYNAMIC_ROPE = "(read as llama): its dynamic-NTK rope is written as plain rope, which it equals up to max_position_"
 
 
 def published_folder(name: str, folder: Path, **fields) -> Path:

@@ -154,7 +154,7 @@ def rules_for(config: dict[str, Any], model_class: str | None = None, warn: bool
             # transformers' dynamic NTK rescales the rope base only past max_position_embeddings
             if not warn:
                 continue
-            logger.warning("--format gguf: %s's dynamic-NTK rope is written as plain rope, which it equals up to "
+            logger.warning("--format gguf: %s: its dynamic-NTK rope is written as plain rope, which it equals up to "
                            "max_position_embeddings (%s tokens, the file's context length); llama.cpp has no dynamic "
                            "NTK, and its own converter writes it the same way", architecture,
                            config.get("max_position_embeddings"))

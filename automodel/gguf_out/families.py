@@ -85,6 +85,18 @@ def check_loaded(model) -> None:
         check_class(name, (published.get("architectures") or [name])[0])
 
 
+def named_config(model, config: dict[str, Any]) -> dict[str, Any]:
+    """`config` (the loaded model's) named after the published architecture of a family's model, as export_config
+    names it, for the messages of rules_for."""
+    from automodel.models.families import PUBLISHED_CONFIG
+
+    published = getattr(model, PUBLISHED_CONFIG, None)
+    if not published:
+        return config
+    architecture = (published.get("architectures") or [published["model_type"]])[0]
+    return {**config, "architectures": [f"{architecture} (read as {config['model_type']})"]}
+
+
 def with_norm_head(rules, config: dict[str, Any]):
     """Baichuan2's NormHead (automodel/models/families/baichuan.py) computes logits = h @ normalize(W).T, its rows
     normalised at every call while the stored weight stays as trained: the file holds the head the model computes

@@ -148,7 +148,8 @@ def write_gguf(model: nn.Module, tokenizer, output: Path, type_name: str, name: 
 
     config = model.config.to_dict()
     families.check_loaded(model)
-    rules = families.with_norm_head(architectures.rules_for(config, type(model).__name__), config)
+    rules = families.with_norm_head(architectures.rules_for(families.named_config(model, config),
+                                                            type(model).__name__), config)
     if rules.model_check is not None and (lacking := rules.model_check(model)) is not None:
         raise UserError(f"--format gguf: {type(model).__name__} with {lacking} has no GGUF export")
     planned = plan_tensors(model, rules, config, type_name)
