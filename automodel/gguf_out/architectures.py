@@ -18,19 +18,18 @@ qwen2_moe, qwen3_moe, olmoe, granitemoe, granitemoeshared, deepseek_v2, deepseek
 remote-code families automodel reads into these native classes (gguf_out/families.py), written under the llama.cpp
 architecture of the native class they are read into, by its rules: the loaded model IS that native model (a
 translated config, weights renamed or split), so llama.cpp's graph for it computes the same math: Aquila, dense
-DeepSeek, InternLM (q/k/v/o biases), InternLM2, Baichuan-7B and Baichuan2-7B (its head written normalised) as
-llama, Orion as stablelm, MiniCPM as granite, ChatGLM2/3 as chatglm (llama.cpp checks them in
-tests/test_gguf_export_families.py). A config using what
-llama.cpp's graph for its architecture lacks stops with one line naming it (a rope type other than the row's,
-sliding-window Qwen2/3, StableLM's, Phi's or Command-R's q/k norms, Falcon's ALiBi, biases or sequential attention,
-GPTBigCode without multi-query, Gemma 2/3's query scale other than llama.cpp's, Gemma 3's attention soft-capping,
-EXAONE-4's sliding layers below 64 layers, grouped-query OLMoE, dense layers or another top-k normalisation in the
-Qwen MoEs and OLMoE, DeepSeek without interleaved rope, MiniCPM3 with other muP scales than the published ones,
-Bamba with another Mamba-2 expansion than 2, projection biases, no conv1d bias, a time-step clamp, or not both layer
-kinds), as does every other model_type (GPT-J: llama.cpp's converter has no rules for it; the others: not restated
-here) and every family read into automodel's own modules but these four (Solar, Phi-3-Small: families.py).
-A dynamic-NTK rope (InternLM, InternLM2) is written as plain rope, which it equals up to max_position_embeddings,
-with a warning.
+DeepSeek, InternLM (q/k/v/o biases), InternLM2, Baichuan-7B and Baichuan2-7B (its head written normalised) as llama,
+Orion as stablelm, MiniCPM as granite, ChatGLM2/3 as chatglm (llama.cpp checks them in
+tests/test_gguf_export_families.py). A config using what llama.cpp's graph for its architecture lacks stops with one
+line naming it (a rope type other than the row's, sliding-window Qwen2/3, StableLM's, Phi's or Command-R's q/k
+norms, Falcon's ALiBi, biases or sequential attention, GPTBigCode without multi-query, Gemma 2/3's query scale other
+than llama.cpp's, Gemma 3's attention soft-capping, EXAONE-4's sliding layers below 64 layers, grouped-query OLMoE,
+dense layers or another top-k normalisation in the Qwen MoEs and OLMoE, DeepSeek without interleaved rope, MiniCPM3
+with other muP scales than the published ones, Bamba with another Mamba-2 expansion than 2, projection biases, no
+conv1d bias, a time-step clamp, or not both layer kinds), as does every other model_type (GPT-J: llama.cpp's
+converter has no rules for it; the others: not restated here) and every family read into automodel's own modules but
+these four (Solar, Phi-3-Small: families.py). A dynamic-NTK rope (InternLM, InternLM2) is written as plain rope,
+which it equals up to max_position_embeddings, with a warning.
 
 Also exported, by the loaded class (OWN_CLASS_RULES; rules_families.py): automodel's own modules of Jais (jais),
 DeepSeek-MoE v1 (deepseek), DeciLM / Nemotron-NAS (deci) and Baichuan-13B / Baichuan2-13B (baichuan, ALiBi), each
@@ -48,7 +47,7 @@ import torch
 
 from automodel.errors import UserError
 from automodel.gguf_out import rules_dense as dense
-from automodel.gguf_out import rules_families as families
+from automodel.gguf_out import rules_families as own
 from automodel.gguf_out import rules_gpt as gpt
 from automodel.gguf_out import rules_hybrid as hybrid
 from automodel.gguf_out import rules_mla as mla
@@ -124,10 +123,10 @@ RULES = {
 # automodel's own classes of remote-code families (automodel/models/families/), keyed by class name: their native
 # config's model_type does not tell them apart (DeciLM and DeepSeek-MoE load as 'llama' configs with more fields)
 OWN_CLASS_RULES = {
-    "JaisGPT2LMHeadModel": families.JAIS,
-    "DeepseekMoeLlamaForCausalLM": families.DEEPSEEK_MOE,
-    "DeciLMLlamaForCausalLM": families.DECILM,
-    "BaichuanAlibiLlamaForCausalLM": families.BAICHUAN_ALIBI,
+    "JaisGPT2LMHeadModel": own.JAIS,
+    "DeepseekMoeLlamaForCausalLM": own.DEEPSEEK_MOE,
+    "DeciLMLlamaForCausalLM": own.DECILM,
+    "BaichuanAlibiLlamaForCausalLM": own.BAICHUAN_ALIBI,
 }
 
 
