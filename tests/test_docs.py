@@ -6,7 +6,9 @@ A block must be preceded by a marker line:
                                          `error:` line mentioning "offline" (the Hub is never contacted here)
 The blocks of one guide share a working folder (so the checkpoint a fine-tune writes is there for the next
 commands) with `examples/` linked in. Fine-tunes get tiny overrides and evaluations a small --limit, so the
-commands shown are the real ones while the test stays short.
+commands shown are the real ones while the test stays short. The `automodel` commands and Python blocks run in
+forks of one interpreter per guide that imported torch and transformers once (tests/forked_cli.py); the offline
+blocks, which change what huggingface_hub reads when it is imported, start a fresh `python -m automodel`.
 
 The output a guide shows must have the shape of what its command prints now: every log-line kind (level and message
 with numbers and paths blanked, a `|` line's field names), start-banner and summary heading and row name, and JSON
@@ -17,15 +19,19 @@ fine-tune's output, less the lines only those runs print (`ELSEWHERE`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 from tests.conftest import ASSETS, REPO_ROOT
+
+FORKED_CLI = REPO_ROOT / "tests" / "forked_cli.py"
 
 # The two guides whose every command is checked (distributed.md and datasets.md show commands for other machines).
 GUIDES = [REPO_ROOT / "docs" / "guides" / "llm" / name for name in ("peft.md", "sft.md")]
@@ -78,13 +84,32 @@ def shrink(script: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def run_block(lang: str, body: str, cwd, env):
+def run_block(lang: str, body: str, cwd, env, server: str | None = None):
+    """Run a block as a user would; with `server` (a tests/forked_cli.py socket), in a fork of that interpreter."""
     if lang == "python":
-        return subprocess.run([sys.executable, "-c", body], cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=600)
-    prelude = f'set -eo pipefail\nautomodel() {{ "{sys.executable}" -m automodel "$@"; }}\n'
+        command = [sys.executable, "-I", "-S", str(FORKED_CLI), "python", server, body] if server else \
+            [sys.executable, "-c", body]
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    automodel = (f'"{sys.executable}" -I -S "{FORKED_CLI}" run "{server}"' if server
+                 else f'"{sys.executable}" -m automodel')
+    prelude = f'set -eo pipefail\nautomodel() {{ {automodel} "$@"; }}\n'
     return subprocess.run(["bash", "-c", prelude + shrink(body)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
+
+
+@contextlib.contextmanager
+def fork_server(env: dict) -> str:
+    """A tests/forked_cli.py server started with the guide's environment; yields its socket's path."""
+    with tempfile.TemporaryDirectory(prefix="docs-cli-") as folder:  # short: a socket path has a length limit
+        path = os.path.join(folder, "cli.sock")
+        server = subprocess.Popen([sys.executable, str(FORKED_CLI), "serve", path], env=env, stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            assert server.stdout.readline().strip() == "ready", "the fork server did not start"
+            yield path
+        finally:
+            server.kill()
+            server.wait()
 
 
 @pytest.mark.parametrize("guide", GUIDES, ids=[g.stem for g in GUIDES])
@@ -99,18 +124,19 @@ def test_guide_commands_run(guide, tmp_path):
     (tmp_path / "examples").symlink_to(REPO_ROOT / "examples")
     env = {**os.environ, "AUTOMODEL_ASSETS": str(ASSETS), "PYTHONPATH": str(REPO_ROOT), "HF_HOME": str(tmp_path / "hf")}
     finetune_output = ""
-    for (mode, lang, body), shown in zip(blocks(guide), shown_outputs(guide)):
-        if mode == "offline-error":
-            out = run_block(lang, body, tmp_path, {**env, "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_docsCheckFake"})
-            err = out.stderr.strip().splitlines()
-            assert out.returncode == 2 and len(err) == 1 and "offline" in err[0], f"{body}\n{out.stderr[-2000:]}"
-            continue
-        out = run_block(lang, body, tmp_path, env)
-        assert out.returncode == 0, f"{guide.name} block failed:\n{body}\n--- stdout\n{out.stdout[-2000:]}" \
-                                    f"\n--- stderr\n{out.stderr[-3000:]}"
-        compare_shapes(guide, body, shown, out.stdout + out.stderr)
-        if body.lstrip().startswith("automodel finetune llm"):
-            finetune_output = out.stdout + out.stderr
+    with fork_server(env) as server:
+        for (mode, lang, body), shown in zip(blocks(guide), shown_outputs(guide)):
+            if mode == "offline-error":  # a fresh interpreter: huggingface_hub reads HF_HUB_OFFLINE on import
+                out = run_block(lang, body, tmp_path, {**env, "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_docsCheckFake"})
+                err = out.stderr.strip().splitlines()
+                assert out.returncode == 2 and len(err) == 1 and "offline" in err[0], f"{body}\n{out.stderr[-2000:]}"
+                continue
+            out = run_block(lang, body, tmp_path, env, server)
+            assert out.returncode == 0, f"{guide.name} block failed:\n{body}\n--- stdout\n{out.stdout[-2000:]}" \
+                                        f"\n--- stderr\n{out.stderr[-3000:]}"
+            compare_shapes(guide, body, shown, out.stdout + out.stderr)
+            if body.lstrip().startswith("automodel finetune llm"):
+                finetune_output = out.stdout + out.stderr
     if guide.name == "peft.md":
         for other in OTHER_RUNS:
             for language, body in fenced_blocks(other.read_text()):
