@@ -1,7 +1,7 @@
 """Our forward of each remote-code family (automodel/models/families) against vLLM's own implementation.
 
 tests/models/test_families_vllm.py runs it for the families whose weights are converted (ChatGLM, InternLM2) and
-a native module (Solar Pro); by hand, for any of them (vLLM's CPU engine starts in about a minute per model):
+a native module (Solar Pro); by hand, for any of them (one vLLM engine per family, in one process):
 
     .venv/bin/python scripts/check_families_against_vllm.py OUT_DIR [FAMILY ...]
 
@@ -32,6 +32,9 @@ PROMPT = list(range(100, 124))
 VLLM_SIDE = """
 import json, os, sys
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# The engine core in this process, not in one spawned per model: the same engine, without a fresh interpreter
+# re-importing vLLM for each family (most of the CPU time otherwise).
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
