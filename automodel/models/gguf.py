@@ -17,12 +17,15 @@ above); a bfloat16 or float16 copy has its own folder (`<name>-<hash>-bfloat16/`
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from automodel.errors import UserError
@@ -81,12 +84,13 @@ def dequantised_folder(source: str, gguf_file: str, revision: str | None = None,
     path = local_gguf_path(source, gguf_file, revision, key)
     weights_dtype = stored_dtype(dtype)
     folder = cache_root() / f"{copy_name(path)}{DTYPE_SUFFIXES[weights_dtype]}"
-    if (folder / "config.json").is_file():
-        logger.info("GGUF %s: reading its dequantised copy %s", gguf_file, folder)
-        return str(folder)
-    logger.info("GGUF %s: dequantising it once, in %s, into %s (later runs read that folder)",
-                path, weights_dtype, folder)
-    publish(folder, lambda partial: write_dequantised(path, partial, weights_dtype))
+    with made_once(folder) as missing:
+        if missing:
+            logger.info("GGUF %s: dequantising it once, in %s, into %s (later runs read that folder)",
+                        path, weights_dtype, folder)
+            publish(folder, lambda partial: write_dequantised(path, partial, weights_dtype))
+        else:
+            logger.info("GGUF %s: reading its dequantised copy %s", gguf_file, folder)
     return str(folder)
 
 
@@ -100,7 +104,9 @@ def tokenizer_folder(source: str, gguf_file: str, revision: str | None = None, k
         if (cache_root() / f"{name}{suffix}" / "config.json").is_file():
             return str(cache_root() / f"{name}{suffix}")
     folder = cache_root() / f"{name}{TOKENIZER_SUFFIX}"
-    publish(folder, lambda partial: write_config_and_tokenizer(path, partial, load_config(path)))
+    with made_once(folder) as missing:
+        if missing:
+            publish(folder, lambda partial: write_config_and_tokenizer(path, partial, load_config(path)))
     return str(folder)
 
 
@@ -117,6 +123,20 @@ def stored_dtype(dtype) -> str:
     if name not in DTYPE_SUFFIXES:
         raise UserError(f"model.dtype: a GGUF file is dequantised to {', '.join(DTYPE_SUFFIXES)}, got {dtype!r}")
     return name
+
+
+@contextlib.contextmanager
+def made_once(folder: Path) -> Iterator[bool]:
+    """Yields whether `folder` (a cache copy) is still to be made; while it is, holds a lock beside it, so that the
+    processes of one machine (the ranks of a job, two jobs on the same file) make it once: the others wait for it
+    and read it, instead of each dequantising the whole file at the same time."""
+    if (folder / "config.json").is_file():
+        yield False
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a killed holder's process ends
+        yield not (folder / "config.json").is_file()
 
 
 def publish(folder: Path, write) -> None:

@@ -7,6 +7,7 @@ cache of their own, so that copy is made by the code under test, and then read t
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import subprocess
 import sys
 
@@ -152,3 +153,36 @@ def test_serve_refuses_a_gguf_base_without_merging(tmp_path):
     with pytest.raises(UserError, match="the base is the GGUF file .*--merge"):
         prepare_for_vllm(resolve_source(str(SMOL / SMOL_FILE)), tmp_path / "out", "smol")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_process_waits_for_the_copy_being_made_and_reads_it(tmp_path, monkeypatch):
+    """The ranks of a job (or two jobs) on one machine dequantise a GGUF file once: a loader that finds the copy's
+    lock held waits, then reads the copy the holder published, instead of dequantising the file a second time."""
+    import fcntl
+    import threading
+
+    from automodel.models import gguf
+    from tests.test_gguf_export import export, tiny_model_folder
+
+    gguf_file = export(tiny_model_folder("llama", tmp_path / "tiny"), tmp_path / "tiny.gguf")
+    monkeypatch.setenv("AUTOMODEL_CACHE", str(tmp_path / "cache"))
+    folder = gguf.cache_root() / gguf.copy_name(gguf_file)
+    folder.parent.mkdir(parents=True)
+    got, said = [], logging.handlers.BufferingHandler(capacity=100)  # the export's CLI set automodel's handlers
+    logging.getLogger("automodel").addHandler(said)
+    try:
+        with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # this process is making the copy
+            waiter = threading.Thread(target=lambda: got.append(gguf.dequantised_folder(str(tmp_path),
+                                                                                        gguf_file.name)))
+            waiter.start()
+            waiter.join(timeout=2)
+            assert waiter.is_alive(), "the second loader did not wait for the lock"
+            gguf.publish(folder, lambda partial: gguf.write_dequantised(gguf_file, partial, "float32"))
+        waiter.join(timeout=60)
+    finally:
+        logging.getLogger("automodel").removeHandler(said)
+    assert got == [str(folder)]
+    messages = [record.getMessage() for record in said.buffer]
+    assert any("reading its dequantised copy" in m for m in messages), messages
+    assert not any("dequantising it once" in m for m in messages), messages
