@@ -27,12 +27,12 @@ def pytest_xdist_auto_num_workers(config):
 # pyproject's addopts: by default it reorders files by their number of tests, which put one-test files of a minute
 # or more last); a long file collected last runs alone at the end while the other worker idles, so these are
 # collected first.
-LONGEST_FILES = ("tests/test_docs.py", "tests/test_resume.py", "tests/test_gguf_export.py", "tests/test_distributed.py",
-                 "tests/test_gguf_export_smollm2.py", "tests/test_gguf_export_families.py",
-                 "tests/models/test_families_vllm.py", "tests/test_gguf_export_own_families.py", "tests/test_quality.py",
-                 "tests/test_precision_curves.py", "tests/models/test_gguf.py", "tests/test_kd.py",
-                 "tests/inference/test_vllm_server.py", "tests/test_distributed_bf16.py",
-                 "tests/models/test_architectures.py", "tests/models/test_fsdp2_architectures.py")
+LONGEST_FILES = ("tests/test_main_job.py", "tests/test_distributed.py", "tests/test_gguf_export.py",
+                 "tests/test_resume.py", "tests/models/test_architectures.py",
+                 "tests/models/test_fsdp2_architectures.py", "tests/test_docs.py", "tests/models/test_gguf.py",
+                 "tests/inference/test_vllm_server.py", "tests/test_kd.py", "tests/test_gguf_export_families.py",
+                 "tests/models/test_families_vllm.py", "tests/test_precision_curves.py",
+                 "tests/test_distributed_bf16.py", "tests/test_gguf_export_own_families.py")
 
 
 def pytest_collection_modifyitems(config, items):

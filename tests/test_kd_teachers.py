@@ -1,7 +1,7 @@
 """Teacher sources of the kd recipe beyond a safetensors folder: the real SmolLM2-135M-Instruct read from its
 publisher's Q4_1 GGUF file (the README main job's base model) teaching a tiny student that shares its tokenizer.
 The GGUF file is dequantised into the cache ($AUTOMODEL_CACHE/gguf) on a machine's first load, as in
-tests/test_quality.py, which shares that copy. (The teacher under tensor parallelism: tests/test_kd.py.)"""
+tests/test_main_job.py, which shares that copy. (The teacher under tensor parallelism: tests/test_kd.py.)"""
 
 from __future__ import annotations
 
