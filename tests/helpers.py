@@ -24,7 +24,9 @@ def tiny_squad_config(tmp_path, peft: bool = True, max_steps: int = 20, train_sa
         "lr_scheduler": {"decay": "cosine", "warmup_steps": 2},
         "clip_grad_norm": {"max_norm": 1.0},
         "checkpoint": {"checkpoint_dir": str(tmp_path / "ckpt")},
-        "logging": {"progress_bar": False},
+        # No bars, no metrics.png: tests/test_monitoring.py checks the plot (drawing it is a good part of a tiny
+        # run's time, paid by every run of the suite otherwise).
+        "logging": {"progress_bar": False, "plot": False},
     }
     if peft:
         cfg["peft"] = {"target_modules": "all-linear", "dim": 8, "alpha": 32}

@@ -39,7 +39,7 @@ def run(tmp_path_factory):
     cfg["logging"].update(
         wandb={"project": "obs", "name": "tiny", "tags": ["test"], "mode": "offline", "dir": str(tmp / "wandb")},
         mlflow={"experiment": "obs-test", "run_name": "tiny", "tags": {"team": "automodel"}},
-        tensorboard={}, mfu={"peak_tflops": PEAK_TFLOPS})
+        tensorboard={}, mfu={"peak_tflops": PEAK_TFLOPS}, plot=True)
     console = io.StringIO()
     handler = logging.StreamHandler(console)
     automodel_logger = logging.getLogger("automodel")

@@ -37,7 +37,7 @@ def stream_config(tmp_path, streaming: bool, max_steps: int = 5, shuffle: bool =
         "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-3, "weight_decay": 0.0},
         "lr_scheduler": {"decay": "constant", "warmup_steps": 0},
         "checkpoint": {"checkpoint_dir": str(tmp_path / "ckpt")},
-        "logging": {"progress_bar": False},
+        "logging": {"progress_bar": False, "plot": False},  # the plot: tests/test_monitoring.py
     }
 
 

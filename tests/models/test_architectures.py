@@ -82,7 +82,7 @@ def run_config(row, model_dir, out_dir, lora: bool) -> dict:
         "optimizer": {"_target_": "torch.optim.AdamW", "lr": 1e-2 if lora else 1e-3, "weight_decay": 0.0},
         "lr_scheduler": {"decay": "constant", "warmup_steps": 0},
         "checkpoint": {"checkpoint_dir": str(out_dir)},
-        "logging": {"progress_bar": False},
+        "logging": {"progress_bar": False, "plot": False},  # the plot: tests/test_monitoring.py
     }
     if lora:
         cfg["peft"] = {"target_modules": "all-linear", "dim": 4, "alpha": 8}
