@@ -134,9 +134,14 @@ def made_once(folder: Path) -> Iterator[bool]:
         yield False
         return
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+    with open(lock_file(folder), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when a killed holder's process ends
         yield not (folder / "config.json").is_file()
+
+
+def lock_file(folder: Path) -> Path:
+    """The lock `made_once` holds while `folder` is being made."""
+    return folder.parent / f".{folder.name}.lock"
 
 
 def publish(folder: Path, write) -> None:

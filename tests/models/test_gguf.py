@@ -171,7 +171,7 @@ def test_a_second_process_waits_for_the_copy_being_made_and_reads_it(tmp_path, m
     got, said = [], logging.handlers.BufferingHandler(capacity=100)  # the export's CLI set automodel's handlers
     logging.getLogger("automodel").addHandler(said)
     try:
-        with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        with open(gguf.lock_file(folder), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # this process is making the copy
             waiter = threading.Thread(target=lambda: got.append(gguf.dequantised_folder(str(tmp_path),
                                                                                         gguf_file.name)))
