@@ -63,9 +63,14 @@ def load_model_and_tokenizer(source: ModelSource, dtype: str | None = None, trus
     dtype = dtype or resolve_precision(source.train_config or {}, device, peft=source.adapter is not None).compute_dtype
     model = load_causal_lm(source.base, dtype=dtype, trust_remote_code=trust_remote_code, gguf_file=source.gguf_file)
     if source.adapter is not None:
-        from peft import PeftModel
+        from peft import LoraConfig, PeftConfig, PeftModel
 
-        model = PeftModel.from_pretrained(model, str(source.adapter))
+        from automodel.peft.fused_lora import register_fused_lora
+
+        config = PeftConfig.from_pretrained(str(source.adapter))
+        if isinstance(config, LoraConfig):  # bf16 generation keeps the adapter's update (peft/fused_lora.py)
+            register_fused_lora(config)
+        model = PeftModel.from_pretrained(model, str(source.adapter), config=config)
     if _has_tokenizer(source.adapter):
         tokenizer = load_tokenizer(str(source.adapter), trust_remote_code=trust_remote_code, key="model")
     else:

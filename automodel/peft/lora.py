@@ -98,10 +98,15 @@ class LoraSettings:
         """Wrap `model` with LoRA adapters; only adapter weights stay trainable."""
         from peft import get_peft_model
 
+        from automodel.peft.fused_lora import register_fused_lora
+
         wanted = {n.rsplit(".", 1)[-1] for n in self.select_modules(model)}
+        config = self.peft_config(model)
         if self.quantization is not None:
             model = self.quantization.prepare_for_training(model)
-        peft_model = get_peft_model(model, self.peft_config(model))
+        else:
+            register_fused_lora(config)
+        peft_model = get_peft_model(model, config)
         adapted = adapted_targets(peft_model)
         if adapted != wanted:
             # peft's transformers-v4 adapter compatibility maps gate_proj/up_proj/down_proj targets of some MoE
