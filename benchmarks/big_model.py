@@ -186,15 +186,16 @@ def workers(launcher: int) -> list[int]:
     return found
 
 
-def train(cfg: dict, out: Path, processes: int = 2) -> dict:
-    """Run the CLI; per-rank peak RSS during training and at the end, seconds to the first step, step time."""
+def train(cfg: dict, out: Path, processes: int = 2, emulate_bf16: bool = False) -> dict:
+    """Run the CLI; per-rank peak RSS during training and at the end, seconds to the first step, step time.
+    `emulate_bf16`: the ranks compute bf16 matmuls in fp32 (benchmarks/bf16_emulation/sitecustomize.py)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     metrics = out / "ckpt" / "metrics.jsonl"
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "automodel", "finetune", "llm", "-c", str(out / "cfg.yaml"),
                              "--nproc-per-node", str(processes)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **emulation_env(emulate_bf16)})
     output, set_up = [], threading.Event()
 
     def read_output():  # the run banner is printed once the model is built and the data read
@@ -231,6 +232,13 @@ def train(cfg: dict, out: Path, processes: int = 2) -> dict:
             "load_ranks": sorted((load_peaks or {}).values())[-ranks:],
             "first_step_s": first_step,
             "step_s": sum(step_s) / max(len(step_s), 1)}
+
+
+def emulation_env(emulate_bf16: bool) -> dict:
+    if not emulate_bf16:
+        return {}
+    paths = [str(REPO / "benchmarks" / "bf16_emulation"), str(REPO), os.environ.get("PYTHONPATH", "")]
+    return {"PYTHONPATH": os.pathsep.join(filter(None, paths))}
 
 
 def check_saved_model(step_dir: Path) -> str:
@@ -285,6 +293,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--workdir", default="/tmp/big_model")
+    parser.add_argument("--emulate-bf16", action="store_true",
+                        help="bf16 cases on a CPU without native bf16: bf16 matmuls computed in fp32 and rounded "
+                             "(benchmarks/bf16_emulation); every tensor kept stays bf16")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     rows = []
@@ -303,7 +314,7 @@ def main() -> None:
                         continue
                     out = workdir / f"{path}{processes}"
                     cfg = run_config(case, workdir / "hub", out, args.steps, path, args.activation_checkpointing)
-                    result = train(cfg, out, processes)
+                    result = train(cfg, out, processes, args.emulate_bf16 and case in BF16_CASES)
                     row = {**base, "path": label, "processes": processes, **result}
                     if "error" not in result and case == "sft1b":
                         row["saved"] = check_saved_model(out / "ckpt" / f"step_{args.steps}")
@@ -314,6 +325,8 @@ def main() -> None:
                     shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if args.emulate_bf16:
+        print("\nbf16 matmuls of the bf16 cases computed as float32 matmuls of the same values (--emulate-bf16)")
     print_table(rows)
 
 
