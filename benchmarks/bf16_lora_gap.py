@@ -34,7 +34,28 @@ VARIANTS = {
     "bf16-frozen:peft-add": "bf16-frozen with peft's own forward: the update added to the rounded base output",
     "bf16-mixed:peft-add": "bf16-mixed with peft's own forward (what the HF Trainer's bf16=True computes)",
 }
-GEMMS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+BLOCK = 1 << 24  # elements of one float32 operand block (64 MB)
+
+
+def blocked_fp32_matmul(a, b, addend=None):
+    """`addend + a @ b` for 2-D bf16 operands, computed in float32 and rounded once to bf16, a block of rows of `a`
+    and of columns of `b` at a time: a float32 copy of a whole large operand (a 7B model's output head is 2.2 GB in
+    float32) would add to the peak memory that benchmarks/big_model.py measures."""
+    import torch
+
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.bfloat16)
+    rows = max(1, BLOCK // max(1, a.shape[1]))
+    cols = max(1, BLOCK // max(1, b.shape[0]))
+    for j in range(0, b.shape[1], cols):
+        b_block = b[:, j:j + cols].float()
+        for i in range(0, a.shape[0], rows):
+            block = a[i:i + rows].float() @ b_block
+            if addend is not None:
+                block += addend.expand(out.shape)[i:i + rows, j:j + cols].float()
+            out[i:i + rows, j:j + cols] = block
+    return out
 
 
 def bf16_gemm_in_fp32_mode():
@@ -42,14 +63,25 @@ def bf16_gemm_in_fp32_mode():
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    gemms = {getattr(torch.ops.aten, name).default for name in GEMMS}
+    aten = torch.ops.aten
+    batched = {aten.bmm.default, aten.baddbmm.default}
 
     class Bf16GemmInFp32(TorchDispatchMode):
         calls = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            if func in gemms and any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+            bf16 = any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args)
+            if not bf16 or kwargs.get("out") is not None:
+                return func(*args, **kwargs)
+            if func is aten.mm.default:
+                Bf16GemmInFp32.calls += 1
+                return blocked_fp32_matmul(*args)
+            if func is aten.addmm.default and not kwargs:
+                Bf16GemmInFp32.calls += 1
+                addend, a, b = args
+                return blocked_fp32_matmul(a, b, addend)
+            if func in batched:
                 Bf16GemmInFp32.calls += 1
                 up = [a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 else a for a in args]
                 return func(*up, **kwargs).to(torch.bfloat16)

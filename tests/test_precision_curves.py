@@ -18,7 +18,8 @@ full SFT step 1 0.4% apart, mean of steps 2-4 0.15 nats.
 LoRA is held closer, to LORA_LATER_NATS = 0.04: both runs share the base weights, and the trajectories part only
 by what bf16 loses of the update. With peft's own forward (the update added to the already rounded base output,
 where an update below half a bf16 step is lost: automodel/peft/fused_lora.py) the mean of steps 2-4 was 0.083 nats
-above fp32 here (step 2: 1.548 against 1.353); with the fused layer 0.006 (1.348).
+above fp32 here (step 2: 1.548 against 1.353); with the fused layer 0.006 to 0.014 (step 2: 1.348 to 1.381,
+as the float32 sums of the emulated matmuls were blocked differently: the noise of the arithmetic's order).
 
 On a CPU without native bf16 the bf16 runs are computed as a native one would compute them: torch's emulated bf16
 matmuls take hours there, so each bf16 matmul runs as a float32 matmul of the same bf16 values, rounded once to
