@@ -27,13 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-VARIANTS = {
-    "fp32": "precision fp32: every weight and every matmul in float32",
-    "bf16-frozen": "precision bf16-frozen (LoRA's bf16): base stored in bf16, adapters float32, bf16 compute",
-    "bf16-mixed": "precision bf16-mixed: base stored in float32, autocast bf16 compute (the HF Trainer's bf16=True)",
-    "bf16-frozen:peft-add": "bf16-frozen with peft's own forward: the update added to the rounded base output",
-    "bf16-mixed:peft-add": "bf16-mixed with peft's own forward (what the HF Trainer's bf16=True computes)",
-}
+# A `precision` value, and with `:peft-add` the LoRA layers on peft's own forward (the update added to the already
+# rounded base output, as the HF Trainer's bf16=True computes it).
+VARIANTS = ("fp32", "bf16-frozen", "bf16-mixed", "bf16-frozen:peft-add", "bf16-mixed:peft-add")
 
 
 BLOCK = 1 << 24  # elements of one float32 operand block (64 MB)
@@ -94,6 +90,7 @@ def worker(variant: str, model_dir: str, rows: int, seq_length: int, out: str, e
     import torch
 
     from benchmarks.peer_workers import Work, automodel_config
+    from benchmarks.peers import SQUAD
     from automodel.config import precision as precision_module
     from automodel.training.recipe import FinetuneRecipe
 
@@ -120,13 +117,9 @@ def worker(variant: str, model_dir: str, rows: int, seq_length: int, out: str, e
                                   "precision": recipe.parts.parallel.precision.describe()}), flush=True)
 
 
-ASSETS = Path(os.environ.get("AUTOMODEL_ASSETS", REPO.parent / "shared" / "assets")).resolve()
-SQUAD = ASSETS / "squad_v1.1" / "train-v1.1.subset.json"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--seq-length", type=int, default=512)
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -4,10 +4,10 @@ peft's LoRA Linear computes `base_layer(x) + lora_B(lora_A(x)) * scaling`. In bf
 already rounded to bf16 when the update is added, and the sum is rounded again: an update smaller than half a bf16
 step of the base output (2^-9 of it) is lost every time, not just on average. A fresh adapter's update is that small
 (B starts at zero and AdamW moves it by about the learning rate a step), so bf16 LoRA learned visibly slower than
-fp32 LoRA, in every tool that adds the update this way (the HF Trainer's `bf16=True` too): 0.31 nats above fp32
-after 4 steps of benchmarks/bf16_lora_gap.py. Here the update is passed to the base matmul as its addend
+fp32 LoRA, in every tool that adds the update this way (the HF Trainer's `bf16=True` too): 0.32 nats above fp32
+over the last 4 of 8 steps of benchmarks/bf16_lora_gap.py. Here the update is passed to the base matmul as its addend
 (`torch.addmm(update, x, W^T)`): the matmul accumulates in float32, adds the update there and rounds once, so the
-update shifts the output by its own size on average; the gap closes (the table in docs/guides/llm/peft.md).
+update shifts the output by its own size on average; the gap closes (the table in docs/guides/llm/precision.md).
 
 Only plain bf16/fp16 computation of a single vanilla LoRA adapter on an `nn.Linear` takes this path; fp32 runs,
 DoRA and the other variants, merged or disabled adapters, quantised and tensor-parallel base layers go through
